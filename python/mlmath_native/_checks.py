@@ -1,0 +1,90 @@
+"""Argument checks and the dtype/layout policy shared by the public wrappers.
+
+Every public function validates all of its arguments before it writes anything; the error
+messages follow ``"<function>: <argument> <what is wrong> (got ..., expected ...)"``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+# np.exceptions exists from NumPy 1.25; older versions expose AxisError at top level.
+AxisError = getattr(np, "exceptions", np).AxisError
+
+#: dtypes the kernels compute in; everything else that is real is converted to float64.
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_float_array(x, fn: str, name: str) -> np.ndarray:
+    """``x`` as an ndarray of float32 or float64.
+
+    float32 and float64 are kept; bool, integer and other real floating dtypes (float16,
+    longdouble) and nested sequences compute in float64.  Complex, object, string, bytes,
+    datetime and void arrays raise TypeError.
+    """
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise TypeError(f"{fn}: {name} could not be converted to an array ({exc})") from None
+    kind = arr.dtype.kind
+    if kind == "f" and arr.dtype in FLOAT_DTYPES:
+        return arr
+    if kind in "biuf":
+        return arr.astype(np.float64)
+    raise TypeError(
+        f"{fn}: {name} has unsupported dtype {arr.dtype} (expected a real floating, integer "
+        "or bool array)"
+    )
+
+
+def normalize_axis(axis, ndim: int, fn: str) -> int:
+    """A valid non-negative axis; 0-d arrays accept 0 and -1 (as torch does)."""
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{fn}: axis must be an integer (got {axis!r})") from None
+    span = max(ndim, 1)
+    if not -span <= axis < span:
+        raise AxisError(f"{fn}: axis {axis} is out of bounds for an array of dimension {ndim}")
+    return axis % span
+
+
+def check_out(out, shape: tuple, dtype: np.dtype, fn: str) -> np.ndarray:
+    """``out`` must be a writeable ndarray of exactly ``shape`` and ``dtype`` (no casting)."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{fn}: out must be a numpy.ndarray (got {type(out).__name__})")
+    if out.dtype != dtype:
+        raise TypeError(f"{fn}: out has dtype {out.dtype} (expected {dtype})")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{fn}: out has shape {out.shape} (expected {tuple(shape)})")
+    if not out.flags.writeable:
+        raise ValueError(f"{fn}: out is not writeable")
+    return out
+
+
+def same_layout(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when ``a`` and ``b`` are the same elements in the same order (exact aliasing)."""
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        and a.shape == b.shape
+    )
+
+
+def writable_target(out: np.ndarray, inputs: tuple) -> tuple[np.ndarray, bool]:
+    """Where a kernel may write its result for ``out``.
+
+    Returns ``(target, copy_back)``: ``out`` itself when it is C-contiguous and either shares no
+    memory with the (contiguous) inputs or aliases one of them exactly; otherwise a fresh
+    contiguous buffer whose contents the caller copies into ``out`` afterwards.
+    """
+    if out.flags.c_contiguous:
+        overlapping = [a for a in inputs if np.may_share_memory(out, a)]
+        if all(same_layout(out, a) for a in overlapping):
+            return out, False
+    return np.empty(out.shape, out.dtype), True

@@ -1,0 +1,196 @@
+"""The benchmark cases.
+
+A case is one row of the results table: a kernel on one shape. Each contender is given as a
+*factory*: a function that receives the inputs made by ``setup`` and returns a zero-argument
+callable to time. Anything that should not be timed (output buffers, torch tensors, bound
+arguments) is prepared in the factory. A factory may return ``None`` when the contender cannot
+run this case (for example a PyTorch op that is missing in the installed version).
+
+To add a case, append a ``Case`` to ``CASES`` (or write a helper like ``softmax_cases`` that
+returns several), e.g.::
+
+    CASES.append(Case(
+        name="sgd",
+        shape=(16 << 20,),
+        label="{0} params",
+        setup=lambda shape: {"p": randn(shape), "g": randn(shape)},
+        ours=lambda d: lambda: mn.sgd_step(d["p"], d["g"], lr=0.1),
+        numpy=lambda d: lambda: np.subtract(d["p"], 0.1 * d["g"], out=d["p"]),
+        torch=_torch_sgd,
+        work=lambda d: 3 * d["p"].nbytes,   # read p, read g, write p
+        unit="bytes",
+    ))
+
+``work`` is the number of bytes moved (``unit="bytes"``, compared with the copy bandwidth) or
+floating-point operations (``unit="flops"``, compared with the sgemm figure) per call.
+PyTorch factories import torch themselves; the runner only calls them when torch imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+import mlmath_native as mn
+
+Inputs = dict[str, Any]
+Factory = Callable[[Inputs], "Callable[[], Any] | None"]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple[int, ...]
+    setup: Callable[[tuple[int, ...]], Inputs]
+    ours: Factory
+    numpy: Factory | None
+    torch: Factory | None
+    work: Callable[[Inputs], float]
+    unit: Literal["bytes", "flops"] = "bytes"
+    label: str | None = None  # format string for the shape, e.g. "N{0} C{1} {2}x{3} K{4}"
+    quick_shape: tuple[int, ...] | None = None  # default: first dimension divided by 4
+
+    def shape_for(self, quick: bool) -> tuple[int, ...]:
+        if not quick:
+            return self.shape
+        if self.quick_shape is not None:
+            return self.quick_shape
+        return (max(1, self.shape[0] // 4),) + self.shape[1:]
+
+    def shape_label(self, quick: bool = False) -> str:
+        shape = self.shape_for(quick)
+        if self.label is not None:
+            return self.label.format(*shape)
+        return "x".join(str(d) for d in shape)
+
+
+def randn(shape: tuple[int, ...], seed: int = 0, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape, dtype=dtype)
+
+
+def _logits(shape: tuple[int, ...]) -> Inputs:
+    return {"x": randn(shape) * np.float32(3.0)}
+
+
+def _torch_x(d: Inputs):
+    import torch
+
+    return torch, torch.from_numpy(d["x"])
+
+
+# --- softmax family: NumPy formulas as written --------------------------------------------
+
+
+def np_softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def np_softmax_out(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    np.subtract(x, x.max(axis=-1, keepdims=True), out=out)
+    np.exp(out, out=out)
+    return np.divide(out, out.sum(axis=-1, keepdims=True), out=out)
+
+
+def np_log_softmax(x: np.ndarray) -> np.ndarray:
+    s = x - x.max(axis=-1, keepdims=True)
+    return s - np.log(np.exp(s).sum(axis=-1, keepdims=True))
+
+
+def np_log_softmax_out(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    np.subtract(x, x.max(axis=-1, keepdims=True), out=out)
+    return np.subtract(out, np.log(np.exp(out).sum(axis=-1, keepdims=True)), out=out)
+
+
+def np_logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return np.log(np.exp(x - m).sum(axis=-1)) + m[..., 0]
+
+
+def _torch_aten_out(op_name: str) -> Factory:
+    """Factory for ``torch.ops.aten.<op_name>.out(x, -1, False, out=y)``, or None if missing."""
+
+    def factory(d: Inputs):
+        torch, xt = _torch_x(d)
+        try:
+            op = getattr(torch.ops.aten, op_name).out
+        except (AttributeError, RuntimeError):
+            return None
+        yt = torch.empty_like(xt)
+        return lambda: op(xt, -1, False, out=yt)
+
+    return factory
+
+
+def softmax_cases(
+    name: str, np_alloc: Callable, np_out: Callable, shapes: list[tuple[int, ...]]
+) -> list[Case]:
+    """Two rows per shape for ``mn.<name>``: the allocating call and the ``out=buf`` call.
+
+    PyTorch contenders: ``torch.<name>(x, -1)`` and ``torch.ops.aten._<name>.out``.
+    """
+
+    def ours_alloc(d):
+        fn = getattr(mn, name)
+        return lambda: fn(d["x"])
+
+    def ours_out(d):
+        fn, buf = getattr(mn, name), np.empty_like(d["x"])
+        return lambda: fn(d["x"], out=buf)
+
+    def numpy_alloc(d):
+        return lambda: np_alloc(d["x"])
+
+    def numpy_out(d):
+        buf = np.empty_like(d["x"])
+        return lambda: np_out(d["x"], buf)
+
+    def torch_alloc(d):
+        torch, xt = _torch_x(d)
+        fn = getattr(torch, name)
+        return lambda: fn(xt, -1)
+
+    torch_out = _torch_aten_out(f"_{name}")
+    cases = []
+    for shape in shapes:
+        common = dict(shape=shape, setup=_logits, work=lambda d: 2 * d["x"].nbytes)
+        cases.append(
+            Case(name=name, ours=ours_alloc, numpy=numpy_alloc, torch=torch_alloc, **common)
+        )
+        cases.append(
+            Case(name=f"{name} out=", ours=ours_out, numpy=numpy_out, torch=torch_out, **common)
+        )
+    return cases
+
+
+def _logsumexp_torch(d: Inputs):
+    torch, xt = _torch_x(d)
+    return lambda: torch.logsumexp(xt, -1)
+
+
+CASES: list[Case] = [
+    *softmax_cases(
+        "softmax", np_softmax, np_softmax_out, [(4096, 4096), (65536, 128), (256, 32000)]
+    ),
+    *softmax_cases("log_softmax", np_log_softmax, np_log_softmax_out, [(4096, 4096)]),
+    Case(
+        name="logsumexp",
+        shape=(4096, 4096),
+        setup=_logits,
+        ours=lambda d: lambda: mn.logsumexp(d["x"]),
+        numpy=lambda d: lambda: np_logsumexp(d["x"]),
+        torch=_logsumexp_torch,
+        work=lambda d: d["x"].nbytes + d["x"].nbytes // d["x"].shape[-1],  # read x, write rows
+    ),
+]
+
+
+def select(only: list[str] | None, cases: list[Case] | None = None) -> list[Case]:
+    """Cases whose name contains any of the substrings in `only` (all cases if empty)."""
+    cases = CASES if cases is None else cases
+    if not only:
+        return list(cases)
+    return [c for c in cases if any(s in c.name for s in only)]

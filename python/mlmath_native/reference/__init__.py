@@ -1,0 +1,48 @@
+"""Float64 NumPy reference oracle for ``mlmath_native``.
+
+The readable version of every kernel: one module per topic, each opening with
+its formula, then plain, commented NumPy computed in float64, written for clarity
+and not for speed. The native kernels are tested against these functions, and
+these functions are tested against closed-form cases and, where it is installed,
+PyTorch (``tests/test_reference.py``).
+
+Modules
+-------
+gradient_descent
+    ``θ_{t+1} = θ_t − η ∇J(θ_t)``: ``gradient_descent_step``, ``gradient_descent``.
+softmax
+    ``softmax(z)_i = exp(z_i) / Σ_j exp(z_j)``: ``softmax``, ``log_softmax``,
+    ``logsumexp``, ``softmax_backward``, ``log_softmax_backward``.
+cross_entropy
+    ``L = − Σ_i y_i log ŷ_i``: ``cross_entropy`` (from logits),
+    ``cross_entropy_from_probs``.
+adam_optimizer
+    ``θ ← θ − η m̂ / (√v̂ + ε)``: ``adam_step``, ``adam_minimize``.
+convolution
+    ``O(i, j) = Σ_m Σ_n I(i+m, j+n) K(m, n)``: ``correlate2d_valid``, ``conv2d``.
+transformer_attention
+    ``Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V``: ``attention``.
+
+This package depends on NumPy only. It never imports ``mlmath_native._core`` or
+anything else from its parent package, so it stays usable (and correct) when the
+compiled extension is missing or broken. Functions are reached through their
+modules, e.g. ``reference.softmax.softmax``.
+"""
+
+from . import (
+    adam_optimizer,
+    convolution,
+    cross_entropy,
+    gradient_descent,
+    softmax,
+    transformer_attention,
+)
+
+__all__ = [
+    "adam_optimizer",
+    "convolution",
+    "cross_entropy",
+    "gradient_descent",
+    "softmax",
+    "transformer_attention",
+]

@@ -1,0 +1,48 @@
+// The one place kernels meet OpenMP.
+//
+//   parallel_for(num_tasks, cost_per_task, fn)   calls fn(begin, end) on contiguous task ranges
+//
+// Tasks are split statically into one contiguous range per thread, so which thread computes
+// what never changes a result: a kernel keeps every reduction inside one task, in a fixed order,
+// and its output is then bitwise identical for any thread count.  Work below
+// kMinParallelWork (in units of "elements touched") runs on the calling thread: starting a team
+// costs a few microseconds, more than a small kernel takes.
+#pragma once
+
+#include <cstdint>
+
+#include "common/isa.h"
+#include "mlmath/mlmath.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+MLMATH_ISA_BEGIN
+
+constexpr std::int64_t kMinParallelWork = std::int64_t{1} << 15;
+
+template <class Fn>
+void parallel_for(std::int64_t num_tasks, std::int64_t cost_per_task, const Fn& fn) {
+  if (num_tasks <= 0) return;
+  std::int64_t threads = ::mlmath::get_num_threads();
+  const std::int64_t work = num_tasks * (cost_per_task > 0 ? cost_per_task : 1);
+  if (threads > num_tasks) threads = num_tasks;
+  if (threads > work / kMinParallelWork) threads = work / kMinParallelWork;
+#if defined(_OPENMP)
+  if (threads > 1) {
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    {
+      const std::int64_t t = omp_get_thread_num();
+      const std::int64_t team = omp_get_num_threads();
+      const std::int64_t begin = num_tasks * t / team;
+      const std::int64_t end = num_tasks * (t + 1) / team;
+      if (begin < end) fn(begin, end);
+    }
+    return;
+  }
+#endif
+  fn(0, num_tasks);
+}
+
+MLMATH_ISA_END

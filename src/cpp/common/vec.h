@@ -1,0 +1,310 @@
+// The thin vector layer: Vec<float> / Vec<double> with the few operations the kernels need.
+//
+//   Vec<T>::width            lanes per register (1 on the scalar path)
+//   load / store             unaligned, full width
+//   load_partial(p, n, fill) first n < width lanes from p, the rest = fill (never reads past n)
+//   store_partial(p, n)      writes the first n < width lanes only
+//   add sub mul div fma max min  lane-wise; fma(a, b, c) = a*b + c (fused where the ISA has FMA)
+//   reduce_add reduce_max    horizontal, in a fixed lane order (results do not vary run to run)
+//   round_nearest            to the nearest integer, ties to even
+//   pow2i(k)                 2^k for integer-valued k inside the normal exponent range
+//
+// One specialisation per ISA, chosen by the MLMATH_ISA_* symbol of the compilation; adding an ISA
+// means one more block here and one entry in the CMake ISA table.  max/min follow the x86
+// convention: when an operand is NaN the *second* operand is returned; kernels that care about
+// NaN handle it explicitly (see Note [NaN in reductions] in softmax.cpp).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "common/isa.h"
+
+#if defined(MLMATH_ISA_AVX2) || defined(MLMATH_ISA_AVX512)
+#include <immintrin.h>
+#endif
+
+MLMATH_ISA_BEGIN
+
+template <class T>
+struct Vec;
+
+// Magic constants for round_nearest / pow2i: adding 1.5 * 2^(mantissa bits) to a small number
+// puts its integer part into the low mantissa bits (round to nearest even on the way).
+template <class T>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  using Int = std::int32_t;
+  static constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23
+  static constexpr int mantissa_bits = 23;
+  static constexpr int exponent_bias = 127;
+};
+template <>
+struct FloatBits<double> {
+  using Int = std::int64_t;
+  static constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr int mantissa_bits = 52;
+  static constexpr int exponent_bias = 1023;
+};
+
+#if defined(MLMATH_ISA_SCALAR)
+// ---------------------------------------------------------------------------------------------
+// Baseline: one lane, plain C++ (the compiler may still vectorise the loops around it).
+template <class T>
+struct Vec {
+  static constexpr int width = 1;
+  T v;
+  static Vec load(const T* p) { return {*p}; }
+  static Vec load_partial(const T*, std::int64_t, T fill) { return {fill}; }  // n is always 0
+  static Vec set1(T x) { return {x}; }
+  void store(T* p) const { *p = v; }
+  void store_partial(T*, std::int64_t) const {}
+};
+template <class T>
+inline Vec<T> add(Vec<T> a, Vec<T> b) {
+  return {a.v + b.v};
+}
+template <class T>
+inline Vec<T> sub(Vec<T> a, Vec<T> b) {
+  return {a.v - b.v};
+}
+template <class T>
+inline Vec<T> mul(Vec<T> a, Vec<T> b) {
+  return {a.v * b.v};
+}
+template <class T>
+inline Vec<T> div(Vec<T> a, Vec<T> b) {
+  return {a.v / b.v};
+}
+// No FMA on the x86-64 baseline: a separate multiply and add (std::fma would be a libm call).
+template <class T>
+inline Vec<T> fma(Vec<T> a, Vec<T> b, Vec<T> c) {
+  return {a.v * b.v + c.v};
+}
+template <class T>
+inline Vec<T> max(Vec<T> a, Vec<T> b) {
+  return {a.v > b.v ? a.v : b.v};
+}
+template <class T>
+inline Vec<T> min(Vec<T> a, Vec<T> b) {
+  return {a.v < b.v ? a.v : b.v};
+}
+template <class T>
+inline T reduce_add(Vec<T> a) {
+  return a.v;
+}
+template <class T>
+inline T reduce_max(Vec<T> a) {
+  return a.v;
+}
+template <class T>
+inline Vec<T> round_nearest(Vec<T> a) {
+  const T magic = FloatBits<T>::round_magic;
+  return {(a.v + magic) - magic};  // exact for |a| < 2^(mantissa bits - 1)
+}
+template <class T>
+inline Vec<T> pow2i(Vec<T> k) {
+  using B = FloatBits<T>;
+  const T biased = k.v + (B::round_magic + B::exponent_bias);
+  typename B::Int bits;
+  std::memcpy(&bits, &biased, sizeof bits);
+  bits = static_cast<typename B::Int>(bits << B::mantissa_bits);
+  T out;
+  std::memcpy(&out, &bits, sizeof out);
+  return {out};
+}
+
+#elif defined(MLMATH_ISA_AVX2)
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA: 8 floats / 4 doubles.
+inline __m256i tail_mask_i32(std::int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256i tail_mask_i64(std::int64_t n) {
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+
+template <>
+struct Vec<float> {
+  static constexpr int width = 8;
+  __m256 v;
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec load_partial(const float* p, std::int64_t n, float fill) {
+    const __m256i m = tail_mask_i32(n);
+    return {
+        _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m))};
+  }
+  static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store_partial(float* p, std::int64_t n) const {
+    _mm256_maskstore_ps(p, tail_mask_i32(n), v);
+  }
+};
+template <>
+struct Vec<double> {
+  static constexpr int width = 4;
+  __m256d v;
+  static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  static Vec load_partial(const double* p, std::int64_t n, double fill) {
+    const __m256i m = tail_mask_i64(n);
+    return {
+        _mm256_blendv_pd(_mm256_set1_pd(fill), _mm256_maskload_pd(p, m), _mm256_castsi256_pd(m))};
+  }
+  static Vec set1(double x) { return {_mm256_set1_pd(x)}; }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+  void store_partial(double* p, std::int64_t n) const {
+    _mm256_maskstore_pd(p, tail_mask_i64(n), v);
+  }
+};
+using VF = Vec<float>;
+using VD = Vec<double>;
+inline VF add(VF a, VF b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline VD add(VD a, VD b) { return {_mm256_add_pd(a.v, b.v)}; }
+inline VF sub(VF a, VF b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline VD sub(VD a, VD b) { return {_mm256_sub_pd(a.v, b.v)}; }
+inline VF mul(VF a, VF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline VD mul(VD a, VD b) { return {_mm256_mul_pd(a.v, b.v)}; }
+inline VF div(VF a, VF b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline VD div(VD a, VD b) { return {_mm256_div_pd(a.v, b.v)}; }
+inline VF fma(VF a, VF b, VF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline VD fma(VD a, VD b, VD c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+inline VF max(VF a, VF b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline VD max(VD a, VD b) { return {_mm256_max_pd(a.v, b.v)}; }
+inline VF min(VF a, VF b) { return {_mm256_min_ps(a.v, b.v)}; }
+inline VD min(VD a, VD b) { return {_mm256_min_pd(a.v, b.v)}; }
+inline float reduce_add(VF a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline double reduce_add(VD a) {
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a.v), _mm256_extractf128_pd(a.v, 1));
+  s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+  return _mm_cvtsd_f64(s);
+}
+inline float reduce_max(VF a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline double reduce_max(VD a) {
+  __m128d s = _mm_max_pd(_mm256_castpd256_pd128(a.v), _mm256_extractf128_pd(a.v, 1));
+  s = _mm_max_sd(s, _mm_unpackhi_pd(s, s));
+  return _mm_cvtsd_f64(s);
+}
+inline VF round_nearest(VF a) {
+  return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+inline VD round_nearest(VD a) {
+  return {_mm256_round_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+inline VF pow2i(VF k) {
+  const __m256 biased = _mm256_add_ps(k.v, _mm256_set1_ps(12582912.0f + 127.0f));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(biased), 23))};
+}
+inline VD pow2i(VD k) {
+  const __m256d biased = _mm256_add_pd(k.v, _mm256_set1_pd(6755399441055744.0 + 1023.0));
+  return {_mm256_castsi256_pd(_mm256_slli_epi64(_mm256_castpd_si256(biased), 52))};
+}
+
+#elif defined(MLMATH_ISA_AVX512)
+// ---------------------------------------------------------------------------------------------
+// AVX-512F: 16 floats / 8 doubles; tails use mask registers.
+template <>
+struct Vec<float> {
+  static constexpr int width = 16;
+  __m512 v;
+  static __mmask16 mask(std::int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec load_partial(const float* p, std::int64_t n, float fill) {
+    return {_mm512_mask_loadu_ps(_mm512_set1_ps(fill), mask(n), p)};
+  }
+  static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store_partial(float* p, std::int64_t n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
+};
+template <>
+struct Vec<double> {
+  static constexpr int width = 8;
+  __m512d v;
+  static __mmask8 mask(std::int64_t n) { return static_cast<__mmask8>((1u << n) - 1u); }
+  static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  static Vec load_partial(const double* p, std::int64_t n, double fill) {
+    return {_mm512_mask_loadu_pd(_mm512_set1_pd(fill), mask(n), p)};
+  }
+  static Vec set1(double x) { return {_mm512_set1_pd(x)}; }
+  void store(double* p) const { _mm512_storeu_pd(p, v); }
+  void store_partial(double* p, std::int64_t n) const { _mm512_mask_storeu_pd(p, mask(n), v); }
+};
+using VF = Vec<float>;
+using VD = Vec<double>;
+inline VF add(VF a, VF b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline VD add(VD a, VD b) { return {_mm512_add_pd(a.v, b.v)}; }
+inline VF sub(VF a, VF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline VD sub(VD a, VD b) { return {_mm512_sub_pd(a.v, b.v)}; }
+inline VF mul(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline VD mul(VD a, VD b) { return {_mm512_mul_pd(a.v, b.v)}; }
+inline VF div(VF a, VF b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline VD div(VD a, VD b) { return {_mm512_div_pd(a.v, b.v)}; }
+inline VF fma(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline VD fma(VD a, VD b, VD c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+inline VF max(VF a, VF b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline VD max(VD a, VD b) { return {_mm512_max_pd(a.v, b.v)}; }
+inline VF min(VF a, VF b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline VD min(VD a, VD b) { return {_mm512_min_pd(a.v, b.v)}; }
+// Horizontal reductions: halve to 256 and 128 bits, then finish as on SSE (AVX-512F only; the
+// _mm512_reduce_* helpers trip GCC 12's uninitialised-variable warnings).
+inline __m256 high_half(__m512 v) {
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+inline float reduce_add(VF a) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a.v), high_half(a.v));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float reduce_max(VF a) {
+  const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(a.v), high_half(a.v));
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline double reduce_add(VD a) {
+  const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(a.v), _mm512_extractf64x4_pd(a.v, 1));
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+  s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+  return _mm_cvtsd_f64(s);
+}
+inline double reduce_max(VD a) {
+  const __m256d h = _mm256_max_pd(_mm512_castpd512_pd256(a.v), _mm512_extractf64x4_pd(a.v, 1));
+  __m128d s = _mm_max_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+  s = _mm_max_sd(s, _mm_unpackhi_pd(s, s));
+  return _mm_cvtsd_f64(s);
+}
+inline VF round_nearest(VF a) {
+  return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+inline VD round_nearest(VD a) {
+  return {_mm512_roundscale_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+inline VF pow2i(VF k) {
+  const __m512 biased = _mm512_add_ps(k.v, _mm512_set1_ps(12582912.0f + 127.0f));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(biased), 23))};
+}
+inline VD pow2i(VD k) {
+  const __m512d biased = _mm512_add_pd(k.v, _mm512_set1_pd(6755399441055744.0 + 1023.0));
+  return {_mm512_castsi512_pd(_mm512_slli_epi64(_mm512_castpd_si512(biased), 52))};
+}
+
+#else
+#error "no MLMATH_ISA_* symbol defined for this compilation"
+#endif
+
+MLMATH_ISA_END

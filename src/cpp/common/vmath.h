@@ -1,0 +1,84 @@
+// Vector elementary functions on top of vec.h.
+//
+// exp(x) = 2^n * e^r,  n = round(x / ln 2),  r = x - n ln 2  (|r| <= ln2 / 2)
+//   r is computed with a two-part ln 2 (Cody-Waite) so that n * ln2_hi is exact;
+//   e^r is a polynomial: Cephes' degree-7 form 1 + r + r^2 P(r) for float (about 1 ulp),
+//   the Taylor series to r^13 for double (truncation error < 0.05 ulp on |r| <= ln2/2).
+//   2^n is applied as two factors 2^n1 * 2^n2 with n1 clamped to the normal exponent range, so
+//   results that are subnormal (x < -87.3 for float) or close to overflow are rounded once and
+//   correctly instead of being flushed; x is clamped first so that n stays small.
+//   exp(-inf) = 0, exp(+inf) = +inf, exp(NaN) = NaN.
+#pragma once
+
+#include "common/vec.h"
+
+MLMATH_ISA_BEGIN
+
+template <class T>
+struct ExpConstants;
+template <>
+struct ExpConstants<float> {
+  static constexpr float lo = -104.0f;  // exp(-104) < half the smallest subnormal: rounds to 0
+  static constexpr float hi = 88.8f;    // exp(88.8) > FLT_MAX: overflows to inf
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f;  // 9 significant bits: n * ln2_hi is exact
+  static constexpr float ln2_lo = -2.12194440e-4f;
+  static constexpr float n1_min = -126.0f, n1_max = 127.0f;
+};
+template <>
+struct ExpConstants<double> {
+  static constexpr double lo = -746.0;
+  static constexpr double hi = 709.9;
+  static constexpr double log2e = 1.4426950408889634074;
+  static constexpr double ln2_hi = 6.93147180369123816490e-01;  // low 32 bits zero
+  static constexpr double ln2_lo = 1.90821492927058770002e-10;
+  static constexpr double n1_min = -1022.0, n1_max = 1023.0;
+};
+
+// e^r on |r| <= ln2/2 (float): Cephes expf coefficients.
+inline Vec<float> exp_reduced(Vec<float> r) {
+  using V = Vec<float>;
+  V p = V::set1(1.9875691500e-4f);
+  p = fma(p, r, V::set1(1.3981999507e-3f));
+  p = fma(p, r, V::set1(8.3334519073e-3f));
+  p = fma(p, r, V::set1(4.1665795894e-2f));
+  p = fma(p, r, V::set1(1.6666665459e-1f));
+  p = fma(p, r, V::set1(5.0000001201e-1f));
+  return add(fma(p, mul(r, r), r), V::set1(1.0f));
+}
+
+// e^r on |r| <= ln2/2 (double): Taylor polynomial sum_{k<=13} r^k / k!, Horner form.
+inline Vec<double> exp_reduced(Vec<double> r) {
+  using V = Vec<double>;
+  V p = V::set1(1.0 / 6227020800.0);  // 1/13!
+  p = fma(p, r, V::set1(1.0 / 479001600.0));
+  p = fma(p, r, V::set1(1.0 / 39916800.0));
+  p = fma(p, r, V::set1(1.0 / 3628800.0));
+  p = fma(p, r, V::set1(1.0 / 362880.0));
+  p = fma(p, r, V::set1(1.0 / 40320.0));
+  p = fma(p, r, V::set1(1.0 / 5040.0));
+  p = fma(p, r, V::set1(1.0 / 720.0));
+  p = fma(p, r, V::set1(1.0 / 120.0));
+  p = fma(p, r, V::set1(1.0 / 24.0));
+  p = fma(p, r, V::set1(1.0 / 6.0));
+  p = fma(p, r, V::set1(0.5));
+  p = fma(p, r, V::set1(1.0));
+  return fma(p, r, V::set1(1.0));
+}
+
+template <class T>
+inline Vec<T> exp(Vec<T> x) {
+  using V = Vec<T>;
+  using C = ExpConstants<T>;
+  // Operand order matters: max/min return their second operand when one is NaN, so a NaN x
+  // flows through every step and comes out as NaN without a separate select.
+  const V xc = min(V::set1(C::hi), max(V::set1(C::lo), x));
+  const V n = round_nearest(mul(xc, V::set1(C::log2e)));
+  V r = fma(n, V::set1(-C::ln2_hi), xc);
+  r = fma(n, V::set1(-C::ln2_lo), r);
+  const V n1 = min(V::set1(C::n1_max), max(V::set1(C::n1_min), n));
+  const V n2 = sub(n, n1);
+  return mul(mul(exp_reduced(r), pow2i(n1)), pow2i(n2));
+}
+
+MLMATH_ISA_END

@@ -1,0 +1,53 @@
+// mlmath: the C++ API of mlmath_native, usable without Python.
+//
+// Kernels are compiled once per instruction set (scalar, avx2, avx512 on x86-64) and the best
+// one the CPU and OS support is chosen on first use, or forced with MLMATH_NATIVE_ISA or
+// select_isa().  Call kernels through kernels(), e.g.
+//
+//     mlmath::kernels().softmax_f32(x, y, mlmath::AxisLayout{rows, cols, 1});
+//
+// Kernels do not validate their arguments (the Python layer does); they never throw.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mlmath {
+
+// A C-contiguous array seen as [outer][n][inner]; an operation "along an axis" runs along n.
+struct AxisLayout {
+  std::int64_t outer;
+  std::int64_t n;
+  std::int64_t inner;
+};
+
+struct KernelTable {
+#define MLMATH_KERNEL(name, params) void(*name) params;
+#include "mlmath/kernels.inc"
+#undef MLMATH_KERNEL
+};
+
+// The table of the selected ISA.  Selects the best supported ISA (or MLMATH_NATIVE_ISA) on the
+// first call; throws std::runtime_error if MLMATH_NATIVE_ISA names an unknown or unsupported ISA.
+const KernelTable& kernels();
+
+// Force an ISA by name ("scalar", "avx2", "avx512"); throws std::invalid_argument naming the
+// supported ones if the CPU/OS lacks it or it was not compiled.  Not thread-safe with running
+// kernels: call it before starting work.
+void select_isa(const std::string& name);
+std::string selected_isa();
+std::vector<std::string> supported_isas();  // compiled and runnable here, worst to best
+std::vector<std::string> compiled_isas();   // compiled into this build, worst to best
+
+// Threads used by a kernel call: set_num_threads(n) if it was called, else OpenMP's
+// omp_get_max_threads() of the calling thread (OMP_NUM_THREADS, threadpoolctl), else 1.
+int get_num_threads();
+void set_num_threads(int n);  // n >= 1; throws std::invalid_argument otherwise
+bool have_openmp();
+int openmp_version();  // the _OPENMP date macro (e.g. 201511), 0 without OpenMP
+
+const char* version();
+const char* compiler();
+
+}  // namespace mlmath

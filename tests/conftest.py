@@ -1,0 +1,47 @@
+"""Shared test helpers: tolerances that scale with the reduction length and the dtype."""
+
+from __future__ import annotations
+
+import mlmath_native as mn
+import numpy as np
+import pytest
+
+
+def tolerance(dtype, n: int = 1) -> float:
+    """Relative tolerance for a float32/float64 kernel against the float64 reference.
+
+    A few ulp for the elementwise part (the vector exp is within about 1 ulp), plus a term that
+    grows with the reduction length n (a sum of n rounded terms drifts by about sqrt(n) ulp for
+    random data; 4 sqrt(n) leaves room for unlucky inputs).
+    """
+    eps = float(np.finfo(np.dtype(dtype)).eps)
+    return eps * (16 + 4 * np.sqrt(max(int(n), 1)))
+
+
+def assert_close(actual, expected, dtype, n: int = 1, atol_scale: float = 0.0, cond: float = 1.0):
+    """``actual`` (computed in ``dtype``) against the float64 reference ``expected``.
+
+    rtol = tolerance(dtype, n) * cond, where cond is the condition of the function at this input
+    (e.g. exp(x - m) changes by a relative |x - m| * eps when x - m is rounded to dtype);
+    atol = rtol * atol_scale (for outputs that are differences of larger numbers, e.g.
+    log_softmax = x - logsumexp), plus the smallest normal number so that results in the
+    subnormal range compare by absolute error.
+    """
+    rtol = tolerance(dtype, n) * cond
+    atol = rtol * atol_scale + float(np.finfo(np.dtype(dtype)).tiny)
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64), expected, rtol=rtol, atol=atol, equal_nan=True
+    )
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261125)
+
+
+@pytest.fixture
+def threads():
+    """Restores the thread count a test changed."""
+    before = mn.get_num_threads()
+    yield
+    mn.set_num_threads(before)

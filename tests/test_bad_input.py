@@ -1,0 +1,162 @@
+"""The table of bad calls: each raises the documented exception, names the argument, and leaves
+every array it was given bitwise unchanged.  Later kernels add their rows to BAD_CALLS."""
+
+from __future__ import annotations
+
+import mlmath_native as mn
+import numpy as np
+import pytest
+from mlmath_native import _core
+
+
+def arrays():
+    """Fresh inputs for one bad call (a new set per row, so rows cannot affect each other)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    return {
+        "x": x,
+        "y": mn.softmax(x),
+        "out": np.full((4, 6), 7.0, np.float32),
+        "out64": np.full((4, 6), 7.0, np.float64),
+        "out_small": np.full((4, 5), 7.0, np.float32),
+        "out_ro": np.full((4, 6), 7.0, np.float32),
+        "x_c": np.ones((2, 3), np.complex64),
+        "x_obj": np.array([1.0, "a"], dtype=object),
+        "x_str": np.array(["a", "b"]),
+        "dy_wrong": np.ones((4, 5), np.float32),
+        "x_strided": rng.standard_normal((4, 12)).astype(np.float32)[:, ::2],
+    }
+
+
+# (name, call, exception, text the message must contain)
+BAD_CALLS = [
+    ("softmax axis too big", lambda a: mn.softmax(a["x"], axis=2), ValueError, "axis 2"),
+    ("softmax axis too small", lambda a: mn.softmax(a["x"], axis=-3), ValueError, "axis -3"),
+    ("softmax axis float", lambda a: mn.softmax(a["x"], axis=1.0), TypeError, "axis"),
+    ("softmax axis None", lambda a: mn.softmax(a["x"], axis=None), TypeError, "axis"),
+    ("softmax complex", lambda a: mn.softmax(a["x_c"]), TypeError, "x has unsupported dtype"),
+    ("softmax object", lambda a: mn.softmax(a["x_obj"]), TypeError, "x has unsupported dtype"),
+    ("softmax string", lambda a: mn.softmax(a["x_str"]), TypeError, "x has unsupported dtype"),
+    ("softmax ragged list", lambda a: mn.softmax([[1.0], [1.0, 2.0]]), TypeError, "x could not"),
+    ("softmax None", lambda a: mn.softmax(None), TypeError, "x has unsupported dtype"),
+    (
+        "softmax out shape",
+        lambda a: mn.softmax(a["x"], out=a["out_small"]),
+        ValueError,
+        "out has shape",
+    ),
+    ("softmax out dtype", lambda a: mn.softmax(a["x"], out=a["out64"]), TypeError, "out has dtype"),
+    ("softmax out list", lambda a: mn.softmax(a["x"], out=[0.0] * 24), TypeError, "out must be"),
+    (
+        "softmax out read-only",
+        lambda a: mn.softmax(a["x"], out=a["out_ro"]),
+        ValueError,
+        "not writeable",
+    ),
+    (
+        "log_softmax out shape",
+        lambda a: mn.log_softmax(a["x"], out=a["out_small"]),
+        ValueError,
+        "log_softmax: out",
+    ),
+    ("log_softmax axis", lambda a: mn.log_softmax(a["x"], axis=5), ValueError, "log_softmax: axis"),
+    ("logsumexp axis", lambda a: mn.logsumexp(a["x"], axis=-7), ValueError, "logsumexp: axis"),
+    ("logsumexp complex", lambda a: mn.logsumexp(a["x_c"]), TypeError, "logsumexp: x"),
+    (
+        "softmax_backward shapes",
+        lambda a: mn.softmax_backward(a["y"], a["dy_wrong"]),
+        ValueError,
+        "dy has shape",
+    ),
+    (
+        "softmax_backward dtype",
+        lambda a: mn.softmax_backward(a["x_c"], a["x_c"]),
+        TypeError,
+        "y has unsupported",
+    ),
+    (
+        "softmax_backward axis",
+        lambda a: mn.softmax_backward(a["y"], a["y"], axis=2),
+        ValueError,
+        "axis 2",
+    ),
+    (
+        "log_softmax_backward shapes",
+        lambda a: mn.log_softmax_backward(a["y"], a["dy_wrong"]),
+        ValueError,
+        "log_softmax_backward: dy",
+    ),
+    ("set_num_threads 0", lambda a: mn.set_num_threads(0), ValueError, "n must be >= 1"),
+    ("set_num_threads str", lambda a: mn.set_num_threads("2"), TypeError, "n must be an integer"),
+    # the compiled layer checks again, so calling it directly is safe too
+    (
+        "core non-contiguous",
+        lambda a: _core.softmax_into(a["x_strided"], a["out"], -1, False),
+        ValueError,
+        "C-contiguous",
+    ),
+    (
+        "core dtype",
+        lambda a: _core.softmax_into(a["x"], a["out64"], -1, False),
+        TypeError,
+        "out has dtype",
+    ),
+    (
+        "core shape",
+        lambda a: _core.softmax_into(a["x"], a["out_small"], -1, False),
+        ValueError,
+        "out has shape",
+    ),
+    ("core axis", lambda a: _core.softmax_into(a["x"], a["out"], 3, False), ValueError, "axis 3"),
+    (
+        "core read-only",
+        lambda a: _core.softmax_into(a["x"], a["out_ro"], -1, False),
+        ValueError,
+        "not writeable",
+    ),
+    (
+        "core lse size",
+        lambda a: _core.logsumexp_into(a["x"], a["out"], -1),
+        ValueError,
+        "out has 24 elements",
+    ),
+    (
+        "core int input",
+        lambda a: _core.exp_into(np.arange(3), np.zeros(3)),
+        TypeError,
+        "float32 or float64",
+    ),
+    (
+        "core backward shape",
+        lambda a: _core.softmax_backward_into(a["y"], a["dy_wrong"], a["out"], -1, False),
+        ValueError,
+        "dy has shape",
+    ),
+    (
+        "core unknown isa",
+        lambda a: _core.select_isa("sse9"),
+        ValueError,
+        "unknown or not compiled ISA 'sse9'",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,text", BAD_CALLS, ids=[row[0] for row in BAD_CALLS])
+def test_bad_call_raises_and_changes_nothing(name, call, exc, text):
+    a = arrays()
+    a["out_ro"].flags.writeable = False
+    before = {k: v.copy() for k, v in a.items()}
+    with pytest.raises(exc) as info:
+        call(a)
+    assert text in str(info.value), f"message {str(info.value)!r} should mention {text!r}"
+    for key, value in a.items():
+        assert value.dtype == before[key].dtype
+        if value.dtype.kind in "fc":
+            np.testing.assert_array_equal(value, before[key], err_msg=f"{name} changed {key}")
+        else:
+            assert (value == before[key]).all()
+
+
+def test_axis_error_is_numpy_axis_error():
+    with pytest.raises(np.exceptions.AxisError):
+        mn.softmax(np.ones(3), axis=1)

@@ -1,0 +1,768 @@
+"""Tests of the float64 reference oracle ``mlmath_native.reference``.
+
+Closed-form cases first, then (where PyTorch is installed) agreement with PyTorch in
+float64. The oracle is what the native kernels are compared against, so it is held
+to float64 accuracy here.
+"""
+
+import ast
+import pathlib
+import warnings
+
+import numpy as np
+import pytest
+from mlmath_native.reference import adam_optimizer as ref_adam
+from mlmath_native.reference import convolution as ref_conv
+from mlmath_native.reference import cross_entropy as ref_ce
+from mlmath_native.reference import gradient_descent as ref_gd
+from mlmath_native.reference import softmax as ref_softmax
+from mlmath_native.reference import transformer_attention as ref_attn
+
+RTOL = 1e-12  # float64 vs float64
+ATOL = 1e-12
+
+AxisError = getattr(np, "exceptions", np).AxisError
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def assert_close(actual, expected, rtol=RTOL, atol=ATOL):
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------
+# Package hygiene
+# --------------------------------------------------------------------------------------
+
+
+def test_reference_never_imports_parent_package():
+    """The oracle must stay importable without the compiled core."""
+    import mlmath_native.reference as ref
+
+    for path in pathlib.Path(ref.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, f"{path.name}: relative import above reference/"
+                assert not (node.module or "").startswith("mlmath_native"), path.name
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("mlmath_native"), path.name
+
+
+# --------------------------------------------------------------------------------------
+# softmax / log_softmax / logsumexp
+# --------------------------------------------------------------------------------------
+
+
+def test_softmax_equal_logits_uniform():
+    for n in (1, 3, 8, 17):
+        assert_close(ref_softmax.softmax(np.full(n, 2.5)), np.full(n, 1.0 / n))
+        assert_close(ref_softmax.log_softmax(np.full(n, -7.0)), np.full(n, -np.log(n)))
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1, 2])
+def test_softmax_rows_sum_to_one_and_shift_invariant(axis):
+    x = rng(1).normal(scale=3.0, size=(4, 5, 6))
+    y = ref_softmax.softmax(x, axis=axis)
+    assert y.shape == x.shape and y.dtype == np.float64
+    assert np.all(y > 0)
+    assert_close(np.sum(y, axis=axis), np.ones(np.delete(x.shape, axis)))
+    assert_close(ref_softmax.softmax(x + 123.0, axis=axis), y)
+    # A per-row constant is also allowed.
+    shift = rng(2).normal(size=np.delete(x.shape, axis))
+    assert_close(ref_softmax.softmax(x + np.expand_dims(shift, axis), axis=axis), y)
+
+
+@pytest.mark.parametrize("axis", [0, -1])
+def test_log_softmax_is_log_of_softmax(axis):
+    x = rng(3).normal(scale=2.0, size=(7, 9))
+    assert_close(ref_softmax.log_softmax(x, axis=axis), np.log(ref_softmax.softmax(x, axis=axis)))
+
+
+def test_logsumexp_matches_naive_for_moderate_values():
+    x = rng(4).normal(scale=5.0, size=(6, 11))
+    for axis in (0, 1, -1):
+        expected = np.log(np.sum(np.exp(x), axis=axis))
+        assert_close(ref_softmax.logsumexp(x, axis=axis), expected)
+        kept = ref_softmax.logsumexp(x, axis=axis, keepdims=True)
+        assert_close(kept, np.expand_dims(expected, axis))
+    assert_close(ref_softmax.log_softmax(x), x - ref_softmax.logsumexp(x, keepdims=True))
+
+
+def test_inputs_are_computed_in_float64():
+    x32 = rng(5).normal(size=(3, 4)).astype(np.float32)
+    assert ref_softmax.softmax(x32).dtype == np.float64
+    assert_close(ref_softmax.softmax(x32), ref_softmax.softmax(x32.astype(np.float64)))
+    assert ref_softmax.softmax([[1, 2, 3]]).dtype == np.float64  # ints and lists too
+
+
+def test_softmax_no_overflow_for_huge_logits():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = np.array([[1e4, -1e4, 0.0], [1e4, 1e4, 1e4], [-1e4, -1e4, -1e4 + np.log(2.0)]])
+        y = ref_softmax.softmax(x)
+        ly = ref_softmax.log_softmax(x)
+        lse = ref_softmax.logsumexp(x)
+    assert_close(y[0], [1.0, 0.0, 0.0])
+    assert_close(y[1], np.full(3, 1 / 3))
+    assert_close(y[2], [0.25, 0.25, 0.5])
+    assert_close(ly[0], [0.0, -2e4, -1e4])
+    assert_close(lse, [1e4, 1e4 + np.log(3.0), -1e4 + np.log(4.0)])
+
+
+def test_neg_inf_entries_get_zero_probability():
+    x = np.array([[-np.inf, 0.0, 0.0], [3.0, -np.inf, -np.inf]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = ref_softmax.softmax(x)
+        ly = ref_softmax.log_softmax(x)
+        lse = ref_softmax.logsumexp(x)
+    assert_close(y, [[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
+    assert_close(ly, [[-np.inf, -np.log(2.0), -np.log(2.0)], [0.0, -np.inf, -np.inf]])
+    assert_close(lse, [np.log(2.0), 3.0])
+
+
+def test_special_rows_are_nan_and_isolated():
+    x = np.array(
+        [
+            [1.0, 2.0, 3.0],
+            [-np.inf, -np.inf, -np.inf],  # all -inf
+            [1.0, np.inf, 2.0],  # +inf
+            [1.0, np.nan, 2.0],  # NaN
+            [np.inf, np.nan, -np.inf],  # NaN and +inf
+            [0.5, -0.5, 0.0],
+        ]
+    )
+    good = [0, 5]
+    bad = [1, 2, 3, 4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning leaks out
+        y = ref_softmax.softmax(x)
+        ly = ref_softmax.log_softmax(x)
+        lse = ref_softmax.logsumexp(x)
+        # The same along axis 0.
+        y0 = ref_softmax.softmax(x.T, axis=0)
+        lse0 = ref_softmax.logsumexp(x.T, axis=0)
+    for out in (y, ly):
+        assert np.all(np.isnan(out[bad]))
+    assert np.array_equal(y0, y.T, equal_nan=True)
+    assert_close(y[good], ref_softmax.softmax(x[good]))
+    assert_close(ly[good], ref_softmax.log_softmax(x[good]))
+    assert_close(lse, [lse[0], -np.inf, np.inf, np.nan, np.nan, lse[5]])
+    assert_close(lse0, lse)
+    assert np.all(np.isfinite(lse[good]))
+
+
+def test_empty_arrays():
+    for f in (ref_softmax.softmax, ref_softmax.log_softmax):
+        assert f(np.zeros((0, 5))).shape == (0, 5)
+        assert f(np.zeros((3, 0))).shape == (3, 0)
+        assert f(np.zeros((3, 0)), axis=0).shape == (3, 0)
+    assert ref_softmax.logsumexp(np.zeros((0, 5))).shape == (0,)
+    assert_close(ref_softmax.logsumexp(np.zeros((3, 0))), np.full(3, -np.inf))
+    assert ref_softmax.logsumexp(np.zeros((3, 0)), keepdims=True).shape == (3, 1)
+    assert ref_softmax.logsumexp(np.zeros(0)) == -np.inf
+
+
+def test_zero_dim_input():
+    for axis in (-1, 0):
+        y = ref_softmax.softmax(np.float64(4.0), axis=axis)
+        assert y.shape == () and y == 1.0
+        assert ref_softmax.log_softmax(-3.0, axis=axis) == 0.0
+        assert ref_softmax.logsumexp(2.5, axis=axis) == 2.5
+    assert np.isnan(ref_softmax.softmax(np.nan))
+    for axis in (1, -2):
+        with pytest.raises(AxisError):
+            ref_softmax.softmax(1.0, axis=axis)
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        ref_softmax.softmax,
+        ref_softmax.log_softmax,
+        ref_softmax.logsumexp,
+        lambda x, axis: ref_softmax.softmax_backward(x, x, axis=axis),
+        lambda x, axis: ref_softmax.log_softmax_backward(x, x, axis=axis),
+    ],
+)
+def test_invalid_axis_raises_axis_error(f):
+    x = np.ones((2, 3))
+    for axis in (2, -3, 10):
+        with pytest.raises(AxisError):
+            f(x, axis=axis)
+    with pytest.raises(ValueError):  # AxisError is a ValueError (and IndexError)
+        f(x, axis=5)
+
+
+def test_backward_shape_mismatch():
+    with pytest.raises(ValueError, match="dy"):
+        ref_softmax.softmax_backward(np.ones((2, 3)), np.ones((3, 2)))
+    with pytest.raises(ValueError, match="dy"):
+        ref_softmax.log_softmax_backward(np.ones(3), np.ones(4))
+
+
+def _finite_difference(f, x, h=1e-6):
+    """Central differences of the scalar function f at x, one coordinate at a time."""
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[idx] = h
+        grad[idx] = (f(x + e) - f(x - e)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_softmax_backward_matches_finite_differences(axis):
+    r = rng(6)
+    x = r.normal(size=(3, 5))
+    dy = r.normal(size=(3, 5))
+    y = ref_softmax.softmax(x, axis=axis)
+    dx = ref_softmax.softmax_backward(y, dy, axis=axis)
+    fd = _finite_difference(lambda z: np.sum(dy * ref_softmax.softmax(z, axis=axis)), x)
+    assert_close(dx, fd, rtol=1e-7, atol=1e-9)
+    # Gradients of softmax sum to zero along the axis (the outputs always sum to 1).
+    assert_close(np.sum(dx, axis=axis), np.zeros(np.delete(x.shape, axis)), atol=1e-14)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_log_softmax_backward_matches_finite_differences(axis):
+    r = rng(7)
+    x = r.normal(size=(4, 3))
+    dy = r.normal(size=(4, 3))
+    y = ref_softmax.log_softmax(x, axis=axis)
+    dx = ref_softmax.log_softmax_backward(y, dy, axis=axis)
+    fd = _finite_difference(lambda z: np.sum(dy * ref_softmax.log_softmax(z, axis=axis)), x)
+    assert_close(dx, fd, rtol=1e-7, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------
+# cross-entropy
+# --------------------------------------------------------------------------------------
+
+
+def test_cross_entropy_perfect_prediction_is_zero():
+    onehot = np.eye(4)
+    assert ref_ce.cross_entropy_from_probs(onehot, onehot) == 0.0
+    assert_close(ref_ce.cross_entropy_from_probs(onehot, onehot, reduction="none"), np.zeros(4))
+    logits = np.array([[1000.0, 0.0, 0.0], [0.0, -np.inf, 1000.0]])
+    loss = ref_ce.cross_entropy(logits, [0, 2], reduction="none")
+    assert_close(loss, [0.0, 0.0], atol=1e-300)
+    assert ref_ce.cross_entropy(logits, np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])) == 0.0
+
+
+def test_cross_entropy_uniform_prediction_is_log_c():
+    for c in (2, 5, 10):
+        logits = np.full((3, c), 0.7)
+        assert_close(ref_ce.cross_entropy(logits, [0, c - 1, 1]), np.log(c))
+        assert_close(ref_ce.cross_entropy_from_probs(np.full(c, 1 / c), np.eye(c)[0]), np.log(c))
+        soft = rng(c).dirichlet(np.ones(c), size=3)
+        assert_close(ref_ce.cross_entropy(logits, soft, reduction="none"), np.full(3, np.log(c)))
+
+
+def test_cross_entropy_closed_form_and_reductions():
+    r = rng(8)
+    z = r.normal(scale=2.0, size=(6, 5))
+    t = r.integers(0, 5, size=6)
+    per = ref_ce.cross_entropy(z, t, reduction="none")
+    expected = np.log(np.sum(np.exp(z), axis=1)) - z[np.arange(6), t]  # logsumexp(z) − z_t
+    assert_close(per, expected)
+    assert_close(ref_ce.cross_entropy(z, t, reduction="sum"), np.sum(expected))
+    assert_close(ref_ce.cross_entropy(z, t), np.mean(expected))
+    # Class indices == one-hot probabilities; from logits == from softmax probabilities.
+    assert_close(ref_ce.cross_entropy(z, np.eye(5)[t], reduction="none"), per)
+    assert_close(
+        ref_ce.cross_entropy_from_probs(ref_softmax.softmax(z), np.eye(5)[t], reduction="none"),
+        per,
+    )
+
+
+def test_cross_entropy_class_axis():
+    r = rng(9)
+    z = r.normal(size=(2, 4, 3))  # classes on axis 1
+    t = r.integers(0, 4, size=(2, 3))
+    moved = ref_ce.cross_entropy(np.moveaxis(z, 1, -1), t, reduction="none")
+    assert_close(ref_ce.cross_entropy(z, t, axis=1, reduction="none"), moved)
+    soft = r.dirichlet(np.ones(4), size=(2, 3))  # (2, 3, 4)
+    assert_close(
+        ref_ce.cross_entropy(z, np.moveaxis(soft, -1, 1), axis=1, reduction="none"),
+        ref_ce.cross_entropy(np.moveaxis(z, 1, -1), soft, reduction="none"),
+    )
+    # Unbatched: logits (C,), target a scalar index.
+    assert_close(ref_ce.cross_entropy(z[0, :, 0], t[0, 0]), moved[0, 0])
+
+
+def test_cross_entropy_zero_target_terms_vanish():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs = np.array([0.0, 0.25, 0.75])
+        target = np.array([0.0, 0.0, 1.0])
+        assert_close(ref_ce.cross_entropy_from_probs(probs, target), -np.log(0.75))
+        # y > 0 where ŷ = 0: infinite loss, no clipping.
+        assert ref_ce.cross_entropy_from_probs(probs, [1.0, 0.0, 0.0]) == np.inf
+        logits = np.array([-np.inf, 0.0, 0.0])
+        assert_close(ref_ce.cross_entropy(logits, [0.0, 1.0, 0.0]), np.log(2.0))
+        assert ref_ce.cross_entropy(logits, 0) == np.inf
+
+
+def test_cross_entropy_bad_input():
+    z = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="target holds 3 at position"):
+        ref_ce.cross_entropy(z, [0, 3])
+    with pytest.raises(ValueError, match="target holds -1"):
+        ref_ce.cross_entropy(z, [-1, 0])
+    with pytest.raises(ValueError, match="target has shape"):
+        ref_ce.cross_entropy(z, [0, 1, 2])
+    with pytest.raises(ValueError, match="target has shape"):
+        ref_ce.cross_entropy(z, np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="reduction"):
+        ref_ce.cross_entropy(z, [0, 1], reduction="avg")
+    with pytest.raises(ValueError, match="0-d"):
+        ref_ce.cross_entropy(1.0, 0)
+    with pytest.raises(ValueError, match="target has shape"):
+        ref_ce.cross_entropy_from_probs(np.ones(3) / 3, np.ones(4) / 4)
+    with pytest.raises(AxisError):
+        ref_ce.cross_entropy(z, [0, 1], axis=2)
+
+
+def test_cross_entropy_empty_batch():
+    z = np.zeros((0, 4))
+    t = np.zeros(0, dtype=np.int64)
+    assert ref_ce.cross_entropy(z, t, reduction="none").shape == (0,)
+    assert ref_ce.cross_entropy(z, t, reduction="sum") == 0.0
+    assert np.isnan(ref_ce.cross_entropy(z, t, reduction="mean"))
+
+
+# --------------------------------------------------------------------------------------
+# gradient descent
+# --------------------------------------------------------------------------------------
+
+
+def test_gradient_descent_single_step_matches_formula():
+    r = rng(10)
+    theta, grad = r.normal(size=5), r.normal(size=5)
+    out = ref_gd.gradient_descent_step(theta, grad, lr=0.3)
+    assert_close(out, theta - 0.3 * grad)
+    assert out is not theta
+    theta_copy = theta.copy()
+    ref_gd.gradient_descent(lambda th: grad, theta, lr=0.1, num_steps=3)
+    assert np.array_equal(theta, theta_copy)  # inputs are not modified
+
+
+def test_gradient_descent_reaches_quadratic_minimum():
+    r = rng(11)
+    b = r.normal(size=(4, 4))
+    a = b @ b.T + 4 * np.eye(4)  # symmetric positive definite
+    c = r.normal(size=4)
+
+    def grad_fn(theta):  # ∇ ½ (θ − c)ᵀ A (θ − c) = A (θ − c)
+        return a @ (theta - c)
+
+    lr = 1.0 / np.linalg.eigvalsh(a).max()
+    theta = ref_gd.gradient_descent(grad_fn, np.zeros(4), lr=lr, num_steps=2000)
+    assert_close(theta, c, rtol=0, atol=1e-10)
+
+
+def test_gradient_descent_tol_and_history():
+    c = np.array([1.0, -2.0])
+    theta, hist = ref_gd.gradient_descent(
+        lambda th: th - c, np.zeros(2), lr=0.5, num_steps=1000, tol=1e-8, return_history=True
+    )
+    k = len(hist) - 1
+    assert 0 < k < 1000
+    assert hist.shape == (k + 1, 2)
+    assert np.array_equal(hist[0], [0.0, 0.0]) and np.array_equal(hist[-1], theta)
+    assert np.linalg.norm(theta - c) <= 1e-8
+    assert_close(hist[1], ref_gd.gradient_descent_step(hist[0], hist[0] - c, 0.5))
+    _, hist = ref_gd.gradient_descent(lambda th: th - c, c, 0.5, 5, return_history=True)
+    assert hist.shape == (6, 2)  # without tol, all steps run
+
+
+def test_gradient_descent_bad_input():
+    with pytest.raises(ValueError, match="lr"):
+        ref_gd.gradient_descent_step([1.0], [1.0], lr=-1.0)
+    with pytest.raises(ValueError, match="grad"):
+        ref_gd.gradient_descent_step([1.0, 2.0], [1.0], lr=0.1)
+    with pytest.raises(ValueError, match="num_steps"):
+        ref_gd.gradient_descent(lambda th: th, [1.0], lr=0.1, num_steps=-1)
+    with pytest.raises(ValueError, match="grad_fn"):
+        ref_gd.gradient_descent(lambda th: np.ones(3), [1.0], lr=0.1, num_steps=1)
+
+
+# --------------------------------------------------------------------------------------
+# Adam
+# --------------------------------------------------------------------------------------
+
+
+def test_adam_first_step_moves_by_lr_against_gradient():
+    r = rng(12)
+    theta = r.normal(size=6)
+    grad = r.normal(size=6) * np.array([1e-3, 1e-1, 1.0, 10.0, 1e3, -5.0])
+    lr = 0.01
+    new, m, v = ref_adam.adam_step(theta, grad, np.zeros(6), np.zeros(6), t=1, lr=lr)
+    assert_close(new - theta, -lr * np.sign(grad), rtol=1e-4, atol=0)
+    assert_close(m, 0.1 * grad)
+    assert_close(v, 0.001 * grad**2)
+
+
+def test_adam_step_matches_formula():
+    r = rng(13)
+    theta, g, m, v = r.normal(size=(4, 5))
+    v = np.abs(v)
+    t, lr, b1, b2, eps = 3, 0.05, 0.8, 0.99, 1e-6
+    new, m_new, v_new = ref_adam.adam_step(theta, g, m, v, t, lr=lr, beta1=b1, beta2=b2, eps=eps)
+    m_exp = b1 * m + (1 - b1) * g
+    v_exp = b2 * v + (1 - b2) * g**2
+    theta_exp = theta - lr * (m_exp / (1 - b1**t)) / (np.sqrt(v_exp / (1 - b2**t)) + eps)
+    assert_close(m_new, m_exp)
+    assert_close(v_new, v_exp)
+    assert_close(new, theta_exp)
+
+
+def test_adam_minimize_reaches_minimum():
+    c = np.array([3.0, -1.0, 0.5])
+    theta, hist = ref_adam.adam_minimize(
+        lambda th: th - c, np.zeros(3), num_steps=2000, lr=0.05, return_history=True
+    )
+    assert hist.shape == (2001, 3)
+    assert_close(theta, c, rtol=0, atol=1e-6)
+
+
+def test_adam_bad_input():
+    z = np.zeros(3)
+    with pytest.raises(ValueError, match="t is invalid"):
+        ref_adam.adam_step(z, z, z, z, t=0)
+    with pytest.raises(ValueError, match="beta1"):
+        ref_adam.adam_step(z, z, z, z, t=1, beta1=1.0)
+    with pytest.raises(ValueError, match="beta2"):
+        ref_adam.adam_step(z, z, z, z, t=1, beta2=-0.1)
+    with pytest.raises(ValueError, match="lr"):
+        ref_adam.adam_step(z, z, z, z, t=1, lr=np.nan)
+    with pytest.raises(ValueError, match="eps"):
+        ref_adam.adam_step(z, z, z, z, t=1, eps=-1.0)
+    with pytest.raises(ValueError, match="v has shape"):
+        ref_adam.adam_step(z, z, z, np.zeros(2), t=1)
+
+
+# --------------------------------------------------------------------------------------
+# convolution
+# --------------------------------------------------------------------------------------
+
+
+def test_correlate2d_delta_kernel_is_identity_on_valid_region():
+    image = rng(14).normal(size=(6, 7))
+    delta = np.zeros((3, 3))
+    delta[1, 1] = 1.0
+    assert np.array_equal(ref_conv.correlate2d_valid(image, delta), image[1:-1, 1:-1])
+    corner = np.zeros((2, 4))
+    corner[0, 0] = 1.0  # picks I(i, j): no flip (cross-correlation)
+    assert np.array_equal(ref_conv.correlate2d_valid(image, corner), image[:5, :4])
+    assert np.array_equal(ref_conv.correlate2d_valid(image, [[1.0]]), image)
+
+
+def test_correlate2d_matches_explicit_sum():
+    r = rng(15)
+    image, kernel = r.normal(size=(5, 6)), r.normal(size=(2, 3))
+    out = ref_conv.correlate2d_valid(image, kernel)
+    assert out.shape == (4, 4)
+    i, j = 2, 1
+    expected = sum(image[i + m, j + n] * kernel[m, n] for m in range(2) for n in range(3))
+    assert_close(out[i, j], expected)
+
+
+def test_correlate2d_matches_scipy():
+    signal = pytest.importorskip("scipy.signal")
+    r = rng(16)
+    for ishape, kshape in [((8, 9), (3, 3)), ((5, 12), (5, 1)), ((4, 4), (4, 4))]:
+        image, kernel = r.normal(size=ishape), r.normal(size=kshape)
+        assert_close(
+            ref_conv.correlate2d_valid(image, kernel),
+            signal.correlate2d(image, kernel, mode="valid"),
+        )
+
+
+def test_correlate2d_bad_input():
+    with pytest.raises(ValueError, match="kernel has shape"):
+        ref_conv.correlate2d_valid(np.ones((3, 3)), np.ones((4, 1)))
+    with pytest.raises(ValueError, match="image has 1 dimensions"):
+        ref_conv.correlate2d_valid(np.ones(3), np.ones((1, 1)))
+
+
+def test_conv2d_delta_kernel_with_padding_is_identity():
+    x = rng(17).normal(size=(2, 3, 5, 6))
+    w = np.zeros((3, 3, 3, 3))  # output channel k copies input channel k
+    for ch in range(3):
+        w[ch, ch, 1, 1] = 1.0
+    assert np.array_equal(ref_conv.conv2d(x, w, padding=1), x)
+    w5 = np.zeros((3, 3, 5, 5))
+    for ch in range(3):
+        w5[ch, ch, 2, 2] = 1.0
+    assert np.array_equal(ref_conv.conv2d(x, w5, padding=(2, 2)), x)
+
+
+def test_conv2d_matches_correlate2d_sum_over_channels():
+    r = rng(18)
+    x, w, b = r.normal(size=(2, 3, 7, 8)), r.normal(size=(4, 3, 3, 2)), r.normal(size=4)
+    out = ref_conv.conv2d(x, w, bias=b)
+    assert out.shape == (2, 4, 5, 7)
+    for n in range(2):
+        for k in range(4):
+            expected = b[k] + sum(ref_conv.correlate2d_valid(x[n, c], w[k, c]) for c in range(3))
+            assert_close(out[n, k], expected)
+    # Stride keeps every sh-th row and sw-th column of the stride-1 output.
+    assert_close(ref_conv.conv2d(x, w, bias=b, stride=(2, 3)), out[:, :, ::2, ::3])
+
+
+def test_conv2d_output_shape_with_stride_and_padding():
+    x = np.zeros((1, 2, 10, 9))
+    w = np.zeros((5, 2, 3, 4))
+    out = ref_conv.conv2d(x, w, stride=(3, 2), padding=(1, 2))
+    assert out.shape == (1, 5, (10 + 2 - 3) // 3 + 1, (9 + 4 - 4) // 2 + 1)
+
+
+def test_conv2d_bad_input():
+    x, w = np.zeros((1, 2, 4, 4)), np.zeros((3, 2, 3, 3))
+    with pytest.raises(ValueError, match="input channels"):
+        ref_conv.conv2d(x, np.zeros((3, 1, 3, 3)))
+    with pytest.raises(ValueError, match="x has 3 dimensions"):
+        ref_conv.conv2d(x[0], w)
+    with pytest.raises(ValueError, match="stride"):
+        ref_conv.conv2d(x, w, stride=0)
+    with pytest.raises(ValueError, match="padding"):
+        ref_conv.conv2d(x, w, padding=(-1, 0))
+    with pytest.raises(ValueError, match="bias"):
+        ref_conv.conv2d(x, w, bias=np.zeros(2))
+    with pytest.raises(ValueError, match="kernel size"):
+        ref_conv.conv2d(x, np.zeros((3, 2, 5, 5)))
+
+
+# --------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------
+
+
+def test_attention_matches_formula():
+    r = rng(19)
+    q, k, v = r.normal(size=(4, 8)), r.normal(size=(6, 8)), r.normal(size=(6, 3))
+    s = q @ k.T / np.sqrt(8)
+    p = np.exp(s) / np.sum(np.exp(s), axis=1, keepdims=True)
+    assert_close(ref_attn.attention(q, k, v), p @ v)
+    s2 = q @ k.T * 0.3
+    p2 = np.exp(s2) / np.sum(np.exp(s2), axis=1, keepdims=True)
+    assert_close(ref_attn.attention(q, k, v, scale=0.3), p2 @ v)
+
+
+def test_attention_identical_keys_average_values():
+    r = rng(20)
+    q = r.normal(size=(2, 5, 4))
+    k = np.broadcast_to(r.normal(size=4), (2, 7, 4))
+    v = r.normal(size=(2, 7, 3))
+    out = ref_attn.attention(q, k, v)
+    assert_close(out, np.broadcast_to(v.mean(axis=1, keepdims=True), (2, 5, 3)))
+
+
+def test_attention_causal():
+    r = rng(21)
+    q, k, v = r.normal(size=(3, 5, 4)), r.normal(size=(3, 6, 4)), r.normal(size=(3, 6, 2))
+    out = ref_attn.attention(q, k, v, causal=True)
+    assert_close(out[:, 0], v[:, 0])  # the first query sees only the first key
+    allowed = np.tril(np.ones((5, 6), dtype=bool))
+    assert_close(out, ref_attn.attention(q, k, v, mask=allowed))
+    # The last query of a square problem sees everything.
+    full = ref_attn.attention(q[:, :, :], k[:, :5], v[:, :5])
+    assert_close(ref_attn.attention(q, k[:, :5], v[:, :5], causal=True)[:, -1], full[:, -1])
+
+
+def test_attention_masks():
+    r = rng(22)
+    q, k, v = r.normal(size=(4, 3)), r.normal(size=(5, 3)), r.normal(size=(5, 2))
+    mask = r.random((4, 5)) < 0.6
+    mask[:, 0] = True
+    additive = np.where(mask, 0.0, -np.inf)
+    out = ref_attn.attention(q, k, v, mask=mask)
+    assert_close(ref_attn.attention(q, k, v, mask=additive), out)
+    # A masked-out key does not matter: change it and nothing moves.
+    i, j = np.argwhere(~mask)[0]
+    v2 = v.copy()
+    v2[j] += 100.0
+    assert_close(ref_attn.attention(q, k, v2, mask=mask)[i], out[i])
+    # A finite additive bias shifts the scores.
+    bias = r.normal(size=(4, 5))
+    s = q @ k.T / np.sqrt(3) + bias
+    p = np.exp(s) / np.sum(np.exp(s), axis=1, keepdims=True)
+    assert_close(ref_attn.attention(q, k, v, mask=bias), p @ v)
+
+
+def test_attention_fully_masked_row_gives_zero():
+    r = rng(23)
+    q, k, v = r.normal(size=(2, 3, 4)), r.normal(size=(2, 5, 4)), r.normal(size=(2, 5, 6))
+    mask = np.ones((2, 3, 5), dtype=bool)
+    mask[1, 2] = False  # query 2 of batch 1 may attend to nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ref_attn.attention(q, k, v, mask=mask)
+        additive = ref_attn.attention(q, k, v, mask=np.where(mask, 0.0, -np.inf))
+        no_keys = ref_attn.attention(q, k[:, :0], v[:, :0])
+    assert np.all(np.isfinite(out))
+    assert np.array_equal(out[1, 2], np.zeros(6))
+    assert_close(out[0], ref_attn.attention(q[0], k[0], v[0]))
+    assert_close(out[1, :2], ref_attn.attention(q[1, :2], k[1], v[1]))
+    assert_close(additive, out)
+    assert no_keys.shape == (2, 3, 6) and np.array_equal(no_keys, np.zeros((2, 3, 6)))
+
+
+def test_attention_nan_propagates():
+    q = np.array([[np.nan, 0.0], [1.0, 0.0]])
+    k = np.ones((3, 2))
+    v = np.ones((3, 2))
+    out = ref_attn.attention(q, k, v)
+    assert np.all(np.isnan(out[0])) and np.all(np.isfinite(out[1]))
+
+
+def test_attention_bad_input():
+    q, k, v = np.zeros((2, 3)), np.zeros((4, 3)), np.zeros((4, 5))
+    with pytest.raises(ValueError, match="feature size"):
+        ref_attn.attention(q, np.zeros((4, 2)), v)
+    with pytest.raises(ValueError, match="rows"):
+        ref_attn.attention(q, k, np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="mask"):
+        ref_attn.attention(q, k, v, mask=np.ones((3, 4), dtype=bool))
+    with pytest.raises(ValueError, match="dimensions"):
+        ref_attn.attention(np.zeros(3), k, v)
+
+
+# --------------------------------------------------------------------------------------
+# Agreement with PyTorch (float64), where installed
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_softmax_family_matches_torch(axis):
+    torch = pytest.importorskip("torch")
+    x = rng(30).normal(scale=4.0, size=(5, 6, 7))
+    x[0, 0, :] = -np.inf
+    x[1, 1, 1] = -np.inf
+    xt = torch.from_numpy(x)
+    assert_close(ref_softmax.softmax(x, axis=axis), torch.softmax(xt, dim=axis).numpy())
+    assert_close(ref_softmax.log_softmax(x, axis=axis), torch.log_softmax(xt, dim=axis).numpy())
+    assert_close(ref_softmax.logsumexp(x, axis=axis), torch.logsumexp(xt, dim=axis).numpy())
+
+
+def test_softmax_special_values_match_torch():
+    torch = pytest.importorskip("torch")
+    x = np.array(
+        [
+            [1.0, 2.0, 3.0],
+            [-np.inf, -np.inf, -np.inf],
+            [1.0, np.inf, 2.0],
+            [1.0, np.nan, 2.0],
+            [1e4, -1e4, 0.0],
+            [-np.inf, 0.0, 1.0],
+        ]
+    )
+    xt = torch.from_numpy(x)
+    assert_close(ref_softmax.softmax(x), torch.softmax(xt, dim=-1).numpy())
+    assert_close(ref_softmax.log_softmax(x), torch.log_softmax(xt, dim=-1).numpy())
+    assert_close(ref_softmax.logsumexp(x), torch.logsumexp(xt, dim=-1).numpy())
+
+
+def test_softmax_backward_matches_torch():
+    torch = pytest.importorskip("torch")
+    r = rng(31)
+    x, dy = r.normal(size=(4, 9)), r.normal(size=(4, 9))
+    for axis in (0, 1):
+        for fwd, bwd, tfn in (
+            (ref_softmax.softmax, ref_softmax.softmax_backward, torch.softmax),
+            (ref_softmax.log_softmax, ref_softmax.log_softmax_backward, torch.log_softmax),
+        ):
+            xt = torch.from_numpy(x.copy()).requires_grad_(True)
+            tfn(xt, dim=axis).backward(torch.from_numpy(dy))
+            assert_close(bwd(fwd(x, axis=axis), dy, axis=axis), xt.grad.numpy())
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_cross_entropy_matches_torch(reduction):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    r = rng(32)
+    # (N, C) with the class axis last.
+    z = r.normal(scale=3.0, size=(8, 5))
+    t = r.integers(0, 5, size=8)
+    soft = r.dirichlet(np.ones(5), size=8)
+    zt = torch.from_numpy(z)
+    expected = F.cross_entropy(zt, torch.from_numpy(t), reduction=reduction).numpy()
+    assert_close(ref_ce.cross_entropy(z, t, reduction=reduction), expected)
+    expected = F.cross_entropy(zt, torch.from_numpy(soft), reduction=reduction).numpy()
+    assert_close(ref_ce.cross_entropy(z, soft, reduction=reduction), expected)
+    # (N, C, d1, d2) with the class axis 1, as PyTorch lays it out.
+    z = r.normal(size=(2, 4, 3, 2))
+    t = r.integers(0, 4, size=(2, 3, 2))
+    soft = np.moveaxis(r.dirichlet(np.ones(4), size=(2, 3, 2)), -1, 1)
+    zt = torch.from_numpy(z)
+    expected = F.cross_entropy(zt, torch.from_numpy(t), reduction=reduction).numpy()
+    assert_close(ref_ce.cross_entropy(z, t, axis=1, reduction=reduction), expected)
+    expected = F.cross_entropy(zt, torch.from_numpy(soft), reduction=reduction).numpy()
+    assert_close(ref_ce.cross_entropy(z, soft, axis=1, reduction=reduction), expected)
+
+
+def test_adam_matches_torch():
+    torch = pytest.importorskip("torch")
+    r = rng(33)
+    theta0 = r.normal(size=(3, 4))
+    grads = r.normal(size=(10, 3, 4)) * np.logspace(-3, 1, 4)
+    hyper = {"lr": 0.01, "betas": (0.85, 0.995), "eps": 1e-7}
+
+    param = torch.nn.Parameter(torch.from_numpy(theta0.copy()))
+    opt = torch.optim.Adam([param], **hyper)
+    theta, m, v = theta0, np.zeros_like(theta0), np.zeros_like(theta0)
+    for t, g in enumerate(grads, start=1):
+        param.grad = torch.from_numpy(g.copy())
+        opt.step()
+        theta, m, v = ref_adam.adam_step(
+            theta, g, m, v, t, lr=0.01, beta1=0.85, beta2=0.995, eps=1e-7
+        )
+        state = opt.state[param]
+        assert_close(theta, param.detach().numpy())
+        assert_close(m, state["exp_avg"].numpy())
+        assert_close(v, state["exp_avg_sq"].numpy())
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding"), [(1, 0), (2, 1), ((2, 1), (1, 2)), ((1, 3), (0, 1))]
+)
+def test_conv2d_matches_torch(stride, padding):
+    torch = pytest.importorskip("torch")
+    r = rng(34)
+    x, w, b = r.normal(size=(2, 3, 9, 8)), r.normal(size=(4, 3, 3, 2)), r.normal(size=4)
+    expected = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), stride, padding
+    ).numpy()
+    assert_close(ref_conv.conv2d(x, w, b, stride=stride, padding=padding), expected)
+    expected = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), None, stride, padding
+    ).numpy()
+    assert_close(ref_conv.conv2d(x, w, stride=stride, padding=padding), expected)
+
+
+@pytest.mark.parametrize("lq", [1, 5, 7])
+def test_attention_matches_torch(lq):
+    torch = pytest.importorskip("torch")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    r = rng(35 + lq)
+    q = r.normal(size=(2, 3, lq, 8))
+    k = r.normal(size=(2, 3, 7, 8))
+    v = r.normal(size=(2, 3, 7, 5))
+    qt, kt, vt = (torch.from_numpy(a) for a in (q, k, v))
+    assert_close(ref_attn.attention(q, k, v), sdpa(qt, kt, vt).numpy())
+    assert_close(ref_attn.attention(q, k, v, causal=True), sdpa(qt, kt, vt, is_causal=True).numpy())
+    assert_close(ref_attn.attention(q, k, v, scale=0.2), sdpa(qt, kt, vt, scale=0.2).numpy())
+    mask = r.random((lq, 7)) < 0.5
+    mask[:, 3] = True  # no fully masked rows (PyTorch gives NaN there)
+    expected = sdpa(qt, kt, vt, attn_mask=torch.from_numpy(mask)).numpy()
+    assert_close(ref_attn.attention(q, k, v, mask=mask), expected)
+    bias = r.normal(size=(3, lq, 7))
+    expected = sdpa(qt, kt, vt, attn_mask=torch.from_numpy(bias)).numpy()
+    assert_close(ref_attn.attention(q, k, v, mask=bias), expected)
