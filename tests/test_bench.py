@@ -1,0 +1,44 @@
+"""The benchmark CLI's plumbing (the timings themselves never go into pass/fail tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from mlmath_native import bench
+from mlmath_native.bench import suite
+
+MACHINE = {"copy_gbs": 20.0, "gemm_gflops": 100.0}
+
+
+def test_list_and_only(capsys):
+    assert bench.run(["--list"]) == 0
+    listed = capsys.readouterr().out
+    for shape in ("4096x4096", "65536x128", "256x32000"):
+        assert shape in listed
+    assert bench.run(["--only", "no-such-kernel"]) == 2
+    assert {c.name for c in suite.select(["logsumexp"])} == {"logsumexp"}
+
+
+def test_every_case_runs_on_a_small_shape_and_reports_a_row():
+    rows = []
+    for case in suite.CASES:
+        small = dataclasses.replace(case, shape=(8, 37))
+        row = bench.run_case(small, MACHINE, repeats=2, quick=False, with_torch=False)
+        assert row["ours_ms"] > 0 and row["numpy_ms"] > 0 and row["torch_ms"] is None
+        assert row["numpy_ratio"] > 0 and row["achieved"] > 0
+        assert row["shape"] == "8x37"
+        rows.append(row)
+    table = bench.format_table(rows)
+    assert table.count("\n") == len(rows) + 1
+    json.dumps(rows)  # JSON-ready
+
+
+def test_numpy_formulas_match_ours():
+    x = suite.randn((5, 9))
+    import mlmath_native as mn
+    import numpy as np
+
+    np.testing.assert_allclose(suite.np_softmax(x), mn.softmax(x), rtol=1e-5)
+    np.testing.assert_allclose(suite.np_log_softmax(x), mn.log_softmax(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(suite.np_logsumexp(x), mn.logsumexp(x), rtol=1e-5)
