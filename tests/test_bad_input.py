@@ -88,6 +88,18 @@ BAD_CALLS = [
     ),
     ("set_num_threads 0", lambda a: mn.set_num_threads(0), ValueError, "n must be >= 1"),
     ("set_num_threads str", lambda a: mn.set_num_threads("2"), TypeError, "n must be an integer"),
+    (
+        "set_output_cache negative",
+        lambda a: mn.set_output_cache(-1),
+        ValueError,
+        "max_bytes must be >= 0",
+    ),
+    (
+        "set_output_cache float",
+        lambda a: mn.set_output_cache(1.5),
+        TypeError,
+        "max_bytes must be an integer",
+    ),
     # the compiled layer checks again, so calling it directly is safe too
     (
         "core non-contiguous",

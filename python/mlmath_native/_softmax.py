@@ -2,9 +2,9 @@
 
 Layout policy: the kernels work on C-contiguous arrays seen as [outer][n][inner] around the
 axis.  A C-contiguous input is used in place; any other input (a transposed or strided view)
-is first copied to a contiguous array.  Results are new C-contiguous arrays unless ``out=`` is
-given, which is written exactly (through a temporary when it is not contiguous or overlaps an
-input partially).
+is first copied to a contiguous array.  Results are new C-contiguous arrays (large ones from
+the output cache, see ``set_output_cache``) unless ``out=`` is given, which is written
+exactly (through a temporary when it is not contiguous or overlaps an input partially).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _softmax_like(x, axis, out, log: bool):
     fn = "log_softmax" if log else "softmax"
     x, axis = _prepare(x, fn, axis)
     if out is None:
-        out = np.empty(x.shape, x.dtype)
+        out = _core.empty(x.shape, x.dtype)
         target, copy_back = out, False
     else:
         check_out(out, x.shape, x.dtype, fn)
@@ -150,7 +150,7 @@ def _backward(y, dy, axis, log: bool):
     axis = normalize_axis(axis, y.ndim, fn)
     y = np.asarray(y, dtype=dtype, order="C")
     dy = np.asarray(dy, dtype=dtype, order="C")
-    dx = np.empty(y.shape, dtype)
+    dx = _core.empty(y.shape, dtype)
     if y.size:
         _core.softmax_backward_into(y, dy, dx, axis, log)
     return dx

@@ -7,7 +7,8 @@
 
 namespace mlmath::bindings {
 void bind_softmax(pybind11::module_& m);
-}
+void bind_output_cache(pybind11::module_& m);
+}  // namespace mlmath::bindings
 
 namespace py = pybind11;
 
@@ -32,4 +33,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &mlmath::set_num_threads, py::arg("n"));
   m.def("select_isa", &mlmath::select_isa, py::arg("name"));
   mlmath::bindings::bind_softmax(m);
+  mlmath::bindings::bind_output_cache(m);
 }
