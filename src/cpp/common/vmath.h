@@ -66,17 +66,21 @@ inline Vec<double> exp_reduced(Vec<double> r) {
   return fma(p, r, V::set1(1.0));
 }
 
-template <class T>
+// exp(x); with NonPositive, x must be <= 0 or NaN (softmax's x - max): the upper clamps, which
+// only guard overflow, are skipped.
+template <bool NonPositive = false, class T>
 inline Vec<T> exp(Vec<T> x) {
   using V = Vec<T>;
   using C = ExpConstants<T>;
   // Operand order matters: max/min return their second operand when one is NaN, so a NaN x
   // flows through every step and comes out as NaN without a separate select.
-  const V xc = min(V::set1(C::hi), max(V::set1(C::lo), x));
+  V xc = max(V::set1(C::lo), x);
+  if (!NonPositive) xc = min(V::set1(C::hi), xc);
   const V n = round_nearest(mul(xc, V::set1(C::log2e)));
   V r = fma(n, V::set1(-C::ln2_hi), xc);
   r = fma(n, V::set1(-C::ln2_lo), r);
-  const V n1 = min(V::set1(C::n1_max), max(V::set1(C::n1_min), n));
+  V n1 = max(V::set1(C::n1_min), n);
+  if (!NonPositive) n1 = min(V::set1(C::n1_max), n1);
   const V n2 = sub(n, n1);
   return mul(mul(exp_reduced(r), pow2i(n1)), pow2i(n2));
 }

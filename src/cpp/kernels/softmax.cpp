@@ -55,7 +55,9 @@ T row_max(const T* x, std::int64_t n) {
 }
 
 // sum_i exp(x_i - shift); with Store, also y_i = exp(x_i - shift) (y may alias x).
-template <bool Store, class T>
+// NonPositive: shift is the row maximum, so x_i - shift <= 0 (or NaN) and exp may skip its
+// overflow clamps; logsumexp shifts by 0 when the maximum is +inf and then passes false.
+template <bool Store, bool NonPositive = true, class T>
 T row_exp_sum(const T* x, T* y, std::int64_t n, T shift) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
@@ -63,8 +65,8 @@ T row_exp_sum(const T* x, T* y, std::int64_t n, T shift) {
   V s0 = V::set1(0), s1 = V::set1(0);
   std::int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    const V e0 = exp(sub(V::load(x + i), vshift));
-    const V e1 = exp(sub(V::load(x + i + W), vshift));
+    const V e0 = exp<NonPositive>(sub(V::load(x + i), vshift));
+    const V e1 = exp<NonPositive>(sub(V::load(x + i + W), vshift));
     if (Store) {
       e0.store(y + i);
       e1.store(y + i + W);
@@ -73,7 +75,7 @@ T row_exp_sum(const T* x, T* y, std::int64_t n, T shift) {
     s1 = add(s1, e1);
   }
   for (; i + W <= n; i += W) {
-    const V e = exp(sub(V::load(x + i), vshift));
+    const V e = exp<NonPositive>(sub(V::load(x + i), vshift));
     if (Store) e.store(y + i);
     s0 = add(s0, e);
   }
@@ -289,8 +291,11 @@ void logsumexp(const T* x, T* out, AxisLayout s) {
   for_each_task<T>(s, [&](std::int64_t o, std::int64_t j, std::int64_t count) {
     const T* xs = x + o * s.n * s.inner + j;
     if (s.inner == 1) {
-      const T shift = finite_or_zero(row_max(xs, s.n));
-      out[o] = shift + std::log(row_exp_sum<false>(xs, static_cast<T*>(nullptr), s.n, shift));
+      const T m = row_max(xs, s.n);
+      T* no_store = nullptr;
+      const T sum = std::isfinite(m) ? row_exp_sum<false, true>(xs, no_store, s.n, m)
+                                     : row_exp_sum<false, false>(xs, no_store, s.n, T(0));
+      out[o] = finite_or_zero(m) + std::log(sum);
     } else {
       cols_logsumexp(xs, out + o * s.inner + j, s.n, s.inner, count);
     }
