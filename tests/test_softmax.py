@@ -58,6 +58,29 @@ def test_every_axis_of_3d(name, dtype, axis, rng):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", FORWARD + ["logsumexp"])
+def test_column_blocks(name, dtype, rng):
+    # axis not last: blocks of 1..4 vectors of columns, each with a partial last vector
+    for inner in [2, 7, 8, 9, 16, 17, 31, 33, 47, 63, 64, 65, 100, 129, 200]:
+        x = (rng.standard_normal((2, 11, inner)) * 3).astype(dtype)
+        check_forward(name, x, axis=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("log", [False, True])
+def test_backward_column_blocks(dtype, log, rng):
+    fwd = mn.log_softmax if log else mn.softmax
+    bwd = mn.log_softmax_backward if log else mn.softmax_backward
+    ref_bwd = ref.log_softmax_backward if log else ref.softmax_backward
+    for inner in [3, 16, 47, 65, 129]:
+        x = rng.standard_normal((3, 9, inner)).astype(dtype)
+        dy = rng.standard_normal(x.shape).astype(dtype)
+        y = fwd(x, axis=1)
+        want = ref_bwd(y.astype(np.float64), dy.astype(np.float64), axis=1)
+        assert_close(bwd(y, dy, axis=1), want, dtype, 9, atol_scale=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", FORWARD + ["logsumexp"])
 def test_non_contiguous_views(name, dtype, rng):
     base = (rng.standard_normal((12, 40, 9)) * 2).astype(dtype)
     views = [

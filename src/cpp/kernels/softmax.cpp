@@ -11,7 +11,7 @@
 //            (max; exp + store + sum; scale): rows that fit in L2 are re-read from cache, so
 //            computing exp once beats the one-pass online form.
 //   columns  (inner > 1): the axis has stride `inner`; a task is one [outer] slice times one
-//            group of Vec::width adjacent columns, reduced lane-wise down the axis.
+//            block of up to 4 vectors of adjacent columns, reduced lane-wise down the axis.
 // Every reduction stays inside one task in a fixed order, so results do not depend on the
 // number of threads.  Outputs may alias inputs exactly (each pass reads element i before it
 // writes element i).
@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "common/parallel.h"
 #include "common/vmath.h"
@@ -167,97 +168,175 @@ void rows_backward(const T* y, const T* dy, T* dx, std::int64_t n) {
 
 // -- strided columns ---------------------------------------------------------------------------
 
-// A group of `count` <= width adjacent columns starting at p; loads pad the rest with `fill`.
+// kColVecs vectors side by side: a block of up to kColVecs * width adjacent columns, walked down
+// the axis.  Several vectors per row give independent dependency chains and contiguous runs of
+// 4 vectors per row for the prefetcher; a block of n rows stays in L2 for the three passes.
+constexpr int kColVecs = 4;
+
+// NV vectors holding `count` adjacent columns (the last vector may be partial: NV is
+// ceil(count / width)); loads pad the missing lanes with `fill`, stores leave them alone.
+template <class T, int NV>
+struct Cols {
+  using V = Vec<T>;
+  static constexpr std::int64_t W = V::width;
+  V v[NV];
+
+  static std::int64_t lanes(std::int64_t count, int k) {
+    return count - k * W < W ? count - k * W : W;
+  }
+  static Cols set1(T x) {
+    Cols c;
+    for (int k = 0; k < NV; ++k) c.v[k] = V::set1(x);
+    return c;
+  }
+  static Cols load(const T* p, std::int64_t count, T fill) {
+    Cols c;
+    for (int k = 0; k < NV; ++k) {
+      const std::int64_t m = lanes(count, k);
+      c.v[k] = m == W ? V::load(p + k * W) : V::load_partial(p + k * W, m, fill);
+    }
+    return c;
+  }
+  void store(T* p, std::int64_t count) const {
+    for (int k = 0; k < NV; ++k) {
+      const std::int64_t m = lanes(count, k);
+      if (m == W) {
+        v[k].store(p + k * W);
+      } else {
+        v[k].store_partial(p + k * W, m);
+      }
+    }
+  }
+  // f(a.v[k], b.v[k]) for every vector k.
+  template <class F>
+  friend Cols zip(const Cols& a, const Cols& b, const F& f) {
+    Cols c;
+    for (int k = 0; k < NV; ++k) c.v[k] = f(a.v[k], b.v[k]);
+    return c;
+  }
+  // f applied lane by lane through memory (once per block, never in an inner loop).
+  template <class F>
+  Cols per_lane(const F& f) const {
+    Cols c;
+    T lanes_buf[W];
+    for (int k = 0; k < NV; ++k) {
+      v[k].store(lanes_buf);
+      for (T& lane : lanes_buf) lane = f(lane);
+      c.v[k] = V::load(lanes_buf);
+    }
+    return c;
+  }
+};
+
 template <class T>
-Vec<T> load_cols(const T* p, std::int64_t count, T fill) {
-  return count == Vec<T>::width ? Vec<T>::load(p) : Vec<T>::load_partial(p, count, fill);
+T log_of(T v) {
+  return std::log(v);
 }
-template <class T>
-void store_cols(Vec<T> v, T* p, std::int64_t count) {
-  if (count == Vec<T>::width) {
-    v.store(p);
-  } else {
-    v.store_partial(p, count);
+
+constexpr auto vmax = [](auto a, auto b) { return max(a, b); };
+constexpr auto vadd = [](auto a, auto b) { return add(a, b); };
+constexpr auto vsub = [](auto a, auto b) { return sub(a, b); };
+constexpr auto vmul = [](auto a, auto b) { return mul(a, b); };
+
+// Calls f(std::integral_constant<int, NV>) with NV = ceil(count / width), 1 <= NV <= kColVecs.
+template <class T, class F>
+void with_block_vecs(std::int64_t count, const F& f) {
+  switch ((count + Vec<T>::width - 1) / Vec<T>::width) {
+    case 1:
+      f(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    case 3:
+      f(std::integral_constant<int, 3>{});
+      break;
+    default:
+      f(std::integral_constant<int, 4>{});
+      break;
   }
 }
 
-// f applied lane by lane through memory (only once per column group, never in an inner loop).
-template <class T, class F>
-Vec<T> per_lane(Vec<T> v, const F& f) {
-  T lanes[Vec<T>::width];
-  v.store(lanes);
-  for (T& lane : lanes) lane = f(lane);
-  return Vec<T>::load(lanes);
-}
-
-// x, y point at column j of one [n][inner] slice; `count` columns; stride `inner` down the axis.
-template <Op op, class T>
+// x, y point at the first column of one block of `count` columns in an [n][inner] slice.
+template <int NV, Op op, class T>
 void cols_forward(const T* x, T* y, std::int64_t n, std::int64_t inner, std::int64_t count) {
-  using V = Vec<T>;
+  using C = Cols<T, NV>;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  V m = V::set1(neg_inf);
-  for (std::int64_t i = 0; i < n; ++i) m = max(m, load_cols(x + i * inner, count, neg_inf));
-  V s = V::set1(0);
+  C m = C::set1(neg_inf);
+  for (std::int64_t i = 0; i < n; ++i) m = zip(m, C::load(x + i * inner, count, neg_inf), vmax);
+  C s = C::set1(0);
   for (std::int64_t i = 0; i < n; ++i) {
-    const V e = exp(sub(load_cols(x + i * inner, count, T(0)), m));
-    if (op == Op::softmax) store_cols(e, y + i * inner, count);
-    s = add(s, e);
+    const C e = zip(C::load(x + i * inner, count, T(0)), m,
+                    [](Vec<T> a, Vec<T> b) { return exp(sub(a, b)); });
+    if (op == Op::softmax) e.store(y + i * inner, count);
+    s = zip(s, e, vadd);
   }
   if (op == Op::softmax) {
-    const V inv = div(V::set1(1), s);
+    const C inv = zip(C::set1(1), s, [](Vec<T> a, Vec<T> b) { return div(a, b); });
     for (std::int64_t i = 0; i < n; ++i)
-      store_cols(mul(load_cols(y + i * inner, count, T(0)), inv), y + i * inner, count);
+      zip(C::load(y + i * inner, count, T(0)), inv, vmul).store(y + i * inner, count);
   } else {
-    const V c = add(m, per_lane(s, [](T v) { return std::log(v); }));
+    const C c = zip(m, s.per_lane(log_of<T>), vadd);
     for (std::int64_t i = 0; i < n; ++i)
-      store_cols(sub(load_cols(x + i * inner, count, T(0)), c), y + i * inner, count);
+      zip(C::load(x + i * inner, count, T(0)), c, vsub).store(y + i * inner, count);
   }
 }
 
-template <class T>
+template <int NV, class T>
 void cols_logsumexp(const T* x, T* out, std::int64_t n, std::int64_t inner, std::int64_t count) {
-  using V = Vec<T>;
+  using C = Cols<T, NV>;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  V m = V::set1(neg_inf);
-  for (std::int64_t i = 0; i < n; ++i) m = max(m, load_cols(x + i * inner, count, neg_inf));
-  const V shift = per_lane(m, [](T v) { return finite_or_zero(v); });
-  V s = V::set1(0);
-  for (std::int64_t i = 0; i < n; ++i)
-    s = add(s, exp(sub(load_cols(x + i * inner, count, T(0)), shift)));
-  store_cols(add(shift, per_lane(s, [](T v) { return std::log(v); })), out, count);
+  C m = C::set1(neg_inf);
+  for (std::int64_t i = 0; i < n; ++i) m = zip(m, C::load(x + i * inner, count, neg_inf), vmax);
+  const C shift = m.per_lane(finite_or_zero<T>);
+  C s = C::set1(0);
+  for (std::int64_t i = 0; i < n; ++i) {
+    const C e = zip(C::load(x + i * inner, count, T(0)), shift,
+                    [](Vec<T> a, Vec<T> b) { return exp(sub(a, b)); });
+    s = zip(s, e, vadd);
+  }
+  zip(shift, s.per_lane(log_of<T>), vadd).store(out, count);
 }
 
-template <Op op, class T>
+template <int NV, Op op, class T>
 void cols_backward(const T* y, const T* dy, T* dx, std::int64_t n, std::int64_t inner,
                    std::int64_t count) {
-  using V = Vec<T>;
-  V acc = V::set1(0);
+  using C = Cols<T, NV>;
+  C acc = C::set1(0);
   for (std::int64_t i = 0; i < n; ++i) {
-    const V dyv = load_cols(dy + i * inner, count, T(0));
-    acc = op == Op::softmax_backward ? fma(load_cols(y + i * inner, count, T(0)), dyv, acc)
-                                     : add(acc, dyv);
+    const C dyv = C::load(dy + i * inner, count, T(0));
+    if (op == Op::softmax_backward) {
+      acc = zip(acc, zip(C::load(y + i * inner, count, T(0)), dyv, vmul), vadd);
+    } else {
+      acc = zip(acc, dyv, vadd);
+    }
   }
   for (std::int64_t i = 0; i < n; ++i) {
-    const V yv = load_cols(y + i * inner, count, T(0));
-    const V dyv = load_cols(dy + i * inner, count, T(0));
-    const V r = op == Op::softmax_backward ? mul(yv, sub(dyv, acc)) : sub(dyv, mul(exp(yv), acc));
-    store_cols(r, dx + i * inner, count);
+    const C yv = C::load(y + i * inner, count, T(0));
+    const C dyv = C::load(dy + i * inner, count, T(0));
+    C r;
+    if (op == Op::softmax_backward) {
+      r = zip(yv, zip(dyv, acc, vsub), vmul);  // dx = y * (dy - sum y dy)
+    } else {
+      r = zip(dyv, zip(yv, acc, [](Vec<T> a, Vec<T> b) { return mul(exp(a), b); }), vsub);
+    }
+    r.store(dx + i * inner, count);
   }
 }
 
-// -- drivers: split [outer] x column groups over threads -----------------------------------------
+// -- drivers: split [outer] x column blocks over threads -----------------------------------------
 
-// Calls task(o, j, count) for every slice o and column group [j, j + count) (count == 1 and
+// Calls task(o, j, count) for every slice o and column block [j, j + count) (count == 1 and
 // j == 0 in the rows layout).
 template <class T, class Task>
 void for_each_task(AxisLayout s, const Task& task) {
   if (s.outer <= 0 || s.n <= 0 || s.inner <= 0) return;
-  constexpr std::int64_t W = Vec<T>::width;
-  const std::int64_t groups = s.inner == 1 ? 1 : (s.inner + W - 1) / W;
-  parallel_for(s.outer * groups, s.n * (s.inner == 1 ? 1 : W), [&](std::int64_t b, std::int64_t e) {
+  const std::int64_t B = s.inner == 1 ? 1 : kColVecs * Vec<T>::width;  // columns per block
+  const std::int64_t blocks = (s.inner + B - 1) / B;
+  parallel_for(s.outer * blocks, s.n * B, [&](std::int64_t b, std::int64_t e) {
     for (std::int64_t t = b; t < e; ++t) {
-      const std::int64_t o = t / groups, j = (t % groups) * W;
-      task(o, j, s.inner == 1 ? 1 : (s.inner - j < W ? s.inner - j : W));
+      const std::int64_t o = t / blocks, j = (t % blocks) * B;
+      task(o, j, s.inner - j < B ? s.inner - j : B);
     }
   });
 }
@@ -269,7 +348,9 @@ void forward(const T* x, T* y, AxisLayout s) {
     if (s.inner == 1) {
       rows_forward<op>(x + base, y + base, s.n);
     } else {
-      cols_forward<op>(x + base, y + base, s.n, s.inner, count);
+      with_block_vecs<T>(count, [&](auto nv) {
+        cols_forward<nv.value, op>(x + base, y + base, s.n, s.inner, count);
+      });
     }
   });
 }
@@ -281,7 +362,9 @@ void backward(const T* y, const T* dy, T* dx, AxisLayout s) {
     if (s.inner == 1) {
       rows_backward<op>(y + base, dy + base, dx + base, s.n);
     } else {
-      cols_backward<op>(y + base, dy + base, dx + base, s.n, s.inner, count);
+      with_block_vecs<T>(count, [&](auto nv) {
+        cols_backward<nv.value, op>(y + base, dy + base, dx + base, s.n, s.inner, count);
+      });
     }
   });
 }
@@ -297,7 +380,9 @@ void logsumexp(const T* x, T* out, AxisLayout s) {
                                      : row_exp_sum<false, false>(xs, no_store, s.n, T(0));
       out[o] = finite_or_zero(m) + std::log(sum);
     } else {
-      cols_logsumexp(xs, out + o * s.inner + j, s.n, s.inner, count);
+      with_block_vecs<T>(count, [&](auto nv) {
+        cols_logsumexp<nv.value>(xs, out + o * s.inner + j, s.n, s.inner, count);
+      });
     }
   });
 }
