@@ -27,8 +27,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "common/parallel.h"
-#include "common/vmath.h"
+#include "common/axis_ops.h"
 #include "mlmath/mlmath.h"
 
 MLMATH_ISA_BEGIN
@@ -36,98 +35,6 @@ MLMATH_ISA_BEGIN
 namespace {
 
 // -- contiguous rows ---------------------------------------------------------------------------
-
-template <class T>
-T row_max(const T* x, std::int64_t n) {
-  using V = Vec<T>;
-  constexpr std::int64_t W = V::width;
-  const V neg_inf = V::set1(-std::numeric_limits<T>::infinity());
-  V a0 = neg_inf, a1 = neg_inf, a2 = neg_inf, a3 = neg_inf;
-  std::int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    a0 = max(a0, V::load(x + i));
-    a1 = max(a1, V::load(x + i + W));
-    a2 = max(a2, V::load(x + i + 2 * W));
-    a3 = max(a3, V::load(x + i + 3 * W));
-  }
-  for (; i + W <= n; i += W) a0 = max(a0, V::load(x + i));
-  if (i < n) a1 = max(a1, V::load_partial(x + i, n - i, -std::numeric_limits<T>::infinity()));
-  return reduce_max(max(max(a0, a1), max(a2, a3)));
-}
-
-// sum_i exp(x_i - shift); with Store, also y_i = exp(x_i - shift) (y may alias x).
-// NonPositive: shift is the row maximum, so x_i - shift <= 0 (or NaN) and exp may skip its
-// overflow clamps; logsumexp shifts by 0 when the maximum is +inf and then passes false.
-template <bool Store, bool NonPositive = true, class T>
-T row_exp_sum(const T* x, T* y, std::int64_t n, T shift) {
-  using V = Vec<T>;
-  constexpr std::int64_t W = V::width;
-  const V vshift = V::set1(shift);
-  V s0 = V::set1(0), s1 = V::set1(0);
-  std::int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const V e0 = exp<NonPositive>(sub(V::load(x + i), vshift));
-    const V e1 = exp<NonPositive>(sub(V::load(x + i + W), vshift));
-    if (Store) {
-      e0.store(y + i);
-      e1.store(y + i + W);
-    }
-    s0 = add(s0, e0);
-    s1 = add(s1, e1);
-  }
-  for (; i + W <= n; i += W) {
-    const V e = exp<NonPositive>(sub(V::load(x + i), vshift));
-    if (Store) e.store(y + i);
-    s0 = add(s0, e);
-  }
-  if (i < n) {
-    // Padding lanes hold -inf, whose exp is 0 (unless shift is -inf: the row is NaN anyway).
-    const V e =
-        exp(sub(V::load_partial(x + i, n - i, -std::numeric_limits<T>::infinity()), vshift));
-    if (Store) e.store_partial(y + i, n - i);
-    s1 = add(s1, e);
-  }
-  return reduce_add(add(s0, s1));
-}
-
-// y_i = a * x_i + b  (used for the scale pass and for log_softmax's shift).
-template <class T>
-void row_affine(const T* x, T* y, std::int64_t n, T a, T b) {
-  using V = Vec<T>;
-  constexpr std::int64_t W = V::width;
-  const V va = V::set1(a), vb = V::set1(b);
-  std::int64_t i = 0;
-  for (; i + W <= n; i += W) fma(va, V::load(x + i), vb).store(y + i);
-  if (i < n) fma(va, V::load_partial(x + i, n - i, 0), vb).store_partial(y + i, n - i);
-}
-
-// sum_i a_i * b_i (b == nullptr: sum_i a_i), four accumulators.
-template <class T>
-T row_dot(const T* a, const T* b, std::int64_t n) {
-  using V = Vec<T>;
-  constexpr std::int64_t W = V::width;
-  const V one = V::set1(1);
-  auto load_b = [&](std::int64_t i) { return b ? V::load(b + i) : one; };
-  V s0 = V::set1(0), s1 = s0, s2 = s0, s3 = s0;
-  std::int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    s0 = fma(V::load(a + i), load_b(i), s0);
-    s1 = fma(V::load(a + i + W), load_b(i + W), s1);
-    s2 = fma(V::load(a + i + 2 * W), load_b(i + 2 * W), s2);
-    s3 = fma(V::load(a + i + 3 * W), load_b(i + 3 * W), s3);
-  }
-  for (; i + W <= n; i += W) s0 = fma(V::load(a + i), load_b(i), s0);
-  if (i < n) {
-    const V bv = b ? V::load_partial(b + i, n - i, 0) : one;
-    s1 = fma(V::load_partial(a + i, n - i, 0), bv, s1);
-  }
-  return reduce_add(add(add(s0, s1), add(s2, s3)));
-}
-
-template <class T>
-T finite_or_zero(T m) {
-  return std::isfinite(m) ? m : T(0);
-}
 
 enum class Op { softmax, log_softmax, softmax_backward, log_softmax_backward };
 
@@ -167,95 +74,6 @@ void rows_backward(const T* y, const T* dy, T* dx, std::int64_t n) {
 }
 
 // -- strided columns ---------------------------------------------------------------------------
-
-// kColVecs vectors side by side: a block of up to kColVecs * width adjacent columns, walked down
-// the axis.  Several vectors per row give independent dependency chains and contiguous runs of
-// 4 vectors per row for the prefetcher; a block of n rows stays in L2 for the three passes.
-constexpr int kColVecs = 4;
-
-// NV vectors holding `count` adjacent columns (the last vector may be partial: NV is
-// ceil(count / width)); loads pad the missing lanes with `fill`, stores leave them alone.
-template <class T, int NV>
-struct Cols {
-  using V = Vec<T>;
-  static constexpr std::int64_t W = V::width;
-  V v[NV];
-
-  static std::int64_t lanes(std::int64_t count, int k) {
-    return count - k * W < W ? count - k * W : W;
-  }
-  static Cols set1(T x) {
-    Cols c;
-    for (int k = 0; k < NV; ++k) c.v[k] = V::set1(x);
-    return c;
-  }
-  static Cols load(const T* p, std::int64_t count, T fill) {
-    Cols c;
-    for (int k = 0; k < NV; ++k) {
-      const std::int64_t m = lanes(count, k);
-      c.v[k] = m == W ? V::load(p + k * W) : V::load_partial(p + k * W, m, fill);
-    }
-    return c;
-  }
-  void store(T* p, std::int64_t count) const {
-    for (int k = 0; k < NV; ++k) {
-      const std::int64_t m = lanes(count, k);
-      if (m == W) {
-        v[k].store(p + k * W);
-      } else {
-        v[k].store_partial(p + k * W, m);
-      }
-    }
-  }
-  // f(a.v[k], b.v[k]) for every vector k.
-  template <class F>
-  friend Cols zip(const Cols& a, const Cols& b, const F& f) {
-    Cols c;
-    for (int k = 0; k < NV; ++k) c.v[k] = f(a.v[k], b.v[k]);
-    return c;
-  }
-  // f applied lane by lane through memory (once per block, never in an inner loop).
-  template <class F>
-  Cols per_lane(const F& f) const {
-    Cols c;
-    T lanes_buf[W];
-    for (int k = 0; k < NV; ++k) {
-      v[k].store(lanes_buf);
-      for (T& lane : lanes_buf) lane = f(lane);
-      c.v[k] = V::load(lanes_buf);
-    }
-    return c;
-  }
-};
-
-template <class T>
-T log_of(T v) {
-  return std::log(v);
-}
-
-constexpr auto vmax = [](auto a, auto b) { return max(a, b); };
-constexpr auto vadd = [](auto a, auto b) { return add(a, b); };
-constexpr auto vsub = [](auto a, auto b) { return sub(a, b); };
-constexpr auto vmul = [](auto a, auto b) { return mul(a, b); };
-
-// Calls f(std::integral_constant<int, NV>) with NV = ceil(count / width), 1 <= NV <= kColVecs.
-template <class T, class F>
-void with_block_vecs(std::int64_t count, const F& f) {
-  switch ((count + Vec<T>::width - 1) / Vec<T>::width) {
-    case 1:
-      f(std::integral_constant<int, 1>{});
-      break;
-    case 2:
-      f(std::integral_constant<int, 2>{});
-      break;
-    case 3:
-      f(std::integral_constant<int, 3>{});
-      break;
-    default:
-      f(std::integral_constant<int, 4>{});
-      break;
-  }
-}
 
 // x, y point at the first column of one block of `count` columns in an [n][inner] slice.
 template <int NV, Op op, class T>
@@ -324,22 +142,7 @@ void cols_backward(const T* y, const T* dy, T* dx, std::int64_t n, std::int64_t 
   }
 }
 
-// -- drivers: split [outer] x column blocks over threads -----------------------------------------
-
-// Calls task(o, j, count) for every slice o and column block [j, j + count) (count == 1 and
-// j == 0 in the rows layout).
-template <class T, class Task>
-void for_each_task(AxisLayout s, const Task& task) {
-  if (s.outer <= 0 || s.n <= 0 || s.inner <= 0) return;
-  const std::int64_t B = s.inner == 1 ? 1 : kColVecs * Vec<T>::width;  // columns per block
-  const std::int64_t blocks = (s.inner + B - 1) / B;
-  parallel_for(s.outer * blocks, s.n * B, [&](std::int64_t b, std::int64_t e) {
-    for (std::int64_t t = b; t < e; ++t) {
-      const std::int64_t o = t / blocks, j = (t % blocks) * B;
-      task(o, j, s.inner - j < B ? s.inner - j : B);
-    }
-  });
-}
+// -- drivers ---------------------------------------------------------------------------------
 
 template <Op op, class T>
 void forward(const T* x, T* y, AxisLayout s) {
