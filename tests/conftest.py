@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import mlmath_native as mn
 import numpy as np
 import pytest
+
+import mlmath_native as mn
 
 
 def tolerance(dtype, n: int = 1) -> float:

@@ -3,9 +3,10 @@ every array it was given bitwise unchanged.  Later kernels add their rows to BAD
 
 from __future__ import annotations
 
-import mlmath_native as mn
 import numpy as np
 import pytest
+
+import mlmath_native as mn
 from mlmath_native import _core
 
 
@@ -25,6 +26,10 @@ def arrays():
         "x_str": np.array(["a", "b"]),
         "dy_wrong": np.ones((4, 5), np.float32),
         "x_strided": rng.standard_normal((4, 12)).astype(np.float32)[:, ::2],
+        "logits": rng.standard_normal((4, 10)).astype(np.float32),
+        "labels": np.array([1, 12, 3, -1]),
+        "labels_ok": np.array([1, 2, 3, 4]),
+        "probs": np.full((4, 10), 0.1, np.float32),
     }
 
 
@@ -99,6 +104,181 @@ BAD_CALLS = [
         lambda a: mn.set_output_cache(1.5),
         TypeError,
         "max_bytes must be an integer",
+    ),
+    (
+        "ce label too big",
+        lambda a: mn.cross_entropy(a["logits"], a["labels"]),
+        ValueError,
+        "target holds 12 at position (1,) but there are 10 classes",
+    ),
+    (
+        "ce label negative",
+        lambda a: mn.cross_entropy(a["logits"], np.array([0, 1, -1, 2])),
+        ValueError,
+        "target holds -1 at position (2,)",
+    ),
+    (
+        "ce label 2-d position",
+        lambda a: mn.cross_entropy(a["logits"].reshape(2, 2, 10), np.array([[0, 1], [10, 2]])),
+        ValueError,
+        "at position (1, 0)",
+    ),
+    (
+        "ce target shape",
+        lambda a: mn.cross_entropy(a["logits"], np.array([1, 2, 3])),
+        ValueError,
+        "target has shape (3,)",
+    ),
+    (
+        "ce prob target shape",
+        lambda a: mn.cross_entropy(a["logits"], a["probs"][:, :5]),
+        ValueError,
+        "target has shape (4, 5)",
+    ),
+    (
+        "ce target bool",
+        lambda a: mn.cross_entropy(a["logits"], np.ones(4, bool)),
+        TypeError,
+        "target has dtype bool",
+    ),
+    (
+        "ce target string",
+        lambda a: mn.cross_entropy(a["logits"], np.array(["a"] * 4)),
+        TypeError,
+        "target has dtype",
+    ),
+    (
+        "ce logits complex",
+        lambda a: mn.cross_entropy(a["x_c"], np.zeros(2, int)),
+        TypeError,
+        "logits has unsupported dtype",
+    ),
+    (
+        "ce logits 0-d",
+        lambda a: mn.cross_entropy(np.float32(1), np.int64(0)),
+        ValueError,
+        "class axis",
+    ),
+    (
+        "ce axis",
+        lambda a: mn.cross_entropy(a["logits"], a["labels_ok"], axis=2),
+        ValueError,
+        "axis 2",
+    ),
+    (
+        "ce weight length",
+        lambda a: mn.cross_entropy(a["logits"], a["labels_ok"], weight=np.ones(9)),
+        ValueError,
+        "weight has shape (9,)",
+    ),
+    (
+        "ce weight complex",
+        lambda a: mn.cross_entropy(a["logits"], a["labels_ok"], weight=np.ones(10, complex)),
+        TypeError,
+        "weight has unsupported dtype",
+    ),
+    (
+        "ce smoothing negative",
+        lambda a: mn.cross_entropy(a["logits"], a["labels_ok"], label_smoothing=-0.1),
+        ValueError,
+        "label_smoothing is out of range",
+    ),
+    (
+        "ce smoothing > 1",
+        lambda a: mn.cross_entropy(a["logits"], a["labels_ok"], label_smoothing=1.5),
+        ValueError,
+        "label_smoothing is out of range",
+    ),
+    (
+        "ce smoothing nan",
+        lambda a: mn.cross_entropy(a["logits"], a["labels_ok"], label_smoothing=float("nan")),
+        ValueError,
+        "label_smoothing is out of range",
+    ),
+    (
+        "ce smoothing str",
+        lambda a: mn.cross_entropy(a["logits"], a["labels_ok"], label_smoothing="x"),
+        TypeError,
+        "label_smoothing must be a real number",
+    ),
+    (
+        "ce reduction",
+        lambda a: mn.cross_entropy(a["logits"], a["labels_ok"], reduction="avg"),
+        ValueError,
+        "reduction is invalid",
+    ),
+    (
+        "ce ignore_index float",
+        lambda a: mn.cross_entropy(a["logits"], a["labels_ok"], ignore_index=1.5),
+        TypeError,
+        "ignore_index must be an integer",
+    ),
+    (
+        "ce grad_output shape",
+        lambda a: mn.cross_entropy(
+            a["logits"], a["labels_ok"], reduction="none", return_grad=True, grad_output=np.ones(3)
+        ),
+        ValueError,
+        "grad_output has shape (3,)",
+    ),
+    (
+        "ce grad_output not scalar",
+        lambda a: mn.cross_entropy(
+            a["logits"], a["labels_ok"], return_grad=True, grad_output=np.ones(4)
+        ),
+        ValueError,
+        "grad_output must be a scalar",
+    ),
+    (
+        "core ce label",
+        lambda a: _core.cross_entropy_into(
+            a["logits"],
+            np.array([1, 2, 99, 3]),
+            -1,
+            np.ones(10, np.float32),
+            -100,
+            0.0,
+            np.zeros(4, np.float32),
+            None,
+            None,
+            1.0,
+        ),
+        ValueError,
+        "target holds 99 at flat position 2",
+    ),
+    (
+        "core ce int32 target",
+        lambda a: _core.cross_entropy_into(
+            a["logits"],
+            np.zeros(4, np.int32),
+            -1,
+            np.ones(10, np.float32),
+            -100,
+            0.0,
+            np.zeros(4, np.float32),
+            None,
+            None,
+            1.0,
+        ),
+        TypeError,
+        "int64",
+    ),
+    (
+        "core ce smoothing",
+        lambda a: _core.cross_entropy_into(
+            a["logits"],
+            a["labels_ok"],
+            -1,
+            np.ones(10, np.float32),
+            -100,
+            2.0,
+            np.zeros(4, np.float32),
+            None,
+            None,
+            1.0,
+        ),
+        ValueError,
+        "label_smoothing",
     ),
     # the compiled layer checks again, so calling it directly is safe too
     (

@@ -23,7 +23,7 @@ def test_list_and_only(capsys):
 def test_every_case_runs_on_a_small_shape_and_reports_a_row():
     rows = []
     for case in suite.CASES:
-        small = dataclasses.replace(case, shape=(8, 37))
+        small = dataclasses.replace(case, shape=(8, 37))  # 2-d for every case so far
         row = bench.run_case(small, MACHINE, repeats=2, quick=False, with_torch=False)
         assert row["ours_ms"] > 0 and row["numpy_ms"] > 0 and row["torch_ms"] is None
         assert row["numpy_ratio"] > 0 and row["achieved"] > 0
@@ -36,9 +36,16 @@ def test_every_case_runs_on_a_small_shape_and_reports_a_row():
 
 def test_numpy_formulas_match_ours():
     x = suite.randn((5, 9))
-    import mlmath_native as mn
     import numpy as np
+
+    import mlmath_native as mn
 
     np.testing.assert_allclose(suite.np_softmax(x), mn.softmax(x), rtol=1e-5)
     np.testing.assert_allclose(suite.np_log_softmax(x), mn.log_softmax(x), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(suite.np_logsumexp(x), mn.logsumexp(x), rtol=1e-5)
+    t = np.array([0, 3, 8, 1, 2])
+    loss, grad = mn.cross_entropy(x, t, return_grad=True)
+    np_loss, np_grad = suite.np_cross_entropy_grad(x, t)
+    np.testing.assert_allclose(suite.np_cross_entropy(x, t), loss, rtol=1e-5)
+    np.testing.assert_allclose(np_loss, loss, rtol=1e-5)
+    np.testing.assert_allclose(np_grad, grad, rtol=1e-5, atol=1e-7)

@@ -7,9 +7,10 @@ import subprocess
 import sys
 import threading
 
-import mlmath_native as mn
 import numpy as np
 import pytest
+
+import mlmath_native as mn
 
 INFO = mn.build_info()
 

@@ -3,15 +3,17 @@ once per MLMATH_NATIVE_ISA value), with tails, strides, axes, special values and
 
 from __future__ import annotations
 
-import mlmath_native as mn
 import numpy as np
 import pytest
-from conftest import assert_close, tolerance
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+import mlmath_native as mn
 from mlmath_native import _core
 from mlmath_native.reference import softmax as ref
+
+from conftest import assert_close, tolerance
 
 DTYPES = [np.float32, np.float64]
 FORWARD = ["softmax", "log_softmax"]

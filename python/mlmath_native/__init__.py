@@ -9,6 +9,7 @@ tests use as the oracle.
 from __future__ import annotations
 
 from . import _core
+from ._cross_entropy import cross_entropy
 from ._softmax import (
     log_softmax,
     log_softmax_backward,
@@ -22,6 +23,7 @@ __version__ = _core.__version__
 __all__ = [
     "__version__",
     "build_info",
+    "cross_entropy",
     "get_num_threads",
     "log_softmax",
     "log_softmax_backward",

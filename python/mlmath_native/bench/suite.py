@@ -188,6 +188,80 @@ CASES: list[Case] = [
 ]
 
 
+# --- cross-entropy: int labels, mean reduction ------------------------------------------------
+
+
+def _ce_inputs(shape: tuple[int, ...]) -> Inputs:
+    n, c = shape
+    return {"x": randn(shape) * np.float32(3.0), "t": np.random.default_rng(1).integers(0, c, n)}
+
+
+def np_cross_entropy(x: np.ndarray, t: np.ndarray) -> np.floating:
+    m = x.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(x - m).sum(axis=-1)) + m[:, 0]
+    return np.mean(lse - x[np.arange(len(t)), t])
+
+
+def np_cross_entropy_grad(x: np.ndarray, t: np.ndarray):
+    """Loss and dloss/dx as a NumPy user writes them: softmax, then subtract the one-hot."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    p = e / e.sum(axis=-1, keepdims=True)
+    rows = np.arange(len(t))
+    loss = -np.mean(np.log(p[rows, t]))
+    p[rows, t] -= 1
+    p /= len(t)
+    return loss, p
+
+
+def _torch_ce(d: Inputs):
+    import torch
+
+    xt, tt = torch.from_numpy(d["x"]), torch.from_numpy(d["t"])
+    return lambda: torch.nn.functional.cross_entropy(xt, tt)
+
+
+def _torch_ce_grad(d: Inputs):
+    """PyTorch forward + autograd backward, the way a training step computes it."""
+    import torch
+
+    x, tt = torch.from_numpy(d["x"]), torch.from_numpy(d["t"])
+
+    def step():
+        xg = x.detach().requires_grad_()
+        torch.nn.functional.cross_entropy(xg, tt).backward()
+        return xg.grad
+
+    return step
+
+
+def cross_entropy_cases() -> list[Case]:
+    loss = Case(
+        name="cross_entropy",
+        shape=(4096, 32000),
+        setup=_ce_inputs,
+        ours=lambda d: lambda: mn.cross_entropy(d["x"], d["t"]),
+        numpy=lambda d: lambda: np_cross_entropy(d["x"], d["t"]),
+        torch=_torch_ce,
+        work=lambda d: d["x"].nbytes,  # read the logits once
+    )
+    grad = [
+        Case(
+            name="cross_entropy+grad",
+            shape=shape,
+            setup=_ce_inputs,
+            ours=lambda d: lambda: mn.cross_entropy(d["x"], d["t"], return_grad=True),
+            numpy=lambda d: lambda: np_cross_entropy_grad(d["x"], d["t"]),
+            torch=_torch_ce_grad,
+            work=lambda d: 2 * d["x"].nbytes,  # read the logits, write the gradient
+        )
+        for shape in [(4096, 32000), (65536, 10)]
+    ]
+    return [loss, *grad]
+
+
+CASES.extend(cross_entropy_cases())
+
+
 def select(only: list[str] | None, cases: list[Case] | None = None) -> list[Case]:
     """Cases whose name contains any of the substrings in `only` (all cases if empty)."""
     cases = CASES if cases is None else cases

@@ -84,6 +84,17 @@ void row_affine(const T* x, T* y, std::int64_t n, T a, T b) {
   if (i < n) fma(va, V::load_partial(x + i, n - i, 0), vb).store_partial(y + i, n - i);
 }
 
+// y_i = value.
+template <class T>
+void row_fill(T* y, std::int64_t n, T value) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  const V v = V::set1(value);
+  std::int64_t i = 0;
+  for (; i + W <= n; i += W) v.store(y + i);
+  if (i < n) v.store_partial(y + i, n - i);
+}
+
 // sum_i a_i * b_i (b == nullptr: sum_i a_i), four accumulators.
 template <class T>
 T row_dot(const T* a, const T* b, std::int64_t n) {
@@ -153,11 +164,27 @@ struct Cols {
       }
     }
   }
+  // f(v[k]) for every vector k.
+  template <class F>
+  Cols map(const F& f) const {
+    Cols c;
+    for (int k = 0; k < NV; ++k) c.v[k] = f(v[k]);
+    return c;
+  }
   // f(a.v[k], b.v[k]) for every vector k.
   template <class F>
   friend Cols zip(const Cols& a, const Cols& b, const F& f) {
     Cols c;
     for (int k = 0; k < NV; ++k) c.v[k] = f(a.v[k], b.v[k]);
+    return c;
+  }
+  // All lanes to / from an array of NV * width values (for per-lane scalar work).
+  void to_array(T* out) const {
+    for (int k = 0; k < NV; ++k) v[k].store(out + k * W);
+  }
+  static Cols from_array(const T* in) {
+    Cols c;
+    for (int k = 0; k < NV; ++k) c.v[k] = V::load(in + k * W);
     return c;
   }
   // f applied lane by lane through memory (once per block, never in an inner loop).

@@ -8,6 +8,7 @@
 //   reduce_add reduce_max    horizontal, in a fixed lane order (results do not vary run to run)
 //   round_nearest            to the nearest integer, ties to even
 //   pow2i(k)                 2^k for integer-valued k inside the normal exponent range
+//   keep_where_nonzero(c, v) v where c != 0 (or NaN), else +0 (so 0 * inf terms can be dropped)
 //
 // One specialisation per ISA, chosen by the MLMATH_ISA_* symbol of the compilation; adding an ISA
 // means one more block here and one entry in the CMake ISA table.  max/min follow the x86
@@ -103,6 +104,10 @@ template <class T>
 inline Vec<T> round_nearest(Vec<T> a) {
   const T magic = FloatBits<T>::round_magic;
   return {(a.v + magic) - magic};  // exact for |a| < 2^(mantissa bits - 1)
+}
+template <class T>
+inline Vec<T> keep_where_nonzero(Vec<T> c, Vec<T> v) {
+  return {c.v != T(0) ? v.v : T(0)};
 }
 template <class T>
 inline Vec<T> pow2i(Vec<T> k) {
@@ -203,6 +208,12 @@ inline VF round_nearest(VF a) {
 inline VD round_nearest(VD a) {
   return {_mm256_round_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
 }
+inline VF keep_where_nonzero(VF c, VF v) {
+  return {_mm256_and_ps(_mm256_cmp_ps(c.v, _mm256_setzero_ps(), _CMP_NEQ_UQ), v.v)};
+}
+inline VD keep_where_nonzero(VD c, VD v) {
+  return {_mm256_and_pd(_mm256_cmp_pd(c.v, _mm256_setzero_pd(), _CMP_NEQ_UQ), v.v)};
+}
 inline VF pow2i(VF k) {
   const __m256 biased = _mm256_add_ps(k.v, _mm256_set1_ps(12582912.0f + 127.0f));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(biased), 23))};
@@ -293,6 +304,12 @@ inline VF round_nearest(VF a) {
 }
 inline VD round_nearest(VD a) {
   return {_mm512_roundscale_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+inline VF keep_where_nonzero(VF c, VF v) {
+  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(c.v, _mm512_setzero_ps(), _CMP_NEQ_UQ), v.v)};
+}
+inline VD keep_where_nonzero(VD c, VD v) {
+  return {_mm512_maskz_mov_pd(_mm512_cmp_pd_mask(c.v, _mm512_setzero_pd(), _CMP_NEQ_UQ), v.v)};
 }
 inline VF pow2i(VF k) {
   const __m512 biased = _mm512_add_ps(k.v, _mm512_set1_ps(12582912.0f + 127.0f));

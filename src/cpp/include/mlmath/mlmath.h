@@ -22,6 +22,25 @@ struct AxisLayout {
   std::int64_t inner;
 };
 
+// Cross-entropy along the class axis n of logits [outer][n][inner], PyTorch's F.cross_entropy
+// per element (formulas in kernels/cross_entropy.cpp).  Exactly one of target_index and
+// target_prob is set; arguments are trusted (the caller has checked every label).
+template <class T>
+struct CrossEntropyArgs {
+  AxisLayout shape;
+  const T* logits;                   // [outer][n][inner]
+  const std::int64_t* target_index;  // [outer][inner]: a class in [0, n) or ignore_index
+  const T* target_prob;              // [outer][n][inner]: class probabilities
+  const T* weight;                   // [n] class weights (all ones when the user gave none)
+  T weight_sum;                      // sum of weight
+  std::int64_t ignore_index;
+  T label_smoothing;    // in [0, 1]
+  T* loss;              // out [outer][inner]: the loss of every element
+  T* grad;              // out [outer][n][inner]: d(sum_e scale_e loss_e)/dlogits, or null
+  const T* grad_scale;  // [outer][inner]: scale_e, or null for grad_scale_all everywhere
+  T grad_scale_all;
+};
+
 struct KernelTable {
 #define MLMATH_KERNEL(name, params) void(*name) params;
 #include "mlmath/kernels.inc"

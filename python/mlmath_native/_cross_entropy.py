@@ -1,0 +1,231 @@
+"""Cross-entropy from logits with PyTorch's options, and its gradient in the same fused pass."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from . import _core
+from ._checks import as_float_array, normalize_axis
+
+_REDUCTIONS = ("none", "mean", "sum")
+_FN = "cross_entropy"
+
+
+def _check_labels(target: np.ndarray, num_classes: int, ignore_index: int) -> None:
+    """ValueError naming the first label outside [0, C) that is not ignore_index."""
+    with np.errstate(invalid="ignore"):
+        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bad.any():
+        flat = int(np.flatnonzero(bad.ravel())[0])
+        position = tuple(int(i) for i in np.unravel_index(flat, target.shape))
+        value = target.ravel()[flat]
+        raise ValueError(
+            f"{_FN}: target holds {value} at position {position} but there are "
+            f"{num_classes} classes (expected 0 <= target < {num_classes} or "
+            f"target == ignore_index {ignore_index})"
+        )
+
+
+def _scalar(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{_FN}: {name} must be a real number (got {value!r})") from None
+
+
+def cross_entropy(
+    logits,
+    target,
+    *,
+    axis=-1,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    return_grad=False,
+    grad_output=None,
+):
+    """Cross-entropy between logits and class targets, PyTorch's ``F.cross_entropy`` exactly.
+
+    Per element (one position of the non-class axes), with lsm = log_softmax(logits) along the
+    class axis, C classes, class weights w (ones by default) and smoothing eps:
+
+    - class-index target t:  L = (1 - eps) w_t (-lsm_t) + (eps / C) sum_c w_c (-lsm_c),
+      and L = 0 where t == ignore_index;
+    - probability target y:  L = -sum_c w_c y'_c lsm_c  with  y' = (1 - eps) y + eps / C.
+
+    ``reduction="mean"`` divides the sum by the summed weights w_t of the targets that are not
+    ignored (index targets) or by the number of elements (probability targets); if every target
+    is ignored (or there are no elements) the mean is NaN, as in PyTorch.
+
+    Parameters
+    ----------
+    logits : array_like
+        Real scores of shape (..., C) with classes on ``axis``; float32 stays float32, other
+        real dtypes compute in float64.
+    target : array_like
+        Integer class indices with the shape of ``logits`` without ``axis``, or floating class
+        probabilities with the shape of ``logits`` (told apart by dtype).
+    axis : int, optional
+        The class axis (default last; ``axis=1`` is PyTorch's (N, C, d1, ...) layout).
+    weight : array_like, optional
+        Class weights, shape (C,).
+    ignore_index : int, optional
+        Index targets equal to it contribute neither loss nor gradient (default -100).
+        Not used with probability targets (as in PyTorch).
+    reduction : {"mean", "sum", "none"}, optional
+    label_smoothing : float, optional
+        eps in [0, 1].
+    return_grad : bool, optional
+        Also return d(loss)/d(logits), computed in the same pass over the logits (no softmax or
+        log-probability array is formed).
+    grad_output : array_like or float, optional
+        The upstream gradient: per element for ``reduction="none"`` (the loss's shape, or a
+        scalar), a scalar for "mean"/"sum". Default 1.
+
+    Returns
+    -------
+    loss : ndarray or scalar
+        Per-element losses (``"none"``) or a NumPy scalar, in the logits' dtype.
+    dlogits : ndarray
+        With ``return_grad=True``: ``(loss, dlogits)``, dlogits with the logits' shape and dtype.
+
+    Raises
+    ------
+    ValueError
+        A label outside [0, C) that is not ``ignore_index`` (naming the first position and value,
+        checked before anything is computed); wrong target, weight or grad_output shapes; a bad
+        axis; label_smoothing outside [0, 1]; an unknown reduction.
+    TypeError
+        Unsupported dtypes (complex, object, strings; bool or float class indices).
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> logits = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    >>> round(float(mn.cross_entropy(logits, np.array([0, 2]))), 6)
+    0.83757
+    >>> loss, grad = mn.cross_entropy(logits, np.array([0, 2]), return_grad=True)
+    >>> grad.shape
+    (2, 3)
+    """
+    logits = as_float_array(logits, _FN, "logits")
+    dtype = logits.dtype
+    axis = normalize_axis(axis, logits.ndim, _FN)
+    if logits.ndim == 0:
+        raise ValueError(f"{_FN}: logits must have a class axis (got a 0-d array)")
+    num_classes = logits.shape[axis]
+    elem_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"{_FN}: reduction is invalid (got {reduction!r}, expected one of {_REDUCTIONS})"
+        )
+    label_smoothing = _scalar(label_smoothing, "label_smoothing")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(
+            f"{_FN}: label_smoothing is out of range (got {label_smoothing}, expected 0 <= "
+            "label_smoothing <= 1)"
+        )
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"{_FN}: ignore_index must be an integer (got {ignore_index!r})") from None
+
+    # target: class indices (integer dtype) or probabilities (floating dtype)
+    target = np.asarray(target) if not isinstance(target, np.ndarray) else target
+    kind = target.dtype.kind
+    if kind in "iu":
+        if target.shape != elem_shape:
+            raise ValueError(
+                f"{_FN}: target has shape {target.shape} (expected {elem_shape}: the logits' "
+                f"shape {logits.shape} without axis {axis})"
+            )
+        _check_labels(target, num_classes, ignore_index)
+        target = np.asarray(target, dtype=np.int64, order="C")
+        valid = target != ignore_index
+    elif kind == "f":
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"{_FN}: target has shape {target.shape} (expected the logits' shape "
+                f"{logits.shape} for class probabilities)"
+            )
+        target = np.asarray(target, dtype=dtype, order="C")
+        valid = None
+    else:
+        raise TypeError(
+            f"{_FN}: target has dtype {target.dtype} (expected integer class indices or "
+            "floating class probabilities)"
+        )
+
+    if weight is None:
+        weight = np.ones(num_classes, dtype)
+    else:
+        weight = as_float_array(weight, _FN, "weight")
+        if weight.shape != (num_classes,):
+            raise ValueError(
+                f"{_FN}: weight has shape {weight.shape} (expected ({num_classes},): one "
+                "weight per class)"
+            )
+        weight = np.asarray(weight, dtype=dtype, order="C")
+
+    # the reduction's denominator, needed before the kernel for the gradient's scale
+    count = int(np.prod(elem_shape, dtype=np.int64))
+    if reduction == "mean":
+        if valid is None:
+            denominator = float(count)
+        else:
+            denominator = float(weight.astype(np.float64)[target[valid]].sum())
+
+    scale_array, scale_all = None, 1.0
+    if return_grad:
+        if reduction == "none":
+            if grad_output is not None:
+                g = as_float_array(grad_output, _FN, "grad_output")
+                if g.ndim == 0:
+                    scale_all = float(g)
+                elif g.shape != elem_shape:
+                    raise ValueError(
+                        f"{_FN}: grad_output has shape {g.shape} (expected the loss's shape "
+                        f"{elem_shape} or a scalar)"
+                    )
+                else:
+                    scale_array = np.asarray(g, dtype=dtype, order="C")
+        else:
+            if grad_output is not None and np.ndim(grad_output) != 0:
+                raise ValueError(
+                    f"{_FN}: grad_output must be a scalar for reduction={reduction!r} (got "
+                    f"shape {np.shape(grad_output)})"
+                )
+            scale_all = 1.0 if grad_output is None else _scalar(grad_output, "grad_output")
+            if reduction == "mean":
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    scale_all = float(np.float64(scale_all) / np.float64(denominator))
+
+    logits = np.asarray(logits, order="C")
+    loss = np.empty(elem_shape, dtype)
+    grad = _core.empty(logits.shape, dtype) if return_grad else None
+    if num_classes == 0:
+        loss.fill(0)  # every target was ignored (validated above); an empty class sum is 0
+    _core.cross_entropy_into(
+        logits,
+        target,
+        axis,
+        weight,
+        ignore_index,
+        label_smoothing,
+        loss,
+        grad,
+        scale_array,
+        scale_all,
+    )
+    if reduction == "none":
+        result = loss
+    else:
+        total = loss.sum(dtype=np.float64)
+        if reduction == "mean":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                total = total / denominator if denominator != 0 else np.float64(np.nan)
+        result = dtype.type(total)
+    return (result, grad) if return_grad else result

@@ -1,0 +1,252 @@
+// Cross-entropy from logits, PyTorch's F.cross_entropy per element, loss and gradient fused.
+//
+// Along the class axis (C = shape.n classes) of one element, with lse = m + log s,
+// m = max_c x_c, s = sum_c exp(x_c - m), p_c = exp(x_c - m) / s, weights w_c, W = sum_c w_c,
+// smoothing eps:
+//
+//   index target t:   L = (1 - eps) w_t (lse - x_t) + (eps / C) (W lse - sum_c w_c x_c)
+//                     dL/dx_c = p_c ((1 - eps) w_t + (eps / C) W) - (eps / C) w_c
+//                               - (1 - eps) w_t [c == t]
+//                     an element whose target is ignore_index has L = 0 and gradient 0.
+//   probabilities y:  y'_c = (1 - eps) y_c + eps / C
+//                     L = lse sum_c w_c y'_c - sum_c w_c y'_c x_c   (terms with y'_c = 0 dropped)
+//                     dL/dx_c = p_c sum_c' w_c' y'_c' - w_c y'_c
+//
+// The gradient is multiplied by the element's scale (grad_output, or 1/denominator for a mean).
+// No softmax or log-probability array is formed: per element, pass 1 finds m (and the sums
+// over w x or w y'), pass 2 sums exp(x - m), storing it into the gradient row when there is one,
+// pass 3 turns that row into the gradient.  Rows (inner == 1) are re-read from cache; the
+// columns layout (classes on a strided axis) walks blocks of adjacent elements down the axis as
+// softmax.cpp does.  Reductions stay inside one element, so results do not depend on threads.
+#include <cmath>
+#include <cstdint>
+
+#include "common/axis_ops.h"
+#include "mlmath/mlmath.h"
+
+MLMATH_ISA_BEGIN
+
+namespace {
+
+// -- contiguous rows ---------------------------------------------------------------------------
+
+// sum_c keep(y'_c, w_c y'_c x_c) and sum_c w_c y'_c with y' = a y + b.
+template <class T>
+void row_prob_sums(const T* x, const T* y, const T* w, std::int64_t n, T a, T b, T* wyx, T* wy) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  const V va = V::set1(a), vb = V::set1(b);
+  V s_wyx0 = V::set1(0), s_wyx1 = s_wyx0, s_wy0 = s_wyx0, s_wy1 = s_wyx0;
+  auto step = [&](V xv, V yv, V wv, V& acc_wyx, V& acc_wy) {
+    const V yp = fma(va, yv, vb);
+    const V wyp = mul(wv, yp);
+    acc_wyx = add(acc_wyx, keep_where_nonzero(yp, mul(wyp, xv)));
+    acc_wy = add(acc_wy, wyp);
+  };
+  std::int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    step(V::load(x + i), V::load(y + i), V::load(w + i), s_wyx0, s_wy0);
+    step(V::load(x + i + W), V::load(y + i + W), V::load(w + i + W), s_wyx1, s_wy1);
+  }
+  for (; i + W <= n; i += W) step(V::load(x + i), V::load(y + i), V::load(w + i), s_wyx0, s_wy0);
+  if (i < n) {
+    // Padding lanes: w = 0 makes both terms 0 (y' = b may be non-zero).
+    step(V::load_partial(x + i, n - i, 0), V::load_partial(y + i, n - i, 0),
+         V::load_partial(w + i, n - i, 0), s_wyx1, s_wy1);
+  }
+  *wyx = reduce_add(add(s_wyx0, s_wyx1));
+  *wy = reduce_add(add(s_wy0, s_wy1));
+}
+
+// g_c = e_c * a - scale * w_c * (a2 y_c + b2)   (e_c = exp(x_c - m) already in g).
+template <class T>
+void row_prob_grad(T* g, const T* y, const T* w, std::int64_t n, T a, T scale, T a2, T b2) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  const V va = V::set1(a), vscale = V::set1(-scale), va2 = V::set1(a2), vb2 = V::set1(b2);
+  std::int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V wy = mul(V::load(w + i), fma(va2, V::load(y + i), vb2));
+    fma(V::load(g + i), va, mul(vscale, wy)).store(g + i);
+  }
+  if (i < n) {
+    const V wy =
+        mul(V::load_partial(w + i, n - i, 0), fma(va2, V::load_partial(y + i, n - i, 0), vb2));
+    fma(V::load_partial(g + i, n - i, 0), va, mul(vscale, wy)).store_partial(g + i, n - i);
+  }
+}
+
+// g_c = e_c * a - b * w_c.
+template <class T>
+void row_weighted_affine(T* g, const T* w, std::int64_t n, T a, T b) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  const V va = V::set1(a), vb = V::set1(-b);
+  std::int64_t i = 0;
+  for (; i + W <= n; i += W) fma(V::load(g + i), va, mul(vb, V::load(w + i))).store(g + i);
+  if (i < n) {
+    const V wv = V::load_partial(w + i, n - i, 0);
+    fma(V::load_partial(g + i, n - i, 0), va, mul(vb, wv)).store_partial(g + i, n - i);
+  }
+}
+
+template <class T>
+void row_element(const CrossEntropyArgs<T>& a, std::int64_t r) {
+  const std::int64_t C = a.shape.n;
+  const T* x = a.logits + r * C;
+  T* g = a.grad ? a.grad + r * C : nullptr;
+  const T scale = a.grad_scale ? a.grad_scale[r] : a.grad_scale_all;
+  const T eps = a.label_smoothing, keep = T(1) - eps, eps_c = eps / T(C);
+
+  if (a.target_index) {
+    const std::int64_t t = a.target_index[r];
+    if (t == a.ignore_index) {
+      a.loss[r] = 0;
+      if (g) row_fill(g, C, T(0));
+      return;
+    }
+    const T m = row_max(x, C);
+    const T s = g ? row_exp_sum<true>(x, g, C, m) : row_exp_sum<false>(x, g, C, m);
+    const T lse = m + std::log(s);
+    const T wt = a.weight[t];
+    T loss = keep * wt * (lse - x[t]);
+    if (eps > 0) loss += eps_c * (a.weight_sum * lse - row_dot(x, a.weight, C));
+    a.loss[r] = loss;
+    if (g) {
+      const T coef = scale * (keep * wt + eps_c * a.weight_sum) / s;
+      if (eps > 0) {
+        row_weighted_affine(g, a.weight, C, coef, scale * eps_c);
+      } else {
+        row_affine(g, g, C, coef, T(0));
+      }
+      g[t] -= scale * keep * wt;
+    }
+  } else {
+    const T* y = a.target_prob + r * C;
+    T wyx, wy;
+    row_prob_sums(x, y, a.weight, C, keep, eps_c, &wyx, &wy);
+    const T m = row_max(x, C);
+    const T s = g ? row_exp_sum<true>(x, g, C, m) : row_exp_sum<false>(x, g, C, m);
+    const T lse = m + std::log(s);
+    a.loss[r] = lse * wy - wyx;
+    if (g) row_prob_grad(g, y, a.weight, C, scale * wy / s, scale, keep, eps_c);
+  }
+}
+
+// -- strided columns ---------------------------------------------------------------------------
+
+// One block of `count` adjacent elements (columns j.. of slice o), classes down the axis.
+template <int NV, class T>
+void cols_block(const CrossEntropyArgs<T>& a, std::int64_t o, std::int64_t j, std::int64_t count) {
+  using C_ = Cols<T, NV>;
+  using V = Vec<T>;
+  constexpr std::int64_t L = NV * V::width;
+  const std::int64_t C = a.shape.n, inner = a.shape.inner;
+  const T* x = a.logits + o * C * inner + j;
+  T* g = a.grad ? a.grad + o * C * inner + j : nullptr;
+  const T* y = a.target_prob ? a.target_prob + o * C * inner + j : nullptr;
+  const std::int64_t e0 = o * inner + j;  // first element of the block
+  const T eps = a.label_smoothing, keep = T(1) - eps, eps_c = eps / T(C);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+
+  // pass 1: max, and the weighted sums the loss needs
+  C_ m = C_::set1(neg_inf), wx = C_::set1(0), wyx = C_::set1(0), wy = C_::set1(0);
+  for (std::int64_t c = 0; c < C; ++c) {
+    const C_ xv = C_::load(x + c * inner, count, neg_inf);
+    m = zip(m, xv, vmax);
+    const V wc = V::set1(a.weight[c]);
+    if (y) {
+      const C_ yp = C_::load(y + c * inner, count, T(0)).map([&](V yv) {
+        return fma(V::set1(keep), yv, V::set1(eps_c));  // y' = (1 - eps) y + eps / C
+      });
+      const C_ xz = C_::load(x + c * inner, count, T(0));
+      wyx = zip(wyx,
+                zip(yp, xz,
+                    [&](V ypv, V xv2) { return keep_where_nonzero(ypv, mul(mul(wc, ypv), xv2)); }),
+                vadd);
+      wy = zip(wy, yp, [&](V acc, V ypv) { return fma(wc, ypv, acc); });
+    } else if (eps > 0) {
+      wx = zip(wx, C_::load(x + c * inner, count, T(0)),
+               [&](V acc, V xv2) { return fma(wc, xv2, acc); });
+    }
+  }
+  // pass 2: s = sum exp(x - m), exp stored into the gradient
+  C_ s = C_::set1(0);
+  for (std::int64_t c = 0; c < C; ++c) {
+    const C_ e = zip(C_::load(x + c * inner, count, T(0)), m,
+                     [](V xv, V mv) { return exp<true>(sub(xv, mv)); });
+    if (g) e.store(g + c * inner, count);
+    s = zip(s, e, vadd);
+  }
+  // per element: loss and the gradient coefficients
+  T m_l[L], s_l[L], wx_l[L], wyx_l[L], wy_l[L], coef[L], wscale[L];
+  m.to_array(m_l);
+  s.to_array(s_l);
+  wx.to_array(wx_l);
+  wyx.to_array(wyx_l);
+  wy.to_array(wy_l);
+  for (std::int64_t l = 0; l < L; ++l) coef[l] = wscale[l] = 0;
+  for (std::int64_t l = 0; l < count; ++l) {
+    const std::int64_t e = e0 + l;
+    const T scale = a.grad_scale ? a.grad_scale[e] : a.grad_scale_all;
+    const T lse = m_l[l] + std::log(s_l[l]);
+    if (y) {
+      a.loss[e] = lse * wy_l[l] - wyx_l[l];
+      coef[l] = scale * wy_l[l] / s_l[l];
+      wscale[l] = scale;
+      continue;
+    }
+    const std::int64_t t = a.target_index[e];
+    if (t == a.ignore_index) {
+      a.loss[e] = 0;
+      continue;
+    }
+    const T wt = a.weight[t];
+    T loss = keep * wt * (lse - x[t * inner + l]);
+    if (eps > 0) loss += eps_c * (a.weight_sum * lse - wx_l[l]);
+    a.loss[e] = loss;
+    coef[l] = scale * (keep * wt + eps_c * a.weight_sum) / s_l[l];
+    wscale[l] = scale * eps_c;
+  }
+  if (!g) return;
+  // pass 3: the gradient
+  const C_ vcoef = C_::from_array(coef), vscale = C_::from_array(wscale);
+  for (std::int64_t c = 0; c < C; ++c) {
+    const V wc = V::set1(a.weight[c]);
+    C_ b = vscale.map([&](V sv) { return mul(sv, wc); });  // scale * w_c (* eps / C)
+    if (y) {
+      b = zip(b, C_::load(y + c * inner, count, T(0)),
+              [&](V bv, V yv) { return mul(bv, fma(V::set1(keep), yv, V::set1(eps_c))); });
+    }
+    zip(zip(C_::load(g + c * inner, count, T(0)), vcoef, vmul), b, vsub)
+        .store(g + c * inner, count);
+  }
+  if (y) return;
+  for (std::int64_t l = 0; l < count; ++l) {
+    const std::int64_t t = a.target_index[e0 + l];
+    if (t == a.ignore_index) {
+      for (std::int64_t c = 0; c < C; ++c) g[c * inner + l] = 0;
+    } else {
+      const T scale = a.grad_scale ? a.grad_scale[e0 + l] : a.grad_scale_all;
+      g[t * inner + l] -= scale * keep * a.weight[t];
+    }
+  }
+}
+
+template <class T>
+void cross_entropy(const CrossEntropyArgs<T>& a) {
+  for_each_task<T>(a.shape, [&](std::int64_t o, std::int64_t j, std::int64_t count) {
+    if (a.shape.inner == 1) {
+      row_element(a, o);
+    } else {
+      with_block_vecs<T>(count, [&](auto nv) { cols_block<nv.value>(a, o, j, count); });
+    }
+  });
+}
+
+}  // namespace
+
+void cross_entropy_f32(const CrossEntropyArgs<float>& args) { cross_entropy(args); }
+void cross_entropy_f64(const CrossEntropyArgs<double>& args) { cross_entropy(args); }
+
+MLMATH_ISA_END
