@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import mlmath_native as mn
 import numpy as np
 import pytest
+
+import mlmath_native as mn
 
 LARGE = (512, 1024)  # 2 MiB of float32: above the 1 MiB threshold
 

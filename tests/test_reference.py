@@ -7,10 +7,12 @@ to float64 accuracy here.
 
 import ast
 import pathlib
+import re
 import warnings
 
 import numpy as np
 import pytest
+
 from mlmath_native.reference import adam_optimizer as ref_adam
 from mlmath_native.reference import convolution as ref_conv
 from mlmath_native.reference import cross_entropy as ref_ce
@@ -334,6 +336,193 @@ def test_cross_entropy_empty_batch():
     assert ref_ce.cross_entropy(z, t, reduction="none").shape == (0,)
     assert ref_ce.cross_entropy(z, t, reduction="sum") == 0.0
     assert np.isnan(ref_ce.cross_entropy(z, t, reduction="mean"))
+
+
+def test_cross_entropy_options_perfect_prediction_is_zero():
+    # A confident correct prediction: zero loss and (numerically) zero gradient, whatever
+    # the weights and the ignored samples (label smoothing would move the optimum).
+    w = np.array([0.5, 2.0, 1.5])
+    logits = np.array([[1000.0, 0.0, 0.0], [0.0, -np.inf, 1000.0], [5.0, 1.0, 2.0]])
+    t = np.array([0, 2, -100])
+    probs = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    for reduction in ("mean", "sum"):
+        assert ref_ce.cross_entropy(logits, t, weight=w, reduction=reduction) == 0.0
+        grad = ref_ce.cross_entropy_grad(logits, t, weight=w, reduction=reduction)
+        assert_close(grad, np.zeros((3, 3)), atol=1e-300)
+        loss = ref_ce.cross_entropy(logits[:2], probs[:2], weight=w, reduction=reduction)
+        assert loss == 0.0
+    loss = ref_ce.cross_entropy(logits, t, ignore_index=-100, reduction="none")
+    assert np.array_equal(loss, np.zeros(3))
+    assert not np.signbit(loss[2])  # an ignored sample is +0.0
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+def test_cross_entropy_options_uniform_prediction_is_log_c(eps):
+    r = rng(40)
+    for c in (1, 2, 7):
+        logits = np.full((5, c), -0.3)
+        t = r.integers(0, c, size=5)
+        t[1] = -100
+        y = r.dirichlet(np.ones(c), size=5)
+        # No weight: every sample costs log C, however it is smoothed or normalised.
+        assert_close(ref_ce.cross_entropy(logits, t, label_smoothing=eps), np.log(c))
+        assert_close(ref_ce.cross_entropy(logits, y, label_smoothing=eps), np.log(c))
+        # Weights: L_n = log C · ((1 − ε) w[t_n] + ε · mean(w)), 0 where ignored ...
+        w = r.uniform(0.5, 2.0, size=c)
+        per = ref_ce.cross_entropy(logits, t, weight=w, label_smoothing=eps, reduction="none")
+        w_t = np.where(t == -100, 0.0, w[np.where(t == -100, 0, t)])
+        expected = np.log(c) * ((1 - eps) * w_t + eps * np.mean(w))
+        expected[1] = 0.0
+        assert_close(per, expected)
+        mean = ref_ce.cross_entropy(logits, t, weight=w, label_smoothing=eps)
+        assert_close(mean, np.sum(expected) / np.sum(w_t))
+        # ... and L_n = log C · Σ_c w_c y'_c for probabilities, averaged over N.
+        yp = (1 - eps) * y + eps / c
+        per = ref_ce.cross_entropy(logits, y, weight=w, label_smoothing=eps, reduction="none")
+        assert_close(per, np.log(c) * yp @ w)
+        assert_close(ref_ce.cross_entropy(logits, y, weight=w, label_smoothing=eps), np.mean(per))
+
+
+def test_cross_entropy_index_and_one_hot_agree_with_options():
+    # Unweighted, the two target kinds are the same loss: y = onehot(t), smoothed alike.
+    r = rng(41)
+    z = r.normal(scale=2.0, size=(6, 5))
+    t = r.integers(0, 5, size=6)
+    for eps in (0.0, 0.3):
+        for reduction in ("none", "mean", "sum"):
+            kw = {"label_smoothing": eps, "reduction": reduction}
+            assert_close(
+                ref_ce.cross_entropy(z, t, **kw), ref_ce.cross_entropy(z, np.eye(5)[t], **kw)
+            )
+            assert_close(
+                ref_ce.cross_entropy_grad(z, t, **kw),
+                ref_ce.cross_entropy_grad(z, np.eye(5)[t], **kw),
+            )
+
+
+def test_cross_entropy_all_ignored_and_empty():
+    z = rng(42).normal(size=(3, 4))
+    z[1, 0] = np.nan  # an ignored sample's logits do not matter
+    t = np.full(3, 2)
+    w = np.array([1.0, 2.0, 3.0, 4.0])
+    for kw in ({}, {"weight": w, "label_smoothing": 0.2}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # 0 / 0 is silent
+            assert np.isnan(ref_ce.cross_entropy(z, t, ignore_index=2, **kw))
+            assert ref_ce.cross_entropy(z, t, ignore_index=2, reduction="sum", **kw) == 0.0
+            none = ref_ce.cross_entropy(z, t, ignore_index=2, reduction="none", **kw)
+            for reduction in ("none", "mean", "sum"):
+                grad = ref_ce.cross_entropy_grad(z, t, ignore_index=2, reduction=reduction, **kw)
+                assert np.array_equal(grad, np.zeros((3, 4)))  # as PyTorch's autograd
+        assert np.array_equal(none, np.zeros(3))
+        # Unbatched: one ignored sample.
+        assert np.isnan(ref_ce.cross_entropy(z[0], np.int64(-100), **kw))
+    # Empty batches, both target kinds, both layouts.
+    for z, t, axis in (
+        (np.zeros((0, 4)), np.zeros(0, dtype=np.int64), -1),
+        (np.zeros((2, 4, 0)), np.zeros((2, 0), dtype=np.int64), 1),
+    ):
+        y = np.zeros(z.shape)
+        for target in (t, y):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert np.isnan(ref_ce.cross_entropy(z, target, axis=axis, label_smoothing=0.1))
+                assert ref_ce.cross_entropy(z, target, axis=axis, reduction="sum") == 0.0
+                none = ref_ce.cross_entropy(z, target, axis=axis, reduction="none")
+                assert none.shape == t.shape and none.dtype == np.float64
+                grad = ref_ce.cross_entropy_grad(z, target, axis=axis, weight=np.ones(4))
+                assert grad.shape == z.shape and grad.dtype == np.float64
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (target kind, axis, reduction, options)
+        ("index", -1, "mean", {"weight": [0.5, 1.0, 2.0, 1.5, 0.7], "label_smoothing": 0.2}),
+        ("index", 0, "none", {"ignore_index": 2, "label_smoothing": 0.1}),
+        ("index", -1, "sum", {"weight": [0.5, 1.0, 2.0, 1.5, 0.7], "label_smoothing": 1.0}),
+        ("prob", -1, "mean", {"weight": [0.5, 1.0, 2.0, 1.5, 0.7], "label_smoothing": 0.3}),
+        ("prob", 0, "none", {}),
+        ("prob", -1, "sum", {"label_smoothing": 0.5, "ignore_index": -7}),
+    ],
+)
+def test_cross_entropy_grad_matches_finite_differences(case):
+    kind, axis, reduction, kw = case
+    r = rng(43)
+    z = r.normal(size=(3, 5))  # 5 classes along `axis` (the other axis has 3 samples)
+    if axis == 0:
+        z = z.T.copy()
+    if kind == "index":
+        target = np.array([4, -100, 1]) if "ignore_index" not in kw else np.array([2, 0, 3])
+    else:
+        target = np.moveaxis(r.dirichlet(np.ones(5), size=3), -1, axis)
+    g = r.normal(size=3) if reduction == "none" else np.float64(1.3)
+    kw = dict(kw, axis=axis, reduction=reduction)
+
+    def f(x):  # the scalar Σ_n g_n L_n whose gradient is cross_entropy_grad
+        return np.sum(g * ref_ce.cross_entropy(x, target, **kw))
+
+    grad = ref_ce.cross_entropy_grad(z, target, grad_output=g, **kw)
+    assert_close(grad, _finite_difference(f, z), rtol=1e-7, atol=1e-9)
+    # Each sample's gradient sums to 0 over the classes (Σ_j p_j S − q_j = S − S).
+    assert_close(np.sum(grad, axis=axis), np.zeros(3), atol=1e-14)
+
+
+def test_cross_entropy_options_bad_input():
+    z = np.zeros((4, 10))
+    t = np.array([0, 1, 2, 12])
+    msg = "cross_entropy: target holds 12 at position (3,) but there are 10 classes"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        ref_ce.cross_entropy(z, t)
+    with pytest.raises(ValueError, match=re.escape("cross_entropy_grad: target holds 12")):
+        ref_ce.cross_entropy_grad(z, t)
+    ref_ce.cross_entropy(z, t, ignore_index=12)  # the ignored value may lie outside [0, C)
+    with pytest.raises(ValueError, match=re.escape("target holds -100 at position (0,)")):
+        ref_ce.cross_entropy(z, [-100, 0, 1, 2], ignore_index=-1)
+    z3 = np.zeros((2, 10, 3))  # classes on axis 1
+    t3 = np.zeros((2, 3), dtype=np.int64)
+    t3[1, 2] = 10
+    with pytest.raises(ValueError, match=re.escape("target holds 10 at position (1, 2)")):
+        ref_ce.cross_entropy(z3, t3, axis=1)
+    with pytest.raises(ValueError, match=re.escape("target holds 10 at position ()")):
+        ref_ce.cross_entropy(z[0], 10)
+    for f in (ref_ce.cross_entropy, ref_ce.cross_entropy_grad):
+        name = f.__name__
+        with pytest.raises(ValueError, match=f"{name}: target has shape"):
+            f(z, [0, 1, 2])
+        with pytest.raises(ValueError, match=f"{name}: target has shape"):
+            f(z3, t3, axis=-1)
+        with pytest.raises(ValueError, match=f"{name}: target has shape"):
+            f(z, np.zeros((4, 9)))
+        for weight in (np.ones(9), np.ones((1, 10)), 1.0):
+            with pytest.raises(ValueError, match=re.escape(f"{name}: weight has shape")):
+                f(z, t[:3], weight=weight)
+        for eps in (-0.1, 1.5, np.nan):
+            with pytest.raises(ValueError, match=f"{name}: label_smoothing is out of range"):
+                f(z, t[:3].tolist() + [0], label_smoothing=eps)
+        with pytest.raises(ValueError, match=f"{name}: reduction is invalid"):
+            f(z, [0, 1, 2, 3], reduction="avg")
+        for bad_target in (np.zeros(4, dtype=bool), np.zeros(4, dtype=complex)):
+            with pytest.raises(TypeError, match=f"{name}: target has dtype"):
+                f(z, bad_target)
+        with pytest.raises(TypeError):
+            f(z, [0, 1, 2, 3], ignore_index=1.5)
+        with pytest.raises(ValueError, match=f"{name}: ignore_index is not supported"):
+            f(z, np.full(z.shape, 0.1), ignore_index=0)  # as in PyTorch
+        with pytest.raises(AxisError):
+            f(z, [0, 1, 2, 3], axis=2)
+    grad = ref_ce.cross_entropy_grad
+    with pytest.raises(ValueError, match=r"cross_entropy_grad: grad_output has shape \(3,\)"):
+        grad(z, [0, 1, 2, 3], reduction="none", grad_output=np.ones(3))
+    with pytest.raises(ValueError, match=r"cross_entropy_grad: grad_output has shape \(4,\)"):
+        grad(z, [0, 1, 2, 3], reduction="mean", grad_output=np.ones(4))
+    with pytest.raises(ValueError, match=r"grad_output has shape \(1,\)"):
+        grad(z, [0, 1, 2, 3], reduction="sum", grad_output=[1.0])
+    # A scalar grad_output is fine for "none" (it scales every sample).
+    assert_close(
+        grad(z, [0, 1, 2, 3], reduction="none", grad_output=2.0),
+        2.0 * grad(z, [0, 1, 2, 3], reduction="none"),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -706,6 +895,66 @@ def test_cross_entropy_matches_torch(reduction):
     assert_close(ref_ce.cross_entropy(z, t, axis=1, reduction=reduction), expected)
     expected = F.cross_entropy(zt, torch.from_numpy(soft), reduction=reduction).numpy()
     assert_close(ref_ce.cross_entropy(z, soft, axis=1, reduction=reduction), expected)
+
+
+def _ce_torch_case(layout, c, kind, variant, r):
+    """Logits, target, axis and extra kwargs for one options-vs-torch check.
+
+    Every layout is given to PyTorch as is: (N, C) and (C,) have the classes at the
+    reference's axis -1 / 0, (N, C, d1, d2) at axis 1.
+    """
+    shape, axis = {"nc": ((6, c), -1), "ncdd": ((2, c, 3, 2), 1), "c": ((c,), 0)}[layout]
+    z = r.normal(scale=2.0, size=shape)
+    sample_shape = shape[:1] + shape[2:] if layout != "c" else ()
+    kw = {}
+    if kind == "index":
+        ignore = -100 if variant == 0 else 2  # default, or a custom value inside [0, C)
+        if variant == 1:
+            kw["ignore_index"] = 2
+        target = r.integers(0, c, size=sample_shape)
+        if layout == "c":
+            target = np.int64(ignore if r.random() < 0.3 else target)
+        else:
+            target[r.random(sample_shape) < 0.3] = ignore
+            target.flat[0] = min(1, c - 1)  # at least one sample counts
+    else:
+        target = np.moveaxis(r.dirichlet(np.ones(c), size=sample_shape), -1, axis)
+        if variant == 1:
+            kw["ignore_index"] = -1  # no effect on probability targets
+    return z, target, axis, kw
+
+
+@pytest.mark.parametrize("layout", ["nc", "ncdd", "c"])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_cross_entropy_options_match_torch(kind, reduction, weighted, eps, layout):
+    """Loss and gradient (autograd) against F.cross_entropy, float64, every option."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    r = rng(44)
+    for c in (1, 2, 7, 1000):
+        for variant in (0, 1):
+            z, target, axis, kw = _ce_torch_case(layout, c, kind, variant, r)
+            w = r.uniform(0.2, 3.0, size=c) if weighted else None
+            kw.update(weight=w, reduction=reduction, label_smoothing=eps)
+            loss = ref_ce.cross_entropy(z, target, axis=axis, **kw)
+            g = r.normal(size=np.shape(loss)) if reduction == "none" else r.normal()
+            grad = ref_ce.cross_entropy_grad(z, target, axis=axis, grad_output=g, **kw)
+
+            zt = torch.from_numpy(z).requires_grad_(True)
+            tkw = dict(kw, weight=None if w is None else torch.from_numpy(w))
+            expected = F.cross_entropy(zt, torch.as_tensor(target), **tkw)
+            expected.backward(torch.as_tensor(g, dtype=torch.float64))
+            where = f"c={c} variant={variant}"
+            np.testing.assert_allclose(
+                loss, expected.detach().numpy(), RTOL, ATOL, equal_nan=True, err_msg=where
+            )
+            np.testing.assert_allclose(
+                grad, zt.grad.numpy(), RTOL, ATOL, equal_nan=True, err_msg=where
+            )
+            assert grad.shape == z.shape and np.shape(loss) == expected.shape
 
 
 def test_adam_matches_torch():

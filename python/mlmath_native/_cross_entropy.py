@@ -74,7 +74,7 @@ def cross_entropy(
         Class weights, shape (C,).
     ignore_index : int, optional
         Index targets equal to it contribute neither loss nor gradient (default -100).
-        Not used with probability targets (as in PyTorch).
+        With probability targets it must be negative and is not used (as in PyTorch).
     reduction : {"mean", "sum", "none"}, optional
     label_smoothing : float, optional
         eps in [0, 1].
@@ -150,6 +150,12 @@ def cross_entropy(
             raise ValueError(
                 f"{_FN}: target has shape {target.shape} (expected the logits' shape "
                 f"{logits.shape} for class probabilities)"
+            )
+        if ignore_index >= 0:
+            raise ValueError(
+                f"{_FN}: ignore_index is not supported for probability targets (got "
+                f"{ignore_index}, expected a negative value such as the default -100, as in "
+                "PyTorch)"
             )
         target = np.asarray(target, dtype=dtype, order="C")
         valid = None
