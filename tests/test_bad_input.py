@@ -30,6 +30,9 @@ def arrays():
         "labels": np.array([1, 12, 3, -1]),
         "labels_ok": np.array([1, 2, 3, 4]),
         "probs": np.full((4, 10), 0.1, np.float32),
+        "w": np.ones(6, np.float32),
+        "w2": np.ones(6, np.float32),
+        "g": np.ones(6, np.float32),
     }
 
 
@@ -279,6 +282,142 @@ BAD_CALLS = [
         ),
         ValueError,
         "label_smoothing",
+    ),
+    ("SGD lr zero", lambda a: mn.SGD(a["w"], lr=0.0), ValueError, "lr is invalid"),
+    ("SGD lr nan", lambda a: mn.SGD(a["w"], lr=float("nan")), ValueError, "lr is invalid"),
+    ("SGD lr str", lambda a: mn.SGD(a["w"], lr="0.1"), TypeError, "lr must be a real number"),
+    (
+        "SGD momentum negative",
+        lambda a: mn.SGD(a["w"], lr=0.1, momentum=-0.5),
+        ValueError,
+        "momentum is invalid",
+    ),
+    (
+        "SGD nesterov without momentum",
+        lambda a: mn.SGD(a["w"], lr=0.1, nesterov=True),
+        ValueError,
+        "nesterov needs momentum > 0",
+    ),
+    (
+        "SGD nesterov with dampening",
+        lambda a: mn.SGD(a["w"], lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
+        ValueError,
+        "dampening == 0",
+    ),
+    ("SGD params empty", lambda a: mn.SGD([], lr=0.1), ValueError, "params is empty"),
+    (
+        "SGD params int",
+        lambda a: mn.SGD(np.zeros(3, int), lr=0.1),
+        TypeError,
+        "params[0] has dtype int64",
+    ),
+    (
+        "SGD params strided",
+        lambda a: mn.SGD(a["x_strided"], lr=0.1),
+        ValueError,
+        "params[0] must be C-contiguous",
+    ),
+    (
+        "SGD params read-only",
+        lambda a: mn.SGD(a["out_ro"], lr=0.1),
+        ValueError,
+        "params[0] is not writeable",
+    ),
+    (
+        "SGD params list",
+        lambda a: mn.SGD([[1.0, 2.0]], lr=0.1),
+        TypeError,
+        "params[0] must be a numpy.ndarray",
+    ),
+    (
+        "SGD step grad count",
+        lambda a: mn.SGD([a["w"], a["w2"]], lr=0.1).step([a["g"]]),
+        ValueError,
+        "got 1 grads for 2 params",
+    ),
+    (
+        "SGD step max_grad_norm",
+        lambda a: mn.SGD(a["w"], lr=0.1, max_grad_norm=0).step(a["g"]),
+        ValueError,
+        "max_grad_norm is invalid",
+    ),
+    (
+        "Adam beta1 = 1",
+        lambda a: mn.Adam(a["w"], betas=(1.0, 0.999)),
+        ValueError,
+        "betas[0] is invalid",
+    ),
+    (
+        "Adam beta2 negative",
+        lambda a: mn.Adam(a["w"], betas=(0.9, -0.1)),
+        ValueError,
+        "betas[1] is invalid",
+    ),
+    ("Adam betas scalar", lambda a: mn.Adam(a["w"], betas=0.9), TypeError, "betas must be a pair"),
+    ("Adam eps zero", lambda a: mn.Adam(a["w"], eps=0.0), ValueError, "eps is invalid"),
+    (
+        "AdamW weight_decay negative",
+        lambda a: mn.AdamW(a["w"], weight_decay=-1.0),
+        ValueError,
+        "weight_decay is invalid",
+    ),
+    (
+        "sgd_step no buffer",
+        lambda a: mn.sgd_step(a["w"], a["g"], lr=0.1, momentum=0.9),
+        ValueError,
+        "momentum_buffer is required",
+    ),
+    (
+        "sgd_step buffer shape",
+        lambda a: mn.sgd_step(a["w"], a["g"], np.zeros(5, np.float32), lr=0.1, momentum=0.9),
+        ValueError,
+        "momentum_buffer has shape",
+    ),
+    (
+        "sgd_step grad dtype",
+        lambda a: mn.sgd_step(a["w"], np.ones(6), lr=0.1),
+        TypeError,
+        "grad has dtype float64",
+    ),
+    (
+        "adam_step step 0",
+        lambda a: mn.adam_step(a["w"], a["g"], a["w2"], np.zeros(6, np.float32), step=0),
+        ValueError,
+        "step must be >= 1",
+    ),
+    (
+        "adam_step state read-only",
+        lambda a: mn.adam_step(a["w"], a["g"], a["out_ro"][0], a["w2"], step=1),
+        ValueError,
+        "exp_avg is not writeable",
+    ),
+    (
+        "gradient_descent optimizer",
+        lambda a: mn.gradient_descent(lambda x: x, a["w"], lr=0.1, optimizer="lbfgs"),
+        ValueError,
+        "optimizer is invalid",
+    ),
+    (
+        "gradient_descent steps",
+        lambda a: mn.gradient_descent(lambda x: x, a["w"], lr=0.1, steps=-1),
+        ValueError,
+        "steps must be >= 0",
+    ),
+    (
+        "core adam state count",
+        lambda a: _core.adam_step(
+            [a["w"]], [a["g"]], [], [a["w2"]], None, 1, 0.1, 0.9, 0.99, 1e-8, 0.0, False, 1.0
+        ),
+        ValueError,
+        "exp_avg has 0 arrays for 1 params",
+    ),
+    (
+        "core sgd dtype",
+        lambda a: _core.sgd_step(
+            [a["w"]], [np.ones(6)], None, 0.1, 0.0, 0.0, 0.0, False, False, 1.0
+        ),
+        TypeError,
+        "grads[0] has dtype",
     ),
     # the compiled layer checks again, so calling it directly is safe too
     (

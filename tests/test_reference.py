@@ -582,33 +582,170 @@ def test_gradient_descent_bad_input():
 
 
 # --------------------------------------------------------------------------------------
+# SGD (torch.optim.SGD's options)
+# --------------------------------------------------------------------------------------
+
+
+def test_sgd_plain_step_is_gradient_descent():
+    r = rng(50)
+    p, g = r.normal(size=7), r.normal(size=7)
+    p_copy, g_copy = p.copy(), g.copy()
+    new, buf = ref_gd.sgd_step(p, g, lr=0.3)
+    assert buf is None
+    assert_close(new, p - 0.3 * g)
+    assert_close(new, ref_gd.gradient_descent_step(p, g, lr=0.3))
+    new, buf = ref_gd.sgd_step(p, g, lr=0.3, maximize=True)
+    assert buf is None
+    assert_close(new, p + 0.3 * g)  # maximize ascends
+    new, _ = ref_gd.sgd_step(p, g, lr=0.3, weight_decay=0.1)
+    assert_close(new, p - 0.3 * (g + 0.1 * p))
+    # Without momentum a buffer passed in is ignored, and None comes back.
+    new, buf = ref_gd.sgd_step(p, g, np.ones(7), lr=0.3, dampening=0.5)
+    assert buf is None and np.array_equal(new, ref_gd.sgd_step(p, g, lr=0.3)[0])
+    assert np.array_equal(p, p_copy) and np.array_equal(g, g_copy)  # inputs untouched
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_sgd_first_momentum_step_copies_gradient(dampening):
+    r = rng(51)
+    p, g = r.normal(size=7), r.normal(size=7)
+    new, buf = ref_gd.sgd_step(p, g, lr=0.1, momentum=0.9, dampening=dampening)
+    assert np.array_equal(buf, g) and buf is not g  # a copy, not damped
+    assert_close(new, p - 0.1 * g)
+    # With weight decay the buffer starts as the decayed gradient.
+    new, buf = ref_gd.sgd_step(p, g, lr=0.1, momentum=0.9, dampening=dampening, weight_decay=0.2)
+    assert_close(buf, g + 0.2 * p)
+    assert_close(new, p - 0.1 * (g + 0.2 * p))
+    # Second step: b = μ b + (1 − τ) g.
+    g2 = r.normal(size=7)
+    new2, buf2 = ref_gd.sgd_step(
+        new, g2, buf, lr=0.1, momentum=0.9, dampening=dampening, weight_decay=0.2
+    )
+    d2 = g2 + 0.2 * new
+    assert_close(buf2, 0.9 * buf + (1 - dampening) * d2)
+    assert_close(new2, new - 0.1 * buf2)
+
+
+def test_sgd_nesterov_closed_form():
+    r = rng(52)
+    p, g1, g2 = r.normal(size=(3, 7))
+    p1, b1 = ref_gd.sgd_step(p, g1, lr=0.1, momentum=0.9, nesterov=True)
+    assert_close(b1, g1)
+    assert_close(p1, p - 0.1 * (1 + 0.9) * g1)  # d = g + μ b with b = g
+    p2, b2 = ref_gd.sgd_step(p1, g2, b1, lr=0.1, momentum=0.9, nesterov=True)
+    assert_close(b2, 0.9 * g1 + g2)
+    assert_close(p2, p1 - 0.1 * (g2 + 0.9 * b2))
+
+
+def test_sgd_bad_input():
+    z = np.zeros(3)
+    with pytest.raises(ValueError, match="lr"):
+        ref_gd.sgd_step(z, z, lr=-0.1)
+    with pytest.raises(ValueError, match="lr"):
+        ref_gd.sgd_step(z, z, lr=np.nan)
+    with pytest.raises(ValueError, match="momentum is invalid"):
+        ref_gd.sgd_step(z, z, lr=0.1, momentum=-0.5)
+    with pytest.raises(ValueError, match="weight_decay"):
+        ref_gd.sgd_step(z, z, lr=0.1, weight_decay=-1e-4)
+    with pytest.raises(ValueError, match="nesterov"):
+        ref_gd.sgd_step(z, z, lr=0.1, nesterov=True)  # no momentum
+    with pytest.raises(ValueError, match="nesterov"):
+        ref_gd.sgd_step(z, z, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="grad has shape"):
+        ref_gd.sgd_step(z, np.zeros(4), lr=0.1)
+    with pytest.raises(ValueError, match="momentum_buffer has shape"):
+        ref_gd.sgd_step(z, z, np.zeros(2), lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError):
+        ref_gd.sgd_step(z, z)  # lr is required, as in torch.optim.SGD
+
+
+# --------------------------------------------------------------------------------------
 # Adam
 # --------------------------------------------------------------------------------------
 
 
-def test_adam_first_step_moves_by_lr_against_gradient():
+def _adam(p, g, m, v, step, **kw):
+    """``ref_adam.adam_step`` with the positional state, for short test lines."""
+    return ref_adam.adam_step(p, g, m, v, step=step, **kw)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_adam_first_step_moves_by_lr_against_gradient(maximize, amsgrad):
     r = rng(12)
     theta = r.normal(size=6)
     grad = r.normal(size=6) * np.array([1e-3, 1e-1, 1.0, 10.0, 1e3, -5.0])
     lr = 0.01
-    new, m, v = ref_adam.adam_step(theta, grad, np.zeros(6), np.zeros(6), t=1, lr=lr)
-    assert_close(new - theta, -lr * np.sign(grad), rtol=1e-4, atol=0)
-    assert_close(m, 0.1 * grad)
+    z = np.zeros(6)
+    new, m, v, vmax = _adam(theta, grad, z, z, 1, lr=lr, maximize=maximize, amsgrad=amsgrad)
+    sign = 1.0 if maximize else -1.0  # maximize moves along the gradient
+    assert_close(new - theta, sign * lr * np.sign(grad), rtol=1e-4, atol=0)
+    assert_close(m, -sign * 0.1 * grad)
     assert_close(v, 0.001 * grad**2)
+    if amsgrad:
+        assert np.array_equal(vmax, v)  # max(0, v) = v
+    else:
+        assert vmax is None
 
 
 def test_adam_step_matches_formula():
     r = rng(13)
-    theta, g, m, v = r.normal(size=(4, 5))
-    v = np.abs(v)
-    t, lr, b1, b2, eps = 3, 0.05, 0.8, 0.99, 1e-6
-    new, m_new, v_new = ref_adam.adam_step(theta, g, m, v, t, lr=lr, beta1=b1, beta2=b2, eps=eps)
+    theta, g, m, v, vmax = r.normal(size=(5, 7))
+    v, vmax = np.abs(v), np.abs(vmax)
+    inputs = [a.copy() for a in (theta, g, m, v, vmax)]
+    t, lr, b1, b2, eps, wd = 3, 0.05, 0.8, 0.99, 1e-6, 0.1
+    kw = dict(lr=lr, beta1=b1, beta2=b2, eps=eps)
+    new, m_new, v_new, vmax_new = _adam(theta, g, m, v, t, **kw)
     m_exp = b1 * m + (1 - b1) * g
     v_exp = b2 * v + (1 - b2) * g**2
     theta_exp = theta - lr * (m_exp / (1 - b1**t)) / (np.sqrt(v_exp / (1 - b2**t)) + eps)
     assert_close(m_new, m_exp)
     assert_close(v_new, v_exp)
     assert_close(new, theta_exp)
+    assert vmax_new is None
+
+    # Adam's weight decay is an L2 penalty: the same as the gradient g + λθ.
+    out = _adam(theta, g, m, v, t, weight_decay=wd, **kw)
+    for a, b in zip(out[:3], _adam(theta, g + wd * theta, m, v, t, **kw)[:3], strict=True):
+        assert_close(a, b)
+    # AdamW's decay is decoupled: shrink θ, then the plain Adam step from there.
+    out = _adam(theta, g, m, v, t, weight_decay=wd, decoupled_weight_decay=True, **kw)
+    assert_close(out[0], theta * (1 - lr * wd) + (new - theta))
+    assert_close(out[1], m_exp)
+    assert_close(out[2], v_exp)
+    # AMSGrad divides by the running maximum of v.
+    out = _adam(theta, g, m, v, t, amsgrad=True, max_exp_avg_sq=vmax, **kw)
+    vmax_exp = np.maximum(vmax, v_exp)
+    assert_close(out[3], vmax_exp)
+    assert_close(
+        out[0], theta - lr * (m_exp / (1 - b1**t)) / (np.sqrt(vmax_exp / (1 - b2**t)) + eps)
+    )
+    for a, b in zip((theta, g, m, v, vmax), inputs, strict=True):
+        assert np.array_equal(a, b)  # inputs are not modified
+
+
+def test_adamw_zero_gradient_shrinks_params():
+    r = rng(14)
+    theta, z = r.normal(size=7), np.zeros(7)
+    lr, wd = 0.1, 0.01
+    for t in (1, 2, 10):
+        for amsgrad in (False, True):
+            new, m, v, _ = _adam(
+                theta,
+                z,
+                z,
+                z,
+                t,
+                lr=lr,
+                weight_decay=wd,
+                decoupled_weight_decay=True,
+                amsgrad=amsgrad,
+            )
+            assert_close(new, theta * (1 - lr * wd))
+            assert np.array_equal(m, z) and np.array_equal(v, z)
+    # Adam's L2 decay instead feeds λθ through the moments: a step of about lr.
+    new, *_ = _adam(theta, z, z, z, 1, lr=lr, weight_decay=wd)
+    assert_close(new - theta, -lr * np.sign(theta), rtol=1e-4, atol=0)
 
 
 def test_adam_minimize_reaches_minimum():
@@ -618,22 +755,34 @@ def test_adam_minimize_reaches_minimum():
     )
     assert hist.shape == (2001, 3)
     assert_close(theta, c, rtol=0, atol=1e-6)
+    theta = ref_adam.adam_minimize(lambda th: th - c, np.zeros(3), 2000, lr=0.05, amsgrad=True)
+    assert_close(theta, c, rtol=0, atol=1e-6)
 
 
 def test_adam_bad_input():
     z = np.zeros(3)
-    with pytest.raises(ValueError, match="t is invalid"):
-        ref_adam.adam_step(z, z, z, z, t=0)
+    with pytest.raises(ValueError, match="step is invalid"):
+        _adam(z, z, z, z, 0)
+    with pytest.raises(ValueError, match="step is invalid"):
+        _adam(z, z, z, z, 1.5)
     with pytest.raises(ValueError, match="beta1"):
-        ref_adam.adam_step(z, z, z, z, t=1, beta1=1.0)
+        _adam(z, z, z, z, 1, beta1=1.0)
     with pytest.raises(ValueError, match="beta2"):
-        ref_adam.adam_step(z, z, z, z, t=1, beta2=-0.1)
+        _adam(z, z, z, z, 1, beta2=-0.1)
     with pytest.raises(ValueError, match="lr"):
-        ref_adam.adam_step(z, z, z, z, t=1, lr=np.nan)
+        _adam(z, z, z, z, 1, lr=np.nan)
+    with pytest.raises(ValueError, match="lr"):
+        _adam(z, z, z, z, 1, lr=-1e-3)
     with pytest.raises(ValueError, match="eps"):
-        ref_adam.adam_step(z, z, z, z, t=1, eps=-1.0)
-    with pytest.raises(ValueError, match="v has shape"):
-        ref_adam.adam_step(z, z, z, np.zeros(2), t=1)
+        _adam(z, z, z, z, 1, eps=-1.0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        _adam(z, z, z, z, 1, weight_decay=-0.01, decoupled_weight_decay=True)
+    with pytest.raises(ValueError, match="exp_avg_sq has shape"):
+        _adam(z, z, z, np.zeros(2), 1)
+    with pytest.raises(ValueError, match="max_exp_avg_sq has shape"):
+        _adam(z, z, z, z, 2, amsgrad=True, max_exp_avg_sq=np.zeros(4))
+    with pytest.raises(TypeError):
+        ref_adam.adam_step(z, z, z, z, 1)  # the old positional t: step is keyword-only
 
 
 # --------------------------------------------------------------------------------------
@@ -957,26 +1106,97 @@ def test_cross_entropy_options_match_torch(kind, reduction, weighted, eps, layou
             assert grad.shape == z.shape and np.shape(loss) == expected.shape
 
 
-def test_adam_matches_torch():
-    torch = pytest.importorskip("torch")
-    r = rng(33)
-    theta0 = r.normal(size=(3, 4))
-    grads = r.normal(size=(10, 3, 4)) * np.logspace(-3, 1, 4)
-    hyper = {"lr": 0.01, "betas": (0.85, 0.995), "eps": 1e-7}
+def _optimizer_run(torch, make_opt, num_steps=50, size=7, seed=33):
+    """Initial parameter, a fresh float64 torch parameter + optimizer, and the gradients.
 
-    param = torch.nn.Parameter(torch.from_numpy(theta0.copy()))
-    opt = torch.optim.Adam([param], **hyper)
-    theta, m, v = theta0, np.zeros_like(theta0), np.zeros_like(theta0)
+    The gradients are random per step, with per-coordinate scales over six decades
+    (so that Adam's per-coordinate step sizes differ).
+    """
+    r = rng(seed)
+    p0 = r.normal(size=size)
+    grads = r.normal(size=(num_steps, size)) * np.logspace(-3, 3, size)
+    param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    return p0, grads, param, make_opt([param])
+
+
+_SGD_CASES = [
+    (momentum, dampening, nesterov, weight_decay, maximize)
+    for momentum in (0.0, 0.9)
+    for dampening in (0.0, 0.5)
+    for nesterov in (False, True)
+    for weight_decay in (0.0, 0.01)
+    for maximize in (False, True)
+    if not nesterov or (momentum > 0 and dampening == 0)
+]
+
+
+@pytest.mark.parametrize(
+    ("momentum", "dampening", "nesterov", "weight_decay", "maximize"), _SGD_CASES
+)
+def test_sgd_matches_torch(momentum, dampening, nesterov, weight_decay, maximize):
+    torch = pytest.importorskip("torch")
+    kw = dict(
+        lr=0.01,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        maximize=maximize,
+    )
+    p, grads, param, opt = _optimizer_run(torch, lambda ps: torch.optim.SGD(ps, **kw))
+    buf = None
+    for k, g in enumerate(grads):
+        param.grad = torch.from_numpy(g.copy())
+        opt.step()
+        p, buf = ref_gd.sgd_step(p, g, buf, **kw)
+        where = f"step {k + 1}"
+        np.testing.assert_allclose(p, param.detach().numpy(), RTOL, ATOL, err_msg=where)
+        if momentum:
+            expected = opt.state[param]["momentum_buffer"].numpy()
+            np.testing.assert_allclose(buf, expected, RTOL, ATOL, err_msg=where)
+        else:
+            assert buf is None and "momentum_buffer" not in opt.state[param]
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_adam_matches_torch(decoupled, weight_decay, amsgrad, maximize):
+    """50 steps of Adam (decoupled=False) or AdamW (True) against torch, float64."""
+    torch = pytest.importorskip("torch")
+    hyper = dict(lr=0.01, eps=1e-7, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+    torch_opt = torch.optim.AdamW if decoupled else torch.optim.Adam
+    p, grads, param, opt = _optimizer_run(
+        torch, lambda ps: torch_opt(ps, betas=(0.85, 0.995), **hyper)
+    )
+    m, v, vmax = np.zeros_like(p), np.zeros_like(p), None
     for t, g in enumerate(grads, start=1):
         param.grad = torch.from_numpy(g.copy())
         opt.step()
-        theta, m, v = ref_adam.adam_step(
-            theta, g, m, v, t, lr=0.01, beta1=0.85, beta2=0.995, eps=1e-7
+        p, m, v, vmax = ref_adam.adam_step(
+            p,
+            g,
+            m,
+            v,
+            step=t,
+            beta1=0.85,
+            beta2=0.995,
+            decoupled_weight_decay=decoupled,
+            max_exp_avg_sq=vmax,
+            **hyper,
         )
         state = opt.state[param]
-        assert_close(theta, param.detach().numpy())
-        assert_close(m, state["exp_avg"].numpy())
-        assert_close(v, state["exp_avg_sq"].numpy())
+        where = f"step {t}"
+        assert int(state["step"]) == t
+        np.testing.assert_allclose(p, param.detach().numpy(), RTOL, ATOL, err_msg=where)
+        np.testing.assert_allclose(m, state["exp_avg"].numpy(), RTOL, ATOL, err_msg=where)
+        np.testing.assert_allclose(v, state["exp_avg_sq"].numpy(), RTOL, ATOL, err_msg=where)
+        if amsgrad:
+            expected = state["max_exp_avg_sq"].numpy()
+            np.testing.assert_allclose(vmax, expected, RTOL, ATOL, err_msg=where)
+        else:
+            assert vmax is None
 
 
 @pytest.mark.parametrize(

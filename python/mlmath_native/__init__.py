@@ -8,7 +8,7 @@ tests use as the oracle.
 
 from __future__ import annotations
 
-from . import _core
+from . import _core, optim
 from ._cross_entropy import cross_entropy
 from ._softmax import (
     log_softmax,
@@ -17,11 +17,19 @@ from ._softmax import (
     softmax,
     softmax_backward,
 )
+from .optim import SGD, Adam, AdamW, adam_step, gradient_descent, sgd_step
 
 __version__ = _core.__version__
 
 __all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
     "__version__",
+    "adam_step",
+    "gradient_descent",
+    "optim",
+    "sgd_step",
     "build_info",
     "cross_entropy",
     "get_num_threads",

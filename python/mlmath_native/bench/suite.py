@@ -262,6 +262,135 @@ def cross_entropy_cases() -> list[Case]:
 CASES.extend(cross_entropy_cases())
 
 
+# --- optimizers: 16M float32 params, one step -------------------------------------------------
+
+
+def _optim_inputs(shape: tuple[int, ...]) -> Inputs:
+    """shape = (total params, tensors): the params split into equal tensors, with grads."""
+    total, tensors = shape
+    sizes = [total // tensors] * tensors
+    rng = np.random.default_rng(2)
+    params = [rng.standard_normal(n, dtype=np.float32) for n in sizes]
+    grads = [rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3) for n in sizes]
+    return {"params": params, "grads": grads, "n": sum(sizes)}
+
+
+def _ours_optim(cls, **opts) -> Factory:
+    def factory(d: Inputs):
+        opt = cls(d["params"], **opts)
+        return lambda: opt.step(d["grads"])
+
+    return factory
+
+
+def _torch_optim(name: str, **opts) -> Factory:
+    def factory(d: Inputs):
+        import torch
+
+        params = [torch.from_numpy(p.copy()) for p in d["params"]]
+        for p, g in zip(params, d["grads"], strict=True):
+            p.grad = torch.from_numpy(g)
+        opt = getattr(torch.optim, name)(params, **opts)
+        return opt.step
+
+    return factory
+
+
+def _numpy_sgd(momentum: float) -> Factory:
+    def factory(d: Inputs):
+        params = [p.copy() for p in d["params"]]
+        bufs = [np.zeros_like(p) for p in params]
+
+        def step():
+            for p, g, b in zip(params, d["grads"], bufs, strict=True):
+                if momentum:
+                    b *= momentum
+                    b += g
+                    p -= 0.01 * b
+                else:
+                    p -= 0.01 * g
+
+        return step
+
+    return factory
+
+
+def _numpy_adam(decoupled: bool) -> Factory:
+    """Adam as a NumPy user writes it: whole-array expressions, state updated in place."""
+
+    def factory(d: Inputs):
+        params = [p.copy() for p in d["params"]]
+        ms = [np.zeros_like(p) for p in params]
+        vs = [np.zeros_like(p) for p in params]
+        t = [0]
+        b1, b2, lr, eps, wd = 0.9, 0.999, 1e-3, 1e-8, 1e-2
+
+        def step():
+            t[0] += 1
+            for p, g, m, v in zip(params, d["grads"], ms, vs, strict=True):
+                if decoupled:
+                    p *= 1 - lr * wd
+                m *= b1
+                m += (1 - b1) * g
+                v *= b2
+                v += (1 - b2) * g * g
+                p -= lr / (1 - b1 ** t[0]) * m / (np.sqrt(v / (1 - b2 ** t[0])) + eps)
+
+        return step
+
+    return factory
+
+
+def optimizer_cases() -> list[Case]:
+    total = 16 << 20
+    quick = (4 << 20, 1)
+    label = "16M params, {1} tensor(s)"
+    cases = [
+        Case(
+            name="sgd",
+            shape=(total, 1),
+            quick_shape=quick,
+            label=label,
+            setup=_optim_inputs,
+            ours=_ours_optim(mn.SGD, lr=0.01),
+            numpy=_numpy_sgd(0.0),
+            torch=_torch_optim("SGD", lr=0.01),
+            work=lambda d: 3 * 4 * d["n"],  # read p, g; write p
+        ),
+        Case(
+            name="sgd momentum",
+            shape=(total, 1),
+            quick_shape=quick,
+            label=label,
+            setup=_optim_inputs,
+            ours=_ours_optim(mn.SGD, lr=0.01, momentum=0.9),
+            numpy=_numpy_sgd(0.9),
+            torch=_torch_optim("SGD", lr=0.01, momentum=0.9),
+            work=lambda d: 5 * 4 * d["n"],  # read p, g, b; write p, b
+        ),
+    ]
+    for name, cls, decoupled in [("adam", mn.Adam, False), ("adamw", mn.AdamW, True)]:
+        torch_name = "AdamW" if decoupled else "Adam"
+        for tensors in (1, 100):
+            cases.append(
+                Case(
+                    name=f"{name} (torch fused)",
+                    shape=(total, tensors),
+                    quick_shape=(quick[0], tensors),
+                    label=label,
+                    setup=_optim_inputs,
+                    ours=_ours_optim(cls, lr=1e-3),
+                    numpy=_numpy_adam(decoupled),
+                    torch=_torch_optim(torch_name, lr=1e-3, fused=True),
+                    work=lambda d: 7 * 4 * d["n"],  # read p, g, m, v; write p, m, v
+                )
+            )
+    return cases
+
+
+CASES.extend(optimizer_cases())
+
+
 def select(only: list[str] | None, cases: list[Case] | None = None) -> list[Case]:
     """Cases whose name contains any of the substrings in `only` (all cases if empty)."""
     cases = CASES if cases is None else cases

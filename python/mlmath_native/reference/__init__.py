@@ -9,15 +9,17 @@ PyTorch (``tests/test_reference.py``).
 Modules
 -------
 gradient_descent
-    ``θ_{t+1} = θ_t − η ∇J(θ_t)``: ``gradient_descent_step``, ``gradient_descent``.
+    ``θ_{t+1} = θ_t − η ∇J(θ_t)``: ``gradient_descent_step``, ``gradient_descent``,
+    ``sgd_step`` (torch.optim.SGD: momentum, dampening, nesterov, weight decay, maximize).
 softmax
     ``softmax(z)_i = exp(z_i) / Σ_j exp(z_j)``: ``softmax``, ``log_softmax``,
     ``logsumexp``, ``softmax_backward``, ``log_softmax_backward``.
 cross_entropy
-    ``L = − Σ_i y_i log ŷ_i``: ``cross_entropy`` (from logits),
-    ``cross_entropy_from_probs``.
+    ``L = − Σ_i y_i log ŷ_i``: ``cross_entropy`` (from logits, PyTorch's options),
+    ``cross_entropy_grad``, ``cross_entropy_from_probs``.
 adam_optimizer
-    ``θ ← θ − η m̂ / (√v̂ + ε)``: ``adam_step``, ``adam_minimize``.
+    ``θ ← θ − η m̂ / (√v̂ + ε)``: ``adam_step`` (Adam/AdamW, amsgrad, maximize),
+    ``adam_minimize``.
 convolution
     ``O(i, j) = Σ_m Σ_n I(i+m, j+n) K(m, n)``: ``correlate2d_valid``, ``conv2d``.
 transformer_attention

@@ -1,4 +1,4 @@
-"""Adam optimizer (float64 reference).
+"""Adam and AdamW optimizers (float64 reference, ``torch.optim.Adam`` / ``AdamW``).
 
 Formula (step t = 1, 2, …, gradient g_t = ∇J(θ_{t−1}), m_0 = v_0 = 0)::
 
@@ -18,6 +18,30 @@ magnitude whenever the gradient's sign is consistent (|m̂| ≈ √v̂), whateve
 gradient's scale. In particular, the very first step from zero state moves each
 coordinate by η·g/(|g| + ε) ≈ η · sign(g) against its gradient.
 
+PyTorch's options
+-----------------
+``adam_step`` follows ``torch.optim.Adam`` and ``torch.optim.AdamW`` (the
+single-tensor path) option for option, with λ the weight decay::
+
+    g = −g if maximize                        ascend instead of descend
+    g = g + λ θ                               Adam: L2 penalty ½λ‖θ‖², through the moments
+    θ = θ (1 − η λ)                           AdamW (decoupled_weight_decay=True) instead:
+                                              shrink θ directly, outside the moments
+    m, v as above
+    v_max = max(v_max, v)                     amsgrad: the largest v seen so far
+    θ = θ − (η / (1 − β₁ᵗ)) · m / (√v_max / √(1 − β₂ᵗ) + ε)     (√v without amsgrad)
+
+Note [Adam vs AdamW]: with Adam's L2 decay the penalty's gradient λθ is divided by
+√v̂ like the loss gradient, so coordinates with large gradients are barely decayed;
+AdamW (Loshchilov & Hutter, 2019) applies the decay to θ itself, at the same rate
+η λ for every coordinate, before the Adam update.
+
+API note: ``adam_step`` used to be ``adam_step(theta, grad, m, v, t, lr, beta1,
+beta2, eps) -> (theta, m, v)``. It now takes PyTorch's state names and options
+(``step`` is keyword-only) and returns four arrays, the fourth being the AMSGrad
+state (``None`` unless ``amsgrad``); an old call ``adam_step(θ, g, m, v, t)`` fails
+with a TypeError rather than silently unpacking the wrong number of values.
+
 ``adam_step`` is the functional single update; ``adam_minimize`` repeats it on a
 gradient function (the counterpart of ``gradient_descent.gradient_descent``).
 """
@@ -27,56 +51,94 @@ import numpy as np
 __all__ = ["adam_step", "adam_minimize"]
 
 
-def _check_hyper(lr, beta1, beta2, eps, name):
-    """Validate Adam's hyper-parameters (the same rules as torch.optim.Adam)."""
+def _check_hyper(lr, beta1, beta2, eps, weight_decay, name):
+    """Validate Adam's hyper-parameters (torch.optim.Adam's rules, and finite)."""
     checks = (
         ("lr", lr, 0.0 <= lr < np.inf, "a finite value >= 0"),
         ("beta1", beta1, 0.0 <= beta1 < 1.0, "0 <= beta1 < 1"),
         ("beta2", beta2, 0.0 <= beta2 < 1.0, "0 <= beta2 < 1"),
         ("eps", eps, 0.0 <= eps < np.inf, "a finite value >= 0"),
+        ("weight_decay", weight_decay, 0.0 <= weight_decay < np.inf, "a finite value >= 0"),
     )
     for arg, value, ok, rule in checks:
         if not ok:  # also catches NaN: every comparison with NaN is False
             raise ValueError(f"{name}: {arg} is invalid (got {value!r}, expected {rule})")
 
 
-def adam_step(theta, grad, m, v, t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
-    """One Adam update, returning new arrays (the inputs are not modified).
+def adam_step(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr=1e-3,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    amsgrad=False,
+    maximize=False,
+    decoupled_weight_decay=False,
+    max_exp_avg_sq=None,
+):
+    """One Adam (or AdamW) update, returning new arrays (the inputs are not modified).
 
-    ::
+    ``torch.optim.Adam`` (``decoupled_weight_decay=False``) or ``torch.optim.AdamW``
+    (``True``) on one parameter array, in float64::
 
+        g ← −g if maximize
+        g ← g + λ θ              (Adam)    or    θ ← θ (1 − η λ)    (AdamW)
         m ← β₁ m + (1 − β₁) g
         v ← β₂ v + (1 − β₂) g²
-        θ ← θ − η · (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)
+        v_max ← max(v_max, v)    (amsgrad; the denominator then uses v_max for v)
+        θ ← θ − (η / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
 
     Parameters
     ----------
-    theta : array_like
-        Parameters before the step. Converted to float64.
+    param : array_like
+        Parameters θ before the step. Converted to float64.
     grad : array_like
-        Gradient g at ``theta``, same shape.
-    m, v : array_like
-        First and second moment estimates from the previous step, same shape
+        Gradient g at ``param``, same shape.
+    exp_avg, exp_avg_sq : array_like
+        First and second moment estimates m and v from the previous step, same shape
         (zeros before the first step).
-    t : int
-        Number of this step, starting at 1 (used in the bias corrections).
+    step : int
+        Number of this step t, counted after incrementing: 1 on the first step (this
+        is PyTorch's ``state["step"]`` after the update). Keyword-only.
     lr : float, optional
-        Learning rate η. Default 1e-3.
+        Learning rate η (>= 0). Default 1e-3.
     beta1, beta2 : float, optional
         Decay rates of the moment estimates, in [0, 1). Defaults 0.9 and 0.999.
     eps : float, optional
-        Added to √v̂ to avoid division by zero. Default 1e-8.
+        Added to √v̂ to avoid division by zero (>= 0). Default 1e-8.
+    weight_decay : float, optional
+        Weight decay λ (>= 0). Default 0 (torch.optim.AdamW's default is 1e-2).
+    amsgrad : bool, optional
+        AMSGrad: divide by the running maximum of v instead of v. Default False.
+    maximize : bool, optional
+        Ascend the objective instead of descending it (uses −g). Default False.
+    decoupled_weight_decay : bool, optional
+        True: AdamW's decoupled decay θ ← θ (1 − η λ). False (default): Adam's L2
+        penalty g ← g + λ θ. See Note [Adam vs AdamW] in the module docstring.
+    max_exp_avg_sq : array_like or None, optional
+        The AMSGrad state v_max from the previous step, same shape; ``None`` (default)
+        means zeros, i.e. the first step. Ignored unless ``amsgrad``.
 
     Returns
     -------
-    theta_new, m_new, v_new : ndarray of float64
-        Updated parameters and moment estimates; pass ``m_new``, ``v_new`` and
-        ``t + 1`` to the next call.
+    param_new, exp_avg_new, exp_avg_sq_new : ndarray of float64
+        Updated parameters and moment estimates; pass them, with ``step + 1``, to the
+        next call.
+    max_exp_avg_sq_new : ndarray of float64 or None
+        The updated v_max if ``amsgrad``, else ``None``.
 
     Raises
     ------
     ValueError
-        If the shapes differ, ``t < 1`` or a hyper-parameter is out of range.
+        If the shapes differ, ``step < 1`` or a hyper-parameter is out of range
+        (negative or non-finite ``lr``, ``eps`` or ``weight_decay``; a beta outside
+        [0, 1)).
 
     Examples
     --------
@@ -84,40 +146,73 @@ def adam_step(theta, grad, m, v, t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
     the sign of its gradient:
 
     >>> import numpy as np
-    >>> theta, m, v = adam_step([1.0, 1.0], [3.0, -0.5], m=[0.0, 0.0], v=[0.0, 0.0], t=1,
-    ...                         lr=0.1)
-    >>> print(np.round(theta, 6))
+    >>> zeros = np.zeros(2)
+    >>> p, m, v, _ = adam_step([1.0, 1.0], [3.0, -0.5], zeros, zeros, step=1, lr=0.1)
+    >>> print(np.round(p, 6))
     [0.9 1.1]
     >>> print(np.round(m, 6), np.round(v, 6))
     [ 0.3  -0.05] [0.009   0.00025]
+
+    AdamW with a zero gradient only shrinks the parameters, by (1 − η λ):
+
+    >>> p, *_ = adam_step([1.0, -2.0], zeros, zeros, zeros, step=1, lr=0.1,
+    ...                   weight_decay=0.5, decoupled_weight_decay=True)
+    >>> print(p)
+    [ 0.95 -1.9 ]
     """
     name = "adam_step"
-    theta = np.asarray(theta, dtype=np.float64)
+    param = np.asarray(param, dtype=np.float64)
     arrays = {
         "grad": np.asarray(grad, dtype=np.float64),
-        "m": np.asarray(m, dtype=np.float64),
-        "v": np.asarray(v, dtype=np.float64),
+        "exp_avg": np.asarray(exp_avg, dtype=np.float64),
+        "exp_avg_sq": np.asarray(exp_avg_sq, dtype=np.float64),
     }
+    if amsgrad:
+        # PyTorch starts the AMSGrad state at zeros; max(0, v) = v on the first step.
+        arrays["max_exp_avg_sq"] = (
+            np.zeros_like(param)
+            if max_exp_avg_sq is None
+            else np.asarray(max_exp_avg_sq, dtype=np.float64)
+        )
     for arg, arr in arrays.items():
-        if arr.shape != theta.shape:
+        if arr.shape != param.shape:
             raise ValueError(
-                f"{name}: {arg} has shape {arr.shape} (expected the shape of theta, {theta.shape})"
+                f"{name}: {arg} has shape {arr.shape} (expected the shape of param, {param.shape})"
             )
-    if int(t) != t or t < 1:
-        raise ValueError(f"{name}: t is invalid (got {t!r}, expected an integer >= 1)")
-    _check_hyper(lr, beta1, beta2, eps, name)
-    g, m, v = arrays["grad"], arrays["m"], arrays["v"]
+    if int(step) != step or step < 1:
+        raise ValueError(f"{name}: step is invalid (got {step!r}, expected an integer >= 1)")
+    step = int(step)
+    _check_hyper(lr, beta1, beta2, eps, weight_decay, name)
+    g, m, v = arrays["grad"], arrays["exp_avg"], arrays["exp_avg_sq"]
+
+    if maximize:
+        g = -g  # ascending J is descending −J
+    if weight_decay != 0.0:
+        if decoupled_weight_decay:
+            param = param * (1.0 - lr * weight_decay)  # AdamW: shrink θ itself
+        else:
+            g = g + weight_decay * param  # Adam: gradient of the L2 penalty ½λ‖θ‖²
 
     # Exponential moving averages of the gradient and of its square.
-    m_new = beta1 * m + (1.0 - beta1) * g
-    v_new = beta2 * v + (1.0 - beta2) * g * g
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
 
     # Bias correction: with m_0 = v_0 = 0, E[m_t] ≈ (1 − β₁ᵗ) E[g], likewise for v.
-    m_hat = m_new / (1.0 - beta1**t)
-    v_hat = v_new / (1.0 - beta2**t)
+    # Folded into the step size and the denominator, as PyTorch does:
+    # η m̂ / (√v̂ + ε) = (η / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε).
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    step_size = lr / bias_correction1
 
-    theta_new = theta - lr * m_hat / (np.sqrt(v_hat) + eps)
-    return theta_new, m_new, v_new
+    v_max = None
+    if amsgrad:
+        v_max = np.maximum(arrays["max_exp_avg_sq"], v)  # never lets the step size grow back
+        denom = np.sqrt(v_max) / np.sqrt(bias_correction2) + eps
+    else:
+        denom = np.sqrt(v) / np.sqrt(bias_correction2) + eps
+
+    param = param - step_size * m / denom
+    return param, m, v, v_max
 
 
 def adam_minimize(
@@ -129,6 +224,10 @@ def adam_minimize(
     beta2=0.999,
     eps=1e-8,
     return_history=False,
+    *,
+    weight_decay=0.0,
+    amsgrad=False,
+    decoupled_weight_decay=False,
 ):
     """Minimise a function with ``num_steps`` Adam steps from zero moment state.
 
@@ -146,6 +245,8 @@ def adam_minimize(
         As in :func:`adam_step`.
     return_history : bool, optional
         Also return every iterate.
+    weight_decay, amsgrad, decoupled_weight_decay : optional
+        As in :func:`adam_step` (keyword-only). Defaults: plain Adam.
 
     Returns
     -------
@@ -176,10 +277,25 @@ def adam_minimize(
     theta = np.array(theta0, dtype=np.float64)  # a copy: theta0 is never modified
     m = np.zeros_like(theta)  # moment state starts at zero
     v = np.zeros_like(theta)
+    v_max = None  # AMSGrad state (zeros on the first step)
     history = [theta.copy()]
     for t in range(1, int(num_steps) + 1):
         grad = grad_fn(theta)
-        theta, m, v = adam_step(theta, grad, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+        theta, m, v, v_max = adam_step(
+            theta,
+            grad,
+            m,
+            v,
+            step=t,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            decoupled_weight_decay=decoupled_weight_decay,
+            max_exp_avg_sq=v_max,
+        )
         history.append(theta.copy())
     if return_history:
         return theta, np.stack(history)

@@ -15,11 +15,27 @@ converges to c whenever 0 < η < 2 / λ_max(A).
 
 ``gradient_descent_step`` is the single update; ``gradient_descent`` repeats it
 for a fixed number of steps, optionally stopping early once the gradient is small.
+
+SGD with momentum (``torch.optim.SGD``)
+---------------------------------------
+``sgd_step`` is the step of ``torch.optim.SGD`` for one parameter array, with all of
+its options (μ momentum, τ dampening, λ weight decay; b the momentum buffer)::
+
+    d = −g if maximize else g                   the direction to descend along
+    d = d + λ θ                                  weight decay (an L2 penalty ½λ‖θ‖²)
+    b = d                          first step    (momentum μ > 0 only: the buffer
+    b = μ b + (1 − τ) d            later steps    starts as a copy, not damped)
+    d = d + μ b if nesterov else b               Nesterov looks one step ahead
+    θ = θ − η d
+
+With μ = λ = 0 and ``maximize=False`` this is the plain step θ − η g above. The
+buffer is the only state; it is passed in and returned (``None`` before the first
+step, and always ``None`` without momentum).
 """
 
 import numpy as np
 
-__all__ = ["gradient_descent_step", "gradient_descent"]
+__all__ = ["gradient_descent_step", "gradient_descent", "sgd_step"]
 
 
 def gradient_descent_step(theta, grad, lr):
@@ -139,6 +155,124 @@ def gradient_descent(grad_fn, theta0, lr, num_steps, tol=None, return_history=Fa
     if return_history:
         return theta, np.stack(history)
     return theta
+
+
+def sgd_step(
+    param,
+    grad,
+    momentum_buffer=None,
+    *,
+    lr,
+    momentum=0.0,
+    dampening=0.0,
+    nesterov=False,
+    weight_decay=0.0,
+    maximize=False,
+):
+    """One step of ``torch.optim.SGD`` on one parameter array, in float64.
+
+    ::
+
+        d = (−g if maximize else g) + λ θ
+        b = d  if b is None  else  μ b + (1 − τ) d        (only when μ > 0)
+        d = d + μ b  if nesterov  else  b                 (only when μ > 0)
+        θ_new = θ − η d
+
+    A pure function: the inputs are not modified; the new parameters and the new
+    momentum buffer are returned. Pass the buffer back in on the next step.
+
+    Parameters
+    ----------
+    param : array_like
+        Parameters θ before the step. Converted to float64.
+    grad : array_like
+        Gradient g at ``param``, same shape.
+    momentum_buffer : array_like or None, optional
+        The buffer b returned by the previous step, same shape. ``None`` (default)
+        means this is the first step: the buffer then starts as a copy of d, with no
+        dampening, as in PyTorch. Ignored when ``momentum == 0``.
+    lr : float
+        Learning rate η (>= 0). Keyword-only and required, as in PyTorch's SGD.
+    momentum : float, optional
+        Momentum factor μ (>= 0). Default 0: plain (stochastic) gradient descent.
+    dampening : float, optional
+        Dampening τ of the gradient's share in the buffer. Default 0.
+    nesterov : bool, optional
+        Nesterov momentum; requires ``momentum > 0`` and ``dampening == 0``.
+    weight_decay : float, optional
+        L2 penalty λ (>= 0), added to the gradient. Default 0.
+    maximize : bool, optional
+        Ascend the objective instead of descending it (uses −g). Default False.
+
+    Returns
+    -------
+    param_new : ndarray of float64, same shape as ``param``
+    momentum_buffer_new : ndarray of float64 or None
+        The updated buffer b, or ``None`` when ``momentum == 0``.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ; if ``lr``, ``momentum`` or ``weight_decay`` is negative
+        or not finite; if ``nesterov`` is set without momentum or with dampening.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p, buf = sgd_step([1.0, 2.0], [0.5, -1.0], lr=0.1)   # plain: θ − η g
+    >>> print(p, buf)
+    [0.95 2.1 ] None
+    >>> p, buf = sgd_step(p, [1.0, 1.0], lr=0.1, momentum=0.9)  # first step: b = g
+    >>> print(p, buf)
+    [0.85 2.  ] [1. 1.]
+    >>> p, buf = sgd_step(p, [1.0, 1.0], buf, lr=0.1, momentum=0.9)  # b = 0.9 b + g
+    >>> print(np.round(p, 6), buf)
+    [0.66 1.81] [1.9 1.9]
+    """
+    name = "sgd_step"
+    param = np.asarray(param, dtype=np.float64)
+    grad = np.asarray(grad, dtype=np.float64)
+    if grad.shape != param.shape:
+        raise ValueError(
+            f"{name}: grad has shape {grad.shape} (expected the shape of param, {param.shape})"
+        )
+    lr = _check_lr(lr, name)
+    momentum = _check_nonnegative(momentum, "momentum", name)
+    weight_decay = _check_nonnegative(weight_decay, "weight_decay", name)
+    dampening = float(dampening)  # any value, as in PyTorch
+    if nesterov and (momentum <= 0.0 or dampening != 0.0):
+        raise ValueError(
+            f"{name}: nesterov requires momentum > 0 and dampening == 0 "
+            f"(got momentum={momentum!r}, dampening={dampening!r})"
+        )
+    if momentum_buffer is not None:
+        momentum_buffer = np.asarray(momentum_buffer, dtype=np.float64)
+        if momentum_buffer.shape != param.shape:
+            raise ValueError(
+                f"{name}: momentum_buffer has shape {momentum_buffer.shape} "
+                f"(expected the shape of param, {param.shape}, or None)"
+            )
+
+    d = -grad if maximize else grad  # the direction to descend along
+    if weight_decay != 0.0:
+        d = d + weight_decay * param  # gradient of the L2 penalty ½λ‖θ‖²
+
+    buf = None
+    if momentum != 0.0:
+        if momentum_buffer is None:
+            buf = d.copy()  # first step: the buffer starts as d, not (1 − τ) d
+        else:
+            buf = momentum * momentum_buffer + (1.0 - dampening) * d
+        d = d + momentum * buf if nesterov else buf
+
+    return param - lr * d, buf
+
+
+def _check_nonnegative(value, arg, name):
+    value = float(value)
+    if not (np.isfinite(value) and value >= 0):  # also rejects NaN
+        raise ValueError(f"{name}: {arg} is invalid (got {value!r}, expected a finite value >= 0)")
+    return value
 
 
 def _check_lr(lr, name):

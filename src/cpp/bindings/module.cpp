@@ -9,6 +9,7 @@ namespace mlmath::bindings {
 void bind_softmax(pybind11::module_& m);
 void bind_output_cache(pybind11::module_& m);
 void bind_cross_entropy(pybind11::module_& m);
+void bind_optim(pybind11::module_& m);
 }  // namespace mlmath::bindings
 
 namespace py = pybind11;
@@ -36,4 +37,5 @@ PYBIND11_MODULE(_core, m) {
   mlmath::bindings::bind_softmax(m);
   mlmath::bindings::bind_output_cache(m);
   mlmath::bindings::bind_cross_entropy(m);
+  mlmath::bindings::bind_optim(m);
 }

@@ -4,11 +4,11 @@
 //   load / store             unaligned, full width
 //   load_partial(p, n, fill) first n < width lanes from p, the rest = fill (never reads past n)
 //   store_partial(p, n)      writes the first n < width lanes only
-//   add sub mul div fma max min  lane-wise; fma(a, b, c) = a*b + c (fused where the ISA has FMA)
-//   reduce_add reduce_max    horizontal, in a fixed lane order (results do not vary run to run)
-//   round_nearest            to the nearest integer, ties to even
-//   pow2i(k)                 2^k for integer-valued k inside the normal exponent range
-//   keep_where_nonzero(c, v) v where c != 0 (or NaN), else +0 (so 0 * inf terms can be dropped)
+//   add sub mul div sqrt fma max min  lane-wise; fma(a, b, c) = a*b + c (fused where the ISA has
+//   FMA) reduce_add reduce_max    horizontal, in a fixed lane order (results do not vary run to
+//   run) round_nearest            to the nearest integer, ties to even pow2i(k)                 2^k
+//   for integer-valued k inside the normal exponent range keep_where_nonzero(c, v) v where c != 0
+//   (or NaN), else +0 (so 0 * inf terms can be dropped)
 //
 // One specialisation per ISA, chosen by the MLMATH_ISA_* symbol of the compilation; adding an ISA
 // means one more block here and one entry in the CMake ISA table.  max/min follow the x86
@@ -16,6 +16,7 @@
 // NaN handle it explicitly (see Note [NaN in reductions] in softmax.cpp).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -78,6 +79,10 @@ inline Vec<T> mul(Vec<T> a, Vec<T> b) {
 template <class T>
 inline Vec<T> div(Vec<T> a, Vec<T> b) {
   return {a.v / b.v};
+}
+template <class T>
+inline Vec<T> sqrt(Vec<T> a) {
+  return {std::sqrt(a.v)};
 }
 // No FMA on the x86-64 baseline: a separate multiply and add (std::fma would be a libm call).
 template <class T>
@@ -174,6 +179,8 @@ inline VF mul(VF a, VF b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline VD mul(VD a, VD b) { return {_mm256_mul_pd(a.v, b.v)}; }
 inline VF div(VF a, VF b) { return {_mm256_div_ps(a.v, b.v)}; }
 inline VD div(VD a, VD b) { return {_mm256_div_pd(a.v, b.v)}; }
+inline VF sqrt(VF a) { return {_mm256_sqrt_ps(a.v)}; }
+inline VD sqrt(VD a) { return {_mm256_sqrt_pd(a.v)}; }
 inline VF fma(VF a, VF b, VF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline VD fma(VD a, VD b, VD c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
 inline VF max(VF a, VF b) { return {_mm256_max_ps(a.v, b.v)}; }
@@ -262,6 +269,8 @@ inline VF mul(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline VD mul(VD a, VD b) { return {_mm512_mul_pd(a.v, b.v)}; }
 inline VF div(VF a, VF b) { return {_mm512_div_ps(a.v, b.v)}; }
 inline VD div(VD a, VD b) { return {_mm512_div_pd(a.v, b.v)}; }
+inline VF sqrt(VF a) { return {_mm512_sqrt_ps(a.v)}; }
+inline VD sqrt(VD a) { return {_mm512_sqrt_pd(a.v)}; }
 inline VF fma(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline VD fma(VD a, VD b, VD c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
 inline VF max(VF a, VF b) { return {_mm512_max_ps(a.v, b.v)}; }

@@ -41,6 +41,41 @@ struct CrossEntropyArgs {
   T grad_scale_all;
 };
 
+// One tensor of an optimizer step: n elements in each array; state pointers a step does not use
+// are null.  Arrays are contiguous and do not overlap.
+template <class T>
+struct OptimTensor {
+  T* param;
+  const T* grad;
+  T* state1;  // SGD: momentum buffer; Adam: exp_avg
+  T* state2;  // Adam: exp_avg_sq
+  T* state3;  // Adam with amsgrad: max_exp_avg_sq
+  std::int64_t n;
+};
+
+// torch.optim.SGD over every tensor in one parallel region (kernels/optim.cpp).
+template <class T>
+struct SgdArgs {
+  const OptimTensor<T>* tensors;
+  std::int64_t count;
+  T lr, momentum, dampening, weight_decay;
+  bool nesterov;
+  bool first_step;  // momentum buffer := d_p (torch creates it on the first step)
+  T grad_scale;     // applied to every gradient first: -1 for maximize, times a clip coefficient
+};
+
+// torch.optim.Adam (decoupled = false) / AdamW (decoupled = true).
+template <class T>
+struct AdamArgs {
+  const OptimTensor<T>* tensors;
+  std::int64_t count;
+  T lr, beta1, beta2, eps, weight_decay;
+  bool decoupled, amsgrad;
+  T step_size;                  // lr / (1 - beta1^step)
+  T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step)
+  T grad_scale;
+};
+
 struct KernelTable {
 #define MLMATH_KERNEL(name, params) void(*name) params;
 #include "mlmath/kernels.inc"

@@ -1,0 +1,744 @@
+"""Fused, multi-tensor optimizers that update NumPy arrays in place, torch.optim's semantics.
+
+``SGD``, ``Adam`` and ``AdamW`` hold a list of parameter arrays and their state; ``step(grads)``
+updates every parameter in one pass over memory (all tensors in one parallel region), after
+optionally clipping all gradients together by their global L2 norm (``max_grad_norm``) and
+skipping the whole step when a gradient holds NaN or Inf (``skip_nonfinite``).  The functional
+kernels ``sgd_step`` and ``adam_step`` update single arrays for embedding in other code, and
+``gradient_descent`` minimises a user function with them.
+
+Every argument of a step is validated before anything is written: a step that raises leaves
+every parameter and every state buffer bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _core
+from ._checks import FLOAT_DTYPES
+
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "GradientDescentResult",
+    "StepResult",
+    "adam_step",
+    "gradient_descent",
+    "sgd_step",
+]
+
+
+# -- argument checks ---------------------------------------------------------------------------
+
+
+def _real(fn: str, name: str, value, *, low=None, high=None, low_open=False, high_open=False):
+    """A finite float within the given bounds, else ValueError/TypeError naming it."""
+    if isinstance(value, bool | np.bool_ | str | bytes):
+        raise TypeError(f"{fn}: {name} must be a real number (got {value!r})")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: {name} must be a real number (got {value!r})") from None
+    bad = not math.isfinite(value)
+    if low is not None:
+        bad |= value <= low if low_open else value < low
+    if high is not None:
+        bad |= value >= high if high_open else value > high
+    if bad:
+        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
+        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
+        raise ValueError(f"{fn}: {name} is invalid (got {value}, expected finite {lo}{name}{hi})")
+    return value
+
+
+def _param_array(fn: str, name: str, p) -> np.ndarray:
+    """A parameter (or state) array that can be updated in place: never a silent copy."""
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{fn}: {name} must be a numpy.ndarray (got {type(p).__name__})")
+    if p.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} has dtype {p.dtype} (expected float32 or float64)")
+    if not p.flags.c_contiguous:
+        raise ValueError(
+            f"{fn}: {name} must be C-contiguous (an in-place update of a copy would be lost)"
+        )
+    if not p.flags.writeable:
+        raise ValueError(f"{fn}: {name} is not writeable")
+    return p
+
+
+def _grad_array(fn: str, name: str, g, param: np.ndarray) -> np.ndarray:
+    """A gradient matching ``param``'s shape and dtype; non-contiguous ones are copied."""
+    if not isinstance(g, np.ndarray):
+        raise TypeError(f"{fn}: {name} must be a numpy.ndarray (got {type(g).__name__})")
+    if g.dtype != param.dtype:
+        raise TypeError(f"{fn}: {name} has dtype {g.dtype} (expected the param's {param.dtype})")
+    if g.shape != param.shape:
+        raise ValueError(f"{fn}: {name} has shape {g.shape} (expected the param's {param.shape})")
+    return np.ascontiguousarray(g) if g.ndim else g
+
+
+def _as_list(fn: str, name: str, arrays) -> list:
+    if isinstance(arrays, np.ndarray):
+        return [arrays]
+    if isinstance(arrays, Sequence) and not isinstance(arrays, str | bytes):
+        return list(arrays)
+    raise TypeError(
+        f"{fn}: {name} must be an array or a list of arrays (got {type(arrays).__name__})"
+    )
+
+
+def _check_state(fn: str, name: str, buf, param: np.ndarray) -> np.ndarray:
+    buf = _param_array(fn, name, buf)
+    if buf.dtype != param.dtype or buf.shape != param.shape:
+        raise ValueError(
+            f"{fn}: {name} has shape {buf.shape} and dtype {buf.dtype} (expected the param's "
+            f"{param.shape} and {param.dtype})"
+        )
+    return buf
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step did.
+
+    applied : bool
+        False when ``skip_nonfinite`` found NaN or Inf in a gradient (nothing was changed).
+    grad_norm : float or None
+        The global L2 norm of all gradients before clipping; computed when ``max_grad_norm`` or
+        ``skip_nonfinite`` is set (it costs one more read of the gradients), else None.
+    clip_coef : float
+        The factor the gradients were multiplied by (1.0 without clipping).
+    """
+
+    applied: bool
+    grad_norm: float | None = None
+    clip_coef: float = 1.0
+
+
+# -- the optimizers ----------------------------------------------------------------------------
+
+
+class _Optimizer:
+    """Shared machinery: params, grads, clipping, state dicts.  Subclasses define _hyper(),
+    _state_names() and _update(groups, scale)."""
+
+    _name = "optimizer"
+
+    def __init__(self, params, *, max_grad_norm=None, skip_nonfinite=False):
+        fn = f"{self._name}"
+        params = _as_list(fn, "params", params)
+        if not params:
+            raise ValueError(f"{fn}: params is empty (expected at least one array)")
+        self.params = [_param_array(fn, f"params[{i}]", p) for i, p in enumerate(params)]
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.step_count = 0
+        self.state: dict[str, list[np.ndarray | None]] = {
+            name: [np.zeros_like(p) for p in self.params] for name in self._state_names()
+        }
+
+    # what a subclass defines ---------------------------------------------------------------------
+    def _state_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _hyper_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _check_hyper(self) -> dict:
+        raise NotImplementedError
+
+    def _update(self, idx: list[int], grads: list[np.ndarray], hyper: dict, scale: float):
+        raise NotImplementedError
+
+    # the step ------------------------------------------------------------------------------------
+    def step(self, grads) -> StepResult:
+        """Update every param in place from ``grads`` (an array or a list matching params).
+
+        Returns a :class:`StepResult`.  Raises ValueError/TypeError, changing nothing, for
+        mismatched or non-writable arrays and invalid hyper-parameters.
+        """
+        fn = f"{self._name}.step"
+        hyper = self._check_hyper()
+        max_norm = self.max_grad_norm
+        if max_norm is not None:
+            max_norm = _real(fn, "max_grad_norm", max_norm, low=0, low_open=True)
+        grads = _as_list(fn, "grads", grads)
+        if len(grads) != len(self.params):
+            raise ValueError(
+                f"{fn}: got {len(grads)} grads for {len(self.params)} params (expected one each)"
+            )
+        for i, p in enumerate(self.params):
+            _param_array(fn, f"params[{i}]", p)
+            for name, bufs in self.state.items():
+                if bufs[i] is not None:
+                    _check_state(fn, f"{name}[{i}]", bufs[i], p)
+        grads = [
+            _grad_array(fn, f"grads[{i}]", g, p)
+            for i, (g, p) in enumerate(zip(grads, self.params, strict=True))
+        ]
+
+        grad_norm, coef = None, 1.0
+        if max_norm is not None or self.skip_nonfinite:
+            grad_norm = math.sqrt(_core.grad_sumsq(grads))
+            if self.skip_nonfinite and not math.isfinite(grad_norm):
+                return StepResult(applied=False, grad_norm=grad_norm)
+            if max_norm is not None:
+                coef = min(1.0, max_norm / (grad_norm + 1e-6))  # as torch's clip_grad_norm_
+        scale = -coef if hyper.get("maximize") else coef
+        # one fused call per dtype (float32 and float64 params may be mixed)
+        for dtype in FLOAT_DTYPES:
+            idx = [i for i, p in enumerate(self.params) if p.dtype == dtype]
+            if idx:
+                self._update(idx, [grads[i] for i in idx], hyper, scale)
+        self.step_count += 1
+        self._after_step(hyper)
+        return StepResult(applied=True, grad_norm=grad_norm, clip_coef=coef)
+
+    def _after_step(self, hyper: dict) -> None:
+        pass
+
+    # state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """A flat dict of NumPy values (``np.savez(f, **opt.state_dict())`` saves it): the step
+        count, the hyper-parameters, and copies of every state buffer as ``"<name>.<index>"``."""
+        d = {"step": np.int64(self.step_count)}
+        for name in self._hyper_names():
+            d[name] = np.asarray(getattr(self, name))
+        for name, bufs in self.state.items():
+            for i, b in enumerate(bufs):
+                if b is not None:
+                    d[f"{name}.{i}"] = b.copy()
+        return d
+
+    def load_state_dict(self, d) -> None:
+        """Restore what :meth:`state_dict` returned (or ``dict(np.load(file))``); every entry is
+        checked before anything is changed."""
+        fn = f"{self._name}.load_state_dict"
+        d = dict(d)
+        if "step" not in d:
+            raise ValueError(f"{fn}: the state has no 'step' entry")
+        step = int(np.asarray(d["step"]))
+        if step < 0:
+            raise ValueError(f"{fn}: step must be >= 0 (got {step})")
+        buffers = {}
+        for name in self.state:
+            for i, p in enumerate(self.params):
+                key = f"{name}.{i}"
+                if key not in d:
+                    continue
+                value = np.asarray(d[key])
+                if value.shape != p.shape:
+                    raise ValueError(f"{fn}: {key} has shape {value.shape} (expected {p.shape})")
+                if value.dtype != p.dtype:
+                    raise TypeError(f"{fn}: {key} has dtype {value.dtype} (expected {p.dtype})")
+                buffers[(name, i)] = value
+        required = self._required_state(step)
+        missing = [
+            f"{n}.{i}" for n in required for i in range(len(self.params)) if (n, i) not in buffers
+        ]
+        if missing:
+            raise ValueError(f"{fn}: the state lacks {', '.join(missing[:3])}")
+        hyper = {name: np.asarray(d[name]).tolist() for name in self._hyper_names() if name in d}
+        # all checked: now write
+        for name in self._hyper_names():
+            if name in hyper:
+                value = hyper[name]
+                setattr(self, name, tuple(value) if isinstance(value, list) else value)
+        for (name, i), value in buffers.items():
+            if self.state[name][i] is None:
+                self.state[name][i] = np.zeros_like(self.params[i])
+            np.copyto(self.state[name][i], value)
+        self.step_count = step
+        self._after_load(buffers)
+
+    def _required_state(self, step: int) -> list[str]:
+        return list(self.state) if step > 0 else []
+
+    def _after_load(self, buffers) -> None:
+        pass
+
+    def __repr__(self):
+        hyper = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._hyper_names())
+        return f"{type(self).__name__}({len(self.params)} params, {hyper}, step={self.step_count})"
+
+
+class SGD(_Optimizer):
+    """Stochastic gradient descent with momentum, torch.optim.SGD exactly.
+
+    d = g (negated when ``maximize``); d += weight_decay * p; with momentum mu,
+    b = d on the first step, else mu b + (1 - dampening) d, then d = d + mu b (nesterov) or b;
+    finally p -= lr * d.
+
+    Parameters
+    ----------
+    params : ndarray or list of ndarray
+        float32/float64, C-contiguous, writeable; updated in place.
+    lr, momentum, dampening, weight_decay, nesterov, maximize
+        As in torch.optim.SGD; attributes of the same names may be changed between steps.
+    max_grad_norm : float, optional
+        Clip all gradients together to this global L2 norm first (like torch's
+        ``clip_grad_norm_``, without modifying the gradient arrays).
+    skip_nonfinite : bool, optional
+        If any gradient holds NaN or Inf, change nothing and return ``applied=False``.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> w = np.array([1.0, 2.0])
+    >>> opt = mn.optim.SGD(w, lr=0.1)
+    >>> opt.step(np.array([1.0, -1.0])).applied
+    True
+    >>> w
+    array([0.9, 2.1])
+    """
+
+    _name = "SGD"
+
+    def __init__(
+        self,
+        params,
+        lr,
+        momentum=0.0,
+        dampening=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        maximize=False,
+        *,
+        max_grad_norm=None,
+        skip_nonfinite=False,
+    ):
+        self.lr, self.momentum, self.dampening = lr, momentum, dampening
+        self.nesterov, self.weight_decay, self.maximize = nesterov, weight_decay, maximize
+        self._check_hyper()
+        super().__init__(params, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+        self._momentum_started = False
+
+    def _state_names(self):
+        return ["momentum_buffer"]
+
+    def _hyper_names(self):
+        return ["lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"]
+
+    def _check_hyper(self):
+        fn = "SGD"
+        h = dict(
+            lr=_real(fn, "lr", self.lr, low=0, low_open=True),
+            momentum=_real(fn, "momentum", self.momentum, low=0),
+            dampening=_real(fn, "dampening", self.dampening),
+            weight_decay=_real(fn, "weight_decay", self.weight_decay, low=0),
+            nesterov=bool(self.nesterov),
+            maximize=bool(self.maximize),
+        )
+        if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
+            raise ValueError(
+                f"{fn}: nesterov needs momentum > 0 and dampening == 0 (got momentum="
+                f"{h['momentum']}, dampening={h['dampening']})"
+            )
+        return h
+
+    def _required_state(self, step):
+        return []  # a momentum buffer exists only after a step with momentum
+
+    def _after_load(self, buffers):
+        self._momentum_started = any(name == "momentum_buffer" for name, _ in buffers)
+
+    def state_dict(self):
+        d = super().state_dict()
+        if not self._momentum_started:
+            d = {k: v for k, v in d.items() if not k.startswith("momentum_buffer.")}
+        return d
+
+    def _update(self, idx, grads, h, scale):
+        bufs = [self.state["momentum_buffer"][i] for i in idx] if h["momentum"] != 0 else None
+        _core.sgd_step(
+            [self.params[i] for i in idx],
+            grads,
+            bufs,
+            h["lr"],
+            h["momentum"],
+            h["dampening"],
+            h["weight_decay"],
+            h["nesterov"],
+            not self._momentum_started,
+            scale,
+        )
+
+    def _after_step(self, hyper):
+        if hyper["momentum"] != 0:
+            self._momentum_started = True
+
+
+class Adam(_Optimizer):
+    """Adam, torch.optim.Adam exactly (L2 weight decay added to the gradient).
+
+    d = g (negated when ``maximize``) + weight_decay * p;  m = beta1 m + (1 - beta1) d;
+    v = beta2 v + (1 - beta2) d^2;  (amsgrad: vmax = max(vmax, v), used instead of v);
+    p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps),  t = 1, 2, ...
+
+    Parameters as torch.optim.Adam, plus ``max_grad_norm`` and ``skip_nonfinite`` (see
+    :class:`SGD`).  ``lr``, ``betas``, ``eps``, ``weight_decay``, ``amsgrad`` and ``maximize``
+    are attributes that may change between steps.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> w = np.zeros(3, np.float32)
+    >>> opt = mn.optim.Adam(w, lr=0.1)
+    >>> _ = opt.step(np.array([1.0, -2.0, 0.5], np.float32))
+    >>> np.round(w, 4)
+    array([-0.1,  0.1, -0.1], dtype=float32)
+    """
+
+    _name = "Adam"
+    _decoupled = False
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=False,
+        maximize=False,
+        *,
+        max_grad_norm=None,
+        skip_nonfinite=False,
+    ):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.weight_decay, self.amsgrad, self.maximize = weight_decay, amsgrad, maximize
+        self._check_hyper()
+        super().__init__(params, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+        if not amsgrad:
+            self.state["max_exp_avg_sq"] = [None] * len(self.params)
+
+    def _state_names(self):
+        return ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+
+    def _hyper_names(self):
+        return ["lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"]
+
+    def _check_hyper(self):
+        fn = self._name
+        try:
+            beta1, beta2 = self.betas
+        except (TypeError, ValueError):
+            raise TypeError(f"{fn}: betas must be a pair (got {self.betas!r})") from None
+        return dict(
+            lr=_real(fn, "lr", self.lr, low=0, low_open=True),
+            beta1=_real(fn, "betas[0]", beta1, low=0, high=1, high_open=True),
+            beta2=_real(fn, "betas[1]", beta2, low=0, high=1, high_open=True),
+            eps=_real(fn, "eps", self.eps, low=0, low_open=True),
+            weight_decay=_real(fn, "weight_decay", self.weight_decay, low=0),
+            amsgrad=bool(self.amsgrad),
+            maximize=bool(self.maximize),
+        )
+
+    def _required_state(self, step):
+        names = ["exp_avg", "exp_avg_sq"] if step > 0 else []
+        return names + (["max_exp_avg_sq"] if step > 0 and self.amsgrad else [])
+
+    def _update(self, idx, grads, h, scale):
+        maxes = self.state["max_exp_avg_sq"]
+        if h["amsgrad"]:
+            for i in idx:
+                if maxes[i] is None:
+                    maxes[i] = np.zeros_like(self.params[i])
+        _core.adam_step(
+            [self.params[i] for i in idx],
+            grads,
+            [self.state["exp_avg"][i] for i in idx],
+            [self.state["exp_avg_sq"][i] for i in idx],
+            [maxes[i] for i in idx] if h["amsgrad"] else None,
+            self.step_count + 1,
+            h["lr"],
+            h["beta1"],
+            h["beta2"],
+            h["eps"],
+            h["weight_decay"],
+            self._decoupled,
+            scale,
+        )
+
+
+class AdamW(Adam):
+    """AdamW, torch.optim.AdamW exactly: Adam with decoupled weight decay,
+    p *= 1 - lr * weight_decay before the Adam update (default weight_decay 1e-2).
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> w = np.ones(2)
+    >>> opt = mn.optim.AdamW(w, lr=0.1, weight_decay=0.5)
+    >>> _ = opt.step(np.zeros(2))  # a zero gradient: only the decay acts
+    >>> w
+    array([0.95, 0.95])
+    """
+
+    _name = "AdamW"
+    _decoupled = True
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        amsgrad=False,
+        maximize=False,
+        *,
+        max_grad_norm=None,
+        skip_nonfinite=False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+        )
+
+
+# -- functional kernels ------------------------------------------------------------------------
+
+
+def sgd_step(
+    param,
+    grad,
+    momentum_buffer=None,
+    *,
+    lr,
+    momentum=0.0,
+    dampening=0.0,
+    nesterov=False,
+    weight_decay=0.0,
+    maximize=False,
+    first_step=False,
+):
+    """One SGD step on one array, in place (torch.optim.SGD's update; see :class:`SGD`).
+
+    ``momentum_buffer`` (needed when momentum != 0) is updated in place; ``first_step=True``
+    initialises it to the (decayed) gradient, as torch does when the buffer does not exist yet.
+    Returns ``param``.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> p, b = np.array([1.0]), np.zeros(1)
+    >>> mn.optim.sgd_step(p, np.array([2.0]), b, lr=0.5, momentum=0.9, first_step=True)
+    array([0.])
+    """
+    fn = "sgd_step"
+    param = _param_array(fn, "param", param)
+    grad = _grad_array(fn, "grad", grad, param)
+    opt = SGD.__new__(SGD)
+    opt.lr, opt.momentum, opt.dampening = lr, momentum, dampening
+    opt.nesterov, opt.weight_decay, opt.maximize = nesterov, weight_decay, maximize
+    h = SGD._check_hyper(opt)
+    bufs = None
+    if h["momentum"] != 0:
+        if momentum_buffer is None:
+            raise ValueError(f"{fn}: momentum_buffer is required when momentum != 0")
+        bufs = [_check_state(fn, "momentum_buffer", momentum_buffer, param)]
+    _core.sgd_step(
+        [param],
+        [grad],
+        bufs,
+        h["lr"],
+        h["momentum"],
+        h["dampening"],
+        h["weight_decay"],
+        h["nesterov"],
+        bool(first_step),
+        -1.0 if h["maximize"] else 1.0,
+    )
+    return param
+
+
+def adam_step(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    maximize=False,
+    max_exp_avg_sq=None,
+):
+    """One Adam (or AdamW, ``decoupled_weight_decay=True``) step on one array, in place.
+
+    ``step`` is the step number t >= 1 of this update (1 on the first); ``exp_avg`` and
+    ``exp_avg_sq`` (and ``max_exp_avg_sq``, which turns on amsgrad) are updated in place.
+    Returns ``param``.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> p, m, v = np.zeros(2), np.zeros(2), np.zeros(2)
+    >>> mn.optim.adam_step(p, np.array([3.0, -3.0]), m, v, step=1, lr=0.01)
+    array([-0.01,  0.01])
+    """
+    fn = "adam_step"
+    param = _param_array(fn, "param", param)
+    grad = _grad_array(fn, "grad", grad, param)
+    exp_avg = _check_state(fn, "exp_avg", exp_avg, param)
+    exp_avg_sq = _check_state(fn, "exp_avg_sq", exp_avg_sq, param)
+    if max_exp_avg_sq is not None:
+        max_exp_avg_sq = _check_state(fn, "max_exp_avg_sq", max_exp_avg_sq, param)
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"{fn}: step must be an integer (got {step!r})") from None
+    if step < 1:
+        raise ValueError(f"{fn}: step must be >= 1 (got {step})")
+    opt = Adam.__new__(Adam)
+    opt._name = fn
+    opt.lr, opt.betas, opt.eps = lr, betas, eps
+    opt.weight_decay, opt.amsgrad, opt.maximize = weight_decay, False, maximize
+    h = Adam._check_hyper(opt)
+    _core.adam_step(
+        [param],
+        [grad],
+        [exp_avg],
+        [exp_avg_sq],
+        None if max_exp_avg_sq is None else [max_exp_avg_sq],
+        step,
+        h["lr"],
+        h["beta1"],
+        h["beta2"],
+        h["eps"],
+        h["weight_decay"],
+        bool(decoupled_weight_decay),
+        -1.0 if h["maximize"] else 1.0,
+    )
+    return param
+
+
+# -- the minimizer -----------------------------------------------------------------------------
+
+
+@dataclass
+class GradientDescentResult:
+    """x: the final point; steps: updates made; history: per step, the objective value when
+    grad_fn returns (value, grad), else ||grad||; converged: whether ||grad|| <= tol stopped it."""
+
+    x: np.ndarray
+    steps: int
+    history: np.ndarray = field(repr=False)
+    converged: bool = False
+
+
+_OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def gradient_descent(
+    grad_fn: Callable,
+    x0,
+    *,
+    lr,
+    steps=1000,
+    tol=None,
+    optimizer="sgd",
+    callback=None,
+    progress=False,
+    **options,
+) -> GradientDescentResult:
+    """Minimise J by the seed's  theta_{t+1} = theta_t - lr * grad J(theta_t)  (or by Adam).
+
+    Parameters
+    ----------
+    grad_fn : callable
+        ``grad_fn(x)`` returns grad J(x), or ``(J(x), grad J(x))``.
+    x0 : array_like
+        The start; copied (float32 stays float32, other dtypes become float64).
+    lr : float
+        The learning rate eta.
+    steps : int
+        At most this many updates.
+    tol : float, optional
+        Stop as soon as ||grad J|| <= tol (checked before each update).
+    optimizer : {"sgd", "adam", "adamw"} or an optimizer class
+        The update rule; ``**options`` go to it (e.g. ``momentum=0.9``).
+    callback : callable, optional
+        ``callback(step, x, value)`` after each update, value being the history entry; return
+        True to stop.
+    progress : bool
+        Print a progress line to stderr about 20 times during the run.
+
+    Returns
+    -------
+    GradientDescentResult
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> res = mn.optim.gradient_descent(lambda x: 2 * (x - 3.0), np.zeros(2), lr=0.1, tol=1e-8)
+    >>> np.round(res.x, 6), res.converged
+    (array([3., 3.]), True)
+    """
+    fn = "gradient_descent"
+    if not callable(grad_fn):
+        raise TypeError(f"{fn}: grad_fn must be callable")
+    try:
+        steps = operator.index(steps)
+    except TypeError:
+        raise TypeError(f"{fn}: steps must be an integer (got {steps!r})") from None
+    if steps < 0:
+        raise ValueError(f"{fn}: steps must be >= 0 (got {steps})")
+    if tol is not None:
+        tol = _real(fn, "tol", tol, low=0)
+    cls = _OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, _Optimizer)):
+        raise ValueError(
+            f"{fn}: optimizer is invalid (got {optimizer!r}, expected one of "
+            f"{sorted(_OPTIMIZERS)} or an optimizer class)"
+        )
+    x0 = np.asarray(x0)
+    x = np.array(x0, dtype=x0.dtype if x0.dtype in FLOAT_DTYPES else np.float64, order="C")
+    opt = cls(x, lr=lr, **options)
+    history, converged, done = [], False, 0
+    for t in range(steps):
+        out = grad_fn(x)
+        value, grad = out if isinstance(out, tuple) else (None, out)
+        grad = np.asarray(grad, dtype=x.dtype).reshape(x.shape)
+        norm = float(np.linalg.norm(grad))
+        if tol is not None and norm <= tol:
+            converged = True
+            break
+        opt.step(grad)
+        done = t + 1
+        entry = norm if value is None else float(value)
+        history.append(entry)
+        if progress and (done % max(1, steps // 20) == 0 or done == steps):
+            print(
+                f"{fn}: step {done}/{steps}  value {entry:.6g}  |grad| {norm:.3g}", file=sys.stderr
+            )
+        if callback is not None and callback(done, x, entry):
+            break
+    else:
+        if tol is not None and steps:
+            out = grad_fn(x)
+            grad = out[1] if isinstance(out, tuple) else out
+            converged = float(np.linalg.norm(np.asarray(grad, dtype=np.float64))) <= tol
+    return GradientDescentResult(x=x, steps=done, history=np.asarray(history), converged=converged)
