@@ -393,3 +393,35 @@ def test_gradient_descent_callback_and_progress(capsys):
     assert res.steps == 5 and seen == [1, 2, 3, 4, 5] and res.x.dtype == np.float32
     assert len(res.history) == 5 and not res.converged
     assert "gradient_descent: step 2/40" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_million_and_three(dtype, rng):
+    """A tensor of 1_000_003 elements: many chunks, a partial last chunk and a vector tail."""
+    size = 1_000_003
+    p_sgd, p_adam = make_params(rng, [size, size], dtype)
+    want_sgd, want_adam = p_sgd.astype(np.float64), p_adam.astype(np.float64)
+    buf, m, v, vmax = None, np.zeros(size), np.zeros(size), np.zeros(size)
+    sgd = mn.SGD(p_sgd, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+    adam = mn.AdamW(p_adam, lr=0.01, amsgrad=True)
+    for t in range(1, STEPS + 1):
+        g = rng.standard_normal(size).astype(dtype)
+        sgd.step(g)
+        adam.step(g)
+        g64 = g.astype(np.float64)
+        want_sgd, buf = ref_gd.sgd_step(
+            want_sgd, g64, buf, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01
+        )
+        want_adam, m, v, vmax = ref_adam.adam_step(
+            want_adam,
+            g64,
+            m,
+            v,
+            step=t,
+            lr=0.01,
+            weight_decay=1e-2,
+            amsgrad=True,
+            decoupled_weight_decay=True,
+            max_exp_avg_sq=vmax,
+        )
+    assert_params_close([p_sgd, p_adam], [want_sgd, want_adam], dtype)
