@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import _core, optim
 from ._cross_entropy import cross_entropy
+from ._matmul import matmul
 from ._softmax import (
     log_softmax,
     log_softmax_backward,
@@ -36,6 +37,7 @@ __all__ = [
     "log_softmax",
     "log_softmax_backward",
     "logsumexp",
+    "matmul",
     "output_cache_info",
     "set_num_threads",
     "set_output_cache",

@@ -26,17 +26,23 @@ inline std::string shape_str(const py::array& a) {
   return s + ")";
 }
 
-// float32 or float64, C-contiguous; returns which.
-inline DType float_dtype(const py::array& a, const char* fn, const char* name) {
+// float32 or float64, any layout; returns which.
+inline DType float_dtype_any_layout(const py::array& a, const char* fn, const char* name) {
   const py::dtype dt = a.dtype();
   if (dt.kind() != 'f' || (dt.itemsize() != 4 && dt.itemsize() != 8)) {
     throw py::type_error(std::string(fn) + ": " + name + " must be float32 or float64 (got " +
                          py::str(dt).cast<std::string>() + ")");
   }
+  return dt.itemsize() == 4 ? DType::f32 : DType::f64;
+}
+
+// float32 or float64, C-contiguous; returns which.
+inline DType float_dtype(const py::array& a, const char* fn, const char* name) {
+  const DType dt = float_dtype_any_layout(a, fn, name);
   if (!(a.flags() & py::array::c_style)) {
     throw std::invalid_argument(std::string(fn) + ": " + name + " must be C-contiguous");
   }
-  return dt.itemsize() == 4 ? DType::f32 : DType::f64;
+  return dt;
 }
 
 inline void require_same_dtype(const py::array& a, DType want, const char* fn, const char* name) {

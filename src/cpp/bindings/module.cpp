@@ -10,6 +10,7 @@ void bind_softmax(pybind11::module_& m);
 void bind_output_cache(pybind11::module_& m);
 void bind_cross_entropy(pybind11::module_& m);
 void bind_optim(pybind11::module_& m);
+void bind_gemm(pybind11::module_& m);
 }  // namespace mlmath::bindings
 
 namespace py = pybind11;
@@ -38,4 +39,5 @@ PYBIND11_MODULE(_core, m) {
   mlmath::bindings::bind_output_cache(m);
   mlmath::bindings::bind_cross_entropy(m);
   mlmath::bindings::bind_optim(m);
+  mlmath::bindings::bind_gemm(m);
 }

@@ -45,4 +45,31 @@ void parallel_for(std::int64_t num_tasks, std::int64_t cost_per_task, const Fn& 
   fn(0, num_tasks);
 }
 
+// Threads worth using for `work` units of work (at least 1, at most the setting).
+inline int threads_for(std::int64_t work) {
+  std::int64_t threads = ::mlmath::get_num_threads();
+  if (threads > work / kMinParallelWork) threads = work / kMinParallelWork;
+  return threads < 1 ? 1 : static_cast<int>(threads);
+}
+
+// Runs fn(thread, team) on `threads` threads, for kernels whose phases need barriers in
+// between (barrier() below); with one thread, fn(0, 1) runs on the caller.
+template <class Fn>
+void parallel_region(int threads, const Fn& fn) {
+#if defined(_OPENMP)
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    fn(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  fn(0, 1);
+}
+
+inline void barrier() {
+#if defined(_OPENMP)
+#pragma omp barrier
+#endif
+}
+
 MLMATH_ISA_END

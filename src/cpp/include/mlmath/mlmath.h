@@ -76,6 +76,25 @@ struct AdamArgs {
   T grad_scale;
 };
 
+// Batched matrix product C_b = A_b B_b (or C_b += A_b B_b): A_b is M x K with element (i, k)
+// at a[a_offset[b] + i * a_rs + k * a_cs] (any strides), B_b likewise, C_b has rows of stride
+// c_rs and contiguous columns.  Null offsets mean batch == 1 at offset 0.
+template <class T>
+struct GemmArgs {
+  std::int64_t m, n, k;
+  const T* a;
+  std::int64_t a_rs, a_cs;
+  const T* b;
+  std::int64_t b_rs, b_cs;
+  T* c;
+  std::int64_t c_rs;
+  bool accumulate;
+  std::int64_t batch;
+  const std::int64_t* a_offset;
+  const std::int64_t* b_offset;
+  const std::int64_t* c_offset;
+};
+
 struct KernelTable {
 #define MLMATH_KERNEL(name, params) void(*name) params;
 #include "mlmath/kernels.inc"

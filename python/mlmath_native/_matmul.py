@@ -1,0 +1,118 @@
+"""matmul on the packed GEMM core, with np.matmul's shape rules."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from ._checks import as_float_array, check_out
+
+_FN = "matmul"
+
+
+def _element_strides(x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``x`` (copied if its strides are not whole elements) and its strides in elements."""
+    if any(s % x.itemsize for s in x.strides):
+        x = np.ascontiguousarray(x)
+    return x, tuple(s // x.itemsize for s in x.strides)
+
+
+def _batch_offsets(shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
+    """Element offset of every batch item, C order, for a (broadcast) batch shape."""
+    offsets = np.zeros(shape, np.int64)
+    for axis, (n, s) in enumerate(zip(shape, strides, strict=True)):
+        view = [1] * len(shape)
+        view[axis] = n
+        offsets += (np.arange(n, dtype=np.int64) * s).reshape(view)
+    return offsets.ravel()
+
+
+def matmul(a, b, *, out=None):
+    """Matrix product, np.matmul rules:  C[..., i, j] = sum_k A[..., i, k] B[..., k, j].
+
+    Parameters
+    ----------
+    a, b : array_like
+        Real arrays with at least one dimension.  1-D ``a`` is a row vector and 1-D ``b`` a
+        column vector (the added axis is removed from the result); leading (batch) dimensions
+        broadcast.  Any strides; float32 @ float32 is float32, anything else computes in float64.
+    out : ndarray, optional
+        Exactly the result's shape and dtype, writeable; may overlap the inputs.
+
+    Returns
+    -------
+    ndarray
+
+    Raises
+    ------
+    ValueError
+        0-d inputs, mismatched inner dimensions, batch shapes that do not broadcast, a bad out.
+    TypeError
+        Complex, object or string inputs; an out of another dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> mn.matmul(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([1.0, 1.0]))
+    array([3., 7.])
+    """
+    a = as_float_array(a, _FN, "a")
+    b = as_float_array(b, _FN, "b")
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"{_FN}: a and b must have at least one dimension (got 0-d input)")
+    dtype = np.result_type(a.dtype, b.dtype)
+    a = a.astype(dtype, copy=False)
+    b = b.astype(dtype, copy=False)
+    a2 = a[None, :] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    m, k = a2.shape[-2:]
+    k2, n = b2.shape[-2:]
+    if k != k2:
+        raise ValueError(
+            f"{_FN}: inner dimensions differ (a has {k} columns, b has {k2} rows; shapes "
+            f"{a.shape} and {b.shape})"
+        )
+    try:
+        batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"{_FN}: batch dimensions do not broadcast (shapes {a.shape} and {b.shape})"
+        ) from None
+    shape = batch + (m, n)
+    result_shape = batch + ((m,) if a.ndim > 1 else ()) + ((n,) if b.ndim > 1 else ())
+    if out is None:
+        target = _core.empty(shape, dtype)
+    else:
+        check_out(out, result_shape, dtype, _FN)
+        direct = out.flags.c_contiguous and not (
+            np.may_share_memory(out, a) or np.may_share_memory(out, b)
+        )
+        target = out.reshape(shape) if direct else np.empty(shape, dtype)
+
+    a_full = np.broadcast_to(a2, batch + (m, k))
+    b_full = np.broadcast_to(b2, batch + (k, n))
+    a_full, a_st = _element_strides(a_full)
+    b_full, b_st = _element_strides(b_full)
+    nb = len(batch)
+    _core.gemm_into(
+        a_full,
+        b_full,
+        target,
+        m,
+        n,
+        k,
+        a_st[-2],
+        a_st[-1],
+        b_st[-2],
+        b_st[-1],
+        n,
+        _batch_offsets(batch, a_st[:nb]),
+        _batch_offsets(batch, b_st[:nb]),
+        np.arange(int(np.prod(batch, dtype=np.int64)), dtype=np.int64) * (m * n),
+        False,
+    )
+    if out is None:
+        return target.reshape(result_shape)
+    if not np.shares_memory(target, out):
+        out[...] = target.reshape(result_shape)
+    return out

@@ -1,0 +1,202 @@
+// The packed, register-blocked GEMM core shared by matmul, convolution and attention:
+//
+//   C[i][j] (+)= sum_k A[i][k] B[k][j],    i < M, j < N, k < K
+//
+// Blocking (the BLIS/GotoBLAS scheme):
+//   for jc in N by NC:                       B block  [KC][NC]   packed once, shared
+//     for pc in K by KC:
+//       pack B[pc:pc+KC][jc:jc+NC] into NR-column panels      (threads split the panels)
+//       barrier
+//       tasks = MC-row blocks of A x thread slices of the B panels:
+//         pack A[ic:ic+MC][pc:pc+KC] into MR-row panels        (per thread, in L2)
+//         for each B panel jr: for each A panel ir: micro-kernel MR x NR over KC
+//       barrier
+// Packed panels are padded with zeros to whole MR / NR, so the micro-kernel always runs full;
+// only its stores are cut to the tile.  A and B reach the core only through two packing
+// callbacks, so a convolution packs its B panels straight from the input (implicit im2col)
+// without ever forming the im2col matrix.
+//
+// Determinism: each C element is owned by one task per pc step, and the pc steps run in order,
+// so C does not depend on the number of threads.
+//
+// Packing callbacks:
+//   pack_a(i0, mc, k0, kc, dst): dst[p][k][r] = A[i0 + p*MR + r][k0 + k]   (0 past M)
+//   pack_b(k0, kc, j0, nc, dst): dst[q][k][c] = B[k0 + k][j0 + q*NR + c]   (0 past N)
+#pragma once
+
+#include <cstdint>
+#include <new>
+
+#include "common/parallel.h"
+#include "common/vec.h"
+
+MLMATH_ISA_BEGIN
+namespace {
+
+// Micro-kernel tile per ISA and type: MR rows x NRV vectors of columns (MR * NRV accumulator
+// registers plus NRV for B and one broadcast of A must fit the register file).
+template <class T>
+struct GemmShape {
+#if defined(MLMATH_ISA_AVX512)
+  static constexpr int MR = 12, NRV = 2;  // 24 of 32 zmm registers
+#elif defined(MLMATH_ISA_AVX2)
+  static constexpr int MR = 6, NRV = 2;  // 12 of 16 ymm registers
+#else
+  static constexpr int MR = 4, NRV = 4;  // scalar: 16 accumulators
+#endif
+  static constexpr int NR = NRV * Vec<T>::width;
+  static constexpr std::int64_t KC = 256;
+  static constexpr std::int64_t MC = MR * 16;
+  static constexpr std::int64_t NC = NR * 64;
+};
+
+// 64-byte aligned scratch (a plain new[] of T would work too, but alignment helps the loads).
+template <class T>
+struct Scratch {
+  T* data = nullptr;
+  explicit Scratch(std::int64_t n)
+      : data(static_cast<T*>(::operator new(sizeof(T) * (n > 0 ? n : 1), std::align_val_t{64}))) {}
+  ~Scratch() { ::operator delete(data, std::align_val_t{64}); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// acc[MR][NRV] = sum_k a[k][r] * b[k][c]; then C[0:m][0:n] = acc (+ C when load_c).
+template <int MR, int NRV, class T>
+void gemm_ukernel(std::int64_t kc, const T* a, const T* b, T* c, std::int64_t ldc, std::int64_t m,
+                  std::int64_t n, bool load_c) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width, NR = NRV * W;
+  V acc[MR][NRV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NRV; ++j) acc[i][j] = V::set1(T(0));
+  for (std::int64_t k = 0; k < kc; ++k) {
+    V bv[NRV];
+    for (int j = 0; j < NRV; ++j) bv[j] = V::load(b + k * NR + j * W);
+    for (int i = 0; i < MR; ++i) {
+      const V av = V::set1(a[k * MR + i]);
+      for (int j = 0; j < NRV; ++j) acc[i][j] = fma(av, bv[j], acc[i][j]);
+    }
+  }
+  const bool full = m == MR && n == NR;
+  for (int i = 0; i < MR; ++i) {
+    if (i >= m) break;
+    T* row = c + i * ldc;
+    for (int j = 0; j < NRV; ++j) {
+      const std::int64_t cols = n - j * W;
+      if (cols <= 0) break;
+      if (full || cols >= W) {
+        const V out = load_c ? add(acc[i][j], V::load(row + j * W)) : acc[i][j];
+        out.store(row + j * W);
+      } else {
+        const V out = load_c ? add(acc[i][j], V::load_partial(row + j * W, cols, T(0))) : acc[i][j];
+        out.store_partial(row + j * W, cols);
+      }
+    }
+  }
+}
+
+// C (ldc: row stride) = A B, or C += A B when accumulate.  Threads: all that pay for the work.
+template <class T, class PackA, class PackB>
+void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& pack_a,
+                  const PackB& pack_b, T* C, std::int64_t ldc, bool accumulate) {
+  using S = GemmShape<T>;
+  constexpr int MR = S::MR, NR = S::NR;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (std::int64_t i = 0; i < M; ++i)
+        for (std::int64_t j = 0; j < N; ++j) C[i * ldc + j] = T(0);
+    return;
+  }
+  const std::int64_t nc_max = N < S::NC ? N : S::NC;
+  const std::int64_t kc_max = K < S::KC ? K : S::KC;
+  const std::int64_t b_panels_max = (nc_max + NR - 1) / NR;
+  Scratch<T> bpack(b_panels_max * NR * kc_max);
+  const int threads = threads_for(M * N * K / 64);
+  parallel_region(threads, [&](int tid, int team) {
+    Scratch<T> apack(S::MC * kc_max);
+    for (std::int64_t jc = 0; jc < N; jc += S::NC) {
+      const std::int64_t nc = N - jc < S::NC ? N - jc : S::NC;
+      const std::int64_t b_panels = (nc + NR - 1) / NR;
+      for (std::int64_t pc = 0; pc < K; pc += S::KC) {
+        const std::int64_t kc = K - pc < S::KC ? K - pc : S::KC;
+        // pack B: threads take contiguous runs of panels
+        {
+          const std::int64_t p0 = b_panels * tid / team, p1 = b_panels * (tid + 1) / team;
+          if (p0 < p1) {
+            const std::int64_t j0 = jc + p0 * NR;
+            const std::int64_t cols = (p1 * NR < nc ? p1 * NR : nc) - p0 * NR;
+            pack_b(pc, kc, j0, cols, bpack.data + p0 * NR * kc);
+          }
+        }
+        barrier();
+        // tasks: MC blocks of rows x `team` slices of the B panels
+        const std::int64_t m_blocks = (M + S::MC - 1) / S::MC;
+        const std::int64_t slices = b_panels < team ? b_panels : team;
+        const std::int64_t tasks = m_blocks * slices;
+        const bool load_c = accumulate || pc > 0;
+        for (std::int64_t t = tid; t < tasks; t += team) {
+          const std::int64_t ib = t / slices, s = t % slices;
+          const std::int64_t ic = ib * S::MC;
+          const std::int64_t mc = M - ic < S::MC ? M - ic : S::MC;
+          pack_a(ic, mc, pc, kc, apack.data);
+          const std::int64_t q0 = b_panels * s / slices, q1 = b_panels * (s + 1) / slices;
+          for (std::int64_t q = q0; q < q1; ++q) {
+            const std::int64_t j = jc + q * NR;
+            const std::int64_t n = N - j < NR ? N - j : NR;
+            for (std::int64_t ir = 0; ir < mc; ir += MR) {
+              const std::int64_t m = mc - ir < MR ? mc - ir : MR;
+              gemm_ukernel<MR, S::NRV>(kc, apack.data + ir * kc, bpack.data + q * NR * kc,
+                                       C + (ic + ir) * ldc + j, ldc, m, n, load_c);
+            }
+          }
+        }
+        barrier();
+      }
+    }
+  });
+}
+
+// Packing from a strided matrix: element (i, k) of A at a[i * rs + k * cs].
+template <class T>
+void pack_a_strided(const T* a, std::int64_t rs, std::int64_t cs, std::int64_t M, std::int64_t i0,
+                    std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
+  constexpr int MR = GemmShape<T>::MR;
+  for (std::int64_t p = 0; p < mc; p += MR) {
+    for (int r = 0; r < MR; ++r) {
+      const std::int64_t i = i0 + p + r;
+      T* out = dst + p * kc + r;
+      if (p + r < mc && i < M) {
+        const T* src = a + i * rs + k0 * cs;
+        for (std::int64_t k = 0; k < kc; ++k) out[k * MR] = src[k * cs];
+      } else {
+        for (std::int64_t k = 0; k < kc; ++k) out[k * MR] = T(0);
+      }
+    }
+  }
+}
+
+// Element (k, j) of B at b[k * rs + j * cs].
+template <class T>
+void pack_b_strided(const T* b, std::int64_t rs, std::int64_t cs, std::int64_t k0, std::int64_t kc,
+                    std::int64_t j0, std::int64_t nc, T* dst) {
+  constexpr int NR = GemmShape<T>::NR;
+  for (std::int64_t q = 0; q < nc; q += NR) {
+    const std::int64_t cols = nc - q < NR ? nc - q : NR;
+    T* out = dst + q * kc;
+    for (std::int64_t k = 0; k < kc; ++k) {
+      const T* src = b + (k0 + k) * rs + (j0 + q) * cs;
+      T* o = out + k * NR;
+      if (cs == 1) {
+        for (std::int64_t c = 0; c < cols; ++c) o[c] = src[c];
+      } else {
+        for (std::int64_t c = 0; c < cols; ++c) o[c] = src[c * cs];
+      }
+      for (std::int64_t c = cols; c < NR; ++c) o[c] = T(0);
+    }
+  }
+}
+
+}  // namespace
+MLMATH_ISA_END
