@@ -6,6 +6,7 @@ to float64 accuracy here.
 """
 
 import ast
+import math
 import pathlib
 import re
 import warnings
@@ -829,6 +830,30 @@ def test_correlate2d_bad_input():
         ref_conv.correlate2d_valid(np.ones(3), np.ones((1, 1)))
 
 
+def _naive_conv2d(x_pad, w, stride=(1, 1), dilation=(1, 1), groups=1):
+    """conv2d by its definition, one output at a time, on an already padded input."""
+    n, _, hp, wp = x_pad.shape
+    k, c_g, r, s = w.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    out = np.zeros((n, k, (hp - dh * (r - 1) - 1) // sh + 1, (wp - dw * (s - 1) - 1) // sw + 1))
+    for b, kk, i, j in np.ndindex(out.shape):
+        g = kk // (k // groups)  # the group of output channel kk
+        rows = slice(i * sh, i * sh + dh * (r - 1) + 1, dh)
+        cols = slice(j * sw, j * sw + dw * (s - 1) + 1, dw)
+        out[b, kk, i, j] = np.sum(x_pad[b, g * c_g : (g + 1) * c_g, rows, cols] * w[kk])
+    return out
+
+
+def _tf_same_pads(n, r, s, d):
+    """(before, after) for TensorFlow's "SAME": n_out = ceil(n / s), the odd pixel after."""
+    n_out = math.ceil(n / s)
+    total = max((n_out - 1) * s + (r - 1) * d + 1 - n, 0)
+    return total // 2, total - total // 2
+
+
+_NP_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
 def test_conv2d_delta_kernel_with_padding_is_identity():
     x = rng(17).normal(size=(2, 3, 5, 6))
     w = np.zeros((3, 3, 3, 3))  # output channel k copies input channel k
@@ -839,6 +864,43 @@ def test_conv2d_delta_kernel_with_padding_is_identity():
     for ch in range(3):
         w5[ch, ch, 2, 2] = 1.0
     assert np.array_equal(ref_conv.conv2d(x, w5, padding=(2, 2)), x)
+    # "same" keeps a delta at ((R − 1) // 2, (S − 1) // 2) the identity, dilated or not,
+    # whatever the padding holds; depthwise (groups == C) with one tap per channel too.
+    for (kr, ks), dilation in [((4, 2), 1), ((3, 2), (2, 1)), ((3, 3), 2), ((1, 5), (3, 1))]:
+        delta = np.zeros((3, 1, kr, ks))
+        delta[:, 0, (kr - 1) // 2, (ks - 1) // 2] = 1.0
+        for mode in ("zeros", "reflect", "replicate", "circular"):
+            kw = dict(padding="same", dilation=dilation, groups=3, padding_mode=mode)
+            assert np.array_equal(ref_conv.conv2d(x, delta, **kw), x), (kr, ks, mode)
+    # A delta at the corner picks x[i·sh, j·sw]: no flip, and stride subsamples.
+    corner = np.zeros((3, 1, 2, 2))
+    corner[:, 0, 0, 0] = 1.0
+    assert np.array_equal(ref_conv.conv2d(x, corner, stride=(2, 3), groups=3), x[:, :, :4:2, :5:3])
+
+
+def test_conv2d_ones_kernel_gives_box_sums():
+    x = rng(19).normal(size=(2, 4, 6, 7))
+    out = ref_conv.conv2d(x, np.ones((1, 4, 3, 2)))
+    expected = np.zeros((2, 1, 4, 6))
+    for i, j in np.ndindex(4, 6):
+        expected[:, 0, i, j] = np.sum(x[:, :, i : i + 3, j : j + 2], axis=(1, 2, 3))
+    assert_close(out, expected)
+    # Dilated: the box is every dh-th row and dw-th column.
+    out = ref_conv.conv2d(x, np.ones((1, 4, 2, 3)), dilation=(3, 2))
+    assert out.shape == (2, 1, 3, 3)
+    assert_close(out[:, 0, 1, 2], np.sum(x[:, :, 1:5:3, 2:7:2], axis=(1, 2, 3)))
+    # Groups of 2 channels: each output channel sums its own group's channels only.
+    out = ref_conv.conv2d(x, np.ones((2, 2, 1, 1)), groups=2)
+    assert_close(out, np.stack([x[:, 0] + x[:, 1], x[:, 2] + x[:, 3]], axis=1))
+    # Ones input, zero padding: each output counts the kernel taps inside the input.
+    count = ref_conv.conv2d(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3)), padding=1)[0, 0]
+    assert np.array_equal(count, [[4, 6, 4], [6, 9, 6], [4, 6, 4]])
+    # Any other padding mode repeats input values, so a ones input stays all 9.
+    for mode in ("reflect", "replicate", "circular"):
+        out = ref_conv.conv2d(
+            np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3)), padding=1, padding_mode=mode
+        )
+        assert np.array_equal(out, np.full((1, 1, 3, 3), 9.0))
 
 
 def test_conv2d_matches_correlate2d_sum_over_channels():
@@ -854,27 +916,414 @@ def test_conv2d_matches_correlate2d_sum_over_channels():
     assert_close(ref_conv.conv2d(x, w, bias=b, stride=(2, 3)), out[:, :, ::2, ::3])
 
 
+def test_conv2d_groups_are_separate_convolutions():
+    r = rng(20)
+    x, w, b = r.normal(size=(2, 6, 5, 7)), r.normal(size=(9, 2, 3, 2)), r.normal(size=9)
+    out = ref_conv.conv2d(x, w, b, stride=(1, 2), padding=1, dilation=(2, 1), groups=3)
+    for g in range(3):
+        cin, kout = slice(2 * g, 2 * g + 2), slice(3 * g, 3 * g + 3)
+        expected = ref_conv.conv2d(x[:, cin], w[kout], b[kout], (1, 2), 1, (2, 1))
+        assert_close(out[:, kout], expected)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_matches_definition_on_padded_input(padding_mode):
+    """Every padding form against np.pad followed by the definition, one output at a time."""
+    r = rng(21)
+    x, w = r.normal(size=(2, 4, 5, 7)), r.normal(size=(6, 2, 3, 2))
+    kw = dict(stride=(2, 1), dilation=(1, 2), groups=2, padding_mode=padding_mode)
+    for padding, pads in [
+        (2, ((2, 2), (2, 2))),
+        ((1, 3), ((1, 1), (3, 3))),
+        ((0, 3, 4, 1), ((0, 3), (4, 1))),  # (top, bottom, left, right)
+        ("valid", ((0, 0), (0, 0))),
+    ]:
+        x_pad = np.pad(x, ((0, 0), (0, 0), *pads), mode=_NP_PAD_MODE[padding_mode])
+        expected = _naive_conv2d(x_pad, w, (2, 1), (1, 2), groups=2)
+        assert_close(ref_conv.conv2d(x, w, padding=padding, **kw), expected)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_same_padding_any_stride_and_dilation(padding_mode):
+    """ "same": Ho = ceil(H / sh), padded by the TensorFlow rule (the odd pixel after)."""
+    r = rng(22)
+    for (h, wd), (kh, kw), stride, dilation in [
+        ((7, 8), (3, 3), (2, 2), (1, 1)),
+        ((7, 8), (4, 2), (3, 2), (1, 1)),
+        ((9, 6), (3, 2), (2, 3), (2, 2)),
+        ((6, 7), (2, 3), (3, 3), (1, 3)),
+        ((5, 5), (1, 1), (3, 2), (1, 1)),  # a kernel smaller than the stride: no padding
+        ((8, 5), (5, 4), (1, 1), (1, 1)),
+        ((5, 6), (2, 2), (4, 5), (1, 1)),  # stride larger than the kernel
+    ]:
+        x, w = r.normal(size=(2, 3, h, wd)), r.normal(size=(2, 3, kh, kw))
+        out = ref_conv.conv2d(
+            x, w, stride=stride, padding="same", dilation=dilation, padding_mode=padding_mode
+        )
+        assert out.shape == (2, 2, math.ceil(h / stride[0]), math.ceil(wd / stride[1]))
+        pads = (
+            _tf_same_pads(h, kh, stride[0], dilation[0]),
+            _tf_same_pads(wd, kw, stride[1], dilation[1]),
+        )
+        x_pad = np.pad(x, ((0, 0), (0, 0), *pads), mode=_NP_PAD_MODE[padding_mode])
+        assert_close(out, _naive_conv2d(x_pad, w, stride, dilation))
+    # Stride 1: total padding dh·(R − 1), the odd row at the bottom (as PyTorch's "same").
+    x = r.normal(size=(1, 1, 5, 5))
+    w = np.zeros((1, 1, 2, 2))
+    w[0, 0, 0, 0] = 1.0  # picks x_pad[i, j] = x[i − top, j − left]: x only if top = left = 0
+    assert np.array_equal(ref_conv.conv2d(x, w, padding="same"), x)
+
+
+def test_conv2d_circular_padding_wraps_around_more_than_once():
+    x = rng(23).normal(size=(1, 1, 2, 3))
+    w = np.zeros((1, 1, 1, 1))
+    w[0, 0, 0, 0] = 1.0
+    out = ref_conv.conv2d(x, w, padding=(5, 4, 7, 3), padding_mode="circular")[0, 0]
+    assert out.shape == (2 + 9, 3 + 10)
+    for i, j in np.ndindex(out.shape):
+        assert out[i, j] == x[0, 0, (i - 5) % 2, (j - 7) % 3]
+    # Replicate has no limit either; reflect may reach (not repeat) the far edge.
+    out = ref_conv.conv2d(x, w, padding=4, padding_mode="replicate")[0, 0]
+    assert np.array_equal(out[:5, :5], np.full((5, 5), x[0, 0, 0, 0]))
+    out = ref_conv.conv2d(x, w, padding=(1, 2), padding_mode="reflect")[0, 0]
+    assert np.array_equal(
+        out[0], [x[0, 0, 1, 2], x[0, 0, 1, 1], *x[0, 0, 1], x[0, 0, 1, 1], x[0, 0, 1, 0]]
+    )
+
+
+def test_conv2d_unbatched_and_empty_batch():
+    r = rng(24)
+    x, w, b = r.normal(size=(4, 6, 5)), r.normal(size=(6, 2, 3, 3)), r.normal(size=6)
+    kw = dict(stride=2, padding=(1, 0, 2, 1), groups=2, padding_mode="reflect")
+    out = ref_conv.conv2d(x, w, b, **kw)
+    assert out.shape == (6, 3, 3) and out.dtype == np.float64
+    assert np.array_equal(out, ref_conv.conv2d(x[None], w, b, **kw)[0])
+    for mode in ("zeros", "reflect", "replicate", "circular"):
+        empty = ref_conv.conv2d(np.zeros((0, 4, 6, 5)), w, b, **dict(kw, padding_mode=mode))
+        assert empty.shape == (0, 6, 3, 3) and empty.dtype == np.float64
+        empty = ref_conv.conv1d(np.zeros((0, 4, 6)), w[:, :, 0], b, groups=2, padding_mode=mode)
+        assert empty.shape == (0, 6, 4)
+
+
+def test_conv2d_integer_inputs_and_dtype():
+    x = np.arange(2 * 9, dtype=np.int32).reshape(1, 2, 3, 3)
+    w = np.ones((1, 2, 2, 2), dtype=np.int64)
+    out = ref_conv.conv2d(x, w, bias=[1])
+    assert out.dtype == np.float64
+    assert np.array_equal(out[0, 0], [[1 + 8 + 44, 1 + 12 + 48], [1 + 20 + 56, 1 + 24 + 60]])
+    assert np.array_equal(ref_conv.conv2d(x.astype(bool), w), ref_conv.conv2d(x != 0, w))
+    xf = x.astype(np.float32)
+    assert ref_conv.conv2d(xf, w).dtype == np.float64
+
+
+def test_conv1d_is_conv2d_with_unit_height():
+    r = rng(25)
+    x, w, b = r.normal(size=(2, 6, 11)), r.normal(size=(4, 3, 3)), r.normal(size=4)
+    for padding, pads2d in [(2, (0, 0, 2, 2)), ((3,), (0, 0, 3, 3)), ((1, 4), (0, 0, 1, 4))]:
+        for mode in ("zeros", "reflect", "replicate", "circular"):
+            kw = dict(groups=2, padding_mode=mode)
+            out = ref_conv.conv1d(x, w, b, stride=2, padding=padding, dilation=3, **kw)
+            expected = ref_conv.conv2d(
+                x[:, :, None], w[:, :, None], b, (1, 2), pads2d, (1, 3), **kw
+            )[:, :, 0]
+            assert_close(out, expected)
+    # "same" with stride: L_out = ceil(L / s), padded by the TensorFlow rule.
+    for stride, dilation in [(1, 1), (2, 1), (3, 2), (4, 1)]:
+        out = ref_conv.conv1d(x, w, stride=stride, padding="same", dilation=dilation, groups=2)
+        assert out.shape == (2, 4, math.ceil(11 / stride))
+        left, right = _tf_same_pads(11, 3, stride, dilation)
+        expected = ref_conv.conv1d(
+            np.pad(x, ((0, 0), (0, 0), (left, right))), w, None, stride, 0, dilation, 2
+        )
+        assert_close(out, expected)
+    # Closed forms: a delta tap is the identity, a ones kernel gives running sums.
+    delta = np.zeros((6, 1, 3))
+    delta[:, 0, 1] = 1.0
+    assert np.array_equal(ref_conv.conv1d(x, delta, padding="same", groups=6), x)
+    sums = ref_conv.conv1d(x[0, :1], np.ones((1, 1, 4)))  # unbatched (C, L)
+    assert_close(sums[0], [np.sum(x[0, 0, i : i + 4]) for i in range(8)])
+
+
 def test_conv2d_output_shape_with_stride_and_padding():
     x = np.zeros((1, 2, 10, 9))
     w = np.zeros((5, 2, 3, 4))
     out = ref_conv.conv2d(x, w, stride=(3, 2), padding=(1, 2))
     assert out.shape == (1, 5, (10 + 2 - 3) // 3 + 1, (9 + 4 - 4) // 2 + 1)
+    out = ref_conv.conv2d(x, w, stride=(3, 2), padding=(1, 0, 2, 3), dilation=(2, 3))
+    assert out.shape == (1, 5, (10 + 1 - 2 * 2 - 1) // 3 + 1, (9 + 5 - 3 * 3 - 1) // 2 + 1)
 
 
-def test_conv2d_bad_input():
-    x, w = np.zeros((1, 2, 4, 4)), np.zeros((3, 2, 3, 3))
-    with pytest.raises(ValueError, match="input channels"):
-        ref_conv.conv2d(x, np.zeros((3, 1, 3, 3)))
-    with pytest.raises(ValueError, match="x has 3 dimensions"):
-        ref_conv.conv2d(x[0], w)
-    with pytest.raises(ValueError, match="stride"):
-        ref_conv.conv2d(x, w, stride=0)
-    with pytest.raises(ValueError, match="padding"):
-        ref_conv.conv2d(x, w, padding=(-1, 0))
-    with pytest.raises(ValueError, match="bias"):
-        ref_conv.conv2d(x, w, bias=np.zeros(2))
-    with pytest.raises(ValueError, match="kernel size"):
-        ref_conv.conv2d(x, np.zeros((3, 2, 5, 5)))
+_X4, _W4 = np.zeros((1, 4, 5, 5)), np.zeros((6, 2, 3, 3))  # valid with groups=2
+_X1, _W1 = np.zeros((4, 5)), np.zeros((6, 2, 3))  # conv1d, unbatched, valid with groups=2
+
+_CONV_BAD_CALLS = [
+    # (function, args, kwargs, exception, message pattern)
+    (
+        "conv2d",
+        (_X4, np.zeros((6, 3, 3, 3))),
+        dict(groups=2),
+        ValueError,
+        "input channels per group",
+    ),
+    ("conv2d", (_X4, _W4), {}, ValueError, "input channels per group"),  # groups=1
+    ("conv2d", (_X4, np.zeros((5, 2, 3, 3))), dict(groups=2), ValueError, "output channels"),
+    ("conv2d", (_X4, _W4), dict(groups=0), ValueError, "groups is too small"),
+    ("conv2d", (_X4, _W4), dict(groups=2.0), TypeError, "groups is not an integer"),
+    ("conv2d", (_X4, np.zeros((6, 2, 6, 3))), dict(groups=2), ValueError, "larger than the padded"),
+    ("conv2d", (_X4, _W4), dict(groups=2, dilation=3), ValueError, "larger than the padded"),
+    ("conv2d", (_X4, _W4), dict(groups=2, stride=0), ValueError, "stride is too small"),
+    ("conv2d", (_X4, _W4), dict(groups=2, stride=(1, 0)), ValueError, "stride is too small"),
+    ("conv2d", (_X4, _W4), dict(groups=2, stride=(1, 2, 3)), ValueError, "stride has 3 entries"),
+    ("conv2d", (_X4, _W4), dict(groups=2, stride=1.0), TypeError, "stride is not an integer"),
+    ("conv2d", (_X4, _W4), dict(groups=2, dilation=0), ValueError, "dilation is too small"),
+    ("conv2d", (_X4, _W4), dict(groups=2, dilation=(-1, 1)), ValueError, "dilation is too small"),
+    ("conv2d", (_X4, _W4), dict(groups=2, padding=-1), ValueError, "padding is negative"),
+    ("conv2d", (_X4, _W4), dict(groups=2, padding=(1, -1)), ValueError, "padding is negative"),
+    (
+        "conv2d",
+        (_X4, _W4),
+        dict(groups=2, padding=(1, 0, 0, -2)),
+        ValueError,
+        "padding is negative",
+    ),
+    ("conv2d", (_X4, _W4), dict(groups=2, padding=(1, 2, 3)), ValueError, "padding has 3 entries"),
+    ("conv2d", (_X4, _W4), dict(groups=2, padding=(1,)), ValueError, "padding has 1 entries"),
+    ("conv2d", (_X4, _W4), dict(groups=2, padding="full"), ValueError, "padding is invalid"),
+    ("conv2d", (_X4, _W4), dict(groups=2, padding="SAME"), ValueError, "padding is invalid"),
+    ("conv2d", (_X4, _W4), dict(groups=2, padding=1.5), TypeError, "padding is not an integer"),
+    ("conv2d", (_X4, _W4), dict(groups=2, padding=None), TypeError, "padding is not an integer"),
+    (
+        "conv2d",
+        (_X4, _W4),
+        dict(groups=2, padding_mode="constant"),
+        ValueError,
+        "padding_mode is invalid",
+    ),
+    (
+        "conv2d",
+        (_X4, _W4),
+        dict(groups=2, padding=5, padding_mode="reflect"),
+        ValueError,
+        "too large for padding_mode='reflect'",
+    ),
+    (
+        "conv2d",
+        (_X4, _W4),
+        dict(groups=2, padding=(0, 0, 1, 5), padding_mode="reflect"),
+        ValueError,
+        "reflect",
+    ),
+    (
+        "conv2d",
+        (_X4, _W4),
+        dict(groups=2, padding="same", dilation=5, padding_mode="reflect"),
+        ValueError,
+        "reflect",
+    ),
+    ("conv2d", (_X4[0, 0], _W4), dict(groups=2), ValueError, "x has 2 dimensions"),
+    ("conv2d", (_X4[None], _W4), dict(groups=2), ValueError, "x has 5 dimensions"),
+    ("conv2d", (_X4, _W4[0]), dict(groups=2), ValueError, "w has 3 dimensions"),
+    ("conv2d", (_X4, np.zeros((6, 2, 0, 3))), dict(groups=2), ValueError, "empty kernel"),
+    ("conv2d", (np.zeros((1, 4, 0, 5)), _W4), dict(groups=2), ValueError, "empty spatial"),
+    ("conv2d", (_X4, _W4, np.zeros(5)), dict(groups=2), ValueError, "bias has shape"),
+    ("conv2d", (_X4.astype(complex), _W4), dict(groups=2), TypeError, "x has dtype complex128"),
+    ("conv2d", (_X4, _W4.astype(object)), dict(groups=2), TypeError, "w has dtype object"),
+    ("conv2d", (_X4, _W4, np.zeros(6, complex)), dict(groups=2), TypeError, "bias has dtype"),
+    ("conv1d", (_X1, _W1), dict(groups=2, padding=(1, 2, 3)), ValueError, "padding has 3 entries"),
+    (
+        "conv1d",
+        (_X1, _W1),
+        dict(groups=2, padding=5, padding_mode="reflect"),
+        ValueError,
+        "reflect",
+    ),
+    ("conv1d", (_X1, _W1), dict(groups=2, stride=(1, 1)), ValueError, "stride has 2 entries"),
+    ("conv1d", (_X4, _W1), dict(groups=2), ValueError, "x has 4 dimensions"),
+    ("conv1d", (_X1, _W4), dict(groups=2), ValueError, "w has 4 dimensions"),
+    ("conv1d", (_X1, _W1), dict(groups=3), ValueError, "input channels per group"),
+    ("conv1d", (_X1, _W1), dict(groups=2, dilation=3), ValueError, "larger than the padded"),
+    ("conv1d", (_X1.astype(str), _W1), dict(groups=2), TypeError, "x has dtype <U"),
+]
+
+
+@pytest.mark.parametrize(("func", "args", "kwargs", "exc", "match"), _CONV_BAD_CALLS)
+def test_conv_bad_input(func, args, kwargs, exc, match):
+    with pytest.raises(exc, match=f"^{func}: .*{re.escape(match)}"):
+        getattr(ref_conv, func)(*args, **kwargs)
+
+
+def test_conv_bad_input_is_bad_only_there():
+    """The good calls next to the bad ones work (so the table tests what it says)."""
+    assert ref_conv.conv2d(_X4, _W4, groups=2).shape == (1, 6, 3, 3)
+    assert ref_conv.conv2d(_X4, _W4, groups=2, dilation=2, padding=1).shape == (1, 6, 3, 3)
+    assert ref_conv.conv2d(_X4, _W4, groups=2, padding=4, padding_mode="reflect").shape == (
+        1,
+        6,
+        11,
+        11,
+    )
+    assert ref_conv.conv1d(_X1, _W1, groups=2, padding=(1, 2)).shape == (6, 6)
+    assert ref_conv.conv1d(_X1, _W1, groups=2, padding=(2,)).shape == (6, 7)
+
+
+# --------------------------------------------------------------------------------------
+# correlate2d / convolve2d (SciPy's 2-D functions)
+# --------------------------------------------------------------------------------------
+
+
+def test_correlate2d_valid_is_the_seed_formula():
+    r = rng(26)
+    image = r.normal(size=(6, 7))
+    for kshape in [(1, 1), (2, 3), (3, 3), (6, 7), (4, 2)]:
+        kernel = r.normal(size=kshape)
+        expected = ref_conv.correlate2d_valid(image, kernel)
+        for boundary in ("fill", "wrap", "symm"):  # unused in "valid" mode
+            out = ref_conv.correlate2d(image, kernel, "valid", boundary, fillvalue=9.0)
+            assert_close(out, expected)
+
+
+def test_correlate2d_same_centring_and_convolve_flip():
+    r = rng(27)
+    image = r.normal(size=(5, 6))
+    for kh, kw in [(1, 1), (2, 2), (3, 3), (4, 3), (2, 5), (6, 4), (7, 8)]:
+        # A delta at ((R − 1) // 2, (S − 1) // 2) is the identity for both in "same" mode.
+        delta = np.zeros((kh, kw))
+        delta[(kh - 1) // 2, (kw - 1) // 2] = 1.0
+        for boundary in ("fill", "wrap", "symm"):
+            for f in (ref_conv.correlate2d, ref_conv.convolve2d):
+                assert np.array_equal(f(image, delta, "same", boundary), image)
+        # Convolution is the correlation with the kernel flipped: "full" and "valid".
+        kernel = r.normal(size=(kh, kw))
+        for boundary in ("fill", "wrap", "symm"):
+            assert_close(
+                ref_conv.convolve2d(image, kernel, "full", boundary, 1.5),
+                ref_conv.correlate2d(image, kernel[::-1, ::-1], "full", boundary, 1.5),
+            )
+        if kh <= 5 and kw <= 6:
+            assert_close(
+                ref_conv.convolve2d(image, kernel, "valid"),
+                ref_conv.correlate2d(image, kernel[::-1, ::-1], "valid"),
+            )
+
+
+def test_correlate2d_boundary_closed_forms():
+    r = rng(28)
+    image = r.normal(size=(3, 4))
+    # Wrap with a ones kernel of the image's size: every window holds each pixel once.
+    out = ref_conv.correlate2d(image, np.ones((3, 4)), boundary="wrap")
+    assert_close(out, np.full((5, 7), np.sum(image)))
+    # Fill: a ones image extended by 1 is all ones, so a ones kernel sums to R·S ...
+    out = ref_conv.correlate2d(np.ones((3, 4)), np.ones((2, 5)), boundary="fill", fillvalue=1)
+    assert np.array_equal(out, np.full((4, 8), 10.0))
+    # ... and with fillvalue 0 it counts the kernel taps over the image.
+    out = ref_conv.correlate2d(np.ones((2, 2)), np.ones((2, 2)))
+    assert np.array_equal(out, [[1, 2, 1], [2, 4, 2], [1, 2, 1]])
+    # Symm mirrors with the edge repeated: a 1×1 image extends to a constant.
+    assert np.array_equal(
+        ref_conv.correlate2d([[2.0]], np.ones((3, 2)), boundary="symm"), np.full((3, 2), 12.0)
+    )
+    # Integer inputs give float64.
+    out = ref_conv.convolve2d(np.arange(6).reshape(2, 3), [[1, 2]])
+    assert out.dtype == np.float64 and np.array_equal(out, [[0, 1, 4, 4], [3, 10, 13, 10]])
+
+
+def test_correlate2d_valid_swaps_when_the_kernel_contains_the_image():
+    r = rng(29)
+    small, big = r.normal(size=(2, 3)), r.normal(size=(4, 3))
+    # Swapped: correlate2d flips the correlation of the swapped pair, convolve2d commutes.
+    assert_close(
+        ref_conv.correlate2d(small, big, "valid"),
+        ref_conv.correlate2d(big, small, "valid")[::-1, ::-1],
+    )
+    assert_close(ref_conv.convolve2d(small, big, "valid"), ref_conv.convolve2d(big, small, "valid"))
+    assert ref_conv.correlate2d(small, big, "valid").shape == (3, 1)
+
+
+_CORR_BAD_CALLS = [
+    ((np.ones(3), np.ones((1, 1))), {}, ValueError, "in1 has 1 dimensions"),
+    ((np.ones((3, 3)), np.ones((1, 1, 1))), {}, ValueError, "in2 has 3 dimensions"),
+    ((np.ones((0, 3)), np.ones((1, 1))), {}, ValueError, "in1 is empty"),
+    ((np.ones((3, 3)), np.ones((2, 0))), {}, ValueError, "in2 is empty"),
+    ((np.ones((3, 3)), np.ones((2, 2))), dict(mode="circular"), ValueError, "mode is invalid"),
+    (
+        (np.ones((3, 3)), np.ones((2, 2))),
+        dict(boundary="reflect"),
+        ValueError,
+        "boundary is invalid",
+    ),
+    ((np.ones((3, 3)), np.ones((2, 2))), dict(boundary="zeros"), ValueError, "boundary is invalid"),
+    ((np.ones((3, 3)), np.ones((2, 2))), dict(fillvalue=[1, 2]), ValueError, "fillvalue has shape"),
+    ((np.ones((3, 3)), np.ones((2, 2))), dict(fillvalue=1j), TypeError, "fillvalue has dtype"),
+    ((np.ones((3, 3)), np.ones((2, 2), complex)), {}, TypeError, "in2 has dtype complex128"),
+    ((np.ones((3, 3), object), np.ones((2, 2))), {}, TypeError, "in1 has dtype object"),
+    ((np.ones((2, 4)), np.ones((3, 3))), dict(mode="valid"), ValueError, "at least as large"),
+    ((np.ones((4, 2)), np.ones((3, 3))), dict(mode="valid"), ValueError, "at least as large"),
+]
+
+
+@pytest.mark.parametrize("func", ["correlate2d", "convolve2d"])
+@pytest.mark.parametrize(("args", "kwargs", "exc", "match"), _CORR_BAD_CALLS)
+def test_correlate2d_bad_input_table(func, args, kwargs, exc, match):
+    with pytest.raises(exc, match=f"^{func}: .*{re.escape(match)}"):
+        getattr(ref_conv, func)(*args, **kwargs)
+    # Shapes that SciPy accepts the other way round are fine in "full" and "same".
+    if "at least as large" in match:
+        for mode in ("full", "same"):
+            assert getattr(ref_conv, func)(*args, mode=mode).shape[0] >= 1
+
+
+_SCIPY_SHAPES = [  # (in1, in2): odd/even kernels, larger in one or both dimensions, swaps
+    ((5, 6), (1, 1)),
+    ((5, 6), (2, 2)),
+    ((5, 6), (3, 3)),
+    ((5, 6), (2, 3)),
+    ((5, 6), (4, 1)),
+    ((5, 6), (5, 6)),
+    ((5, 6), (3, 8)),  # larger in one dimension: "valid" raises
+    ((5, 6), (7, 2)),
+    ((5, 6), (7, 8)),  # larger in both: "valid" swaps
+    ((3, 6), (3, 8)),  # equal in one, larger in the other: "valid" swaps
+    ((2, 3), (6, 9)),  # more than twice as large: wraps and mirrors more than once
+    ((1, 1), (2, 3)),
+]
+
+
+@pytest.mark.parametrize("boundary", ["fill", "wrap", "symm"])
+@pytest.mark.parametrize("mode", ["full", "valid", "same"])
+def test_correlate2d_convolve2d_match_scipy(mode, boundary):
+    signal = pytest.importorskip("scipy.signal")
+    r = rng(30)
+    for shape1, shape2 in _SCIPY_SHAPES:
+        in1, in2 = r.normal(size=shape1), r.normal(size=shape2)
+        for fillvalue in (0, 2.5):
+            for name in ("correlate2d", "convolve2d"):
+                kw = dict(mode=mode, boundary=boundary, fillvalue=fillvalue)
+                where = f"{name} {shape1} {shape2} {kw}"
+                try:
+                    expected = getattr(signal, name)(in1, in2, **kw)
+                except ValueError:
+                    with pytest.raises(ValueError, match="at least as large"):
+                        getattr(ref_conv, name)(in1, in2, **kw)
+                    continue
+                out = getattr(ref_conv, name)(in1, in2, **kw)
+                assert out.dtype == np.float64 and out.shape == expected.shape, where
+                np.testing.assert_allclose(out, expected, RTOL, ATOL, err_msg=where)
+
+
+def test_correlate2d_boundary_aliases_match_scipy():
+    signal = pytest.importorskip("scipy.signal")
+    r = rng(31)
+    in1, in2 = r.normal(size=(4, 5)), r.normal(size=(3, 2))
+    for alias, name in (("pad", "fill"), ("circular", "wrap"), ("symmetric", "symm")):
+        for f in ("correlate2d", "convolve2d"):
+            expected = getattr(signal, f)(in1, in2, "same", alias, 1.5)
+            assert_close(getattr(ref_conv, f)(in1, in2, "same", alias, 1.5), expected)
+            assert_close(getattr(ref_conv, f)(in1, in2, "same", name, 1.5), expected)
+    # Integer inputs with an integer fillvalue: the same numbers as SciPy's int result.
+    a, b = np.arange(12).reshape(3, 4), np.array([[1, -2], [3, 0]])
+    assert np.array_equal(
+        ref_conv.correlate2d(a, b, fillvalue=3), signal.correlate2d(a, b, fillvalue=3)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -1199,21 +1648,130 @@ def test_adam_matches_torch(decoupled, weight_decay, amsgrad, maximize):
             assert vmax is None
 
 
-@pytest.mark.parametrize(
-    ("stride", "padding"), [(1, 0), (2, 1), ((2, 1), (1, 2)), ((1, 3), (0, 1))]
-)
-def test_conv2d_matches_torch(stride, padding):
+_TORCH_CONV2D_CASES = [  # (x shape, w shape, keyword arguments)
+    ((2, 3, 9, 8), (4, 3, 3, 2), dict(stride=1, padding=0)),
+    ((2, 3, 9, 8), (4, 3, 3, 2), dict(stride=2, padding=1)),
+    ((2, 3, 9, 8), (4, 3, 3, 2), dict(stride=(2, 1), padding=(1, 2))),
+    ((2, 3, 9, 8), (4, 3, 3, 2), dict(stride=(1, 3), padding=(0, 1))),
+    ((1, 5, 7, 11), (3, 5, 5, 3), dict(padding=2)),  # odd sizes
+    ((2, 2, 11, 9), (3, 2, 2, 3), dict(stride=(4, 5))),  # stride larger than the kernel
+    ((2, 3, 10, 9), (2, 3, 3, 2), dict(dilation=(2, 3), padding=(1, 2))),
+    ((2, 3, 10, 9), (2, 3, 3, 2), dict(dilation=2, stride=(2, 3))),
+    ((2, 6, 7, 8), (9, 2, 3, 3), dict(groups=3, padding=1, stride=2)),
+    ((2, 4, 7, 8), (4, 1, 3, 3), dict(groups=4, padding=1)),  # depthwise
+    ((2, 4, 7, 8), (8, 1, 3, 2), dict(groups=4, padding=(1, 2), dilation=(2, 1))),  # depthwise ×2
+    ((2, 3, 7, 8), (4, 3, 3, 3), dict(padding="valid", stride=2)),
+    ((2, 3, 7, 8), (4, 3, 3, 3), dict(padding="same")),
+    ((2, 3, 7, 8), (4, 3, 4, 2), dict(padding="same", dilation=(2, 3))),  # even kernel sizes
+    ((2, 4, 7, 8), (6, 2, 2, 5), dict(padding="same", groups=2, dilation=(3, 1))),
+    ((5, 5, 6), (4, 5, 3, 3), dict(padding=1)),  # unbatched (C, H, W)
+    ((3, 4, 5), (6, 1, 2, 2), dict(padding="same", groups=3)),  # unbatched
+    ((0, 3, 5, 6), (4, 3, 3, 3), dict(padding=1, stride=2)),  # N = 0
+]
+
+
+# PyTorch warns that "same" with an even kernel and odd dilation copies the input.
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel:UserWarning")
+@pytest.mark.parametrize(("xshape", "wshape", "kw"), _TORCH_CONV2D_CASES)
+def test_conv2d_matches_torch(xshape, wshape, kw):
     torch = pytest.importorskip("torch")
     r = rng(34)
-    x, w, b = r.normal(size=(2, 3, 9, 8)), r.normal(size=(4, 3, 3, 2)), r.normal(size=4)
-    expected = torch.nn.functional.conv2d(
-        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), stride, padding
-    ).numpy()
-    assert_close(ref_conv.conv2d(x, w, b, stride=stride, padding=padding), expected)
-    expected = torch.nn.functional.conv2d(
-        torch.from_numpy(x), torch.from_numpy(w), None, stride, padding
-    ).numpy()
-    assert_close(ref_conv.conv2d(x, w, stride=stride, padding=padding), expected)
+    x, w, b = r.normal(size=xshape), r.normal(size=wshape), r.normal(size=wshape[0])
+    for bias in (b, None):
+        bt = None if bias is None else torch.from_numpy(bias)
+        expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), bt, **kw)
+        out = ref_conv.conv2d(x, w, bias, **kw)
+        assert out.shape == expected.shape and out.dtype == np.float64
+        assert_close(out, expected.numpy())
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_padding_modes_match_torch(padding_mode):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    r = rng(35)
+    x, w, b = r.normal(size=(2, 4, 6, 7)), r.normal(size=(6, 2, 3, 2)), r.normal(size=6)
+    xt, wt, bt = (torch.from_numpy(a) for a in (x, w, b))
+    pad_mode = "constant" if padding_mode == "zeros" else padding_mode
+    kw = dict(stride=(2, 1), dilation=(1, 2), groups=2)
+    # F.pad then an unpadded conv; F.pad orders the sides (left, right, top, bottom).
+    for padding, (top, bottom, left, right) in [
+        (1, (1, 1, 1, 1)),
+        ((2, 3), (2, 2, 3, 3)),
+        ((0, 3, 4, 1), (0, 3, 4, 1)),  # (top, bottom, left, right)
+        ((5, 1, 0, 6), (5, 1, 0, 6)),  # the largest pads PyTorch takes for reflect
+    ]:
+        expected = F.conv2d(F.pad(xt, (left, right, top, bottom), mode=pad_mode), wt, bt, **kw)
+        out = ref_conv.conv2d(x, w, b, padding=padding, padding_mode=padding_mode, **kw)
+        assert_close(out, expected.numpy())
+    # torch.nn.Conv2d's own padding_mode, with symmetric and "same" (stride 1) padding.
+    for padding in (2, (1, 3), "same", "valid"):
+        stride = 1 if padding == "same" else (2, 1)
+        conv = torch.nn.Conv2d(
+            4, 6, (3, 2), stride, padding, (2, 1), 2, padding_mode=padding_mode, dtype=torch.float64
+        )
+        with torch.no_grad():
+            conv.weight.copy_(wt)
+            conv.bias.copy_(bt)
+            for xs in (x, x[0], x[:0]):  # batched, unbatched, N = 0
+                expected = conv(torch.from_numpy(xs)).numpy()
+                out = ref_conv.conv2d(xs, w, b, stride, padding, (2, 1), 2, padding_mode)
+                assert out.shape == expected.shape
+                assert_close(out, expected)
+
+
+_TORCH_CONV1D_CASES = [  # (x shape, w shape, keyword arguments)
+    ((2, 3, 11), (4, 3, 3), dict()),
+    ((2, 3, 11), (4, 3, 4), dict(stride=3, padding=2)),
+    ((2, 3, 11), (4, 3, 2), dict(stride=5)),  # stride larger than the kernel
+    ((2, 3, 12), (4, 3, 3), dict(dilation=3, padding=(1,))),
+    ((2, 6, 9), (9, 2, 3), dict(groups=3, padding=1)),
+    ((2, 4, 9), (8, 1, 3), dict(groups=4, stride=2)),  # depthwise ×2
+    ((2, 3, 10), (4, 3, 4), dict(padding="same", dilation=3)),  # even kernel, odd total
+    ((2, 3, 10), (4, 3, 3), dict(padding="valid")),
+    ((3, 10), (4, 3, 3), dict(padding=2)),  # unbatched (C, L)
+    ((0, 3, 10), (4, 3, 3), dict(padding=1)),  # N = 0
+]
+
+
+@pytest.mark.parametrize(("xshape", "wshape", "kw"), _TORCH_CONV1D_CASES)
+def test_conv1d_matches_torch(xshape, wshape, kw):
+    torch = pytest.importorskip("torch")
+    r = rng(36)
+    x, w, b = r.normal(size=xshape), r.normal(size=wshape), r.normal(size=wshape[0])
+    for bias in (b, None):
+        bt = None if bias is None else torch.from_numpy(bias)
+        expected = torch.nn.functional.conv1d(torch.from_numpy(x), torch.from_numpy(w), bt, **kw)
+        out = ref_conv.conv1d(x, w, bias, **kw)
+        assert out.shape == expected.shape and out.dtype == np.float64
+        assert_close(out, expected.numpy())
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv1d_padding_modes_match_torch(padding_mode):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    r = rng(37)
+    x, w, b = r.normal(size=(2, 4, 9)), r.normal(size=(6, 2, 3)), r.normal(size=6)
+    xt, wt, bt = (torch.from_numpy(a) for a in (x, w, b))
+    pad_mode = "constant" if padding_mode == "zeros" else padding_mode
+    for padding, (left, right) in [(2, (2, 2)), ((3,), (3, 3)), ((0, 4), (0, 4)), ((8, 1), (8, 1))]:
+        expected = F.conv1d(F.pad(xt, (left, right), mode=pad_mode), wt, bt, 2, 0, 2, 2)
+        out = ref_conv.conv1d(x, w, b, 2, padding, 2, 2, padding_mode)
+        assert_close(out, expected.numpy())
+    for padding in (3, "same"):
+        stride = 1 if padding == "same" else 2
+        conv = torch.nn.Conv1d(
+            4, 6, 3, stride, padding, 3, 2, padding_mode=padding_mode, dtype=torch.float64
+        )
+        with torch.no_grad():
+            conv.weight.copy_(wt)
+            conv.bias.copy_(bt)
+            for xs in (x, x[1]):
+                expected = conv(torch.from_numpy(xs)).numpy()
+                assert_close(
+                    ref_conv.conv1d(xs, w, b, stride, padding, 3, 2, padding_mode), expected
+                )
 
 
 @pytest.mark.parametrize("lq", [1, 5, 7])

@@ -9,6 +9,7 @@ tests use as the oracle.
 from __future__ import annotations
 
 from . import _core, optim
+from ._conv import conv1d, conv2d, convolve2d, correlate2d
 from ._cross_entropy import cross_entropy
 from ._matmul import matmul
 from ._softmax import (
@@ -32,6 +33,10 @@ __all__ = [
     "optim",
     "sgd_step",
     "build_info",
+    "conv1d",
+    "conv2d",
+    "convolve2d",
+    "correlate2d",
     "cross_entropy",
     "get_num_threads",
     "log_softmax",

@@ -21,7 +21,8 @@ adam_optimizer
     ``θ ← θ − η m̂ / (√v̂ + ε)``: ``adam_step`` (Adam/AdamW, amsgrad, maximize),
     ``adam_minimize``.
 convolution
-    ``O(i, j) = Σ_m Σ_n I(i+m, j+n) K(m, n)``: ``correlate2d_valid``, ``conv2d``.
+    ``O(i, j) = Σ_m Σ_n I(i+m, j+n) K(m, n)``: ``correlate2d_valid``, ``conv2d``,
+    ``conv1d`` (PyTorch's options), ``correlate2d``, ``convolve2d`` (SciPy's).
 transformer_attention
     ``Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V``: ``attention``.
 

@@ -11,6 +11,7 @@ void bind_output_cache(pybind11::module_& m);
 void bind_cross_entropy(pybind11::module_& m);
 void bind_optim(pybind11::module_& m);
 void bind_gemm(pybind11::module_& m);
+void bind_conv(pybind11::module_& m);
 }  // namespace mlmath::bindings
 
 namespace py = pybind11;
@@ -40,4 +41,5 @@ PYBIND11_MODULE(_core, m) {
   mlmath::bindings::bind_cross_entropy(m);
   mlmath::bindings::bind_optim(m);
   mlmath::bindings::bind_gemm(m);
+  mlmath::bindings::bind_conv(m);
 }

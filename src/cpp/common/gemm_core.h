@@ -130,7 +130,7 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
             pack_b(pc, kc, j0, cols, bpack.data + p0 * NR * kc);
           }
         }
-        barrier();
+        barrier(team);
         // tasks: MC blocks of rows x `team` slices of the B panels
         const std::int64_t m_blocks = (M + S::MC - 1) / S::MC;
         const std::int64_t slices = b_panels < team ? b_panels : team;
@@ -152,7 +152,7 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
             }
           }
         }
-        barrier();
+        barrier(team);
       }
     }
   });

@@ -53,7 +53,7 @@ inline int threads_for(std::int64_t work) {
 }
 
 // Runs fn(thread, team) on `threads` threads, for kernels whose phases need barriers in
-// between (barrier() below); with one thread, fn(0, 1) runs on the caller.
+// between (barrier(team) below); with one thread, fn(0, 1) runs on the caller.
 template <class Fn>
 void parallel_region(int threads, const Fn& fn) {
 #if defined(_OPENMP)
@@ -66,9 +66,16 @@ void parallel_region(int threads, const Fn& fn) {
   fn(0, 1);
 }
 
-inline void barrier() {
+// Waits for the whole team of a parallel_region.  A team of one (which may be running inside
+// another parallel region, e.g. a GEMM called per task) must not wait: an orphaned barrier would
+// bind to the outer team and deadlock it.
+inline void barrier(int team) {
 #if defined(_OPENMP)
+  if (team > 1) {
 #pragma omp barrier
+  }
+#else
+  (void)team;
 #endif
 }
 

@@ -95,6 +95,23 @@ struct GemmArgs {
   const std::int64_t* c_offset;
 };
 
+// 2-D convolution (cross-correlation, PyTorch's conv2d) with zero padding:
+//   y[n][k][i][j] = bias[k] + sum_{c, r, s} w[k][c][r][s] x[n][g*C/G + c][i*sh - pt + r*dh][j*sw -
+//   pl + s*dw]
+// over the C/G input channels of k's group g (positions outside x read as 0).  x, w, y are
+// C-contiguous; other padding modes are applied to x beforehand.
+template <class T>
+struct Conv2dArgs {
+  const T* x;
+  std::int64_t n, c, h, w;
+  const T* weight;  // [k][c / groups][r][s]
+  std::int64_t k, r, s;
+  const T* bias;  // [k] or null
+  T* y;           // [n][k][ho][wo]
+  std::int64_t ho, wo;
+  std::int64_t stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, groups;
+};
+
 struct KernelTable {
 #define MLMATH_KERNEL(name, params) void(*name) params;
 #include "mlmath/kernels.inc"

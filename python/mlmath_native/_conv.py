@@ -1,0 +1,352 @@
+"""Convolution forward: conv2d / conv1d (PyTorch semantics) and SciPy's correlate2d / convolve2d.
+
+All of them run on one compiled kernel (src/cpp/kernels/conv.cpp): implicit GEMM on the packed
+core, 1x1 convolutions as plain GEMM, and a direct vectorised kernel for depthwise and
+single-channel correlations.  Zero padding is applied inside the kernel; the other padding
+modes (and SciPy's boundaries) pad a copy of the input first, which costs the input's size,
+never an im2col matrix.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from . import _core
+from ._checks import as_float_array
+
+_MODES = {"zeros": None, "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def _int(fn: str, name: str, value) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{fn}: {name} must be an integer (got {value!r})") from None
+
+
+def _pair(fn: str, name: str, value, dims: int) -> tuple[int, ...]:
+    """An int or a tuple of `dims` ints, each >= 1 (stride, dilation)."""
+    if isinstance(value, tuple | list):
+        if len(value) != dims:
+            raise ValueError(f"{fn}: {name} has {len(value)} values (expected 1 or {dims})")
+        out = tuple(_int(fn, name, v) for v in value)
+    else:
+        out = (_int(fn, name, value),) * dims
+    if any(v < 1 for v in out):
+        raise ValueError(f"{fn}: {name} must be >= 1 (got {value})")
+    return out
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """'same' for any stride: output ceil(size / stride); the odd pixel goes after (TF/XLA)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _padding(fn, padding, spatial, kernel, stride, dilation) -> list[tuple[int, int]]:
+    """(before, after) per spatial dim from an int, per-dim ints, before/after pairs,
+    "valid" or "same"."""
+    dims = len(spatial)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [(0, 0)] * dims
+        if padding == "same":
+            return [
+                _same_padding(*args) for args in zip(spatial, kernel, stride, dilation, strict=True)
+            ]
+        raise ValueError(
+            f"{fn}: padding is invalid (got {padding!r}, expected an int, a tuple, 'valid' or "
+            "'same')"
+        )
+    if isinstance(padding, tuple | list):
+        values = [_int(fn, "padding", p) for p in padding]
+        if len(values) == dims:
+            pads = [(p, p) for p in values]
+        elif len(values) == 2 * dims:
+            pads = [(values[2 * i], values[2 * i + 1]) for i in range(dims)]
+        else:
+            raise ValueError(
+                f"{fn}: padding has {len(values)} values (expected {dims} or {2 * dims})"
+            )
+    else:
+        p = _int(fn, "padding", padding)
+        pads = [(p, p)] * dims
+    if any(b < 0 or a < 0 for b, a in pads):
+        raise ValueError(f"{fn}: padding must be >= 0 (got {padding})")
+    return pads
+
+
+def _conv_nd(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims):
+    """conv1d (dims=1) and conv2d (dims=2) on the 2-D kernel."""
+    x = as_float_array(x, fn, "x")
+    w = as_float_array(w, fn, "w")
+    if x.ndim not in (dims + 1, dims + 2):
+        raise ValueError(
+            f"{fn}: x has {x.ndim} dimensions (expected {dims + 2}: (N, C, ...) or {dims + 1} "
+            "unbatched)"
+        )
+    if w.ndim != dims + 2:
+        raise ValueError(
+            f"{fn}: w has {w.ndim} dimensions (expected {dims + 2}: (K, C/groups, ...))"
+        )
+    unbatched = x.ndim == dims + 1
+    if unbatched:
+        x = x[None]
+    dtype = np.result_type(x.dtype, w.dtype)
+    if bias is not None:
+        bias = as_float_array(bias, fn, "bias")
+        dtype = np.result_type(dtype, bias.dtype)
+        if bias.shape != (w.shape[0],):
+            raise ValueError(f"{fn}: bias has shape {bias.shape} (expected ({w.shape[0]},))")
+    groups = _int(fn, "groups", groups)
+    if groups < 1:
+        raise ValueError(f"{fn}: groups must be >= 1 (got {groups})")
+    n, c = x.shape[:2]
+    k = w.shape[0]
+    if c != w.shape[1] * groups:
+        raise ValueError(
+            f"{fn}: x has {c} channels but w expects {w.shape[1]} per group x {groups} groups "
+            f"(w shape {w.shape})"
+        )
+    if k % groups:
+        raise ValueError(f"{fn}: w has {k} output channels, not divisible by groups={groups}")
+    stride = _pair(fn, "stride", stride, dims)
+    dilation = _pair(fn, "dilation", dilation, dims)
+    spatial, kernel = x.shape[2:], w.shape[2:]
+    pads = _padding(fn, padding, spatial, kernel, stride, dilation)
+    if padding_mode not in _MODES:
+        raise ValueError(
+            f"{fn}: padding_mode is invalid (got {padding_mode!r}, expected one of {list(_MODES)})"
+        )
+    out_size = []
+    for size, kk, s, d, (before, after) in zip(
+        spatial, kernel, stride, dilation, pads, strict=True
+    ):
+        span = size + before + after - d * (kk - 1) - 1
+        if span < 0:
+            raise ValueError(
+                f"{fn}: the kernel (size {kk}, dilation {d}) is larger than the padded input "
+                f"(size {size} + padding {before + after})"
+            )
+        out_size.append(span // s + 1)
+    x = np.asarray(x, dtype=dtype, order="C")
+    w = np.asarray(w, dtype=dtype, order="C")
+    if bias is not None:
+        bias = np.asarray(bias, dtype=dtype, order="C")
+    if padding_mode != "zeros" and any(b or a for b, a in pads):
+        for size, (before, after) in zip(spatial, pads, strict=True):
+            if padding_mode == "reflect" and max(before, after) >= size:
+                raise ValueError(
+                    f"{fn}: reflect padding {max(before, after)} must be smaller than the input "
+                    f"size {size}"
+                )
+            if padding_mode == "circular" and max(before, after) > size:
+                raise ValueError(
+                    f"{fn}: circular padding {max(before, after)} must not exceed the input size "
+                    f"{size}"
+                )
+        x = np.pad(x, [(0, 0), (0, 0), *pads], mode=_MODES[padding_mode])
+        pads = [(0, 0)] * dims
+    if dims == 1:  # a 1-D convolution is a 2-D one over a height of 1
+        x, w = x[:, :, None, :], w[:, :, None, :]
+        stride, dilation = (1, *stride), (1, *dilation)
+        pads = [(0, 0), *pads]
+        out_size = [1, *out_size]
+    out = _core.empty((n, k, *out_size), dtype)
+    _core.conv2d_into(
+        x,
+        w,
+        bias,
+        out,
+        stride[0],
+        stride[1],
+        pads[0][0],
+        pads[1][0],
+        dilation[0],
+        dilation[1],
+        groups,
+    )
+    if dims == 1:
+        out = out[:, :, 0, :]
+    return out[0] if unbatched else out
+
+
+def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
+    """2-D convolution (cross-correlation), PyTorch's ``conv2d``:
+
+        y[n, k, i, j] = bias[k] + sum_{c, r, s} w[k, c, r, s] * xp[n, c', i*sh + r*dh, j*sw + s*dw]
+
+    where xp is x padded, c' = g*C/G + c, and g = k // (K / G) is k's group.
+
+    Parameters
+    ----------
+    x : array_like
+        (N, C, H, W), or unbatched (C, H, W).
+    w : array_like
+        (K, C / groups, R, S).
+    bias : array_like, optional
+        (K,).
+    stride, dilation : int or (int, int)
+        >= 1.
+    padding : int, (ph, pw), (top, bottom, left, right), "valid" or "same"
+        "same" works with any stride and dilation (unlike PyTorch): the output is
+        ceil(H / stride) x ceil(W / stride) and an odd total padding puts the extra pixel at the
+        bottom/right, as TensorFlow and XLA do.
+    groups : int
+        C and K are split into this many groups (groups == C is a depthwise convolution).
+    padding_mode : {"zeros", "reflect", "replicate", "circular"}
+
+    Returns
+    -------
+    ndarray
+        (N, K, Ho, Wo) (or (K, Ho, Wo)); float32 when every input is float32, else float64.
+
+    Raises
+    ------
+    ValueError
+        Channels that do not match groups, a kernel larger than the padded input, non-positive
+        stride or dilation, bad padding strings or sizes, reflect padding not smaller than the
+        input.
+    TypeError
+        Complex, object or string inputs; non-integer sizes.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+    >>> mn.conv2d(x, np.ones((1, 1, 2, 2)), stride=2)
+    array([[[[10., 18.],
+             [42., 50.]]]])
+    """
+    return _conv_nd("conv2d", x, w, bias, stride, padding, dilation, groups, padding_mode, 2)
+
+
+def conv1d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
+    """1-D convolution (cross-correlation), PyTorch's ``conv1d``, on (N, C, L) or (C, L) with
+    w (K, C / groups, R); padding is an int, (left, right), "valid" or "same" (any stride).
+    Otherwise as :func:`conv2d`.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> mn.conv1d(np.array([[1.0, 2.0, 3.0, 4.0]]), np.array([[[1.0, -1.0]]]))
+    array([[-1., -1., -1.]])
+    """
+    return _conv_nd("conv1d", x, w, bias, stride, padding, dilation, groups, padding_mode, 1)
+
+
+_SCIPY_MODES = ("full", "valid", "same")
+_BOUNDARIES = {
+    "fill": "fill",
+    "pad": "fill",
+    "wrap": "wrap",
+    "circular": "wrap",
+    "symm": "symm",
+    "symmetric": "symm",
+}
+
+
+def _correlate(fn, in1, in2, mode, boundary, fillvalue, flip):
+    in1 = as_float_array(in1, fn, "in1")
+    in2 = as_float_array(in2, fn, "in2")
+    if in1.ndim != 2 or in2.ndim != 2:
+        raise ValueError(f"{fn}: in1 and in2 must be 2-D (got {in1.ndim}-D and {in2.ndim}-D)")
+    if mode not in _SCIPY_MODES:
+        raise ValueError(f"{fn}: mode is invalid (got {mode!r}, expected one of {_SCIPY_MODES})")
+    if boundary not in _BOUNDARIES:
+        raise ValueError(
+            f"{fn}: boundary is invalid (got {boundary!r}, expected 'fill', 'wrap' or 'symm')"
+        )
+    boundary = _BOUNDARIES[boundary]
+    try:
+        fillvalue = float(fillvalue)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: fillvalue must be a real number (got {fillvalue!r})") from None
+    dtype = np.result_type(in1.dtype, in2.dtype)
+    swapped = False
+    if mode == "valid":  # SciPy swaps when in2 contains in1
+        ge = [a >= b for a, b in zip(in1.shape, in2.shape, strict=True)]
+        le = [a <= b for a, b in zip(in1.shape, in2.shape, strict=True)]
+        if not all(ge):
+            if all(le):
+                in1, in2, swapped = in2, in1, True
+            else:
+                raise ValueError(
+                    f"{fn}: for 'valid' mode one input must be at least as large as the other in "
+                    f"every dimension (got {in1.shape} and {in2.shape})"
+                )
+    kernel = in2[::-1, ::-1] if flip else in2
+    (m, n), (p, q) = in1.shape, in2.shape
+    if 0 in (m, n, p, q):
+        raise ValueError(f"{fn}: in1 and in2 must not be empty")
+    if mode == "valid":
+        padded = in1
+    else:
+        pads = [(p - 1, p - 1), (q - 1, q - 1)]
+        if boundary == "fill":
+            padded = np.pad(in1, pads, mode="constant", constant_values=fillvalue)
+        else:
+            padded = np.pad(in1, pads, mode="wrap" if boundary == "wrap" else "symmetric")
+    x = np.asarray(padded, dtype=dtype, order="C")[None, None]
+    w = np.asarray(kernel, dtype=dtype, order="C")[None, None]
+    full = _core.empty((1, 1, x.shape[2] - p + 1, x.shape[3] - q + 1), dtype)
+    _core.conv2d_into(x, w, None, full, 1, 1, 0, 0, 1, 1, 1)
+    out = full[0, 0]
+    if mode == "same":
+        top, left = ((p - 1) // 2, (q - 1) // 2) if flip else (p // 2, q // 2)
+        out = out[top : top + m, left : left + n]
+    if swapped and not flip:
+        out = out[::-1, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def correlate2d(in1, in2, mode="full", boundary="fill", fillvalue=0):
+    """2-D cross-correlation with ``scipy.signal.correlate2d``'s semantics:
+
+        O(i, j) = sum_m sum_n I(i + m, j + n) K(m, n)
+
+    on I = in1 extended by ``boundary`` ("fill" with ``fillvalue``, "wrap", "symm") — the seed's
+    formula is ``correlate2d(I, K, mode="valid")``.
+
+    Parameters
+    ----------
+    in1, in2 : array_like
+        Real 2-D arrays.
+    mode : {"full", "valid", "same"}
+        Output (M+P-1, N+Q-1), (M-P+1, N-Q+1) or in1's shape (centred as SciPy centres it).
+        For "valid", if in2 is the larger in every dimension the inputs are swapped (and the
+        result flipped), as SciPy does.
+    boundary : {"fill", "wrap", "symm"}
+    fillvalue : float
+
+    Returns
+    -------
+    ndarray
+        float32 if both inputs are float32, else float64.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> mn.correlate2d(np.arange(9.0).reshape(3, 3), np.ones((2, 2)), mode="valid")
+    array([[ 8., 12.],
+           [20., 24.]])
+    """
+    return _correlate("correlate2d", in1, in2, mode, boundary, fillvalue, flip=False)
+
+
+def convolve2d(in1, in2, mode="full", boundary="fill", fillvalue=0):
+    """2-D convolution with ``scipy.signal.convolve2d``'s semantics: correlation with in2 flipped
+    in both axes (O(i, j) = sum_m sum_n I(i - m, j - n) K(m, n)); arguments as
+    :func:`correlate2d`.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> mn.convolve2d(np.eye(2), np.array([[1.0, 2.0]]))
+    array([[1., 2., 0.],
+           [0., 1., 2.]])
+    """
+    return _correlate("convolve2d", in1, in2, mode, boundary, fillvalue, flip=True)

@@ -1,0 +1,96 @@
+// Binding of the convolution forward.  The Python wrapper (python/mlmath_native/_conv.py) owns
+// the padding forms and modes, output sizes and friendly errors; this layer re-checks shapes so
+// that a direct call cannot index outside any array (the kernel bounds-checks x itself).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bindings/array_checks.h"
+#include "mlmath/mlmath.h"
+
+namespace mlmath::bindings {
+
+namespace {
+
+void conv2d_into(const py::array& x, const py::array& w, const py::object& bias, py::array& y,
+                 std::int64_t stride_h, std::int64_t stride_w, std::int64_t pad_top,
+                 std::int64_t pad_left, std::int64_t dil_h, std::int64_t dil_w,
+                 std::int64_t groups) {
+  const char* fn = "conv2d";
+  const DType dt = float_dtype(x, fn, "x");
+  require_same_dtype(w, dt, fn, "w");
+  require_same_dtype(y, dt, fn, "out");
+  require_writeable(y, fn, "out");
+  if (x.ndim() != 4 || w.ndim() != 4 || y.ndim() != 4) {
+    throw std::invalid_argument("conv2d: x, w and out must be 4-D");
+  }
+  if (groups < 1 || stride_h < 1 || stride_w < 1 || dil_h < 1 || dil_w < 1) {
+    throw std::invalid_argument("conv2d: groups, strides and dilations must be >= 1");
+  }
+  const std::int64_t n = x.shape(0), c = x.shape(1), k = w.shape(0);
+  if (w.shape(1) * groups != c || k % groups != 0) {
+    throw std::invalid_argument("conv2d: w has shape " + shape_str(w) + " for " +
+                                std::to_string(c) + " input channels in " + std::to_string(groups) +
+                                " groups");
+  }
+  if (y.shape(0) != n || y.shape(1) != k) {
+    throw std::invalid_argument("conv2d: out has shape " + shape_str(y));
+  }
+  const void* bp = nullptr;
+  if (!bias.is_none()) {
+    py::array b = bias.cast<py::array>();
+    require_same_dtype(b, dt, fn, "bias");
+    if (b.ndim() != 1 || b.shape(0) != k) {
+      throw std::invalid_argument("conv2d: bias has shape " + shape_str(b));
+    }
+    bp = b.data();
+  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    Conv2dArgs<T> a{static_cast<const T*>(x.data()),
+                    n,
+                    c,
+                    x.shape(2),
+                    x.shape(3),
+                    static_cast<const T*>(w.data()),
+                    k,
+                    w.shape(2),
+                    w.shape(3),
+                    static_cast<const T*>(bp),
+                    static_cast<T*>(y.mutable_data()),
+                    y.shape(2),
+                    y.shape(3),
+                    stride_h,
+                    stride_w,
+                    pad_top,
+                    pad_left,
+                    dil_h,
+                    dil_w,
+                    groups};
+    const KernelTable& kt = kernels();
+    py::gil_scoped_release release;
+    if constexpr (sizeof(T) == 4) {
+      kt.conv2d_f32(a);
+    } else {
+      kt.conv2d_f64(a);
+    }
+  };
+  if (dt == DType::f32) {
+    run(float{});
+  } else {
+    run(double{});
+  }
+}
+
+}  // namespace
+
+void bind_conv(py::module_& m) {
+  using namespace pybind11::literals;
+  m.def("conv2d_into", &conv2d_into, "x"_a, "w"_a, "bias"_a, "out"_a, "stride_h"_a, "stride_w"_a,
+        "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a,
+        "out = conv2d(x, w) + bias with zero padding (top, left given; sizes from out)");
+}
+
+}  // namespace mlmath::bindings

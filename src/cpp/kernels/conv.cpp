@@ -1,0 +1,178 @@
+// 2-D convolution forward (PyTorch's conv2d, zero padding), see Conv2dArgs in mlmath.h.
+//
+// Implicit GEMM: for image n and group g,
+//   Y[n, g] (Kg x Ho*Wo) = W[g] (Kg x Cg*R*S) . Col (Cg*R*S x Ho*Wo),
+//   Col[(c, r, s)][(i, j)] = x[n][g*Cg + c][i*sh - pt + r*dh][j*sw - pl + s*dw]   (0 outside)
+// The GEMM core asks for B panels of KC rows x NC columns; pack_col gathers exactly those from
+// x, so the im2col matrix never exists (scratch: one KC x NC block shared by the threads, one
+// MC x KC block of W per thread).  A 1x1, stride-1, unpadded convolution reads x directly as
+// B.  Depthwise convolutions (one input channel per group) skip the GEMM: each output plane is
+// a sum of R*S shifted, scaled input rows, vectorised along the output row.
+//
+// Work is split over images and groups when there are enough of them (each GEMM then runs on
+// one thread), else inside each GEMM; either way every output element is computed by one
+// thread in a fixed order, so results do not depend on the number of threads.
+#include <cstdint>
+
+#include "common/gemm_core.h"
+#include "common/parallel.h"
+#include "mlmath/mlmath.h"
+
+MLMATH_ISA_BEGIN
+
+namespace {
+
+// B panels for the implicit GEMM of image n, group g (see the formula above).
+template <class T>
+void pack_col(const Conv2dArgs<T>& a, const T* xg, std::int64_t k0, std::int64_t kc,
+              std::int64_t j0, std::int64_t nc, T* dst) {
+  constexpr int NR = GemmShape<T>::NR;
+  const std::int64_t rs = a.r * a.s;
+  for (std::int64_t q = 0; q < nc; q += NR) {
+    const std::int64_t cols = nc - q < NR ? nc - q : NR;
+    T* out = dst + q * kc;
+    // the output position of the panel's first column
+    const std::int64_t jstart = j0 + q;
+    for (std::int64_t kk = 0; kk < kc; ++kk) {
+      const std::int64_t row = k0 + kk;
+      const std::int64_t c = row / rs, r = (row % rs) / a.s, s = row % a.s;
+      const T* plane = xg + c * a.h * a.w;
+      const std::int64_t dy = r * a.dil_h - a.pad_top, dx = s * a.dil_w - a.pad_left;
+      T* o = out + kk * NR;
+      std::int64_t i = jstart / a.wo, j = jstart % a.wo;
+      for (std::int64_t col = 0; col < cols;) {
+        // a run of columns on output row i
+        const std::int64_t run = (a.wo - j < cols - col) ? a.wo - j : cols - col;
+        const std::int64_t ih = i * a.stride_h + dy;
+        if (ih < 0 || ih >= a.h) {
+          for (std::int64_t t = 0; t < run; ++t) o[col + t] = T(0);
+        } else {
+          const T* src = plane + ih * a.w;
+          for (std::int64_t t = 0; t < run; ++t) {
+            const std::int64_t iw = (j + t) * a.stride_w + dx;
+            o[col + t] = (iw >= 0 && iw < a.w) ? src[iw] : T(0);
+          }
+        }
+        col += run;
+        j = 0;
+        ++i;
+      }
+      for (std::int64_t col = cols; col < NR; ++col) o[col] = T(0);
+    }
+  }
+}
+
+template <class T>
+void conv_gemm(const Conv2dArgs<T>& a) {
+  const std::int64_t cg = a.c / a.groups, kg = a.k / a.groups;
+  const std::int64_t kdim = cg * a.r * a.s, pixels = a.ho * a.wo;
+  const bool pointwise = a.r == 1 && a.s == 1 && a.stride_h == 1 && a.stride_w == 1 &&
+                         a.pad_top == 0 && a.pad_left == 0 && a.ho == a.h && a.wo == a.w;
+  auto one = [&](std::int64_t task) {
+    const std::int64_t n = task / a.groups, g = task % a.groups;
+    const T* xg = a.x + (n * a.c + g * cg) * a.h * a.w;
+    const T* wg = a.weight + g * kg * kdim;
+    T* yg = a.y + (n * a.k + g * kg) * pixels;
+    auto pack_a = [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* d) {
+      pack_a_strided(wg, kdim, std::int64_t{1}, kg, i0, mc, k0, kc, d);
+    };
+    if (pointwise) {
+      gemm_blocked<T>(
+          kg, pixels, kdim, pack_a,
+          [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* d) {
+            pack_b_strided(xg, pixels, std::int64_t{1}, k0, kc, j0, nc, d);
+          },
+          yg, pixels, false);
+    } else {
+      gemm_blocked<T>(
+          kg, pixels, kdim, pack_a,
+          [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* d) {
+            pack_col(a, xg, k0, kc, j0, nc, d);
+          },
+          yg, pixels, false);
+    }
+    if (a.bias) {
+      for (std::int64_t k = 0; k < kg; ++k) {
+        const T b = a.bias[g * kg + k];
+        T* row = yg + k * pixels;
+        for (std::int64_t p = 0; p < pixels; ++p) row[p] += b;
+      }
+    }
+  };
+  const std::int64_t tasks = a.n * a.groups;
+  const std::int64_t per_task = kg * pixels * kdim;
+  if (tasks >= 2 * get_num_threads() || per_task < (std::int64_t{1} << 22)) {
+    // many small GEMMs: one per thread at a time (gemm_blocked then runs single-threaded)
+    parallel_for(tasks, per_task / 64, [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t t = b; t < e; ++t) one(t);
+    });
+  } else {
+    for (std::int64_t t = 0; t < tasks; ++t) one(t);
+  }
+}
+
+// Depthwise: each output channel k reads input channel k / (K / C) (groups == C).
+template <class T>
+void conv_depthwise(const Conv2dArgs<T>& a) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  const std::int64_t mult = a.k / a.c;
+  parallel_for(a.n * a.k, a.ho * a.wo * a.r * a.s, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t t = b; t < e; ++t) {
+      const std::int64_t n = t / a.k, k = t % a.k;
+      const T* plane = a.x + (n * a.c + k / mult) * a.h * a.w;
+      const T* wk = a.weight + k * a.r * a.s;
+      T* out = a.y + t * a.ho * a.wo;
+      const T b0 = a.bias ? a.bias[k] : T(0);
+      for (std::int64_t i = 0; i < a.ho; ++i) {
+        T* orow = out + i * a.wo;
+        for (std::int64_t j = 0; j < a.wo; ++j) orow[j] = b0;
+        for (std::int64_t r = 0; r < a.r; ++r) {
+          const std::int64_t ih = i * a.stride_h - a.pad_top + r * a.dil_h;
+          if (ih < 0 || ih >= a.h) continue;
+          const T* irow = plane + ih * a.w;
+          for (std::int64_t s = 0; s < a.s; ++s) {
+            const T wv = wk[r * a.s + s];
+            const std::int64_t dx = s * a.dil_w - a.pad_left;
+            // output columns j whose input column j*sw + dx lies in [0, W)
+            std::int64_t j0 = dx >= 0 ? 0 : (-dx + a.stride_w - 1) / a.stride_w;
+            std::int64_t j1 = (a.w - dx + a.stride_w - 1) / a.stride_w;
+            if (j1 > a.wo) j1 = a.wo;
+            if (j0 >= j1) continue;
+            if (a.stride_w == 1) {
+              const V vw = V::set1(wv);
+              const T* src = irow + dx;
+              std::int64_t j = j0;
+              for (; j + W <= j1; j += W)
+                fma(vw, V::load(src + j), V::load(orow + j)).store(orow + j);
+              if (j < j1) {
+                fma(vw, V::load_partial(src + j, j1 - j, T(0)),
+                    V::load_partial(orow + j, j1 - j, T(0)))
+                    .store_partial(orow + j, j1 - j);
+              }
+            } else {
+              for (std::int64_t j = j0; j < j1; ++j) orow[j] += wv * irow[j * a.stride_w + dx];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void conv2d(const Conv2dArgs<T>& a) {
+  if (a.n == 0 || a.k == 0 || a.ho == 0 || a.wo == 0) return;
+  if (a.groups == a.c && (a.groups > 1 || a.k == 1)) {  // depthwise, or one plane to one
+    conv_depthwise(a);
+  } else {
+    conv_gemm(a);
+  }
+}
+
+}  // namespace
+
+void conv2d_f32(const Conv2dArgs<float>& args) { conv2d(args); }
+void conv2d_f64(const Conv2dArgs<double>& args) { conv2d(args); }
+
+MLMATH_ISA_END

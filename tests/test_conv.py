@@ -1,0 +1,160 @@
+"""Convolution forward against the float64 reference (direct sums), SciPy and PyTorch: a grid of
+shapes (odd sizes, stride > kernel, dilation, groups, depthwise, every padding form and mode,
+unbatched, N = 0); every ISA path."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import mlmath_native as mn
+from mlmath_native.reference import convolution as ref
+
+from conftest import tolerance
+
+DTYPES = [np.float32, np.float64]
+
+
+def assert_conv_close(got, want, x, w, dtype):
+    """Tolerance from the reduction length (C/groups * R * S) and the operands' magnitudes."""
+    n = int(np.prod(w.shape[1:]))
+    scale = float(np.max(np.abs(x), initial=0)) * float(np.max(np.abs(w), initial=0)) * n + 1
+    assert got.shape == want.shape and got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(dtype, n) * scale)
+
+
+# (N, C, H, W, K, R, S, stride, padding, dilation, groups)
+GRID = [
+    (2, 3, 7, 9, 4, 3, 3, 1, 1, 1, 1),
+    (1, 4, 10, 11, 6, 3, 2, 2, (1, 2), 2, 2),
+    (2, 8, 9, 9, 8, 3, 3, 1, 1, 1, 8),  # depthwise
+    (1, 4, 9, 8, 8, 3, 3, 2, 1, 1, 4),  # depthwise, channel multiplier 2
+    (1, 6, 12, 12, 12, 5, 5, 3, 2, 1, 6),
+    (3, 5, 6, 7, 7, 1, 1, 1, 0, 1, 1),  # 1x1: plain GEMM
+    (2, 5, 6, 7, 7, 1, 1, 2, 0, 1, 1),  # 1x1 strided
+    (1, 3, 20, 19, 5, 7, 7, 2, 3, 1, 1),
+    (1, 2, 5, 5, 3, 2, 2, 4, 0, 1, 1),  # stride > kernel
+    (1, 17, 13, 13, 33, 3, 3, 1, (0, 0, 1, 2), (2, 1), 1),  # 4-tuple padding, 2 dilations
+    (2, 3, 8, 8, 4, 3, 3, 1, "same", 2, 1),
+    (1, 3, 9, 10, 4, 4, 3, 3, "same", 1, 1),  # 'same' with stride: ceil(H / stride)
+    (1, 3, 9, 10, 4, 3, 3, 2, "valid", 1, 1),
+    (0, 3, 5, 5, 4, 3, 3, 1, 1, 1, 1),  # empty batch
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GRID, ids=str)
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_grid_against_reference(case, mode, dtype, rng):
+    n, c, h, w_, k, r, s, stride, padding, dilation, groups = case
+    x = rng.standard_normal((n, c, h, w_)).astype(dtype)
+    w = rng.standard_normal((k, c // groups, r, s)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    opts = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=mode)
+    want = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **opts)
+    assert_conv_close(mn.conv2d(x, w, b, **opts), want, x, w, dtype)
+    if n:  # unbatched
+        want1 = ref.conv2d(x[0].astype(np.float64), w.astype(np.float64), None, **opts)
+        assert_conv_close(mn.conv2d(x[0], w, **opts), want1, x, w, dtype)
+
+
+def test_same_padding_output_size_any_stride(rng):
+    for h, stride, dilation, r in itertools.product([7, 8, 13], [1, 2, 3], [1, 2], [1, 2, 3]):
+        x = rng.standard_normal((1, 2, h, h + 1))
+        w = rng.standard_normal((3, 2, r, r))
+        y = mn.conv2d(x, w, stride=stride, dilation=dilation, padding="same")
+        assert y.shape == (1, 3, -(-h // stride), -(-(h + 1) // stride))
+        want = ref.conv2d(x, w, stride=stride, dilation=dilation, padding="same")
+        np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv1d(dtype, rng):
+    for (n, c, length, k, r, stride, padding, dilation, groups), mode in itertools.product(
+        [
+            (2, 3, 17, 4, 3, 2, 1, 1, 1),
+            (1, 4, 20, 8, 5, 1, "same", 2, 2),
+            (3, 6, 9, 6, 3, 3, (2, 0), 1, 6),
+            (1, 2, 8, 3, 1, 1, "valid", 1, 1),
+        ],
+        ["zeros", "reflect", "circular"],
+    ):
+        x = rng.standard_normal((n, c, length)).astype(dtype)
+        w = rng.standard_normal((k, c // groups, r)).astype(dtype)
+        opts = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        opts["padding_mode"] = mode
+        want = ref.conv1d(x.astype(np.float64), w.astype(np.float64), **opts)
+        assert_conv_close(mn.conv1d(x, w, **opts), want, x, w, dtype)
+        assert_conv_close(mn.conv1d(x[0], w, **opts), want[0], x, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_layers_cross_block_boundaries(dtype, rng):
+    # reduction lengths beyond one KC block, several MC blocks, outputs beyond one NC block
+    x = rng.standard_normal((2, 40, 30, 31)).astype(dtype)
+    w = rng.standard_normal((200, 40, 3, 3)).astype(dtype)
+    want = ref.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1)
+    assert_conv_close(mn.conv2d(x, w, padding=1), want, x, w, dtype)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_correlate_convolve_against_scipy(flip, rng):
+    signal = pytest.importorskip("scipy.signal")
+    ours, theirs = (
+        (mn.convolve2d, signal.convolve2d) if flip else (mn.correlate2d, signal.correlate2d)
+    )
+    image = rng.standard_normal((7, 9))
+    for shape in [(1, 1), (3, 3), (4, 4), (2, 5), (7, 9), (9, 11), (8, 3), (3, 12)]:
+        kernel = rng.standard_normal(shape)
+        for mode, boundary in itertools.product(
+            ["full", "same", "valid"], ["fill", "wrap", "symm"]
+        ):
+            try:
+                want = theirs(image, kernel, mode, boundary, fillvalue=1.5)
+            except ValueError:
+                with pytest.raises(ValueError):
+                    ours(image, kernel, mode, boundary, fillvalue=1.5)
+                continue
+            got = ours(image, kernel, mode, boundary, fillvalue=1.5)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_seed_formula_is_valid_correlation(rng):
+    image, kernel = rng.standard_normal((6, 8)), rng.standard_normal((3, 2))
+    np.testing.assert_allclose(
+        mn.correlate2d(image, kernel, mode="valid"),
+        ref.correlate2d_valid(image, kernel),
+        rtol=1e-12,
+    )
+    f32 = mn.correlate2d(image.astype(np.float32), kernel.astype(np.float32))
+    assert f32.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "case", [(2, 16, 9, 9, 24, 3, 3, 1, 1, 1, 1), (3, 8, 11, 7, 8, 3, 3, 2, 1, 1, 8)]
+)
+def test_against_pytorch(case, rng):
+    torch = pytest.importorskip("torch")
+    n, c, h, w_, k, r, s, stride, padding, dilation, groups = case
+    x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
+    w = rng.standard_normal((k, c // groups, r, s)).astype(np.float32)
+    b = rng.standard_normal(k).astype(np.float32)
+    opts = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    want = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b), **opts)
+    np.testing.assert_allclose(mn.conv2d(x, w, b, **opts), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_threads_do_not_change_results(rng, threads):
+    x = rng.standard_normal((3, 16, 20, 20)).astype(np.float32)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    dw = rng.standard_normal((16, 1, 3, 3)).astype(np.float32)
+    results = []
+    for t in (1, 2, 3):
+        mn.set_num_threads(t)
+        results.append((mn.conv2d(x, w, padding=1), mn.conv2d(x, dw, padding=1, groups=16)))
+    for a, b in results[1:]:
+        np.testing.assert_array_equal(a, results[0][0])
+        np.testing.assert_array_equal(b, results[0][1])
