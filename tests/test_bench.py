@@ -20,12 +20,23 @@ def test_list_and_only(capsys):
     assert {c.name for c in suite.select(["logsumexp"])} == {"logsumexp"}
 
 
+def small_shape(case):
+    """A quick shape of the case's kind: (params, tensors), (m, k, n), (N, C, HW, K, R), 2-d."""
+    if "params" in (case.label or ""):
+        return (1000, case.shape[1])
+    if case.name == "matmul":
+        return (9, 17, 5)
+    if case.name.startswith("conv2d"):
+        n, c, hw, k, r = case.shape
+        return (1, c, 2 * r + 3, k, r)
+    return (8, 37)
+
+
 def test_every_case_runs_on_a_small_shape_and_reports_a_row():
     rows = []
     for case in suite.CASES:
         # optimizer shapes are (params, tensors); the others are 2-d arrays
-        optimizer = "params" in (case.label or "")
-        small = dataclasses.replace(case, shape=(1000, case.shape[1]) if optimizer else (8, 37))
+        small = dataclasses.replace(case, shape=small_shape(case))
         row = bench.run_case(small, MACHINE, repeats=2, quick=False, with_torch=False)
         assert row["ours_ms"] > 0 and row["numpy_ms"] > 0 and row["torch_ms"] is None
         assert row["numpy_ratio"] > 0 and row["achieved"] > 0

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -311,5 +313,16 @@ def plot_title(info: dict, threads: int) -> str:
 
 
 def main() -> int:
-    """Console entry point: ``raise SystemExit(main())``."""
+    """Console entry point: ``raise SystemExit(main())``.
+
+    Note [OpenBLAS spinning]: after every BLAS call, OpenBLAS's worker threads spin for about
+    2^28 cycles (OPENBLAS_THREAD_TIMEOUT, read once when NumPy loads) before they sleep, which
+    takes the cores away from the next contender in an interleaved run and made matmul and conv
+    rows swing by 2x.  The benchmark therefore runs with the shortest timeout OpenBLAS accepts,
+    re-executing itself once to set it before NumPy is imported.
+    """
+    if os.environ.get("OPENBLAS_THREAD_TIMEOUT") is None:
+        env = {**os.environ, "OPENBLAS_THREAD_TIMEOUT": "4"}
+        argv = [sys.executable, "-m", "mlmath_native.bench", *sys.argv[1:]]
+        return subprocess.call(argv, env=env)
     return run(sys.argv[1:])

@@ -391,6 +391,106 @@ def optimizer_cases() -> list[Case]:
 CASES.extend(optimizer_cases())
 
 
+# --- matmul and convolution forward -----------------------------------------------------------
+
+
+def _matmul_inputs(shape: tuple[int, ...]) -> Inputs:
+    m, k, n = shape
+    return {"a": randn((m, k), seed=3), "b": randn((k, n), seed=4)}
+
+
+def _torch_matmul(d: Inputs):
+    import torch
+
+    a, b = torch.from_numpy(d["a"]), torch.from_numpy(d["b"])
+    return lambda: torch.matmul(a, b)
+
+
+def np_conv2d(x: np.ndarray, w: np.ndarray, stride: int, padding: int, groups: int):
+    """conv2d as a NumPy user writes it: a sliding-window view and one einsum per group."""
+    xp = np.pad(x, [(0, 0), (0, 0), (padding, padding), (padding, padding)])
+    r, s = w.shape[2:]
+    win = np.lib.stride_tricks.sliding_window_view(xp, (r, s), axis=(2, 3))[
+        :, :, ::stride, ::stride
+    ]
+    cg, kg = x.shape[1] // groups, w.shape[0] // groups
+    outs = [
+        np.einsum(
+            "nchwrs,kcrs->nkhw",
+            win[:, g * cg : (g + 1) * cg],
+            w[g * kg : (g + 1) * kg],
+            optimize=True,
+        )
+        for g in range(groups)
+    ]
+    return np.concatenate(outs, axis=1)
+
+
+def _conv_case(n, c, hw, k, r, stride, padding, groups=1, name="conv2d"):
+    def setup(shape):
+        n_, c_, hw_, k_, r_ = shape
+        return {
+            "x": randn((n_, c_, hw_, hw_), seed=5),
+            "w": randn((k_, c_ // groups, r_, r_), seed=6) * np.float32(0.1),
+        }
+
+    def ours(d):
+        return lambda: mn.conv2d(d["x"], d["w"], stride=stride, padding=padding, groups=groups)
+
+    def numpy(d):
+        return lambda: np_conv2d(d["x"], d["w"], stride, padding, groups)
+
+    def torch_(d):
+        import torch
+
+        x, w = torch.from_numpy(d["x"]), torch.from_numpy(d["w"])
+        f = torch.nn.functional.conv2d
+        return lambda: f(x, w, stride=stride, padding=padding, groups=groups)
+
+    def flops(d):
+        n_, c_, h_, w_ = d["x"].shape
+        k_, cg, r_, s_ = d["w"].shape
+        ho = (h_ + 2 * padding - r_) // stride + 1
+        wo = (w_ + 2 * padding - s_) // stride + 1
+        return 2.0 * n_ * k_ * cg * r_ * s_ * ho * wo
+
+    return Case(
+        name=name,
+        shape=(n, c, hw, k, r),
+        quick_shape=(max(1, n // 4), c, hw, k, r),
+        label="N{0} C{1} {2}x{2} K{3} " + f"{r}x{r} s{stride}" + ("" if groups == 1 else " dw"),
+        setup=setup,
+        ours=ours,
+        numpy=numpy,
+        torch=torch_,
+        work=flops,
+        unit="flops",
+    )
+
+
+CASES.extend(
+    [
+        Case(
+            name="matmul",
+            shape=(2048, 2048, 2048),
+            quick_shape=(1024, 1024, 1024),
+            label="{0}x{1}x{2}",
+            setup=_matmul_inputs,
+            ours=lambda d: lambda: mn.matmul(d["a"], d["b"]),
+            numpy=lambda d: lambda: np.matmul(d["a"], d["b"]),
+            torch=_torch_matmul,
+            work=lambda d: 2.0 * d["a"].shape[0] * d["a"].shape[1] * d["b"].shape[1],
+            unit="flops",
+        ),
+        _conv_case(8, 64, 56, 64, 3, 1, 1),
+        _conv_case(8, 256, 14, 256, 3, 1, 1),
+        _conv_case(4, 3, 224, 64, 7, 2, 3),
+        _conv_case(32, 32, 32, 32, 3, 1, 1),
+        _conv_case(8, 256, 56, 256, 3, 1, 1, groups=256, name="conv2d depthwise"),
+    ]
+)
+
+
 def select(only: list[str] | None, cases: list[Case] | None = None) -> list[Case]:
     """Cases whose name contains any of the substrings in `only` (all cases if empty)."""
     cases = CASES if cases is None else cases

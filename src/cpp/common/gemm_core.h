@@ -38,7 +38,7 @@ namespace {
 template <class T>
 struct GemmShape {
 #if defined(MLMATH_ISA_AVX512)
-  static constexpr int MR = 12, NRV = 2;  // 24 of 32 zmm registers
+  static constexpr int MR = 8, NRV = 3;  // 24 of 32 zmm registers
 #elif defined(MLMATH_ISA_AVX2)
   static constexpr int MR = 6, NRV = 2;  // 12 of 16 ymm registers
 #else
@@ -62,11 +62,13 @@ struct Scratch {
 };
 
 // acc[MR][NRV] = sum_k a[k][r] * b[k][c]; then C[0:m][0:n] = acc (+ C when load_c).
-template <int MR, int NRV, class T>
+// B rows are BS values apart (the packed panel width); NRV * width <= BS, so a narrower
+// instance serves the last, partial panel of a row of C without computing padding.
+template <int MR, int NRV, int BS, class T>
 void gemm_ukernel(std::int64_t kc, const T* a, const T* b, T* c, std::int64_t ldc, std::int64_t m,
                   std::int64_t n, bool load_c) {
   using V = Vec<T>;
-  constexpr std::int64_t W = V::width, NR = NRV * W;
+  constexpr std::int64_t W = V::width, NR = BS;
   V acc[MR][NRV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NRV; ++j) acc[i][j] = V::set1(T(0));
@@ -78,7 +80,7 @@ void gemm_ukernel(std::int64_t kc, const T* a, const T* b, T* c, std::int64_t ld
       for (int j = 0; j < NRV; ++j) acc[i][j] = fma(av, bv[j], acc[i][j]);
     }
   }
-  const bool full = m == MR && n == NR;
+  const bool full = m == MR && n == NRV * W;
   for (int i = 0; i < MR; ++i) {
     if (i >= m) break;
     T* row = c + i * ldc;
@@ -93,6 +95,30 @@ void gemm_ukernel(std::int64_t kc, const T* a, const T* b, T* c, std::int64_t ld
         out.store_partial(row + j * W, cols);
       }
     }
+  }
+}
+
+// One MR x NR tile of C; a partial last panel (n < NR) runs only the vectors it needs
+// (NRV is at most 4 on every ISA).
+template <class T>
+void gemm_tile(std::int64_t kc, const T* a, const T* b, T* c, std::int64_t ldc, std::int64_t m,
+               std::int64_t n, bool load_c) {
+  using S = GemmShape<T>;
+  constexpr std::int64_t W = Vec<T>::width;
+  constexpr int kNRV = S::NRV, kTwo = kNRV < 2 ? kNRV : 2, kThree = kNRV < 3 ? kNRV : 3;
+  switch ((n + W - 1) / W) {
+    case 1:
+      gemm_ukernel<S::MR, 1, S::NR>(kc, a, b, c, ldc, m, n, load_c);
+      break;
+    case 2:
+      gemm_ukernel<S::MR, kTwo, S::NR>(kc, a, b, c, ldc, m, n, load_c);
+      break;
+    case 3:
+      gemm_ukernel<S::MR, kThree, S::NR>(kc, a, b, c, ldc, m, n, load_c);
+      break;
+    default:
+      gemm_ukernel<S::MR, kNRV, S::NR>(kc, a, b, c, ldc, m, n, load_c);
+      break;
   }
 }
 
@@ -147,8 +173,8 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
             const std::int64_t n = N - j < NR ? N - j : NR;
             for (std::int64_t ir = 0; ir < mc; ir += MR) {
               const std::int64_t m = mc - ir < MR ? mc - ir : MR;
-              gemm_ukernel<MR, S::NRV>(kc, apack.data + ir * kc, bpack.data + q * NR * kc,
-                                       C + (ic + ir) * ldc + j, ldc, m, n, load_c);
+              gemm_tile<T>(kc, apack.data + ir * kc, bpack.data + q * NR * kc,
+                           C + (ic + ir) * ldc + j, ldc, m, n, load_c);
             }
           }
         }
