@@ -46,6 +46,16 @@ void pack_col(const Conv2dArgs<T>& a, const T* xg, std::int64_t k0, std::int64_t
         const std::int64_t ih = i * a.stride_h + dy;
         if (ih < 0 || ih >= a.h) {
           for (std::int64_t t = 0; t < run; ++t) o[col + t] = T(0);
+        } else if (a.stride_w == 1) {
+          // input columns j + t + dx: zeros left of 0, a contiguous copy, zeros from W on
+          const T* src = plane + ih * a.w + j + dx;
+          std::int64_t t0 = -(j + dx), t1 = a.w - (j + dx);
+          t0 = t0 < 0 ? 0 : (t0 > run ? run : t0);
+          t1 = t1 > run ? run : (t1 < t0 ? t0 : t1);
+          T* dst_run = o + col;
+          for (std::int64_t t = 0; t < t0; ++t) dst_run[t] = T(0);
+          for (std::int64_t t = t0; t < t1; ++t) dst_run[t] = src[t];
+          for (std::int64_t t = t1; t < run; ++t) dst_run[t] = T(0);
         } else {
           const T* src = plane + ih * a.w;
           for (std::int64_t t = 0; t < run; ++t) {
@@ -60,6 +70,65 @@ void pack_col(const Conv2dArgs<T>& a, const T* xg, std::int64_t k0, std::int64_t
       for (std::int64_t col = cols; col < NR; ++col) o[col] = T(0);
     }
   }
+}
+
+// Note [shifted rows]
+// For stride 1, copy the group's input into a zero-padded buffer xp [Cg][Hp][Wp] and compute the
+// output on the padded width: with p = i * Wp + j,
+//   Col[(c, r, s)][p] = xp[c * Hp*Wp + r*dh*Wp + s*dw + p],
+// so every row of the GEMM's B is a contiguous run of xp at a fixed shift and packing is a plain
+// copy.  Columns j >= Wo of each output row read past the row's end and are dropped; the valid
+// ones (j + s*dw <= Wp - 1) are exact.  The buffer has (S - 1) * dw slack elements at its end
+// for the dropped columns of the last row.  Scratch: the padded input and the Kg x Ho*Wp result.
+template <class T>
+void conv_shifted(const Conv2dArgs<T>& a, const T* xg, const T* wg, std::int64_t kg, T* yg) {
+  const std::int64_t cg = a.c / a.groups, kdim = cg * a.r * a.s;
+  const std::int64_t pad_bottom = (a.ho - 1) + a.dil_h * (a.r - 1) + 1 - a.h - a.pad_top;
+  const std::int64_t pad_right = (a.wo - 1) + a.dil_w * (a.s - 1) + 1 - a.w - a.pad_left;
+  const std::int64_t hp = a.h + a.pad_top + (pad_bottom > 0 ? pad_bottom : 0);
+  const std::int64_t wp = a.w + a.pad_left + (pad_right > 0 ? pad_right : 0);
+  const std::int64_t plane = hp * wp, slack = (a.s - 1) * a.dil_w;
+  Scratch<T> xp(cg * plane + slack);
+  for (std::int64_t i = 0; i < cg * plane + slack; ++i) xp.data[i] = T(0);
+  for (std::int64_t c = 0; c < cg; ++c) {
+    for (std::int64_t ih = 0; ih < a.h; ++ih) {
+      const std::int64_t row = ih + a.pad_top;
+      if (row >= hp) break;
+      const T* src = xg + (c * a.h + ih) * a.w;
+      T* dst = xp.data + c * plane + row * wp + a.pad_left;
+      const std::int64_t cols = a.w < wp - a.pad_left ? a.w : wp - a.pad_left;
+      for (std::int64_t j = 0; j < cols; ++j) dst[j] = src[j];
+    }
+  }
+  const std::int64_t wide = a.ho * wp;  // output positions on the padded width
+  Scratch<T> out(kg * wide);
+  const std::int64_t taps = a.r * a.s;
+  gemm_blocked<T>(
+      kg, wide, kdim,
+      [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* d) {
+        pack_a_strided(wg, kdim, std::int64_t{1}, kg, i0, mc, k0, kc, d);
+      },
+      [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* d) {
+        constexpr int NR = GemmShape<T>::NR;
+        for (std::int64_t q = 0; q < nc; q += NR) {
+          const std::int64_t cols = nc - q < NR ? nc - q : NR;
+          for (std::int64_t k = 0; k < kc; ++k) {
+            const std::int64_t row = k0 + k, c = row / taps, r = (row % taps) / a.s;
+            const std::int64_t sh = c * plane + r * a.dil_h * wp + (row % a.s) * a.dil_w;
+            const T* src = xp.data + sh + j0 + q;
+            T* o = d + q * kc + k * NR;
+            for (std::int64_t t = 0; t < cols; ++t) o[t] = src[t];
+            for (std::int64_t t = cols; t < NR; ++t) o[t] = T(0);
+          }
+        }
+      },
+      out.data, wide, false);
+  for (std::int64_t k = 0; k < kg; ++k)
+    for (std::int64_t i = 0; i < a.ho; ++i) {
+      const T* src = out.data + k * wide + i * wp;
+      T* dst = yg + (k * a.ho + i) * a.wo;
+      for (std::int64_t j = 0; j < a.wo; ++j) dst[j] = src[j];
+    }
 }
 
 template <class T>
@@ -83,6 +152,8 @@ void conv_gemm(const Conv2dArgs<T>& a) {
             pack_b_strided(xg, pixels, std::int64_t{1}, k0, kc, j0, nc, d);
           },
           yg, pixels, false);
+    } else if (a.stride_h == 1 && a.stride_w == 1) {
+      conv_shifted(a, xg, wg, kg, yg);
     } else {
       gemm_blocked<T>(
           kg, pixels, kdim, pack_a,
