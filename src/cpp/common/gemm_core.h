@@ -45,7 +45,7 @@ struct GemmShape {
   static constexpr int MR = 4, NRV = 4;  // scalar: 16 accumulators
 #endif
   static constexpr int NR = NRV * Vec<T>::width;
-  static constexpr std::int64_t KC = 256;
+  static constexpr std::int64_t KC = 192;
   static constexpr std::int64_t MC = MR * 16;
   static constexpr std::int64_t NC = NR * 64;
 };
