@@ -584,6 +584,25 @@ BAD_CALLS = [
         "at least as large",
     ),
     (
+        "core winograd 5x5",
+        lambda a: _core.conv2d_into(
+            np.ones((1, 1, 5, 5)),
+            np.ones((1, 1, 5, 5)),
+            None,
+            np.zeros((1, 1, 1, 1)),
+            1,
+            1,
+            0,
+            0,
+            1,
+            1,
+            1,
+            True,
+        ),
+        ValueError,
+        "winograd needs a 3x3 kernel",
+    ),
+    (
         "core conv groups",
         lambda a: _core.conv2d_into(
             np.ones((1, 4, 5, 5)),

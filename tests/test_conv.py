@@ -158,3 +158,46 @@ def test_threads_do_not_change_results(rng, threads):
     for a, b in results[1:]:
         np.testing.assert_array_equal(a, results[0][0])
         np.testing.assert_array_equal(b, results[0][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("magnitude", [1.0, 100.0])
+def test_winograd_against_reference(dtype, magnitude, rng):
+    """Winograd F(2x2, 3x3): odd and even sizes (partial edge tiles), every zero padding, other
+    padding modes, bias, unbatched; within 4x the direct tolerance at magnitudes 1 and 100."""
+    cases = [
+        (1, 1, 4, 4, 1, 0),
+        (2, 3, 7, 9, 4, 1),
+        (1, 5, 6, 5, 3, 0),
+        (2, 16, 14, 14, 8, 1),
+        (1, 3, 11, 13, 2, 2),
+        (1, 40, 9, 30, 20, "same"),
+        (3, 7, 33, 5, 9, (2, 0, 1, 1)),
+    ]
+    for n, c, h, w_, k, padding in cases:
+        x = (rng.standard_normal((n, c, h, w_)) * magnitude).astype(dtype)
+        w = (rng.standard_normal((k, c, 3, 3)) * magnitude).astype(dtype)
+        b = rng.standard_normal(k).astype(dtype)
+        for mode in ("zeros", "reflect"):
+            opts = dict(padding=padding, padding_mode=mode)
+            got = mn.conv2d(x, w, b, algorithm="winograd", **opts)
+            want = ref.conv2d(
+                x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **opts
+            )
+            nred = c * 9
+            scale = float(np.max(np.abs(x))) * float(np.max(np.abs(w))) * nred + 1
+            np.testing.assert_allclose(got, want, rtol=0, atol=4 * tolerance(dtype, nred) * scale)
+            assert got.dtype == dtype
+    got = mn.conv2d(x[0], w, algorithm="winograd", padding=1)  # unbatched
+    assert got.shape == (k, h, w_)
+
+
+def test_winograd_needs_its_layer():
+    x, w = np.ones((1, 2, 6, 6)), np.ones((2, 2, 3, 3))
+    for opts in (dict(stride=2), dict(dilation=2), dict(groups=2)):
+        with pytest.raises(ValueError, match="needs a 3x3 kernel"):
+            mn.conv2d(x, w[:, : 2 // opts.get("groups", 1)], algorithm="winograd", **opts)
+    with pytest.raises(ValueError, match="needs a 3x3 kernel"):
+        mn.conv2d(x, np.ones((2, 2, 5, 5)), algorithm="winograd")
+    with pytest.raises(ValueError, match="algorithm is invalid"):
+        mn.conv2d(x, w, algorithm="fft")

@@ -16,8 +16,8 @@ namespace {
 
 void conv2d_into(const py::array& x, const py::array& w, const py::object& bias, py::array& y,
                  std::int64_t stride_h, std::int64_t stride_w, std::int64_t pad_top,
-                 std::int64_t pad_left, std::int64_t dil_h, std::int64_t dil_w,
-                 std::int64_t groups) {
+                 std::int64_t pad_left, std::int64_t dil_h, std::int64_t dil_w, std::int64_t groups,
+                 bool winograd) {
   const char* fn = "conv2d";
   const DType dt = float_dtype(x, fn, "x");
   require_same_dtype(w, dt, fn, "w");
@@ -37,6 +37,11 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
   }
   if (y.shape(0) != n || y.shape(1) != k) {
     throw std::invalid_argument("conv2d: out has shape " + shape_str(y));
+  }
+  if (winograd && (w.shape(2) != 3 || w.shape(3) != 3 || stride_h != 1 || stride_w != 1 ||
+                   dil_h != 1 || dil_w != 1 || groups != 1)) {
+    throw std::invalid_argument(
+        "conv2d: winograd needs a 3x3 kernel, stride 1, dilation 1 and groups 1");
   }
   const void* bp = nullptr;
   if (!bias.is_none()) {
@@ -72,9 +77,9 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
     const KernelTable& kt = kernels();
     py::gil_scoped_release release;
     if constexpr (sizeof(T) == 4) {
-      kt.conv2d_f32(a);
+      (winograd ? kt.conv2d_winograd_f32 : kt.conv2d_f32)(a);
     } else {
-      kt.conv2d_f64(a);
+      (winograd ? kt.conv2d_winograd_f64 : kt.conv2d_f64)(a);
     }
   };
   if (dt == DType::f32) {
@@ -89,7 +94,7 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
 void bind_conv(py::module_& m) {
   using namespace pybind11::literals;
   m.def("conv2d_into", &conv2d_into, "x"_a, "w"_a, "bias"_a, "out"_a, "stride_h"_a, "stride_w"_a,
-        "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a,
+        "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a, "winograd"_a = false,
         "out = conv2d(x, w) + bias with zero padding (top, left given; sizes from out)");
 }
 
