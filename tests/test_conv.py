@@ -201,3 +201,14 @@ def test_winograd_needs_its_layer():
         mn.conv2d(x, np.ones((2, 2, 5, 5)), algorithm="winograd")
     with pytest.raises(ValueError, match="algorithm is invalid"):
         mn.conv2d(x, w, algorithm="fft")
+
+
+def test_auto_uses_winograd_only_where_it_pays(rng):
+    x = rng.standard_normal((1, 64, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+    auto = mn.conv2d(x, w, padding=1)
+    np.testing.assert_array_equal(auto, mn.conv2d(x, w, padding=1, algorithm="winograd"))
+    small = mn.conv2d(x[:, :32], w[:32, :32], padding=1)
+    np.testing.assert_array_equal(
+        small, mn.conv2d(x[:, :32], w[:32, :32], padding=1, algorithm="direct")
+    )

@@ -9,11 +9,11 @@
 // i.e. 16 multiplications per tile and channel pair instead of 36.  The sum over c for each of
 // the 16 positions xi is a GEMM:  M[xi] (K x T) = U[xi] (K x C) . V[xi] (C x T)  over T tiles.
 //
-// Tiles are processed in blocks of whole tile rows of one image, sized so that V and M stay in
-// L2 (Note [winograd blocks]); a block is one task: input transform into V, 16 GEMMs on the
-// shared core (single-threaded inside the task), output transform into y (+ bias).  The filter
-// transform U is computed once per call.  Every output element is produced by one task in a
-// fixed order, so results do not depend on the number of threads.
+// Tiles are processed in blocks of whole tile rows (Note [winograd blocks]); a block is one task:
+// input transform into V, 16 GEMMs on the shared core (single-threaded inside the task), output
+// transform into y (+ bias).  The filter transform U is computed once per call.  Every output
+// element is produced by one task in a fixed order, so results do not depend on the number of
+// threads.
 //
 // Accuracy: the transforms add and halve, so the float32 error stays within a small multiple of
 // direct convolution's (see tests/test_conv.py for the stated tolerance).
@@ -28,10 +28,12 @@ MLMATH_ISA_BEGIN
 namespace {
 
 // Note [winograd blocks]
-// A block holds `rows` tile rows of one image: T = rows * tiles_per_row tiles, with scratch
-// V [16][C][T] and M [16][K][T] (+ row buffers); rows is chosen so that 16 (C + K) T floats stay
-// under about 1 MiB.
-constexpr std::int64_t kBlockFloats = std::int64_t{1} << 18;
+// A block is a run of whole tile rows, counted across images (global tile row = n * th + ti),
+// of about 1024 tiles, with as many blocks as make an even split over the threads.  Each block
+// packs the 16 transformed filters U[xi] again, which costs about 1/T of the GEMM's work per
+// tile but runs at memory speed, so blocks must hold hundreds of tiles; their scratch
+// V [16][C][T] and M [16][K][T] then lives in L3 rather than L2.
+constexpr std::int64_t kTilesPerBlock = 1024;
 
 template <class T>
 void winograd_f23(const Conv2dArgs<T>& a) {
@@ -39,120 +41,126 @@ void winograd_f23(const Conv2dArgs<T>& a) {
   const std::int64_t th = (a.ho + 1) / 2, tw = (a.wo + 1) / 2;  // tiles per column / row
   // U[xi][k][c] = (G g G^T)[xi]
   Scratch<T> u(16 * K * C);
-  for (std::int64_t k = 0; k < K; ++k) {
-    for (std::int64_t c = 0; c < C; ++c) {
-      const T* g = a.weight + (k * C + c) * 9;
-      T gg[4][3];  // G g
-      for (int j = 0; j < 3; ++j) {
-        gg[0][j] = g[j];
-        gg[1][j] = T(0.5) * (g[j] + g[3 + j] + g[6 + j]);
-        gg[2][j] = T(0.5) * (g[j] - g[3 + j] + g[6 + j]);
-        gg[3][j] = g[6 + j];
-      }
-      for (int i = 0; i < 4; ++i) {  // (G g) G^T
-        const T v[4] = {gg[i][0], T(0.5) * (gg[i][0] + gg[i][1] + gg[i][2]),
-                        T(0.5) * (gg[i][0] - gg[i][1] + gg[i][2]), gg[i][2]};
-        for (int j = 0; j < 4; ++j) u.data[((i * 4 + j) * K + k) * C + c] = v[j];
+  parallel_for(K, C * 64, [&](std::int64_t k0, std::int64_t k1) {
+    for (std::int64_t k = k0; k < k1; ++k) {
+      for (std::int64_t c = 0; c < C; ++c) {
+        const T* g = a.weight + (k * C + c) * 9;
+        T gg[4][3];  // G g
+        for (int j = 0; j < 3; ++j) {
+          gg[0][j] = g[j];
+          gg[1][j] = T(0.5) * (g[j] + g[3 + j] + g[6 + j]);
+          gg[2][j] = T(0.5) * (g[j] - g[3 + j] + g[6 + j]);
+          gg[3][j] = g[6 + j];
+        }
+        for (int i = 0; i < 4; ++i) {  // (G g) G^T
+          const T v[4] = {gg[i][0], T(0.5) * (gg[i][0] + gg[i][1] + gg[i][2]),
+                          T(0.5) * (gg[i][0] - gg[i][1] + gg[i][2]), gg[i][2]};
+          for (int j = 0; j < 4; ++j) u.data[((i * 4 + j) * K + k) * C + c] = v[j];
+        }
       }
     }
-  }
-  std::int64_t rows = kBlockFloats / (16 * (C + K) * tw);
-  rows = rows < 1 ? 1 : (rows > th ? th : rows);
-  const std::int64_t blocks_per_image = (th + rows - 1) / rows;
+  });
+  const std::int64_t total_rows = a.n * th, threads = get_num_threads();
+  const std::int64_t per_thread = (total_rows * tw + threads - 1) / threads;
+  const std::int64_t rounds = (per_thread + kTilesPerBlock - 1) / kTilesPerBlock;
+  const std::int64_t num_blocks = threads * rounds;
+  std::int64_t rows = (total_rows + num_blocks - 1) / num_blocks;
+  rows = rows < 1 ? 1 : rows;
+  const std::int64_t blocks = (total_rows + rows - 1) / rows;
   const std::int64_t wpad = 2 * tw + 2;  // a padded input row, wide enough for every tile
 
-  parallel_for(
-      a.n * blocks_per_image, rows * tw * 16 * C * K / 16, [&](std::int64_t b0, std::int64_t b1) {
-        const std::int64_t tmax = rows * tw;
-        Scratch<T> v(16 * C * tmax), m(16 * K * tmax), rowbuf(4 * wpad), tr(4 * wpad);
-        for (std::int64_t blk = b0; blk < b1; ++blk) {
-          const std::int64_t n = blk / blocks_per_image, ti0 = (blk % blocks_per_image) * rows;
-          const std::int64_t nrows = th - ti0 < rows ? th - ti0 : rows;
-          const std::int64_t tiles = nrows * tw;
-          // input transform: V[xi][c][t], t = (ti - ti0) * tw + tj
-          for (std::int64_t c = 0; c < C; ++c) {
-            const T* plane = a.x + (n * C + c) * H * W;
-            for (std::int64_t r = 0; r < nrows; ++r) {
-              const std::int64_t y0 = 2 * (ti0 + r) - a.pad_top;
-              T* d[4];
-              for (int i = 0; i < 4; ++i) {  // the 4 input rows, zero-padded to wpad
-                d[i] = rowbuf.data + i * wpad;
-                const std::int64_t yy = y0 + i;
-                for (std::int64_t x = 0; x < wpad; ++x) {
-                  const std::int64_t xx = x - a.pad_left;
-                  d[i][x] = (yy >= 0 && yy < H && xx >= 0 && xx < W) ? plane[yy * W + xx] : T(0);
-                }
-              }
-              // B^T d: rows combined, along the whole row
-              T* e[4];
-              for (int i = 0; i < 4; ++i) e[i] = tr.data + i * wpad;
-              for (std::int64_t x = 0; x < wpad; ++x) {
-                e[0][x] = d[0][x] - d[2][x];
-                e[1][x] = d[1][x] + d[2][x];
-                e[2][x] = d[2][x] - d[1][x];
-                e[3][x] = d[1][x] - d[3][x];
-              }
-              // (B^T d) B: columns 2tj .. 2tj+3 of each tile
-              for (int i = 0; i < 4; ++i) {
-                const T* row = e[i];
-                T* v0 = v.data + ((i * 4 + 0) * C + c) * tmax + r * tw;
-                T* v1 = v.data + ((i * 4 + 1) * C + c) * tmax + r * tw;
-                T* v2 = v.data + ((i * 4 + 2) * C + c) * tmax + r * tw;
-                T* v3 = v.data + ((i * 4 + 3) * C + c) * tmax + r * tw;
-                for (std::int64_t tj = 0; tj < tw; ++tj) {
-                  const T* q = row + 2 * tj;
-                  v0[tj] = q[0] - q[2];
-                  v1[tj] = q[1] + q[2];
-                  v2[tj] = q[2] - q[1];
-                  v3[tj] = q[1] - q[3];
-                }
-              }
+  parallel_for(blocks, rows * tw * C * K, [&](std::int64_t b0, std::int64_t b1) {
+    const std::int64_t tmax = rows * tw;
+    Scratch<T> v(16 * C * tmax), m(16 * K * tmax), rowbuf(4 * wpad), tr(4 * wpad);
+    for (std::int64_t blk = b0; blk < b1; ++blk) {
+      const std::int64_t row0 = blk * rows;
+      const std::int64_t nrows = total_rows - row0 < rows ? total_rows - row0 : rows;
+      const std::int64_t tiles = nrows * tw;
+      // input transform: V[xi][c][t], t = r * tw + tj for the block's r-th tile row
+      for (std::int64_t c = 0; c < C; ++c) {
+        for (std::int64_t r = 0; r < nrows; ++r) {
+          const std::int64_t n = (row0 + r) / th, ti = (row0 + r) % th;
+          const T* plane = a.x + (n * C + c) * H * W;
+          const std::int64_t y0 = 2 * ti - a.pad_top;
+          T* d[4];
+          for (int i = 0; i < 4; ++i) {  // the 4 input rows, zero-padded to wpad
+            d[i] = rowbuf.data + i * wpad;
+            const std::int64_t yy = y0 + i;
+            for (std::int64_t x = 0; x < wpad; ++x) {
+              const std::int64_t xx = x - a.pad_left;
+              d[i][x] = (yy >= 0 && yy < H && xx >= 0 && xx < W) ? plane[yy * W + xx] : T(0);
             }
           }
-          // 16 GEMMs: M[xi] (K x tiles) = U[xi] (K x C) V[xi] (C x tiles)
-          for (int xi = 0; xi < 16; ++xi) {
-            const T* uxi = u.data + xi * K * C;
-            const T* vxi = v.data + xi * C * tmax;
-            gemm_blocked<T>(
-                K, tiles, C,
-                [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-                  pack_a_strided(uxi, C, std::int64_t{1}, K, i0, mc, k0, kc, dst);
-                },
-                [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* dst) {
-                  pack_b_strided(vxi, tmax, std::int64_t{1}, k0, kc, j0, nc, dst);
-                },
-                m.data + xi * K * tmax, tmax, false);
+          // B^T d: rows combined, along the whole row
+          T* e[4];
+          for (int i = 0; i < 4; ++i) e[i] = tr.data + i * wpad;
+          for (std::int64_t x = 0; x < wpad; ++x) {
+            e[0][x] = d[0][x] - d[2][x];
+            e[1][x] = d[1][x] + d[2][x];
+            e[2][x] = d[2][x] - d[1][x];
+            e[3][x] = d[1][x] - d[3][x];
           }
-          // output transform: Y = A^T M A per tile, clipped to the output
-          for (std::int64_t k = 0; k < K; ++k) {
-            const T bias = a.bias ? a.bias[k] : T(0);
-            T* out = a.y + (n * K + k) * a.ho * a.wo;
-            for (std::int64_t r = 0; r < nrows; ++r) {
-              const std::int64_t oy = 2 * (ti0 + r);
-              const T* mm[16];
-              for (int xi = 0; xi < 16; ++xi) mm[xi] = m.data + (xi * K + k) * tmax + r * tw;
-              for (std::int64_t tj = 0; tj < tw; ++tj) {
-                T t0[4], t1[4];  // A^T M: rows
-                for (int j = 0; j < 4; ++j) {
-                  t0[j] = mm[j][tj] + mm[4 + j][tj] + mm[8 + j][tj];
-                  t1[j] = mm[4 + j][tj] - mm[8 + j][tj] - mm[12 + j][tj];
-                }
-                const T y00 = t0[0] + t0[1] + t0[2] + bias, y01 = t0[1] - t0[2] - t0[3] + bias;
-                const T y10 = t1[0] + t1[1] + t1[2] + bias, y11 = t1[1] - t1[2] - t1[3] + bias;
-                const std::int64_t ox = 2 * tj;
-                T* o0 = out + oy * a.wo + ox;
-                o0[0] = y00;
-                if (ox + 1 < a.wo) o0[1] = y01;
-                if (oy + 1 < a.ho) {
-                  T* o1 = o0 + a.wo;
-                  o1[0] = y10;
-                  if (ox + 1 < a.wo) o1[1] = y11;
-                }
-              }
+          // (B^T d) B: columns 2tj .. 2tj+3 of each tile
+          for (int i = 0; i < 4; ++i) {
+            const T* row = e[i];
+            T* v0 = v.data + ((i * 4 + 0) * C + c) * tmax + r * tw;
+            T* v1 = v.data + ((i * 4 + 1) * C + c) * tmax + r * tw;
+            T* v2 = v.data + ((i * 4 + 2) * C + c) * tmax + r * tw;
+            T* v3 = v.data + ((i * 4 + 3) * C + c) * tmax + r * tw;
+            for (std::int64_t tj = 0; tj < tw; ++tj) {
+              const T* q = row + 2 * tj;
+              v0[tj] = q[0] - q[2];
+              v1[tj] = q[1] + q[2];
+              v2[tj] = q[2] - q[1];
+              v3[tj] = q[1] - q[3];
             }
           }
         }
-      });
+      }
+      // 16 GEMMs: M[xi] (K x tiles) = U[xi] (K x C) V[xi] (C x tiles)
+      for (int xi = 0; xi < 16; ++xi) {
+        const T* uxi = u.data + xi * K * C;
+        const T* vxi = v.data + xi * C * tmax;
+        gemm_blocked<T>(
+            K, tiles, C,
+            [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
+              pack_a_strided(uxi, C, std::int64_t{1}, K, i0, mc, k0, kc, dst);
+            },
+            [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* dst) {
+              pack_b_strided(vxi, tmax, std::int64_t{1}, k0, kc, j0, nc, dst);
+            },
+            m.data + xi * K * tmax, tmax, false);
+      }
+      // output transform: Y = A^T M A per tile, clipped to the output
+      for (std::int64_t k = 0; k < K; ++k) {
+        const T bias = a.bias ? a.bias[k] : T(0);
+        for (std::int64_t r = 0; r < nrows; ++r) {
+          const std::int64_t n = (row0 + r) / th, oy = 2 * ((row0 + r) % th);
+          T* out = a.y + (n * K + k) * a.ho * a.wo;
+          const T* mm[16];
+          for (int xi = 0; xi < 16; ++xi) mm[xi] = m.data + (xi * K + k) * tmax + r * tw;
+          for (std::int64_t tj = 0; tj < tw; ++tj) {
+            T t0[4], t1[4];  // A^T M: rows
+            for (int j = 0; j < 4; ++j) {
+              t0[j] = mm[j][tj] + mm[4 + j][tj] + mm[8 + j][tj];
+              t1[j] = mm[4 + j][tj] - mm[8 + j][tj] - mm[12 + j][tj];
+            }
+            const T y00 = t0[0] + t0[1] + t0[2] + bias, y01 = t0[1] - t0[2] - t0[3] + bias;
+            const T y10 = t1[0] + t1[1] + t1[2] + bias, y11 = t1[1] - t1[2] - t1[3] + bias;
+            const std::int64_t ox = 2 * tj;
+            T* o0 = out + oy * a.wo + ox;
+            o0[0] = y00;
+            if (ox + 1 < a.wo) o0[1] = y01;
+            if (oy + 1 < a.ho) {
+              T* o1 = o0 + a.wo;
+              o1[0] = y10;
+              if (ox + 1 < a.wo) o1[1] = y11;
+            }
+          }
+        }
+      }
+    }
+  });
 }
 
 }  // namespace
