@@ -61,20 +61,35 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 };
 
+// Where the micro-kernel reads row k of its B panel: a packed panel (rows BS apart), or rows
+// of an unpacked matrix given by pointers (gemm_rows below).
+template <class T, int BS>
+struct PackedPanel {
+  const T* b;
+  const T* row(std::int64_t k) const { return b + k * BS; }
+};
+template <class T>
+struct RowPointers {
+  const T* const* rows;  // rows[k]: row k of B
+  std::int64_t col;      // the panel's first column
+  const T* row(std::int64_t k) const { return rows[k] + col; }
+};
+
 // acc[MR][NRV] = sum_k a[k][r] * b[k][c]; then C[0:m][0:n] = acc (+ C when load_c).
-// B rows are BS values apart (the packed panel width); NRV * width <= BS, so a narrower
-// instance serves the last, partial panel of a row of C without computing padding.
-template <int MR, int NRV, int BS, class T>
-void gemm_ukernel(std::int64_t kc, const T* a, const T* b, T* c, std::int64_t ldc, std::int64_t m,
-                  std::int64_t n, bool load_c) {
+// NRV * width may be less than the panel's width, so a narrower instance serves the last,
+// partial panel of a row of C without computing padding.
+template <int MR, int NRV, class T, class Panel>
+void gemm_ukernel(std::int64_t kc, const T* a, const Panel& b, T* c, std::int64_t ldc,
+                  std::int64_t m, std::int64_t n, bool load_c) {
   using V = Vec<T>;
-  constexpr std::int64_t W = V::width, NR = BS;
+  constexpr std::int64_t W = V::width;
   V acc[MR][NRV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NRV; ++j) acc[i][j] = V::set1(T(0));
   for (std::int64_t k = 0; k < kc; ++k) {
+    const T* brow = b.row(k);
     V bv[NRV];
-    for (int j = 0; j < NRV; ++j) bv[j] = V::load(b + k * NR + j * W);
+    for (int j = 0; j < NRV; ++j) bv[j] = V::load(brow + j * W);
     for (int i = 0; i < MR; ++i) {
       const V av = V::set1(a[k * MR + i]);
       for (int j = 0; j < NRV; ++j) acc[i][j] = fma(av, bv[j], acc[i][j]);
@@ -105,19 +120,20 @@ void gemm_tile(std::int64_t kc, const T* a, const T* b, T* c, std::int64_t ldc, 
                std::int64_t n, bool load_c) {
   using S = GemmShape<T>;
   constexpr std::int64_t W = Vec<T>::width;
+  using P = PackedPanel<T, S::NR>;
   constexpr int kNRV = S::NRV, kTwo = kNRV < 2 ? kNRV : 2, kThree = kNRV < 3 ? kNRV : 3;
   switch ((n + W - 1) / W) {
     case 1:
-      gemm_ukernel<S::MR, 1, S::NR>(kc, a, b, c, ldc, m, n, load_c);
+      gemm_ukernel<S::MR, 1>(kc, a, P{b}, c, ldc, m, n, load_c);
       break;
     case 2:
-      gemm_ukernel<S::MR, kTwo, S::NR>(kc, a, b, c, ldc, m, n, load_c);
+      gemm_ukernel<S::MR, kTwo>(kc, a, P{b}, c, ldc, m, n, load_c);
       break;
     case 3:
-      gemm_ukernel<S::MR, kThree, S::NR>(kc, a, b, c, ldc, m, n, load_c);
+      gemm_ukernel<S::MR, kThree>(kc, a, P{b}, c, ldc, m, n, load_c);
       break;
     default:
-      gemm_ukernel<S::MR, kNRV, S::NR>(kc, a, b, c, ldc, m, n, load_c);
+      gemm_ukernel<S::MR, kNRV>(kc, a, P{b}, c, ldc, m, n, load_c);
       break;
   }
 }
@@ -182,6 +198,59 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
       }
     }
   });
+}
+
+// C (ldc) = A B on the calling thread, where row k of B is the contiguous run b_row(k)[0, N):
+// no B packing at all; the micro-kernel loads B straight from those rows.  For convolutions
+// whose B rows are shifted runs of one buffer (Note [shifted rows] in kernels/conv.cpp) and
+// whose few output channels would not amortise packing B.  The last, partial panel of columns
+// is packed (so no load reads past a row's end).
+template <class T, class PackA, class BRow>
+void gemm_rows(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& pack_a,
+               const BRow& b_row, T* C, std::int64_t ldc) {
+  using S = GemmShape<T>;
+  constexpr int MR = S::MR, NR = S::NR;
+  if (M <= 0 || N <= 0) return;
+  const std::int64_t kc_max = K < S::KC ? K : S::KC;
+  Scratch<T> apack(((M + MR - 1) / MR) * MR * (kc_max > 0 ? kc_max : 1));
+  Scratch<const T*> rows(kc_max > 0 ? kc_max : 1);
+  Scratch<T> tail(NR * (kc_max > 0 ? kc_max : 1));
+  if (K <= 0) {
+    for (std::int64_t i = 0; i < M; ++i)
+      for (std::int64_t j = 0; j < N; ++j) C[i * ldc + j] = T(0);
+    return;
+  }
+  const std::int64_t full = N / NR * NR;
+  for (std::int64_t pc = 0; pc < K; pc += S::KC) {
+    const std::int64_t kc = K - pc < S::KC ? K - pc : S::KC;
+    const bool load_c = pc > 0;
+    for (std::int64_t k = 0; k < kc; ++k) rows.data[k] = b_row(pc + k);
+    for (std::int64_t ic = 0; ic < M; ic += S::MC) {
+      const std::int64_t mc = M - ic < S::MC ? M - ic : S::MC;
+      pack_a(ic, mc, pc, kc, apack.data);
+      for (std::int64_t j = 0; j < full; j += NR) {
+        const RowPointers<T> panel{rows.data, j};
+        for (std::int64_t ir = 0; ir < mc; ir += MR) {
+          const std::int64_t m = mc - ir < MR ? mc - ir : MR;
+          gemm_ukernel<MR, S::NRV>(kc, apack.data + ir * kc, panel, C + (ic + ir) * ldc + j, ldc, m,
+                                   std::int64_t{NR}, load_c);
+        }
+      }
+      if (full < N) {  // the partial last panel, packed
+        const std::int64_t cols = N - full;
+        for (std::int64_t k = 0; k < kc; ++k) {
+          T* o = tail.data + k * NR;
+          for (std::int64_t c = 0; c < cols; ++c) o[c] = rows.data[k][full + c];
+          for (std::int64_t c = cols; c < NR; ++c) o[c] = T(0);
+        }
+        for (std::int64_t ir = 0; ir < mc; ir += MR) {
+          const std::int64_t m = mc - ir < MR ? mc - ir : MR;
+          gemm_tile<T>(kc, apack.data + ir * kc, tail.data, C + (ic + ir) * ldc + full, ldc, m,
+                       cols, load_c);
+        }
+      }
+    }
+  }
 }
 
 // Packing from a strided matrix: element (i, k) of A at a[i * rs + k * cs].

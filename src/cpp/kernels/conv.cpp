@@ -80,6 +80,9 @@ void pack_col(const Conv2dArgs<T>& a, const T* xg, std::int64_t k0, std::int64_t
 // copy.  Columns j >= Wo of each output row read past the row's end and are dropped; the valid
 // ones (j + s*dw <= Wp - 1) are exact.  The buffer has (S - 1) * dw slack elements at its end
 // for the dropped columns of the last row.  Scratch: the padded input and the Kg x Ho*Wp result.
+// Output channels up to which a shifted-row convolution skips packing B (gemm_rows).
+constexpr std::int64_t kFewOutputChannels = 64;
+
 template <class T>
 void conv_shifted(const Conv2dArgs<T>& a, const T* xg, const T* wg, std::int64_t kg, T* yg) {
   const std::int64_t cg = a.c / a.groups, kdim = cg * a.r * a.s;
@@ -103,26 +106,34 @@ void conv_shifted(const Conv2dArgs<T>& a, const T* xg, const T* wg, std::int64_t
   const std::int64_t wide = a.ho * wp;  // output positions on the padded width
   Scratch<T> out(kg * wide);
   const std::int64_t taps = a.r * a.s;
-  gemm_blocked<T>(
-      kg, wide, kdim,
-      [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* d) {
-        pack_a_strided(wg, kdim, std::int64_t{1}, kg, i0, mc, k0, kc, d);
-      },
-      [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* d) {
-        constexpr int NR = GemmShape<T>::NR;
-        for (std::int64_t q = 0; q < nc; q += NR) {
-          const std::int64_t cols = nc - q < NR ? nc - q : NR;
-          for (std::int64_t k = 0; k < kc; ++k) {
-            const std::int64_t row = k0 + k, c = row / taps, r = (row % taps) / a.s;
-            const std::int64_t sh = c * plane + r * a.dil_h * wp + (row % a.s) * a.dil_w;
-            const T* src = xp.data + sh + j0 + q;
-            T* o = d + q * kc + k * NR;
-            for (std::int64_t t = 0; t < cols; ++t) o[t] = src[t];
-            for (std::int64_t t = cols; t < NR; ++t) o[t] = T(0);
+  auto shift = [&](std::int64_t row) {  // where B row (c, r, s) starts in xp
+    return (row / taps) * plane + ((row % taps) / a.s) * a.dil_h * wp + (row % a.s) * a.dil_w;
+  };
+  auto pack_w = [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* d) {
+    pack_a_strided(wg, kdim, std::int64_t{1}, kg, i0, mc, k0, kc, d);
+  };
+  if (kg <= kFewOutputChannels) {
+    // few output channels would not amortise packing B: read the shifted rows in place
+    gemm_rows<T>(
+        kg, wide, kdim, pack_w, [&](std::int64_t row) { return xp.data + shift(row); }, out.data,
+        wide);
+  } else {
+    gemm_blocked<T>(
+        kg, wide, kdim, pack_w,
+        [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* d) {
+          constexpr int NR = GemmShape<T>::NR;
+          for (std::int64_t q = 0; q < nc; q += NR) {
+            const std::int64_t cols = nc - q < NR ? nc - q : NR;
+            for (std::int64_t k = 0; k < kc; ++k) {
+              const T* src = xp.data + shift(k0 + k) + j0 + q;
+              T* o = d + q * kc + k * NR;
+              for (std::int64_t t = 0; t < cols; ++t) o[t] = src[t];
+              for (std::int64_t t = cols; t < NR; ++t) o[t] = T(0);
+            }
           }
-        }
-      },
-      out.data, wide, false);
+        },
+        out.data, wide, false);
+  }
   for (std::int64_t k = 0; k < kg; ++k)
     for (std::int64_t i = 0; i < a.ho; ++i) {
       const T* src = out.data + k * wide + i * wp;

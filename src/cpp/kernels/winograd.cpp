@@ -34,6 +34,8 @@ namespace {
 // tile but runs at memory speed, so blocks must hold hundreds of tiles; their scratch
 // V [16][C][T] and M [16][K][T] then lives in L3 rather than L2.
 constexpr std::int64_t kTilesPerBlock = 1024;
+// Output channels up to which the 16 GEMMs read V in place instead of packing it (gemm_rows).
+constexpr std::int64_t kFewOutputs = 64;
 
 template <class T>
 void winograd_f23(const Conv2dArgs<T>& a) {
@@ -121,15 +123,22 @@ void winograd_f23(const Conv2dArgs<T>& a) {
       for (int xi = 0; xi < 16; ++xi) {
         const T* uxi = u.data + xi * K * C;
         const T* vxi = v.data + xi * C * tmax;
-        gemm_blocked<T>(
-            K, tiles, C,
-            [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-              pack_a_strided(uxi, C, std::int64_t{1}, K, i0, mc, k0, kc, dst);
-            },
-            [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* dst) {
-              pack_b_strided(vxi, tmax, std::int64_t{1}, k0, kc, j0, nc, dst);
-            },
-            m.data + xi * K * tmax, tmax, false);
+        auto pack_u = [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
+                          T* dst) {
+          pack_a_strided(uxi, C, std::int64_t{1}, K, i0, mc, k0, kc, dst);
+        };
+        if (K <= kFewOutputs) {  // V's rows are contiguous: read them in place
+          gemm_rows<T>(
+              K, tiles, C, pack_u, [&](std::int64_t c) { return vxi + c * tmax; },
+              m.data + xi * K * tmax, tmax);
+        } else {
+          gemm_blocked<T>(
+              K, tiles, C, pack_u,
+              [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* dst) {
+                pack_b_strided(vxi, tmax, std::int64_t{1}, k0, kc, j0, nc, dst);
+              },
+              m.data + xi * K * tmax, tmax, false);
+        }
       }
       // output transform: Y = A^T M A per tile, clipped to the output
       for (std::int64_t k = 0; k < K; ++k) {
