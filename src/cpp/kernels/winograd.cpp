@@ -35,7 +35,7 @@ namespace {
 // V [16][C][T] and M [16][K][T] then lives in L3 rather than L2.
 constexpr std::int64_t kTilesPerBlock = 1024;
 // Output channels up to which the 16 GEMMs read V in place instead of packing it (gemm_rows).
-constexpr std::int64_t kFewOutputs = 64;
+constexpr std::int64_t kFewOutputs = 256;
 
 template <class T>
 void winograd_f23(const Conv2dArgs<T>& a) {
