@@ -73,7 +73,8 @@ void winograd_f23(const Conv2dArgs<T>& a) {
 
   parallel_for(blocks, rows * tw * C * K, [&](std::int64_t b0, std::int64_t b1) {
     const std::int64_t tmax = rows * tw;
-    Scratch<T> v(16 * C * tmax), m(16 * K * tmax), rowbuf(4 * wpad), tr(4 * wpad);
+    Scratch<T> v(16 * C * tmax), m(16 * K * tmax), rowbuf(4 * wpad), tr(4 * wpad),
+        split(4 * (tw + 1));
     for (std::int64_t blk = b0; blk < b1; ++blk) {
       const std::int64_t row0 = blk * rows;
       const std::int64_t nrows = total_rows - row0 < rows ? total_rows - row0 : rows;
@@ -88,10 +89,12 @@ void winograd_f23(const Conv2dArgs<T>& a) {
           for (int i = 0; i < 4; ++i) {  // the 4 input rows, zero-padded to wpad
             d[i] = rowbuf.data + i * wpad;
             const std::int64_t yy = y0 + i;
-            for (std::int64_t x = 0; x < wpad; ++x) {
-              const std::int64_t xx = x - a.pad_left;
-              d[i][x] = (yy >= 0 && yy < H && xx >= 0 && xx < W) ? plane[yy * W + xx] : T(0);
-            }
+            for (std::int64_t x = 0; x < wpad; ++x) d[i][x] = T(0);
+            if (yy < 0 || yy >= H) continue;
+            const std::int64_t x0 = a.pad_left,
+                               x1 = (a.pad_left + W < wpad ? a.pad_left + W : wpad);
+            const T* src = plane + yy * W;
+            for (std::int64_t x = x0; x < x1; ++x) d[i][x] = src[x - a.pad_left];
           }
           // B^T d: rows combined, along the whole row
           T* e[4];
@@ -103,18 +106,24 @@ void winograd_f23(const Conv2dArgs<T>& a) {
             e[3][x] = d[1][x] - d[3][x];
           }
           // (B^T d) B: columns 2tj .. 2tj+3 of each tile
+          // even and odd columns apart, so that the tile loop below reads with unit stride
+          T* ev = split.data;
+          T* od = split.data + (tw + 1);
           for (int i = 0; i < 4; ++i) {
             const T* row = e[i];
+            for (std::int64_t x = 0; x <= tw; ++x) {
+              ev[x] = row[2 * x];
+              od[x] = row[2 * x + 1];
+            }
             T* v0 = v.data + ((i * 4 + 0) * C + c) * tmax + r * tw;
             T* v1 = v.data + ((i * 4 + 1) * C + c) * tmax + r * tw;
             T* v2 = v.data + ((i * 4 + 2) * C + c) * tmax + r * tw;
             T* v3 = v.data + ((i * 4 + 3) * C + c) * tmax + r * tw;
-            for (std::int64_t tj = 0; tj < tw; ++tj) {
-              const T* q = row + 2 * tj;
-              v0[tj] = q[0] - q[2];
-              v1[tj] = q[1] + q[2];
-              v2[tj] = q[2] - q[1];
-              v3[tj] = q[1] - q[3];
+            for (std::int64_t tj = 0; tj < tw; ++tj) {  // columns 2tj, 2tj+1, 2tj+2, 2tj+3
+              v0[tj] = ev[tj] - ev[tj + 1];
+              v1[tj] = od[tj] + ev[tj + 1];
+              v2[tj] = ev[tj + 1] - od[tj];
+              v3[tj] = od[tj] - od[tj + 1];
             }
           }
         }
@@ -148,24 +157,24 @@ void winograd_f23(const Conv2dArgs<T>& a) {
           T* out = a.y + (n * K + k) * a.ho * a.wo;
           const T* mm[16];
           for (int xi = 0; xi < 16; ++xi) mm[xi] = m.data + (xi * K + k) * tmax + r * tw;
+          // A^T M A for all tiles of the row at once (unit-stride loops), then interleaved
+          T* y0r = split.data;  // y0r[2tj + b] = output row oy, column 2tj + b
+          T* y1r = split.data + 2 * tw;
           for (std::int64_t tj = 0; tj < tw; ++tj) {
-            T t0[4], t1[4];  // A^T M: rows
+            T t0[4], t1[4];
             for (int j = 0; j < 4; ++j) {
               t0[j] = mm[j][tj] + mm[4 + j][tj] + mm[8 + j][tj];
               t1[j] = mm[4 + j][tj] - mm[8 + j][tj] - mm[12 + j][tj];
             }
-            const T y00 = t0[0] + t0[1] + t0[2] + bias, y01 = t0[1] - t0[2] - t0[3] + bias;
-            const T y10 = t1[0] + t1[1] + t1[2] + bias, y11 = t1[1] - t1[2] - t1[3] + bias;
-            const std::int64_t ox = 2 * tj;
-            T* o0 = out + oy * a.wo + ox;
-            o0[0] = y00;
-            if (ox + 1 < a.wo) o0[1] = y01;
-            if (oy + 1 < a.ho) {
-              T* o1 = o0 + a.wo;
-              o1[0] = y10;
-              if (ox + 1 < a.wo) o1[1] = y11;
-            }
+            y0r[2 * tj] = t0[0] + t0[1] + t0[2] + bias;
+            y0r[2 * tj + 1] = t0[1] - t0[2] - t0[3] + bias;
+            y1r[2 * tj] = t1[0] + t1[1] + t1[2] + bias;
+            y1r[2 * tj + 1] = t1[1] - t1[2] - t1[3] + bias;
           }
+          T* o0 = out + oy * a.wo;
+          for (std::int64_t x = 0; x < a.wo; ++x) o0[x] = y0r[x];
+          if (oy + 1 < a.ho)
+            for (std::int64_t x = 0; x < a.wo; ++x) o0[a.wo + x] = y1r[x];
         }
       }
     }
