@@ -212,3 +212,19 @@ def test_auto_uses_winograd_only_where_it_pays(rng):
     np.testing.assert_array_equal(
         small, mn.conv2d(x[:, :32], w[:32, :32], padding=1, algorithm="direct")
     )
+
+
+def test_strided_layers_with_few_channels_match_direct(rng):
+    """'auto' runs them as stride-1 convolutions of the phase-split input (Note [space to
+    depth]); the sums are the same as the direct strided kernel's, up to rounding."""
+    for n, c, h, w_, k, r, s, stride, padding in [
+        (2, 3, 31, 29, 16, 7, 7, 2, 3),
+        (1, 2, 12, 13, 5, 5, 4, (2, 3), (2, 1, 0, 2)),
+        (3, 4, 9, 9, 8, 3, 3, 3, 1),
+    ]:
+        x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
+        w = rng.standard_normal((k, c, r, s)).astype(np.float32)
+        auto = mn.conv2d(x, w, stride=stride, padding=padding)
+        direct = mn.conv2d(x, w, stride=stride, padding=padding, algorithm="direct")
+        assert auto.shape == direct.shape
+        np.testing.assert_allclose(auto, direct, rtol=1e-5, atol=1e-5)

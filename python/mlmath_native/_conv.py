@@ -174,6 +174,18 @@ def _conv_nd(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, di
         stride, dilation = (1, *stride), (1, *dilation)
         pads = [(0, 0), *pads]
         out_size = [1, *out_size]
+    if (
+        algorithm == "auto"
+        and dims == 2
+        and groups == 1
+        and dilation == (1, 1)
+        and stride != (1, 1)
+        and c * stride[0] * stride[1] <= 64
+        and k <= 64
+        and kernel[0] >= stride[0]
+        and kernel[1] >= stride[1]
+    ):
+        x, w, pads, stride = _space_to_depth(x, w, pads, stride, out_size)
     out = _core.empty((n, k, *out_size), dtype)
     _core.conv2d_into(
         x,
@@ -192,6 +204,35 @@ def _conv_nd(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, di
     if dims == 1:
         out = out[:, :, 0, :]
     return out[0] if unbatched else out
+
+
+def _space_to_depth(x, w, pads, stride, out_size):
+    """A strided layer with few channels as a stride-1 one (Note [space to depth]).
+
+    Note [space to depth]: with xp the zero-padded input and the phases (dy, dx) of the strides,
+        x2[n, (c, dy, dx), i, j] = xp[n, c, i*sh + dy, j*sw + dx]
+        w2[k, (c, dy, dx), r2, s2] = w[k, c, r2*sh + dy, s2*sw + dx]   (0 past the kernel)
+    give the same sums as a stride-1 convolution of x2 with w2 (kernel ceil(R/sh) x ceil(S/sw)):
+    up to sh*ceil(R/sh)*sw*ceil(S/sw) / (R*S) more multiply-adds (1.31x for 7x7 stride 2), but
+    the stride-1 kernel reads its B rows in place (gemm_rows) instead of gathering them.  Costs
+    a copy of the input; "auto" uses it for C * sh * sw <= 64 and K <= 64.
+    """
+    (sh, sw), (ho, wo) = stride, out_size
+    n, c, h, wd = x.shape
+    k, _, r, s = w.shape
+    r2, s2 = -(-r // sh), -(-s // sw)
+    hx, wx = (ho - 1 + r2) * sh, (wo - 1 + s2) * sw  # the rows and columns of xp the phases use
+    (top, _), (left, _) = pads
+    xp = np.zeros((n, c, max(hx, h + top), max(wx, wd + left)), x.dtype)
+    xp[:, :, top : top + h, left : left + wd] = x
+    xp = xp[:, :, :hx, :wx]
+    x2 = xp.reshape(n, c, hx // sh, sh, wx // sw, sw).transpose(0, 1, 3, 5, 2, 4)
+    x2 = np.ascontiguousarray(x2).reshape(n, c * sh * sw, hx // sh, wx // sw)
+    wp = np.zeros((k, c, r2 * sh, s2 * sw), w.dtype)
+    wp[:, :, :r, :s] = w
+    w2 = wp.reshape(k, c, r2, sh, s2, sw).transpose(0, 1, 3, 5, 2, 4)
+    w2 = np.ascontiguousarray(w2).reshape(k, c * sh * sw, r2, s2)
+    return x2, w2, [(0, 0), (0, 0)], (1, 1)
 
 
 def conv2d(
