@@ -584,6 +584,30 @@ BAD_CALLS = [
         "at least as large",
     ),
     (
+        "conv2d_backward grad_out shape",
+        lambda a: mn.conv2d_backward(
+            np.ones((1, 1, 5, 5)), np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2))
+        ),
+        ValueError,
+        "grad_out has shape (1, 1, 2, 2)",
+    ),
+    (
+        "conv2d_backward needs",
+        lambda a: mn.conv2d_backward(
+            np.ones((1, 1, 5, 5)), np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3)), needs=("bias", "x")
+        ),
+        ValueError,
+        "needs is invalid",
+    ),
+    (
+        "conv2d_backward needs string",
+        lambda a: mn.conv2d_backward(
+            np.ones((1, 1, 5, 5)), np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3)), needs="bias"
+        ),
+        ValueError,
+        "needs is invalid",
+    ),
+    (
         "core winograd 5x5",
         lambda a: _core.conv2d_into(
             np.ones((1, 1, 5, 5)),

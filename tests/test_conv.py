@@ -228,3 +228,103 @@ def test_strided_layers_with_few_channels_match_direct(rng):
         direct = mn.conv2d(x, w, stride=stride, padding=padding, algorithm="direct")
         assert auto.shape == direct.shape
         np.testing.assert_allclose(auto, direct, rtol=1e-5, atol=1e-5)
+
+
+# -- backward ------------------------------------------------------------------------------------
+
+# torch's Conv2d has neither "same" with a stride nor 4-tuple padding: those forms are checked
+# against central differences below and against the reference
+BACKWARD_GRID = [
+    case
+    for case in GRID
+    if case[0] > 0 and case[8] != "same" and not (isinstance(case[8], tuple) and len(case[8]) == 4)
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_GRID, ids=str)
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_backward_against_pytorch(case, mode, rng):
+    torch = pytest.importorskip("torch")
+    n, c, h, w_, k, r, s, stride, padding, dilation, groups = case
+    x = rng.standard_normal((n, c, h, w_))
+    w = rng.standard_normal((k, c // groups, r, s))
+    opts = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    go = rng.standard_normal(mn.conv2d(x, w, padding_mode=mode, **opts).shape)
+    gx, gw, gb = mn.conv2d_backward(x, w, go, padding_mode=mode, **opts)
+    m = torch.nn.Conv2d(c, k, (r, s), padding_mode=mode, **opts).double()
+    m.weight.data = torch.tensor(w)
+    xt = torch.tensor(x, requires_grad=True)
+    (m(xt) * torch.tensor(go)).sum().backward()
+    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gw, m.weight.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gb, m.bias.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_backward_central_differences(dtype, rng):
+    """Every gradient against float64 central differences of sum(g * conv2d(...)), for 'same'
+    with stride, a 4-tuple padding, groups and dilation, and each padding mode."""
+    x = rng.standard_normal((2, 4, 5, 6))
+    w = rng.standard_normal((6, 2, 3, 2))
+    for padding, mode in [
+        ("same", "zeros"),
+        ((0, 2, 1, 1), "reflect"),
+        (1, "circular"),
+        (2, "replicate"),
+    ]:
+        opts = dict(stride=(2, 1), padding=padding, dilation=(1, 2), groups=2, padding_mode=mode)
+        go = rng.standard_normal(mn.conv2d(x, w, **opts).shape)
+        gx, gw, gb = mn.conv2d_backward(x.astype(dtype), w.astype(dtype), go.astype(dtype), **opts)
+        assert gx.dtype == dtype and gw.dtype == dtype and gb.dtype == dtype
+
+        def loss(xx, ww, bb, go=go, opts=opts):
+            return float(np.sum(go * mn.conv2d(xx, ww, bb, **opts)))
+
+        h = 1e-6
+        b0 = np.zeros(6)
+        for target, grad, which in [(x, gx, 0), (w, gw, 1), (b0, gb, 2)]:
+            num = np.zeros_like(target)
+            for idx in np.ndindex(target.shape):
+                e = np.zeros_like(target)
+                e[idx] = h
+                args_p, args_m = [x, w, b0], [x, w, b0]
+                args_p[which] = target + e
+                args_m[which] = target - e
+                num[idx] = (loss(*args_p) - loss(*args_m)) / (2 * h)
+            rtol = 1e-4 if dtype == np.float32 else 1e-6
+            np.testing.assert_allclose(grad, num, rtol=rtol, atol=rtol)
+
+
+def test_conv_backward_needs_unbatched_and_1d(rng):
+    x = rng.standard_normal((3, 8, 8))
+    w = rng.standard_normal((4, 3, 3, 3))
+    go = rng.standard_normal((4, 8, 8))
+    gx, gw, gb = mn.conv2d_backward(x, w, go, padding=1, needs=("weight",))
+    assert gx is None and gb is None and gw.shape == w.shape
+    gx, gw, gb = mn.conv2d_backward(x, w, go, padding=1)
+    assert gx.shape == x.shape
+    full = mn.conv2d_backward(x[None], w, go[None], padding=1)
+    np.testing.assert_allclose(gx, full[0][0], rtol=1e-12)
+    x1 = rng.standard_normal((2, 4, 11))
+    w1 = rng.standard_normal((6, 2, 3))
+    go1 = rng.standard_normal(mn.conv1d(x1, w1, stride=2, padding=1, groups=2).shape)
+    g1 = mn.conv1d_backward(x1, w1, go1, stride=2, padding=1, groups=2)
+    g2 = mn.conv2d_backward(
+        x1[:, :, None], w1[:, :, None], go1[:, :, None], stride=(1, 2), padding=(0, 1), groups=2
+    )
+    np.testing.assert_allclose(g1[0], g2[0][:, :, 0], rtol=1e-12)
+    np.testing.assert_allclose(g1[1], g2[1][:, :, 0], rtol=1e-12)
+    np.testing.assert_allclose(g1[2], g2[2], rtol=1e-12)
+
+
+def test_conv_backward_threads_do_not_change_results(rng, threads):
+    x = rng.standard_normal((4, 16, 14, 14)).astype(np.float32)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    go = rng.standard_normal((4, 32, 7, 7)).astype(np.float32)
+    results = []
+    for t in (1, 2, 3):
+        mn.set_num_threads(t)
+        results.append(mn.conv2d_backward(x, w, go, stride=2, padding=1))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)

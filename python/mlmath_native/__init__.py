@@ -9,7 +9,14 @@ tests use as the oracle.
 from __future__ import annotations
 
 from . import _core, optim
-from ._conv import conv1d, conv2d, convolve2d, correlate2d
+from ._conv import (
+    conv1d,
+    conv1d_backward,
+    conv2d,
+    conv2d_backward,
+    convolve2d,
+    correlate2d,
+)
 from ._cross_entropy import cross_entropy
 from ._matmul import matmul
 from ._softmax import (
@@ -34,7 +41,9 @@ __all__ = [
     "sgd_step",
     "build_info",
     "conv1d",
+    "conv1d_backward",
     "conv2d",
+    "conv2d_backward",
     "convolve2d",
     "correlate2d",
     "cross_entropy",

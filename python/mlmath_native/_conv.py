@@ -10,6 +10,7 @@ never an im2col matrix.
 from __future__ import annotations
 
 import operator
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -82,8 +83,9 @@ def _padding(fn, padding, spatial, kernel, stride, dilation) -> list[tuple[int, 
 _ALGORITHMS = ("auto", "direct", "winograd")
 
 
-def _conv_nd(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims, algorithm):
-    """conv1d (dims=1) and conv2d (dims=2) on the 2-D kernel."""
+def _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims, algorithm):
+    """Checks every argument of a conv1d (dims=1) / conv2d (dims=2) call and works out its
+    sizes; shared by the forward and the backward.  Nothing is computed yet."""
     x = as_float_array(x, fn, "x")
     w = as_float_array(w, fn, "w")
     if x.ndim not in (dims + 1, dims + 2):
@@ -155,7 +157,7 @@ def _conv_nd(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, di
     w = np.asarray(w, dtype=dtype, order="C")
     if bias is not None:
         bias = np.asarray(bias, dtype=dtype, order="C")
-    if padding_mode != "zeros" and any(b or a for b, a in pads):
+    if padding_mode != "zeros":
         for size, (before, after) in zip(spatial, pads, strict=True):
             if padding_mode == "reflect" and max(before, after) >= size:
                 raise ValueError(
@@ -167,7 +169,36 @@ def _conv_nd(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, di
                     f"{fn}: circular padding {max(before, after)} must not exceed the input size "
                     f"{size}"
                 )
-        x = np.pad(x, [(0, 0), (0, 0), *pads], mode=_MODES[padding_mode])
+    return SimpleNamespace(
+        x=x,
+        w=w,
+        bias=bias,
+        dtype=dtype,
+        unbatched=unbatched,
+        n=n,
+        c=c,
+        k=k,
+        groups=groups,
+        stride=stride,
+        dilation=dilation,
+        pads=pads,
+        padding_mode=padding_mode,
+        out_size=out_size,
+        spatial=spatial,
+        kernel=kernel,
+        winograd=winograd,
+        dims=dims,
+    )
+
+
+def _conv_nd(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims, algorithm):
+    """conv1d (dims=1) and conv2d (dims=2) on the 2-D kernel."""
+    p = _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims, algorithm)
+    x, w, bias, pads, stride, dilation = p.x, p.w, p.bias, p.pads, p.stride, p.dilation
+    n, c, k, dtype, groups = p.n, p.c, p.k, p.dtype, p.groups
+    kernel, winograd, out_size = p.kernel, p.winograd, list(p.out_size)
+    if p.padding_mode != "zeros" and any(b or a for b, a in pads):
+        x = np.pad(x, [(0, 0), (0, 0), *pads], mode=_MODES[p.padding_mode])
         pads = [(0, 0)] * dims
     if dims == 1:  # a 1-D convolution is a 2-D one over a height of 1
         x, w = x[:, :, None, :], w[:, :, None, :]
@@ -203,7 +234,7 @@ def _conv_nd(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, di
     )
     if dims == 1:
         out = out[:, :, 0, :]
-    return out[0] if unbatched else out
+    return out[0] if p.unbatched else out
 
 
 def _space_to_depth(x, w, pads, stride, out_size):
@@ -432,3 +463,211 @@ def convolve2d(in1, in2, mode="full", boundary="fill", fillvalue=0):
            [0., 1., 2.]])
     """
     return _correlate("convolve2d", in1, in2, mode, boundary, fillvalue, flip=True)
+
+
+# -- backward ------------------------------------------------------------------------------------
+
+_NEEDS = ("input", "weight", "bias")
+
+
+def _pad_adjoint(grad_padded: np.ndarray, pads, mode: str, spatial) -> np.ndarray:
+    """The adjoint of np.pad over the trailing axes: every padded position's gradient goes back
+    to the input position it was copied from (for zero padding: a crop)."""
+    out = grad_padded
+    for axis, ((before, after), size) in enumerate(zip(pads, spatial, strict=True)):
+        ax = out.ndim - len(spatial) + axis
+        if mode == "zeros":
+            out = np.take(out, np.arange(before, before + size), axis=ax)
+            continue
+        source = np.pad(np.arange(size), (before, after), mode=_MODES[mode])
+        folded = np.zeros(out.shape[:ax] + (size,) + out.shape[ax + 1 :], out.dtype)
+        np.add.at(folded, (slice(None),) * ax + (source,), out)
+        out = folded
+    return out
+
+
+def _conv_backward(
+    fn, x, w, grad_out, stride, padding, dilation, groups, padding_mode, dims, needs
+):
+    p = _plan(fn, x, w, None, stride, padding, dilation, groups, padding_mode, dims, "direct")
+    if isinstance(needs, str) or not set(needs) <= set(_NEEDS):
+        raise ValueError(f"{fn}: needs is invalid (got {needs!r}, expected a subset of {_NEEDS})")
+    needs = set(needs)
+    g = as_float_array(grad_out, fn, "grad_out")
+    want = ((p.k,) if p.unbatched else (p.n, p.k)) + tuple(p.out_size)
+    if g.shape != want:
+        raise ValueError(f"{fn}: grad_out has shape {g.shape} (expected the output's {want})")
+    dtype = np.result_type(p.dtype, g.dtype)
+    g = np.asarray(g, dtype=dtype, order="C")
+    x, w = p.x.astype(dtype, copy=False), p.w.astype(dtype, copy=False)
+    if p.unbatched:
+        g = g[None]
+    if dims == 1:  # as 2-D with a height of 1
+        x, w, g = x[:, :, None, :], w[:, :, None, :], g[:, :, None, :]
+        pads, stride, dilation = [(0, 0), *p.pads], (1, *p.stride), (1, *p.dilation)
+        spatial = (1, *p.spatial)
+    else:
+        pads, stride, dilation, spatial = p.pads, p.stride, p.dilation, p.spatial
+    n, c, k, groups = p.n, p.c, p.k, p.groups
+    cg, kg = c // groups, k // groups
+    r, s = w.shape[2:]
+    (sh, sw), (dh, dw) = stride, dilation
+    ho, wo = g.shape[2:]
+    mode = p.padding_mode if any(b or a for b, a in pads) else "zeros"
+    xp = np.pad(x, [(0, 0), (0, 0), *pads], mode="constant" if mode == "zeros" else _MODES[mode])
+    hp, wp = xp.shape[2:]
+
+    grad_bias = grad_weight = grad_input = None
+    if "bias" in needs:
+        grad_bias = g.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
+    if "weight" in needs:
+        # grad_w[k, c, r, s] = sum_{n,i,j} g[n,k,i,j] xp[n,c, i*sh + r*dh, j*sw + s*dw]: per
+        # group, a convolution of xp^T (channels as batch) with g^T as its kernel, stride and
+        # dilation exchanged; the output has >= R x S positions, of which the first are w's.
+        grad_weight = np.empty(w.shape, dtype)
+        for gi in range(groups):
+            xt = np.ascontiguousarray(xp[:, gi * cg : (gi + 1) * cg].transpose(1, 0, 2, 3))
+            gt = np.ascontiguousarray(g[:, gi * kg : (gi + 1) * kg].transpose(1, 0, 2, 3))
+            rows = (hp - sh * (ho - 1) - 1) // dh + 1
+            cols = (wp - sw * (wo - 1) - 1) // dw + 1
+            out = _core.empty((cg, kg, rows, cols), dtype)
+            _core.conv2d_into(xt, gt, None, out, dh, dw, 0, 0, sh, sw, 1, False)
+            grad_weight[gi * kg : (gi + 1) * kg] = out[:, :, :r, :s].transpose(1, 0, 2, 3)
+    if "input" in needs:
+        # grad_xp = the transposed convolution: g with (stride - 1) zeros between its entries,
+        # fully padded by the dilated kernel size, correlated with the flipped, channel-
+        # transposed kernel (groups keep their channels).
+        if (sh, sw) != (1, 1):
+            gd = np.zeros((n, k, (ho - 1) * sh + 1, (wo - 1) * sw + 1), dtype)
+            gd[:, :, ::sh, ::sw] = g
+        else:
+            gd = g
+        wt = w.reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+        wt = np.ascontiguousarray(wt).reshape(groups * cg, kg, r, s)
+        full_h, full_w = gd.shape[2] + dh * (r - 1), gd.shape[3] + dw * (s - 1)
+        part = _core.empty((n, c, full_h, full_w), dtype)
+        _core.conv2d_into(
+            np.ascontiguousarray(gd),
+            wt,
+            None,
+            part,
+            1,
+            1,
+            dh * (r - 1),
+            dw * (s - 1),
+            dh,
+            dw,
+            groups,
+            False,
+        )
+        grad_xp = np.zeros((n, c, hp, wp), dtype)
+        grad_xp[:, :, :full_h, :full_w] = part  # rows/columns past the last window get nothing
+        grad_input = _pad_adjoint(grad_xp, pads, mode, spatial)
+        if dims == 1:
+            grad_input = grad_input[:, :, 0, :]
+        if p.unbatched:
+            grad_input = grad_input[0]
+        grad_input = np.ascontiguousarray(grad_input)
+    if grad_weight is not None and dims == 1:
+        grad_weight = grad_weight[:, :, 0, :]
+    return grad_input, grad_weight, grad_bias
+
+
+def conv2d_backward(
+    x,
+    w,
+    grad_out,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    needs=("input", "weight", "bias"),
+):
+    """Gradients of :func:`conv2d` given the upstream gradient ``grad_out``:
+
+        grad_bias[k]        = sum_{n,i,j} g[n,k,i,j]
+        grad_w[k,c,r,s]     = sum_{n,i,j} g[n,k,i,j] xp[n,c',i*sh+r*dh,j*sw+s*dw]
+        grad_xp[n,c',y,x]  += g[n,k,i,j] w[k,c,r,s]   for y = i*sh+r*dh, x = j*sw+s*dw
+
+    with xp the padded input; grad_x folds grad_xp back through the padding (zeros: a crop;
+    reflect/replicate/circular: each padded copy's gradient is added to its source).
+
+    Parameters
+    ----------
+    x, w, stride, padding, dilation, groups, padding_mode
+        As for :func:`conv2d` (every option, "same" with any stride included).
+    grad_out : array_like
+        dL/dy, the shape of conv2d's output.
+    needs : subset of ("input", "weight", "bias")
+        Which gradients to compute; the others are returned as None.
+
+    Returns
+    -------
+    (grad_input, grad_weight, grad_bias)
+        Shaped like x, w and (K,); each gradient is computed in a fixed order, so results do
+        not depend on the number of threads.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> x, w = np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2))
+    >>> gx, gw, gb = mn.conv2d_backward(x, w, np.ones((1, 1, 2, 2)))
+    >>> gx[0, 0]
+    array([[1., 2., 1.],
+           [2., 4., 2.],
+           [1., 2., 1.]])
+    >>> gb
+    array([4.])
+    """
+    return _conv_backward(
+        "conv2d_backward",
+        x,
+        w,
+        grad_out,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        2,
+        needs,
+    )
+
+
+def conv1d_backward(
+    x,
+    w,
+    grad_out,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    needs=("input", "weight", "bias"),
+):
+    """Gradients of :func:`conv1d`; arguments and returns as :func:`conv2d_backward`.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> gx, gw, gb = mn.conv1d_backward(np.arange(4.0)[None, None], np.ones((1, 1, 2)),
+    ...                                 np.ones((1, 1, 3)))
+    >>> gx, gw
+    (array([[[1., 2., 2., 1.]]]), array([[[3., 6.]]]))
+    """
+    return _conv_backward(
+        "conv1d_backward",
+        x,
+        w,
+        grad_out,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        1,
+        needs,
+    )
