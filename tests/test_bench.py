@@ -35,11 +35,11 @@ def small_shape(case):
 def test_every_case_runs_on_a_small_shape_and_reports_a_row():
     rows = []
     for case in suite.CASES:
-        # optimizer shapes are (params, tensors); the others are 2-d arrays
         small = dataclasses.replace(case, shape=small_shape(case))
         row = bench.run_case(small, MACHINE, repeats=2, quick=False, with_torch=False)
-        assert row["ours_ms"] > 0 and row["numpy_ms"] > 0 and row["torch_ms"] is None
-        assert row["numpy_ratio"] > 0 and row["achieved"] > 0
+        assert row["ours_ms"] > 0 and row["torch_ms"] is None and row["achieved"] > 0
+        if case.numpy is not None:  # training steps have no NumPy contender
+            assert row["numpy_ms"] > 0 and row["numpy_ratio"] > 0
         assert row["shape"]
         rows.append(row)
     table = bench.format_table(rows)

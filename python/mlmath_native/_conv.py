@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _core
 from ._checks import as_float_array
+from ._matmul import matmul
 
 _MODES = {"zeros": None, "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
@@ -521,47 +522,59 @@ def _conv_backward(
     if "bias" in needs:
         grad_bias = g.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
     if "weight" in needs:
-        # grad_w[k, c, r, s] = sum_{n,i,j} g[n,k,i,j] xp[n,c, i*sh + r*dh, j*sw + s*dw]: per
-        # group, a convolution of xp^T (channels as batch) with g^T as its kernel, stride and
-        # dilation exchanged; the output has >= R x S positions, of which the first are w's.
-        grad_weight = np.empty(w.shape, dtype)
-        for gi in range(groups):
-            xt = np.ascontiguousarray(xp[:, gi * cg : (gi + 1) * cg].transpose(1, 0, 2, 3))
-            gt = np.ascontiguousarray(g[:, gi * kg : (gi + 1) * kg].transpose(1, 0, 2, 3))
-            rows = (hp - sh * (ho - 1) - 1) // dh + 1
-            cols = (wp - sw * (wo - 1) - 1) // dw + 1
-            out = _core.empty((cg, kg, rows, cols), dtype)
-            _core.conv2d_into(xt, gt, None, out, dh, dw, 0, 0, sh, sw, 1, False)
-            grad_weight[gi * kg : (gi + 1) * kg] = out[:, :, :r, :s].transpose(1, 0, 2, 3)
+        # grad_w[k, (c, r, s)] = sum_n sum_p g[n, k, p] Col_n[(c, r, s), p]: per chunk of images
+        # and per group one GEMM of g (Kg x B*P) with the transposed im2col of those images
+        # (bounded scratch: about 2^23 values of columns), summed over the chunks in order.
+        grad_weight = np.zeros((k, cg * r * s), dtype)
+        window = (dh * (r - 1) + 1, dw * (s - 1) + 1)
+        view = np.lib.stride_tricks.sliding_window_view(xp, window, axis=(2, 3))
+        view = view[:, :, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw, ::dh, ::dw]
+        per_image = cg * r * s * ho * wo
+        chunk = max(1, (1 << 23) // max(per_image, 1))
+        for n0 in range(0, n, chunk):
+            n1 = min(n, n0 + chunk)
+            for gi in range(groups):
+                # cols [(c, r, s)][(n, i, j)] and g [k][(n, i, j)] for images n0..n1
+                cols = np.ascontiguousarray(
+                    view[n0:n1, gi * cg : (gi + 1) * cg].transpose(1, 4, 5, 0, 2, 3)
+                ).reshape(cg * r * s, (n1 - n0) * ho * wo)
+                gk = np.ascontiguousarray(
+                    g[n0:n1, gi * kg : (gi + 1) * kg].transpose(1, 0, 2, 3)
+                ).reshape(kg, (n1 - n0) * ho * wo)
+                grad_weight[gi * kg : (gi + 1) * kg] += matmul(gk, cols.T)
+        grad_weight = grad_weight.reshape(w.shape)
     if "input" in needs:
-        # grad_xp = the transposed convolution: g with (stride - 1) zeros between its entries,
-        # fully padded by the dilated kernel size, correlated with the flipped, channel-
-        # transposed kernel (groups keep their channels).
-        if (sh, sw) != (1, 1):
-            gd = np.zeros((n, k, (ho - 1) * sh + 1, (wo - 1) * sw + 1), dtype)
-            gd[:, :, ::sh, ::sw] = g
-        else:
-            gd = g
-        wt = w.reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
-        wt = np.ascontiguousarray(wt).reshape(groups * cg, kg, r, s)
-        full_h, full_w = gd.shape[2] + dh * (r - 1), gd.shape[3] + dw * (s - 1)
-        part = _core.empty((n, c, full_h, full_w), dtype)
-        _core.conv2d_into(
-            np.ascontiguousarray(gd),
-            wt,
-            None,
-            part,
-            1,
-            1,
-            dh * (r - 1),
-            dw * (s - 1),
-            dh,
-            dw,
-            groups,
-            False,
-        )
         grad_xp = np.zeros((n, c, hp, wp), dtype)
-        grad_xp[:, :, :full_h, :full_w] = part  # rows/columns past the last window get nothing
+        if (sh, sw) == (1, 1):
+            # the transposed convolution: g fully padded by the dilated kernel size, correlated
+            # with the flipped, channel-transposed kernel (groups keep their channels)
+            wt = w.reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+            wt = np.ascontiguousarray(wt).reshape(groups * cg, kg, r, s)
+            full_h, full_w = ho + dh * (r - 1), wo + dw * (s - 1)
+            part = _core.empty((n, c, full_h, full_w), dtype)
+            pad_h, pad_w = dh * (r - 1), dw * (s - 1)
+            _core.conv2d_into(g, wt, None, part, 1, 1, pad_h, pad_w, dh, dw, groups, False)
+            grad_xp[:, :, :full_h, :full_w] = part  # rows/columns past the last window: 0
+        else:
+            # strided: dCol = W^T g per chunk of images (a GEMM), then each (c, r, s) row of dCol
+            # is added onto its strided window of grad_xp (col2im), in a fixed order
+            chunk = max(1, (1 << 23) // max(cg * r * s * ho * wo, 1))
+            for n0 in range(0, n, chunk):
+                n1 = min(n, n0 + chunk)
+                for gi in range(groups):
+                    wg = w[gi * kg : (gi + 1) * kg].reshape(kg, cg * r * s)
+                    gk = np.ascontiguousarray(
+                        g[n0:n1, gi * kg : (gi + 1) * kg].transpose(1, 0, 2, 3)
+                    ).reshape(kg, (n1 - n0) * ho * wo)
+                    dcol = matmul(wg.T, gk).reshape(cg, r, s, n1 - n0, ho, wo)
+                    for ci, ri, si in np.ndindex(cg, r, s):
+                        y0, x0 = ri * dh, si * dw
+                        grad_xp[
+                            n0:n1,
+                            gi * cg + ci,
+                            y0 : y0 + (ho - 1) * sh + 1 : sh,
+                            x0 : x0 + (wo - 1) * sw + 1 : sw,
+                        ] += dcol[ci, ri, si]
         grad_input = _pad_adjoint(grad_xp, pads, mode, spatial)
         if dims == 1:
             grad_input = grad_input[:, :, 0, :]

@@ -468,6 +468,58 @@ def _conv_case(n, c, hw, k, r, stride, padding, groups=1, name="conv2d"):
     )
 
 
+def _conv_train_case(n, c, hw, k, r, stride, padding):
+    """Forward + backward (input, weight and bias gradients) of one layer: a training step."""
+
+    def setup(shape):
+        n_, c_, hw_, k_, r_ = shape
+        x = randn((n_, c_, hw_, hw_), seed=5)
+        w = randn((k_, c_, r_, r_), seed=6) * np.float32(0.1)
+        ho = (hw_ + 2 * padding - r_) // stride + 1
+        return {"x": x, "w": w, "g": randn((n_, k_, ho, ho), seed=7)}
+
+    def ours(d):
+        def step():
+            y = mn.conv2d(d["x"], d["w"], stride=stride, padding=padding)
+            grads = mn.conv2d_backward(d["x"], d["w"], d["g"], stride=stride, padding=padding)
+            return y, grads
+
+        return step
+
+    def torch_(d):
+        import torch
+
+        x, w, g = (torch.from_numpy(d[key]) for key in ("x", "w", "g"))
+        b = torch.zeros(w.shape[0])
+
+        def step():
+            xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+            y = torch.nn.functional.conv2d(xg, wg, bg, stride=stride, padding=padding)
+            y.backward(g)
+            return xg.grad, wg.grad, bg.grad
+
+        return step
+
+    def flops(d):
+        n_, c_, h_, w_ = d["x"].shape
+        k_, _, r_, s_ = d["w"].shape
+        ho = (h_ + 2 * padding - r_) // stride + 1
+        return 3 * 2.0 * n_ * k_ * c_ * r_ * s_ * ho * ho  # forward, input and weight gradients
+
+    return Case(
+        name="conv2d fwd+bwd",
+        shape=(n, c, hw, k, r),
+        quick_shape=(max(1, n // 4), c, hw, k, r),
+        label="N{0} C{1} {2}x{2} K{3} " + f"{r}x{r} s{stride}",
+        setup=setup,
+        ours=ours,
+        numpy=None,
+        torch=torch_,
+        work=flops,
+        unit="flops",
+    )
+
+
 CASES.extend(
     [
         Case(
@@ -487,6 +539,10 @@ CASES.extend(
         _conv_case(4, 3, 224, 64, 7, 2, 3),
         _conv_case(32, 32, 32, 32, 3, 1, 1),
         _conv_case(8, 256, 56, 256, 3, 1, 1, groups=256, name="conv2d depthwise"),
+        _conv_train_case(8, 64, 56, 64, 3, 1, 1),
+        _conv_train_case(8, 256, 14, 256, 3, 1, 1),
+        _conv_train_case(4, 3, 224, 64, 7, 2, 3),
+        _conv_train_case(32, 32, 32, 32, 3, 1, 1),
     ]
 )
 
