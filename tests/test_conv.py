@@ -328,3 +328,26 @@ def test_conv_backward_threads_do_not_change_results(rng, threads):
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [c for c in GRID if c[0] > 0], ids=str)
+def test_conv2d_backward_against_reference(case, dtype, rng):
+    """Every form of the forward grid, 'same' with a stride and 4-tuple padding included."""
+    n, c, h, w_, k, r, s, stride, padding, dilation, groups = case
+    x = rng.standard_normal((n, c, h, w_)).astype(dtype)
+    w = rng.standard_normal((k, c // groups, r, s)).astype(dtype)
+    for mode in ("zeros", "reflect"):
+        opts = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        opts["padding_mode"] = mode
+        go = rng.standard_normal(mn.conv2d(x, w, **opts).shape).astype(dtype)
+        got = mn.conv2d_backward(x, w, go, **opts)
+        want = ref.conv2d_backward(
+            x.astype(np.float64), w.astype(np.float64), go.astype(np.float64), **opts
+        )
+        # reductions: over K*R*S taps for the input, over N*Ho*Wo positions for the weight
+        lengths = (k * r * s, int(np.prod(go.shape)) // k, int(np.prod(go.shape)) // k)
+        for g_, w_ref, length in zip(got, want, lengths, strict=True):
+            assert g_.dtype == dtype and g_.shape == w_ref.shape
+            scale = float(np.max(np.abs(w_ref), initial=0)) + 1
+            np.testing.assert_allclose(g_, w_ref, rtol=0, atol=tolerance(dtype, length) * scale * 4)

@@ -6,6 +6,7 @@ to float64 accuracy here.
 """
 
 import ast
+import itertools
 import math
 import pathlib
 import re
@@ -1166,6 +1167,276 @@ def test_conv_bad_input_is_bad_only_there():
     assert ref_conv.conv1d(_X1, _W1, groups=2, padding=(2,)).shape == (6, 7)
 
 
+# conv2d_backward / conv1d_backward
+
+
+def _conv_loss(conv, x, w, b, go, **kw):
+    """L = Σ grad_out · conv(x, w, b): the scalar whose gradients conv*_backward returns."""
+    return np.sum(go * conv(x, w, b, **kw))
+
+
+def _conv_fd_gradients(conv, x, w, b, go, **kw):
+    """(∂L/∂x, ∂L/∂w, ∂L/∂b) by central differences, one coordinate at a time.
+
+    L is linear in each of x, w and b, so a central difference is exact for any step
+    (its only error is rounding): h = 1 keeps that at the level of float64 rounding.
+    """
+    return (
+        _finite_difference(lambda z: _conv_loss(conv, z, w, b, go, **kw), x, h=1.0),
+        _finite_difference(lambda z: _conv_loss(conv, x, z, b, go, **kw), w, h=1.0),
+        _finite_difference(lambda z: _conv_loss(conv, x, w, z, go, **kw), b, h=1.0),
+    )
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_backward_matches_finite_differences(padding_mode):
+    r = rng(40)
+    x, w, b = r.normal(size=(2, 4, 5, 6)), r.normal(size=(6, 2, 3, 2)), r.normal(size=6)
+    for padding, stride in [
+        (1, (2, 1)),
+        ((2, 1), (2, 1)),
+        ((0, 2, 3, 1), (2, 1)),  # (top, bottom, left, right)
+        ("same", 2),  # pads (1, 1) rows and (0, 1) columns
+        ("valid", (2, 1)),
+    ]:
+        kw = dict(stride=stride, padding=padding, dilation=(1, 2), groups=2)
+        kw["padding_mode"] = padding_mode
+        go = r.normal(size=ref_conv.conv2d(x, w, **kw).shape)
+        grads = ref_conv.conv2d_backward(x, w, go, **kw)
+        for got, fd in zip(
+            grads, _conv_fd_gradients(ref_conv.conv2d, x, w, b, go, **kw), strict=True
+        ):
+            assert got.shape == fd.shape and got.dtype == np.float64
+            assert_close(got, fd, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv1d_backward_matches_finite_differences(padding_mode):
+    r = rng(41)
+    x, w, b = r.normal(size=(2, 4, 7)), r.normal(size=(6, 2, 3)), r.normal(size=6)
+    for padding, stride in [(2, 2), ((3,), 1), ((1, 4), 2), ("same", 2), ("valid", 1)]:
+        kw = dict(stride=stride, padding=padding, dilation=2, groups=2, padding_mode=padding_mode)
+        for xs in (x, x[1]):  # batched and unbatched
+            go = r.normal(size=ref_conv.conv1d(xs, w, **kw).shape)
+            grads = ref_conv.conv1d_backward(xs, w, go, **kw)
+            for got, fd in zip(
+                grads, _conv_fd_gradients(ref_conv.conv1d, xs, w, b, go, **kw), strict=True
+            ):
+                assert got.shape == fd.shape
+                assert_close(got, fd, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_backward_closed_forms(padding_mode):
+    r = rng(42)
+    x, w = r.normal(size=(3, 6, 5, 4)), r.normal(size=(6, 1, 2, 3))  # depthwise
+    kw = dict(stride=(1, 2), padding=(1, 0, 2, 1), groups=6, padding_mode=padding_mode)
+    go = r.normal(size=ref_conv.conv2d(x, w, **kw).shape)
+    gx, gw, gb = ref_conv.conv2d_backward(x, w, go, **kw)
+    assert_close(gb, go.sum(axis=(0, 2, 3)))
+    # Without bias, L = Σ grad_out · conv(x, w) is linear in x and in w (the padding
+    # copies input values), so L = <∂L/∂x, x> = <∂L/∂w, w> (Euler's identity).
+    loss = np.sum(go * ref_conv.conv2d(x, w, **kw))
+    assert_close(np.sum(gx * x), loss, rtol=1e-12)
+    assert_close(np.sum(gw * w), loss, rtol=1e-12)
+    # A 1×1 kernel of ones with stride 1: ∂L/∂x is grad_out folded back by the padding.
+    pads = ((0, 0), (0, 0), (1, 2), (3, 0))
+    go = r.normal(size=(3, 6, 8, 7))
+    gx, _, _ = ref_conv.conv2d_backward(
+        x, np.ones((6, 1, 1, 1)), go, padding=(1, 2, 3, 0), groups=6, padding_mode=padding_mode
+    )
+    if padding_mode == "zeros":
+        assert_close(gx, go[:, :, 1:-2, 3:])
+    # <np.pad(x), go> = <x, ∂L/∂x> for any x: the adjoint of the padding.
+    assert_close(np.sum(np.pad(x, pads, mode=_NP_PAD_MODE[padding_mode]) * go), np.sum(x * gx))
+
+
+def test_pad_adjoint_is_the_transpose_of_np_pad():
+    r = rng(43)
+    for mode, pads in [
+        ("constant", ((2, 0), (1, 3))),
+        ("reflect", ((3, 1), (2, 4))),  # reaches the far edge
+        ("edge", ((5, 2), (0, 7))),
+        ("wrap", ((9, 4), (7, 11))),  # wraps around more than once
+        ("wrap", ((0, 0), (0, 0))),
+    ]:
+        a = r.normal(size=(2, 4, 5))
+        g = r.normal(size=(2, 4 + sum(pads[0]), 5 + sum(pads[1])))
+        adj = ref_conv._pad_adjoint(g, pads, mode, a.shape)
+        assert adj.shape == a.shape
+        assert_close(np.sum(np.pad(a, ((0, 0), *pads), mode=mode) * g), np.sum(a * adj))
+        # The transpose, column by column: column q of the padding's matrix is np.pad(e_q).
+        for q in np.ndindex(a.shape[1:]):
+            e = np.zeros(a.shape[1:])
+            e[q] = 1.0
+            assert_close(adj[:, q[0], q[1]], np.sum(np.pad(e, pads, mode=mode) * g, axis=(1, 2)))
+    # The module docstring's row: replicate by 2 on a b c d.
+    row = ref_conv._pad_adjoint(np.arange(1.0, 9.0), ((2, 2),), "edge", (4,))
+    assert np.array_equal(row, [1 + 2 + 3, 4, 5, 6 + 7 + 8])
+
+
+def test_conv_backward_needs_subsets():
+    r = rng(44)
+    x, w = r.normal(size=(2, 4, 5, 6)), r.normal(size=(6, 2, 3, 2))
+    kw = dict(stride=2, padding=1, groups=2, padding_mode="circular")
+    go = r.normal(size=ref_conv.conv2d(x, w, **kw).shape)
+    full = ref_conv.conv2d_backward(x, w, go, **kw)
+    assert all(g is not None for g in full)
+    names = ("input", "weight", "bias")
+    for size in range(4):
+        for needs in itertools.combinations(names, size):
+            for form in (needs, list(needs), set(needs), needs[::-1]):
+                grads = ref_conv.conv2d_backward(x, w, go, needs=form, **kw)
+                for name, got, expected in zip(names, grads, full, strict=True):
+                    if name in needs:
+                        assert np.array_equal(got, expected), (needs, name)
+                    else:
+                        assert got is None, (needs, name)
+    # A single name as a string; repeated names count once.
+    assert ref_conv.conv2d_backward(x, w, go, needs="weight", **kw)[::2] == (None, None)
+    grads = ref_conv.conv2d_backward(x, w, go, needs=("bias", "bias"), **kw)
+    assert grads[:2] == (None, None) and np.array_equal(grads[2], full[2])
+    x1, w1 = x[0, :, 0], w[:, :, 0]  # unbatched conv1d: (C, L) and (K, C/G, R)
+    go = r.normal(size=ref_conv.conv1d(x1, w1, **kw).shape)
+    gx, gw, gb = ref_conv.conv1d_backward(x1, w1, go, needs=("input",), **kw)
+    assert gx.shape == (4, 6) and gw is None and gb is None
+    assert np.array_equal(gx, ref_conv.conv1d_backward(x1, w1, go, **kw)[0])
+
+
+def test_conv_backward_empty_batch_and_integer_inputs():
+    w = np.ones((6, 2, 3, 3))
+    gx, gw, gb = ref_conv.conv2d_backward(
+        np.zeros((0, 4, 6, 5)), w, np.zeros((0, 6, 3, 3)), stride=2, padding=1, groups=2
+    )
+    assert gx.shape == (0, 4, 6, 5)
+    assert np.array_equal(gw, np.zeros_like(w)) and np.array_equal(gb, np.zeros(6))
+    x = np.arange(18, dtype=np.int32).reshape(1, 2, 3, 3)
+    gx, gw, gb = ref_conv.conv2d_backward(x, np.ones((1, 2, 2, 2), int), np.ones((1, 1, 2, 2), int))
+    assert gx.dtype == gw.dtype == gb.dtype == np.float64
+    assert np.array_equal(gx[0, 1], [[1, 2, 1], [2, 4, 2], [1, 2, 1]])
+    assert np.array_equal(gw[0, 1], [[9 + 10 + 12 + 13, 10 + 11 + 13 + 14], [56, 60]])
+
+
+_CONV_BACKWARD_BAD_CALLS = [
+    # (function, args, kwargs, exception, message pattern); _X4 ⊛ _W4 with groups=2 is
+    # (1, 6, 3, 3), _X1 ⊛ _W1 is (6, 3)
+    (
+        "conv2d_backward",
+        (_X4, _W4, np.zeros((1, 6, 3, 3))),
+        dict(groups=2, needs=("grad",)),
+        ValueError,
+        "needs holds 'grad'",
+    ),
+    (
+        "conv2d_backward",
+        (_X4, _W4, np.zeros((1, 6, 3, 3))),
+        dict(groups=2, needs="inputs"),
+        ValueError,
+        "needs holds 'inputs'",
+    ),
+    (
+        "conv2d_backward",
+        (_X4, _W4, np.zeros((1, 6, 3, 3))),
+        dict(groups=2, needs=None),
+        ValueError,
+        "needs is not a collection",
+    ),
+    (
+        "conv2d_backward",
+        (_X4, _W4, np.zeros((1, 6, 3, 3))),
+        dict(groups=2, needs=("input", 1)),
+        ValueError,
+        "needs holds 1",
+    ),
+    (
+        "conv2d_backward",
+        (_X4, _W4, np.zeros((1, 6, 3, 4))),
+        dict(groups=2),
+        ValueError,
+        "grad_out has shape (1, 6, 3, 4) (expected (1, 6, 3, 3)",
+    ),
+    (
+        "conv2d_backward",
+        (_X4, _W4, np.zeros((6, 3, 3))),
+        dict(groups=2),
+        ValueError,
+        "grad_out has shape (6, 3, 3)",
+    ),
+    (
+        "conv2d_backward",
+        (_X4[0], _W4, np.zeros((1, 6, 3, 3))),
+        dict(groups=2),
+        ValueError,
+        "grad_out has shape (1, 6, 3, 3) (expected (6, 3, 3)",
+    ),
+    (
+        "conv2d_backward",
+        (_X4, _W4, np.zeros((1, 6, 2, 2))),
+        dict(groups=2, stride=2, padding=1),
+        ValueError,
+        "grad_out has shape",
+    ),
+    (
+        "conv2d_backward",
+        (_X4, _W4, np.zeros((1, 6, 3, 3), complex)),
+        dict(groups=2),
+        TypeError,
+        "grad_out has dtype complex128",
+    ),
+    (
+        "conv2d_backward",
+        (_X4, _W4, np.zeros((1, 6, 3, 3))),
+        {},
+        ValueError,
+        "input channels per group",
+    ),
+    (
+        "conv2d_backward",
+        (_X4, _W4, np.zeros((1, 6, 3, 3))),
+        dict(groups=2, padding_mode="x"),
+        ValueError,
+        "padding_mode is invalid",
+    ),
+    (
+        "conv1d_backward",
+        (_X1, _W1, np.zeros((6, 4))),
+        dict(groups=2),
+        ValueError,
+        "grad_out has shape (6, 4) (expected (6, 3)",
+    ),
+    (
+        "conv1d_backward",
+        (_X1, _W1, np.zeros((6, 3))),
+        dict(groups=2, needs=("inputs",)),
+        ValueError,
+        "needs holds 'inputs'",
+    ),
+    (
+        "conv1d_backward",
+        (_X4, _W1, np.zeros((6, 3))),
+        dict(groups=2),
+        ValueError,
+        "x has 4 dimensions",
+    ),
+]
+
+
+@pytest.mark.parametrize(("func", "args", "kwargs", "exc", "match"), _CONV_BACKWARD_BAD_CALLS)
+def test_conv_backward_bad_input(func, args, kwargs, exc, match):
+    with pytest.raises(exc, match=f"^{func}: .*{re.escape(match)}"):
+        getattr(ref_conv, func)(*args, **kwargs)
+
+
+def test_conv_backward_bad_input_is_bad_only_there():
+    grads = ref_conv.conv2d_backward(_X4, _W4, np.zeros((1, 6, 3, 3)), groups=2)
+    assert [g.shape for g in grads] == [_X4.shape, _W4.shape, (6,)]
+    grads = ref_conv.conv2d_backward(_X4[0], _W4, np.zeros((6, 3, 3)), groups=2, needs=())
+    assert grads == (None, None, None)
+    grads = ref_conv.conv2d_backward(_X4, _W4, np.zeros((1, 6, 2, 2)), 2, 0, 1, 2)
+    assert grads[0].shape == _X4.shape
+    assert ref_conv.conv1d_backward(_X1, _W1, np.zeros((6, 3)), groups=2)[0].shape == (4, 5)
+
+
 # --------------------------------------------------------------------------------------
 # correlate2d / convolve2d (SciPy's 2-D functions)
 # --------------------------------------------------------------------------------------
@@ -1772,6 +2043,110 @@ def test_conv1d_padding_modes_match_torch(padding_mode):
                 assert_close(
                     ref_conv.conv1d(xs, w, b, stride, padding, 3, 2, padding_mode), expected
                 )
+
+
+def _torch_conv_grads(torch, conv, x, w, b, go):
+    """(∂L/∂x, ∂L/∂w, ∂L/∂b) of L = Σ go · conv(x, w, b) by PyTorch's autograd."""
+    xt, wt, bt = (torch.from_numpy(a.copy()).requires_grad_(True) for a in (x, w, b))
+    conv(xt, wt, bt).backward(torch.from_numpy(go))
+    return tuple(t.grad.numpy() for t in (xt, wt, bt))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel:UserWarning")
+@pytest.mark.parametrize(("xshape", "wshape", "kw"), _TORCH_CONV2D_CASES)
+def test_conv2d_backward_matches_torch(xshape, wshape, kw):
+    torch = pytest.importorskip("torch")
+    r = rng(45)
+    x, w, b = r.normal(size=xshape), r.normal(size=wshape), r.normal(size=wshape[0])
+    go = r.normal(size=ref_conv.conv2d(x, w, **kw).shape)
+    expected = _torch_conv_grads(
+        torch, lambda xt, wt, bt: torch.nn.functional.conv2d(xt, wt, bt, **kw), x, w, b, go
+    )
+    for got, want in zip(ref_conv.conv2d_backward(x, w, go, **kw), expected, strict=True):
+        assert got.shape == want.shape
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_backward_padding_modes_match_torch(padding_mode):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    r = rng(46)
+    x, w, b = r.normal(size=(2, 4, 6, 7)), r.normal(size=(6, 2, 3, 2)), r.normal(size=6)
+    pad_mode = "constant" if padding_mode == "zeros" else padding_mode
+    kw = dict(stride=(2, 1), dilation=(1, 2), groups=2)
+    # F.pad then an unpadded conv; F.pad orders the sides (left, right, top, bottom).
+    for padding, (top, bottom, left, right) in [
+        ((2, 3), (2, 2, 3, 3)),
+        ((0, 3, 4, 1), (0, 3, 4, 1)),
+        ((5, 1, 0, 6), (5, 1, 0, 6)),  # the largest pads PyTorch takes for reflect
+    ]:
+
+        def conv(xt, wt, bt, sides=(left, right, top, bottom)):
+            return F.conv2d(F.pad(xt, sides, mode=pad_mode), wt, bt, **kw)
+
+        go = r.normal(size=ref_conv.conv2d(x, w, padding=padding, **kw).shape)
+        expected = _torch_conv_grads(torch, conv, x, w, b, go)
+        grads = ref_conv.conv2d_backward(x, w, go, padding=padding, padding_mode=padding_mode, **kw)
+        for got, want in zip(grads, expected, strict=True):
+            assert_close(got, want)
+    # torch.nn.Conv2d's own padding_mode: symmetric and "same" (stride 1) padding,
+    # depthwise ×2, batched and unbatched.
+    x, w = r.normal(size=(2, 3, 6, 5)), r.normal(size=(6, 1, 3, 2))
+    for padding in (1, (2, 1), "same"):
+        stride = 1 if padding == "same" else (1, 2)
+        layer = torch.nn.Conv2d(
+            3, 6, (3, 2), stride, padding, (1, 2), 3, padding_mode=padding_mode, dtype=torch.float64
+        )
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(w))
+            layer.bias.copy_(torch.from_numpy(b))
+        for xs in (x, x[1]):
+            xt = torch.from_numpy(xs.copy()).requires_grad_(True)
+            go = r.normal(size=ref_conv.conv2d(xs, w, None, stride, padding, (1, 2), 3).shape)
+            layer.zero_grad()
+            layer(xt).backward(torch.from_numpy(go))
+            gx, gw, gb = ref_conv.conv2d_backward(
+                xs, w, go, stride, padding, (1, 2), 3, padding_mode
+            )
+            assert gx.shape == xs.shape
+            assert_close(gx, xt.grad.numpy())
+            assert_close(gw, layer.weight.grad.numpy())
+            assert_close(gb, layer.bias.grad.numpy())
+
+
+@pytest.mark.parametrize(("xshape", "wshape", "kw"), _TORCH_CONV1D_CASES)
+def test_conv1d_backward_matches_torch(xshape, wshape, kw):
+    torch = pytest.importorskip("torch")
+    r = rng(47)
+    x, w, b = r.normal(size=xshape), r.normal(size=wshape), r.normal(size=wshape[0])
+    go = r.normal(size=ref_conv.conv1d(x, w, **kw).shape)
+    expected = _torch_conv_grads(
+        torch, lambda xt, wt, bt: torch.nn.functional.conv1d(xt, wt, bt, **kw), x, w, b, go
+    )
+    for got, want in zip(ref_conv.conv1d_backward(x, w, go, **kw), expected, strict=True):
+        assert got.shape == want.shape
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv1d_backward_padding_modes_match_torch(padding_mode):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    r = rng(48)
+    x, w, b = r.normal(size=(2, 4, 9)), r.normal(size=(6, 2, 3)), r.normal(size=6)
+    pad_mode = "constant" if padding_mode == "zeros" else padding_mode
+    for padding, sides in [(2, (2, 2)), ((0, 4), (0, 4)), ((8, 1), (8, 1))]:
+
+        def conv(xt, wt, bt, sides=sides):
+            return F.conv1d(F.pad(xt, sides, mode=pad_mode), wt, bt, 2, 0, 2, 2)
+
+        for xs in (x, x[0]):  # batched and unbatched
+            go = r.normal(size=ref_conv.conv1d(xs, w, None, 2, padding, 2, 2).shape)
+            expected = _torch_conv_grads(torch, conv, xs, w, b, go)
+            grads = ref_conv.conv1d_backward(xs, w, go, 2, padding, 2, 2, padding_mode)
+            for got, want in zip(grads, expected, strict=True):
+                assert_close(got, want)
 
 
 @pytest.mark.parametrize("lq", [1, 5, 7])

@@ -22,7 +22,8 @@ adam_optimizer
     ``adam_minimize``.
 convolution
     ``O(i, j) = Σ_m Σ_n I(i+m, j+n) K(m, n)``: ``correlate2d_valid``, ``conv2d``,
-    ``conv1d`` (PyTorch's options), ``correlate2d``, ``convolve2d`` (SciPy's).
+    ``conv1d`` (PyTorch's options), ``conv2d_backward``, ``conv1d_backward``,
+    ``correlate2d``, ``convolve2d`` (SciPy's).
 transformer_attention
     ``Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V``: ``attention``.
 

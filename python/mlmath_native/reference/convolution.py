@@ -79,16 +79,46 @@ In "valid" mode, if K is at least as large as I in every dimension (and I is not
 least as large as K), the two are swapped, and the correlation of the swapped pair
 is flipped in both axes (SciPy's rule); if neither contains the other it is an error.
 
+Gradients
+~~~~~~~~~
+For ``L = Σ grad_out · out`` (grad_out = ∂L/∂out), out being linear in each of
+bias, w and x_pad::
+
+    ∂L/∂bias[k]       = Σ_b Σ_i Σ_j grad_out[b, k, i, j]
+    ∂L/∂w[k, c, r, s] = Σ_b Σ_i Σ_j grad_out[b, k, i, j] · x_pad[b, P]
+    ∂L/∂x_pad[b, P]  +=  grad_out[b, k, i, j] · w[k, c, r, s]      for every k, c, r, s, i, j
+
+    P = (g·C/G + c,  i·sh + r·dh,  j·sw + s·dw),   g = k // (K/G)
+
+The last is a scatter-add: every (k, i, j, r, s) adds onto the position it read.
+∂L/∂x is the adjoint of the padding applied to ∂L/∂x_pad: a padded position is a
+copy of one input position (reflect, replicate, circular), whose gradient it adds
+onto, or a zero that depends on nothing (Note [padding adjoint] at ``_pad_adjoint``)::
+
+    row a b c d padded by 2, replicate:   a a | a b c d | d d
+    ∂L/∂x_pad                             p q | t u v w | y z
+    ∂L/∂x                                     p+q+t  u  v  w+y+z
+
 Functions: :func:`correlate2d_valid` (the seed formula), :func:`conv2d`,
-:func:`conv1d`, :func:`correlate2d`, :func:`convolve2d`. Every one is a direct
-float64 sum over the kernel taps, written for small inputs.
+:func:`conv1d`, :func:`conv2d_backward`, :func:`conv1d_backward`,
+:func:`correlate2d`, :func:`convolve2d`. Every one is a direct float64 sum over the
+kernel taps, written for small inputs.
 """
 
 import operator
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["correlate2d_valid", "conv2d", "conv1d", "correlate2d", "convolve2d"]
+__all__ = [
+    "correlate2d_valid",
+    "conv2d",
+    "conv1d",
+    "conv2d_backward",
+    "conv1d_backward",
+    "correlate2d",
+    "convolve2d",
+]
 
 
 def correlate2d_valid(image, kernel):
@@ -240,8 +270,23 @@ _PADDING_MODES = {
 # --------------------------------------------------------------------------------------
 
 
-def _conv(name, x, w, bias, stride, padding, dilation, groups, padding_mode, nd):
-    """conv1d (nd = 1) and conv2d (nd = 2): the checks, then the direct sum over taps."""
+class _ConvArgs(NamedTuple):
+    """The checked arguments of a convolution (x always batched)."""
+
+    x: np.ndarray  # (N, C, *size), float64
+    w: np.ndarray  # (K, C/G, *ksize), float64
+    bias: np.ndarray | None  # (K,) or None
+    unbatched: bool  # x came without its N axis
+    stride: tuple
+    pads: tuple  # (before, after) per spatial axis
+    dilation: tuple
+    groups: int
+    np_mode: str  # the np.pad mode of padding_mode
+    out_size: tuple  # (Ho, Wo) or (Lo,)
+
+
+def _conv_args(name, x, w, bias, stride, padding, dilation, groups, padding_mode, nd):
+    """The checks shared by conv1d/conv2d (nd = 1, 2) and their backward functions."""
     layout = "(N, C, H, W)" if nd == 2 else "(N, C, L)"
     w_layout = "(K, C/groups, R, S)" if nd == 2 else "(K, C/groups, R)"
     x = _real_array(name, "x", x)
@@ -256,7 +301,7 @@ def _conv(name, x, w, bias, stride, padding, dilation, groups, padding_mode, nd)
         x = x[np.newaxis]  # a batch of one, dropped again at the end
     if w.ndim != nd + 2:
         raise ValueError(f"{name}: w has {w.ndim} dimensions (expected {nd + 2}: {w_layout})")
-    n, c, size = x.shape[0], x.shape[1], x.shape[2:]
+    c, size = x.shape[1], x.shape[2:]
     k, c_per_group, ksize = w.shape[0], w.shape[1], w.shape[2:]
 
     groups = _as_int(name, "groups", groups, "an int >= 1")
@@ -320,30 +365,152 @@ def _conv(name, x, w, bias, stride, padding, dilation, groups, padding_mode, nd)
             f"size {padded})"
         )
 
-    # x_pad: x with the padding added on both sides of each spatial axis.
-    np_mode = _PADDING_MODES[padding_mode]
-    x_pad = np.pad(x, ((0, 0), (0, 0), *pads), mode=np_mode)  # zeros: constant 0
+    return _ConvArgs(
+        x,
+        w,
+        bias,
+        unbatched,
+        stride,
+        pads,
+        dilation,
+        groups,
+        _PADDING_MODES[padding_mode],
+        out_size,
+    )
 
-    out = np.zeros((n, k, *out_size), dtype=np.float64)
-    c_g, k_g = c // groups, k // groups  # channels per group, in and out
+
+def _tap_window(tap, stride, dilation, out_size):
+    """The x_pad positions that kernel tap (r, s) meets: rows i·sh + r·dh for i < Ho, etc.
+
+    One strided slice per spatial axis; within a slice no position repeats.
+    """
+    return tuple(
+        slice(t * d, t * d + s * (o - 1) + 1, s)
+        for t, s, d, o in zip(tap, stride, dilation, out_size, strict=True)
+    )
+
+
+def _conv(name, x, w, bias, stride, padding, dilation, groups, padding_mode, nd):
+    """conv1d (nd = 1) and conv2d (nd = 2): the checks, then the direct sum over taps."""
+    a = _conv_args(name, x, w, bias, stride, padding, dilation, groups, padding_mode, nd)
+    (n, c), (k, ksize) = a.x.shape[:2], (a.w.shape[0], a.w.shape[2:])
+
+    # x_pad: x with the padding added on both sides of each spatial axis.
+    x_pad = np.pad(a.x, ((0, 0), (0, 0), *a.pads), mode=a.np_mode)  # zeros: constant 0
+
+    out = np.zeros((n, k, *a.out_size), dtype=np.float64)
+    c_g, k_g = c // a.groups, k // a.groups  # channels per group, in and out
     for tap in np.ndindex(*ksize):  # (r, s) for conv2d, (r,) for conv1d
         # The input pixels that this tap meets at every output position:
         # x_pad[b, :, i·sh + r·dh, j·sw + s·dw] for i < Ho, j < Wo.      shape (N, C, Ho, Wo)
-        window = tuple(
-            slice(t * d, t * d + s * (o - 1) + 1, s)
-            for t, d, s, o in zip(tap, dilation, stride, out_size, strict=True)
-        )
+        window = _tap_window(tap, a.stride, a.dilation, a.out_size)
         patch = x_pad[(slice(None), slice(None), *window)]
-        for g in range(groups):
+        for g in range(a.groups):
             cin = slice(g * c_g, (g + 1) * c_g)  # the input channels of group g
             kout = slice(g * k_g, (g + 1) * k_g)  # its output channels
             # Σ_c patch[b, g·C/G + c, i, j] · w[k, c, tap]                shape (N, K/G, Ho, Wo)
             out[:, kout] += np.einsum(
-                "bc...,kc->bk...", patch[:, cin], w[(kout, slice(None), *tap)]
+                "bc...,kc->bk...", patch[:, cin], a.w[(kout, slice(None), *tap)]
             )
-    if bias is not None:
-        out += bias.reshape((k,) + (1,) * nd)  # bias[k] on every position of channel k
-    return out[0] if unbatched else out
+    if a.bias is not None:
+        out += a.bias.reshape((k,) + (1,) * nd)  # bias[k] on every position of channel k
+    return out[0] if a.unbatched else out
+
+
+def _pad_adjoint(grad_xp, pads, mode, input_shape):
+    """The adjoint of ``np.pad(x, (..., *pads), mode)``: ∂L/∂x from ∂L/∂x_pad.
+
+    Note [padding adjoint]: every position of x_pad is a copy of one position of x
+    (reflect, edge, wrap) or a constant zero that depends on nothing ("constant"),
+    so ∂L/∂x[q] is the sum of ∂L/∂x_pad[p] over the positions p that copy q. np.pad
+    pads axis by axis, each by a map of that axis alone, x_pad[.., p, p'] =
+    x[.., src[p], src'[p']], and padding np.arange(n) itself gives src (with -1 in
+    a constant padding: no source). ``pads`` is (before, after) for each of the last
+    ``len(pads)`` axes; ``mode`` is the np.pad mode.
+    """
+    lead = (slice(None),) * (len(input_shape) - len(pads))  # N and C: not padded
+    sources, kept = [], []
+    for (before, after), n in zip(pads, input_shape[len(lead) :], strict=True):
+        fill = {"constant_values": -1} if mode == "constant" else {}
+        src = np.pad(np.arange(n), (before, after), mode=mode, **fill)  # src[p], length n_pad
+        keep = np.flatnonzero(src >= 0)  # the padded positions that copy some x position
+        kept.append(keep)
+        sources.append(src[keep])
+    grad_x = np.zeros(input_shape, dtype=np.float64)
+    # grad_x[.., src[p], src'[p']] += grad_xp[.., p, p'] over the kept p, p'. np.add.at adds
+    # every copy (a fancy-index += would keep only one of the repeated sources).
+    np.add.at(grad_x, lead + np.ix_(*sources), grad_xp[lead + np.ix_(*kept)])
+    return grad_x
+
+
+_NEEDS = ("input", "weight", "bias")
+
+
+def _needs(name, needs):
+    """``needs`` as a set of names from _NEEDS (a single name may come as a string)."""
+    rule = f"a subset of {_NEEDS}"
+    if isinstance(needs, str):
+        needs = (needs,)
+    try:
+        names = tuple(needs)
+    except TypeError:
+        raise ValueError(
+            f"{name}: needs is not a collection of names (got {needs!r}, expected {rule})"
+        ) from None
+    for entry in names:
+        if not (isinstance(entry, str) and entry in _NEEDS):
+            raise ValueError(f"{name}: needs holds {entry!r} (got {needs!r}, expected {rule})")
+    return frozenset(names)
+
+
+def _conv_backward(
+    name, x, w, grad_out, stride, padding, dilation, groups, padding_mode, needs, nd
+):
+    """conv1d_backward and conv2d_backward: the gradients of Σ grad_out · conv(x, w, bias)."""
+    needs = _needs(name, needs)
+    a = _conv_args(name, x, w, None, stride, padding, dilation, groups, padding_mode, nd)
+    (n, c), (k, ksize) = a.x.shape[:2], (a.w.shape[0], a.w.shape[2:])
+    grad_out = _real_array(name, "grad_out", grad_out)
+    expected = (k, *a.out_size) if a.unbatched else (n, k, *a.out_size)
+    if grad_out.shape != expected:
+        raise ValueError(
+            f"{name}: grad_out has shape {grad_out.shape} (expected {expected}, the shape of "
+            "the forward output)"
+        )
+    if a.unbatched:
+        grad_out = grad_out[np.newaxis]  #                                  shape (N, K, Ho, Wo)
+
+    # ∂L/∂bias[k] = Σ_b Σ_i Σ_j grad_out[b, k, i, j]
+    summed = (0, *range(2, nd + 2))  # the axes b, i, j of grad_out (and of a patch)
+    grad_bias = grad_out.sum(axis=summed) if "bias" in needs else None
+
+    x_pad = np.pad(a.x, ((0, 0), (0, 0), *a.pads), mode=a.np_mode)  # as in the forward
+    grad_w = np.zeros_like(a.w) if "weight" in needs else None  # (K, C/G, R, S)
+    grad_xp = np.zeros_like(x_pad) if "input" in needs else None  # (N, C, H + pads, W + pads)
+    c_g, k_g = c // a.groups, k // a.groups  # channels per group, in and out
+    for tap in np.ndindex(*ksize):  # (r, s) for conv2d, (r,) for conv1d
+        # The x_pad positions i·sh + r·dh, j·sw + s·dw that tap (r, s) meets, i < Ho, j < Wo.
+        window = _tap_window(tap, a.stride, a.dilation, a.out_size)
+        for g in range(a.groups):
+            cin = slice(g * c_g, (g + 1) * c_g)  # the input channels of group g
+            kout = slice(g * k_g, (g + 1) * k_g)  # its output channels
+            dy = grad_out[:, kout]  #                                      shape (N, K/G, Ho, Wo)
+            patch = (slice(None), cin, *window)  # x_pad[b, g·C/G + c, i·sh + r·dh, j·sw + s·dw]
+            w_tap = (kout, slice(None), *tap)  # w[k, c, r, s] for k in group g  (K/G, C/G)
+            if grad_w is not None:
+                # ∂L/∂w[k, c, r, s] = Σ_b Σ_i Σ_j grad_out[b, k, i, j] · patch[b, c, i, j]
+                grad_w[w_tap] = np.tensordot(dy, x_pad[patch], axes=(summed, summed))
+            if grad_xp is not None:
+                # Scatter: ∂L/∂patch[b, c, i, j] += Σ_k grad_out[b, k, i, j] · w[k, c, r, s]
+                # (one slice holds no position twice; the taps overlap and add up in turn)
+                grad_xp[patch] += np.einsum("bk...,kc->bc...", dy, a.w[w_tap])
+
+    grad_input = None
+    if grad_xp is not None:
+        grad_input = _pad_adjoint(grad_xp, a.pads, a.np_mode, a.x.shape)  # Note [padding adjoint]
+        if a.unbatched:
+            grad_input = grad_input[0]
+    return grad_input, grad_w, grad_bias
 
 
 def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
@@ -469,6 +636,153 @@ def conv1d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_m
     [[4. 3. 5. 4.]]
     """
     return _conv("conv1d", x, w, bias, stride, padding, dilation, groups, padding_mode, nd=1)
+
+
+def conv2d_backward(
+    x,
+    w,
+    grad_out,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    needs=("input", "weight", "bias"),
+):
+    """Gradients of :func:`conv2d`: ∂L/∂x, ∂L/∂w and ∂L/∂bias for ``L = Σ grad_out · out``.
+
+    With ``out = conv2d(x, w, bias, ...)`` and x_pad the padded input (module docstring)::
+
+        ∂L/∂bias[k]       = Σ_b Σ_i Σ_j grad_out[b, k, i, j]
+        ∂L/∂w[k, c, r, s] = Σ_b Σ_i Σ_j grad_out[b, k, i, j] · x_pad[b, P]
+        ∂L/∂x_pad[b, P]  +=  grad_out[b, k, i, j] · w[k, c, r, s]     for every k, c, r, s, i, j
+
+        P = (g·C/G + c,  i·sh + r·dh,  j·sw + s·dw),   g = k // (K/G)
+
+    (the scatter-add sums every term that reaches a position); ∂L/∂x is
+    ∂L/∂x_pad with each padded position's gradient added onto the input position it
+    copies (reflect, replicate, circular) or dropped (zeros) (Note [padding adjoint]).
+    The bias does not enter any of them, so it is not an argument.
+
+    Written as :func:`conv2d` is: one loop over the kernel taps and the groups, each
+    an einsum over a strided slice (a scatter-add into ∂L/∂x_pad). Matches PyTorch's
+    autograd of ``torch.nn.functional.conv2d`` (and ``torch.nn.Conv2d``).
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, H, W) or (C, H, W)
+        The forward input. Converted to float64.
+    w : array_like, shape (K, C/groups, R, S)
+        The forward weights.
+    grad_out : array_like, shape (N, K, Ho, Wo), or (K, Ho, Wo) for an unbatched x
+        ∂L/∂out, of the forward output's shape.
+    stride, padding, dilation, groups, padding_mode
+        As in :func:`conv2d`.
+    needs : collection of {"input", "weight", "bias"}, optional
+        The gradients to compute (a single name may be given as a string); the
+        others are returned as None. Default: all three.
+
+    Returns
+    -------
+    grad_input : ndarray of float64 of x's shape, or None
+    grad_weight : ndarray of float64, shape (K, C/groups, R, S), or None
+    grad_bias : ndarray of float64, shape (K,), or None
+
+    Raises
+    ------
+    ValueError
+        As :func:`conv2d`; and if grad_out's shape is not the forward output's, or
+        needs holds anything but "input", "weight" and "bias".
+    TypeError
+        As :func:`conv2d`, grad_out included.
+
+    Examples
+    --------
+    With grad_out all ones, ∂L/∂x counts the output windows over each input pixel,
+    ∂L/∂w sums the input under each tap, ∂L/∂bias counts the outputs:
+
+    >>> import numpy as np
+    >>> x = np.arange(9.0).reshape(1, 1, 3, 3)
+    >>> gx, gw, gb = conv2d_backward(x, np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)))
+    >>> print(gx[0, 0])
+    [[1. 2. 1.]
+     [2. 4. 2.]
+     [1. 2. 1.]]
+    >>> print(gw[0, 0], gb)
+    [[ 8. 12.]
+     [20. 24.]] [4.]
+
+    Replicate padding copies the edge, so the edge pixels collect the padding's
+    gradient too (every pixel of a 1×1 kernel's padded output):
+
+    >>> gx, _, _ = conv2d_backward(
+    ...     np.ones((1, 2, 2)), np.ones((1, 1, 1, 1)), np.ones((1, 4, 4)),
+    ...     padding=1, padding_mode="replicate", needs=("input",))
+    >>> print(gx[0])
+    [[4. 4.]
+     [4. 4.]]
+    """
+    args = (x, w, grad_out, stride, padding, dilation, groups, padding_mode, needs)
+    return _conv_backward("conv2d_backward", *args, nd=2)
+
+
+def conv1d_backward(
+    x,
+    w,
+    grad_out,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    needs=("input", "weight", "bias"),
+):
+    """Gradients of :func:`conv1d`: ∂L/∂x, ∂L/∂w and ∂L/∂bias for ``L = Σ grad_out · out``.
+
+    :func:`conv2d_backward` with one spatial axis::
+
+        ∂L/∂bias[k]    = Σ_b Σ_i grad_out[b, k, i]
+        ∂L/∂w[k, c, r] = Σ_b Σ_i grad_out[b, k, i] · x_pad[b, g·C/G + c, i·s + r·d]
+        ∂L/∂x_pad[b, g·C/G + c, i·s + r·d]  +=  grad_out[b, k, i] · w[k, c, r]
+
+    and ∂L/∂x the padding's adjoint applied to ∂L/∂x_pad (Note [padding adjoint]).
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, L) or (C, L)
+        The forward input. Converted to float64.
+    w : array_like, shape (K, C/groups, R)
+        The forward weights.
+    grad_out : array_like, shape (N, K, Lo), or (K, Lo) for an unbatched x
+        ∂L/∂out, of the forward output's shape.
+    stride, padding, dilation, groups, padding_mode
+        As in :func:`conv1d`.
+    needs : collection of {"input", "weight", "bias"}, optional
+        As in :func:`conv2d_backward`.
+
+    Returns
+    -------
+    grad_input : ndarray of float64 of x's shape, or None
+    grad_weight : ndarray of float64, shape (K, C/groups, R), or None
+    grad_bias : ndarray of float64, shape (K,), or None
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`conv2d_backward`.
+
+    Examples
+    --------
+    Circular padding wraps around, so the gradient of the padded ends goes to the
+    far end of the input:
+
+    >>> gx, gw, gb = conv1d_backward([[1.0, 2.0, 3.0]], [[[1.0, 1.0]]], [[1.0, 0.0, 0.0, 0.0]],
+    ...                              padding=1, padding_mode="circular")
+    >>> print(gx, gw, gb)
+    [[1. 0. 1.]] [[[3. 1.]]] [1.]
+    """
+    args = (x, w, grad_out, stride, padding, dilation, groups, padding_mode, needs)
+    return _conv_backward("conv1d_backward", *args, nd=1)
 
 
 # --------------------------------------------------------------------------------------
