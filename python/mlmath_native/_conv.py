@@ -521,7 +521,11 @@ def _conv_backward(
     grad_bias = grad_weight = grad_input = None
     if "bias" in needs:
         grad_bias = g.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
-    if "weight" in needs:
+    if "weight" in needs and (sh, sw) == (1, 1):
+        # stride 1: the compiled kernel (GEMMs on shifted rows of the padded input, no im2col)
+        grad_weight = np.empty(w.shape, dtype)
+        _core.conv2d_grad_weight_into(xp, g, grad_weight, 0, 0, dh, dw, groups)
+    elif "weight" in needs:
         # grad_w[k, (c, r, s)] = sum_n sum_p g[n, k, p] Col_n[(c, r, s), p]: per chunk of images
         # and per group one GEMM of g (Kg x B*P) with the transposed im2col of those images
         # (bounded scratch: about 2^23 values of columns), summed over the chunks in order.

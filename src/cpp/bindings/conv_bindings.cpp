@@ -89,6 +89,60 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
   }
 }
 
+// grad_weight = the weight gradient of a stride-1, zero-padded conv2d (x, grad_out given).
+void conv2d_grad_weight_into(const py::array& x, const py::array& grad_out, py::array& grad_w,
+                             std::int64_t pad_top, std::int64_t pad_left, std::int64_t dil_h,
+                             std::int64_t dil_w, std::int64_t groups) {
+  const char* fn = "conv2d_backward";
+  const DType dt = float_dtype(x, fn, "x");
+  require_same_dtype(grad_out, dt, fn, "grad_out");
+  require_same_dtype(grad_w, dt, fn, "grad_weight");
+  require_writeable(grad_w, fn, "grad_weight");
+  if (x.ndim() != 4 || grad_out.ndim() != 4 || grad_w.ndim() != 4 || groups < 1 || dil_h < 1 ||
+      dil_w < 1 || pad_top < 0 || pad_left < 0) {
+    throw std::invalid_argument("conv2d_backward: bad arrays or sizes for the weight gradient");
+  }
+  const std::int64_t n = x.shape(0), c = x.shape(1), k = grad_out.shape(1);
+  const std::int64_t r = grad_w.shape(2), s = grad_w.shape(3);
+  if (grad_out.shape(0) != n || grad_w.shape(0) != k || grad_w.shape(1) * groups != c ||
+      k % groups != 0 || grad_out.shape(2) + dil_h * (r - 1) < x.shape(2) + pad_top ||
+      grad_out.shape(3) + dil_w * (s - 1) < x.shape(3) + pad_left) {
+    throw std::invalid_argument("conv2d_backward: inconsistent shapes for the weight gradient");
+  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    Conv2dWeightGradArgs<T> a{static_cast<const T*>(x.data()),
+                              n,
+                              c,
+                              x.shape(2),
+                              x.shape(3),
+                              static_cast<const T*>(grad_out.data()),
+                              k,
+                              grad_out.shape(2),
+                              grad_out.shape(3),
+                              static_cast<T*>(grad_w.mutable_data()),
+                              r,
+                              s,
+                              pad_top,
+                              pad_left,
+                              dil_h,
+                              dil_w,
+                              groups};
+    const KernelTable& kt = kernels();
+    py::gil_scoped_release release;
+    if constexpr (sizeof(T) == 4) {
+      kt.conv2d_grad_weight_f32(a);
+    } else {
+      kt.conv2d_grad_weight_f64(a);
+    }
+  };
+  if (dt == DType::f32) {
+    run(float{});
+  } else {
+    run(double{});
+  }
+}
+
 }  // namespace
 
 void bind_conv(py::module_& m) {
@@ -96,6 +150,9 @@ void bind_conv(py::module_& m) {
   m.def("conv2d_into", &conv2d_into, "x"_a, "w"_a, "bias"_a, "out"_a, "stride_h"_a, "stride_w"_a,
         "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a, "winograd"_a = false,
         "out = conv2d(x, w) + bias with zero padding (top, left given; sizes from out)");
+  m.def("conv2d_grad_weight_into", &conv2d_grad_weight_into, "x"_a, "grad_out"_a, "grad_weight"_a,
+        "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a,
+        "grad_weight = the weight gradient of a stride-1 conv2d with zero padding");
 }
 
 }  // namespace mlmath::bindings

@@ -252,9 +252,73 @@ void conv2d(const Conv2dArgs<T>& a) {
   }
 }
 
+// Weight gradient, stride 1 (Note [shifted rows]):  per group,
+//   grad_w (Kg x Cg*R*S) = sum_n G_n (Kg x Ho*Wp) . B_n,   B_n[p][(c, r, s)] = xp_n[shift + p]
+// with G_n = grad_out on the padded width (zero in the dropped columns j >= Wo, so they add
+// nothing) and xp_n the zero-padded image.  One GEMM per image, accumulated in image order;
+// B panels are transposed copies of contiguous runs of xp.
+template <class T>
+void conv_grad_weight(const Conv2dWeightGradArgs<T>& a) {
+  const std::int64_t cg = a.c / a.groups, kg = a.k / a.groups, taps = a.r * a.s;
+  const std::int64_t kdim = cg * taps;
+  const std::int64_t hp = a.ho + a.dil_h * (a.r - 1), wp = a.wo + a.dil_w * (a.s - 1);
+  const std::int64_t plane = hp * wp, slack = (a.s - 1) * a.dil_w, wide = a.ho * wp;
+  for (std::int64_t i = 0; i < a.k * kdim; ++i) a.grad_weight[i] = T(0);
+  Scratch<T> xp(cg * plane + slack), gw(kg * wide);
+  for (std::int64_t gi = 0; gi < a.groups; ++gi) {
+    for (std::int64_t n = 0; n < a.n; ++n) {
+      T* d = xp.data;
+      for (std::int64_t i = 0; i < cg * plane + slack; ++i) d[i] = T(0);
+      for (std::int64_t c = 0; c < cg; ++c)
+        for (std::int64_t ih = 0; ih < a.h; ++ih) {
+          const std::int64_t row = ih + a.pad_top;
+          if (row >= hp) break;
+          const std::int64_t cols = a.w < wp - a.pad_left ? a.w : wp - a.pad_left;
+          const T* src = a.x + ((n * a.c + gi * cg + c) * a.h + ih) * a.w;
+          T* dst = d + c * plane + row * wp + a.pad_left;
+          for (std::int64_t j = 0; j < cols; ++j) dst[j] = src[j];
+        }
+      for (std::int64_t k = 0; k < kg; ++k) {  // grad_out on the padded width
+        const T* src = a.grad_out + ((n * a.k + gi * kg + k) * a.ho) * a.wo;
+        T* dst = gw.data + k * wide;
+        for (std::int64_t i = 0; i < a.ho; ++i) {
+          for (std::int64_t j = 0; j < a.wo; ++j) dst[i * wp + j] = src[i * a.wo + j];
+          for (std::int64_t j = a.wo; j < wp; ++j) dst[i * wp + j] = T(0);
+        }
+      }
+      gemm_blocked<T>(
+          kg, kdim, wide,
+          [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
+            pack_a_strided(gw.data, wide, std::int64_t{1}, kg, i0, mc, k0, kc, dst);
+          },
+          [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* dst) {
+            constexpr int NR = GemmShape<T>::NR;
+            for (std::int64_t q = 0; q < nc; q += NR) {
+              const std::int64_t cols = nc - q < NR ? nc - q : NR;
+              const T* src[NR];  // column (c, r, s) of B: a run of xp
+              for (std::int64_t col = 0; col < cols; ++col) {
+                const std::int64_t row = j0 + q + col;
+                src[col] = xp.data + (row / taps) * plane + ((row % taps) / a.s) * a.dil_h * wp +
+                           (row % a.s) * a.dil_w + k0;
+              }
+              T* out = dst + q * kc;
+              for (std::int64_t k = 0; k < kc; ++k) {  // row k of the panel, written in order
+                T* o = out + k * NR;
+                for (std::int64_t col = 0; col < cols; ++col) o[col] = src[col][k];
+                for (std::int64_t col = cols; col < NR; ++col) o[col] = T(0);
+              }
+            }
+          },
+          a.grad_weight + gi * kg * kdim, kdim, true);
+    }
+  }
+}
+
 }  // namespace
 
 void conv2d_f32(const Conv2dArgs<float>& args) { conv2d(args); }
 void conv2d_f64(const Conv2dArgs<double>& args) { conv2d(args); }
+void conv2d_grad_weight_f32(const Conv2dWeightGradArgs<float>& args) { conv_grad_weight(args); }
+void conv2d_grad_weight_f64(const Conv2dWeightGradArgs<double>& args) { conv_grad_weight(args); }
 
 MLMATH_ISA_END

@@ -112,6 +112,20 @@ struct Conv2dArgs {
   std::int64_t stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, groups;
 };
 
+// The weight gradient of a stride-1 conv2d (zero padding):
+//   grad_w[k][c][r][s] = sum_{n,i,j} g[n][k][i][j] x[n][g*C/G + c][i - pt + r*dh][j - pl + s*dw]
+// (positions outside x read as 0); x, grad_out (g) and grad_w are C-contiguous.
+template <class T>
+struct Conv2dWeightGradArgs {
+  const T* x;
+  std::int64_t n, c, h, w;
+  const T* grad_out;  // [n][k][ho][wo]
+  std::int64_t k, ho, wo;
+  T* grad_weight;  // [k][c / groups][r][s]
+  std::int64_t r, s;
+  std::int64_t pad_top, pad_left, dil_h, dil_w, groups;
+};
+
 struct KernelTable {
 #define MLMATH_KERNEL(name, params) void(*name) params;
 #include "mlmath/kernels.inc"
