@@ -478,7 +478,9 @@ def _pad_adjoint(grad_padded: np.ndarray, pads, mode: str, spatial) -> np.ndarra
     for axis, ((before, after), size) in enumerate(zip(pads, spatial, strict=True)):
         ax = out.ndim - len(spatial) + axis
         if mode == "zeros":
-            out = np.take(out, np.arange(before, before + size), axis=ax)
+            index = [slice(None)] * out.ndim
+            index[ax] = slice(before, before + size)
+            out = out[tuple(index)]  # a view; the caller makes the result contiguous
             continue
         source = np.pad(np.arange(size), (before, after), mode=_MODES[mode])
         folded = np.zeros(out.shape[:ax] + (size,) + out.shape[ax + 1 :], out.dtype)

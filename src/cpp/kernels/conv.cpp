@@ -255,18 +255,21 @@ void conv2d(const Conv2dArgs<T>& a) {
 // Weight gradient, stride 1 (Note [shifted rows]):  per group,
 //   grad_w (Kg x Cg*R*S) = sum_n G_n (Kg x Ho*Wp) . B_n,   B_n[p][(c, r, s)] = xp_n[shift + p]
 // with G_n = grad_out on the padded width (zero in the dropped columns j >= Wo, so they add
-// nothing) and xp_n the zero-padded image.  One GEMM per image, accumulated in image order;
-// B panels are transposed copies of contiguous runs of xp.
+// nothing) and xp_n the zero-padded image.  One GEMM per image and group (one task each),
+// summed in image order; B panels are transposed copies of contiguous runs of xp.
 template <class T>
 void conv_grad_weight(const Conv2dWeightGradArgs<T>& a) {
   const std::int64_t cg = a.c / a.groups, kg = a.k / a.groups, taps = a.r * a.s;
-  const std::int64_t kdim = cg * taps;
+  const std::int64_t kdim = cg * taps, per_group = kg * kdim;
   const std::int64_t hp = a.ho + a.dil_h * (a.r - 1), wp = a.wo + a.dil_w * (a.s - 1);
   const std::int64_t plane = hp * wp, slack = (a.s - 1) * a.dil_w, wide = a.ho * wp;
-  for (std::int64_t i = 0; i < a.k * kdim; ++i) a.grad_weight[i] = T(0);
-  Scratch<T> xp(cg * plane + slack), gw(kg * wide);
-  for (std::int64_t gi = 0; gi < a.groups; ++gi) {
-    for (std::int64_t n = 0; n < a.n; ++n) {
+  // one partial gradient per (image, group), summed afterwards in image order, so the result
+  // does not depend on how the images were split over the threads
+  Scratch<T> partial(a.n * a.groups * per_group);
+  parallel_for(a.n * a.groups, kg * kdim * wide, [&](std::int64_t t0, std::int64_t t1) {
+    Scratch<T> xp(cg * plane + slack), gw(kg * wide);
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t n = t / a.groups, gi = t % a.groups;
       T* d = xp.data;
       for (std::int64_t i = 0; i < cg * plane + slack; ++i) d[i] = T(0);
       for (std::int64_t c = 0; c < cg; ++c)
@@ -309,7 +312,15 @@ void conv_grad_weight(const Conv2dWeightGradArgs<T>& a) {
               }
             }
           },
-          a.grad_weight + gi * kg * kdim, kdim, true);
+          partial.data + t * per_group, kdim, false);
+    }
+  });
+  for (std::int64_t gi = 0; gi < a.groups; ++gi) {
+    T* out = a.grad_weight + gi * per_group;
+    for (std::int64_t i = 0; i < per_group; ++i) out[i] = T(0);
+    for (std::int64_t n = 0; n < a.n; ++n) {
+      const T* p = partial.data + (n * a.groups + gi) * per_group;
+      for (std::int64_t i = 0; i < per_group; ++i) out[i] += p[i];
     }
   }
 }
