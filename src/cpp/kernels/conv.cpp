@@ -80,6 +80,23 @@ void pack_col(const Conv2dArgs<T>& a, const T* xg, std::int64_t k0, std::int64_t
 // copy.  Columns j >= Wo of each output row read past the row's end and are dropped; the valid
 // ones (j + s*dw <= Wp - 1) are exact.  The buffer has (S - 1) * dw slack elements at its end
 // for the dropped columns of the last row.  Scratch: the padded input and the Kg x Ho*Wp result.
+// dst [cg][hp][wp] (+ slack zeros) = the cg planes x [cg][h][w] placed at (pad_top, pad_left)
+// in zeros (rows or columns beyond hp x wp are cut): the padded buffer of Note [shifted rows].
+template <class T>
+void copy_padded(const T* x, std::int64_t cg, std::int64_t h, std::int64_t w, std::int64_t pad_top,
+                 std::int64_t pad_left, std::int64_t hp, std::int64_t wp, std::int64_t slack,
+                 T* dst) {
+  const std::int64_t plane = hp * wp;
+  for (std::int64_t i = 0; i < cg * plane + slack; ++i) dst[i] = T(0);
+  const std::int64_t cols = w < wp - pad_left ? w : wp - pad_left;
+  for (std::int64_t c = 0; c < cg; ++c)
+    for (std::int64_t ih = 0; ih < h && ih + pad_top < hp; ++ih) {
+      const T* src = x + (c * h + ih) * w;
+      T* out = dst + c * plane + (ih + pad_top) * wp + pad_left;
+      for (std::int64_t j = 0; j < cols; ++j) out[j] = src[j];
+    }
+}
+
 // Output channels up to which a shifted-row convolution skips packing B (gemm_rows).
 constexpr std::int64_t kFewOutputChannels = 64;
 
@@ -92,17 +109,7 @@ void conv_shifted(const Conv2dArgs<T>& a, const T* xg, const T* wg, std::int64_t
   const std::int64_t wp = a.w + a.pad_left + (pad_right > 0 ? pad_right : 0);
   const std::int64_t plane = hp * wp, slack = (a.s - 1) * a.dil_w;
   Scratch<T> xp(cg * plane + slack);
-  for (std::int64_t i = 0; i < cg * plane + slack; ++i) xp.data[i] = T(0);
-  for (std::int64_t c = 0; c < cg; ++c) {
-    for (std::int64_t ih = 0; ih < a.h; ++ih) {
-      const std::int64_t row = ih + a.pad_top;
-      if (row >= hp) break;
-      const T* src = xg + (c * a.h + ih) * a.w;
-      T* dst = xp.data + c * plane + row * wp + a.pad_left;
-      const std::int64_t cols = a.w < wp - a.pad_left ? a.w : wp - a.pad_left;
-      for (std::int64_t j = 0; j < cols; ++j) dst[j] = src[j];
-    }
-  }
+  copy_padded(xg, cg, a.h, a.w, a.pad_top, a.pad_left, hp, wp, slack, xp.data);
   const std::int64_t wide = a.ho * wp;  // output positions on the padded width
   Scratch<T> out(kg * wide);
   const std::int64_t taps = a.r * a.s;
@@ -270,17 +277,8 @@ void conv_grad_weight(const Conv2dWeightGradArgs<T>& a) {
     Scratch<T> xp(cg * plane + slack), gw(kg * wide);
     for (std::int64_t t = t0; t < t1; ++t) {
       const std::int64_t n = t / a.groups, gi = t % a.groups;
-      T* d = xp.data;
-      for (std::int64_t i = 0; i < cg * plane + slack; ++i) d[i] = T(0);
-      for (std::int64_t c = 0; c < cg; ++c)
-        for (std::int64_t ih = 0; ih < a.h; ++ih) {
-          const std::int64_t row = ih + a.pad_top;
-          if (row >= hp) break;
-          const std::int64_t cols = a.w < wp - a.pad_left ? a.w : wp - a.pad_left;
-          const T* src = a.x + ((n * a.c + gi * cg + c) * a.h + ih) * a.w;
-          T* dst = d + c * plane + row * wp + a.pad_left;
-          for (std::int64_t j = 0; j < cols; ++j) dst[j] = src[j];
-        }
+      copy_padded(a.x + (n * a.c + gi * cg) * a.h * a.w, cg, a.h, a.w, a.pad_top, a.pad_left, hp,
+                  wp, slack, xp.data);
       for (std::int64_t k = 0; k < kg; ++k) {  // grad_out on the padded width
         const T* src = a.grad_out + ((n * a.k + gi * kg + k) * a.ho) * a.wo;
         T* dst = gw.data + k * wide;
