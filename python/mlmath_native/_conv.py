@@ -550,38 +550,66 @@ def _conv_backward(
                 grad_weight[gi * kg : (gi + 1) * kg] += matmul(gk, cols.T)
         grad_weight = grad_weight.reshape(w.shape)
     if "input" in needs:
-        grad_xp = np.zeros((n, c, hp, wp), dtype)
-        if (sh, sw) == (1, 1):
-            # the transposed convolution: g fully padded by the dilated kernel size, correlated
-            # with the flipped, channel-transposed kernel (groups keep their channels)
+        (pt, _), (pl, _) = pads
+        direct_crop = (
+            (sh, sw) == (1, 1) and mode == "zeros" and pt <= dh * (r - 1) and pl <= dw * (s - 1)
+        )
+        if direct_crop:
+            # stride 1, zero padding: only the unpadded part of the transposed convolution is
+            # needed, i.e. g correlated with the flipped, channel-transposed kernel at padding
+            # (dilated kernel extent - 1 - the forward's padding), straight into x's shape
+            # (Winograd where the forward would use it)
             wt = w.reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
             wt = np.ascontiguousarray(wt).reshape(groups * cg, kg, r, s)
-            full_h, full_w = ho + dh * (r - 1), wo + dw * (s - 1)
-            part = _core.empty((n, c, full_h, full_w), dtype)
-            pad_h, pad_w = dh * (r - 1), dw * (s - 1)
-            _core.conv2d_into(g, wt, None, part, 1, 1, pad_h, pad_w, dh, dw, groups, False)
-            grad_xp[:, :, :full_h, :full_w] = part  # rows/columns past the last window: 0
+            winograd = (r, s) == (3, 3) and (dh, dw) == (1, 1) and groups == 1 and min(c, k) >= 64
+            grad_input = _core.empty((n, c, *spatial), dtype)
+            _core.conv2d_into(
+                g,
+                wt,
+                None,
+                grad_input,
+                1,
+                1,
+                dh * (r - 1) - pt,
+                dw * (s - 1) - pl,
+                dh,
+                dw,
+                groups,
+                winograd,
+            )
         else:
-            # strided: dCol = W^T g per chunk of images (a GEMM), then each (c, r, s) row of dCol
-            # is added onto its strided window of grad_xp (col2im), in a fixed order
-            chunk = max(1, (1 << 23) // max(cg * r * s * ho * wo, 1))
-            for n0 in range(0, n, chunk):
-                n1 = min(n, n0 + chunk)
-                for gi in range(groups):
-                    wg = w[gi * kg : (gi + 1) * kg].reshape(kg, cg * r * s)
-                    gk = np.ascontiguousarray(
-                        g[n0:n1, gi * kg : (gi + 1) * kg].transpose(1, 0, 2, 3)
-                    ).reshape(kg, (n1 - n0) * ho * wo)
-                    dcol = matmul(wg.T, gk).reshape(cg, r, s, n1 - n0, ho, wo)
-                    for ci, ri, si in np.ndindex(cg, r, s):
-                        y0, x0 = ri * dh, si * dw
-                        grad_xp[
-                            n0:n1,
-                            gi * cg + ci,
-                            y0 : y0 + (ho - 1) * sh + 1 : sh,
-                            x0 : x0 + (wo - 1) * sw + 1 : sw,
-                        ] += dcol[ci, ri, si]
-        grad_input = _pad_adjoint(grad_xp, pads, mode, spatial)
+            grad_xp = np.zeros((n, c, hp, wp), dtype)
+            if (sh, sw) == (1, 1):
+                # the transposed convolution: g fully padded by the dilated kernel size, correlated
+                # with the flipped, channel-transposed kernel (groups keep their channels)
+                wt = w.reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+                wt = np.ascontiguousarray(wt).reshape(groups * cg, kg, r, s)
+                full_h, full_w = ho + dh * (r - 1), wo + dw * (s - 1)
+                part = _core.empty((n, c, full_h, full_w), dtype)
+                pad_h, pad_w = dh * (r - 1), dw * (s - 1)
+                _core.conv2d_into(g, wt, None, part, 1, 1, pad_h, pad_w, dh, dw, groups, False)
+                grad_xp[:, :, :full_h, :full_w] = part  # rows/cols past the last window: 0
+            else:
+                # strided: dCol = W^T g per chunk of images (a GEMM), then each (c, r, s) row
+                # of dCol is added onto its strided window of grad_xp (col2im), in fixed order
+                chunk = max(1, (1 << 23) // max(cg * r * s * ho * wo, 1))
+                for n0 in range(0, n, chunk):
+                    n1 = min(n, n0 + chunk)
+                    for gi in range(groups):
+                        wg = w[gi * kg : (gi + 1) * kg].reshape(kg, cg * r * s)
+                        gk = np.ascontiguousarray(
+                            g[n0:n1, gi * kg : (gi + 1) * kg].transpose(1, 0, 2, 3)
+                        ).reshape(kg, (n1 - n0) * ho * wo)
+                        dcol = matmul(wg.T, gk).reshape(cg, r, s, n1 - n0, ho, wo)
+                        for ci, ri, si in np.ndindex(cg, r, s):
+                            y0, x0 = ri * dh, si * dw
+                            grad_xp[
+                                n0:n1,
+                                gi * cg + ci,
+                                y0 : y0 + (ho - 1) * sh + 1 : sh,
+                                x0 : x0 + (wo - 1) * sw + 1 : sw,
+                            ] += dcol[ci, ri, si]
+            grad_input = _pad_adjoint(grad_xp, pads, mode, spatial)
         if dims == 1:
             grad_input = grad_input[:, :, 0, :]
         if p.unbatched:
