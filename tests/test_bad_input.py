@@ -608,6 +608,14 @@ BAD_CALLS = [
         "needs is invalid",
     ),
     (
+        "core grad weight shapes",
+        lambda a: _core.conv2d_grad_weight_into(
+            np.ones((1, 2, 5, 5)), np.ones((1, 3, 3, 3)), np.zeros((3, 3, 3, 3)), 0, 0, 1, 1, 1
+        ),
+        ValueError,
+        "inconsistent shapes for the weight gradient",
+    ),
+    (
         "core winograd 5x5",
         lambda a: _core.conv2d_into(
             np.ones((1, 1, 5, 5)),
