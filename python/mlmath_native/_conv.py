@@ -554,13 +554,14 @@ def _conv_backward(
         direct_crop = (
             (sh, sw) == (1, 1) and mode == "zeros" and pt <= dh * (r - 1) and pl <= dw * (s - 1)
         )
+        if (sh, sw) == (1, 1):  # both stride-1 forms below use the transposed kernel
+            wt = w.reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+            wt = np.ascontiguousarray(wt).reshape(groups * cg, kg, r, s)
         if direct_crop:
             # stride 1, zero padding: only the unpadded part of the transposed convolution is
             # needed, i.e. g correlated with the flipped, channel-transposed kernel at padding
             # (dilated kernel extent - 1 - the forward's padding), straight into x's shape
             # (Winograd where the forward would use it)
-            wt = w.reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
-            wt = np.ascontiguousarray(wt).reshape(groups * cg, kg, r, s)
             winograd = (r, s) == (3, 3) and (dh, dw) == (1, 1) and groups == 1 and min(c, k) >= 64
             grad_input = _core.empty((n, c, *spatial), dtype)
             _core.conv2d_into(
@@ -582,8 +583,6 @@ def _conv_backward(
             if (sh, sw) == (1, 1):
                 # the transposed convolution: g fully padded by the dilated kernel size, correlated
                 # with the flipped, channel-transposed kernel (groups keep their channels)
-                wt = w.reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
-                wt = np.ascontiguousarray(wt).reshape(groups * cg, kg, r, s)
                 full_h, full_w = ho + dh * (r - 1), wo + dw * (s - 1)
                 part = _core.empty((n, c, full_h, full_w), dtype)
                 pad_h, pad_w = dh * (r - 1), dw * (s - 1)

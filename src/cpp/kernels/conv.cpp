@@ -97,6 +97,15 @@ void copy_padded(const T* x, std::int64_t cg, std::int64_t h, std::int64_t w, st
     }
 }
 
+// Where B row (c, r, s) of a shifted-row GEMM starts in the padded buffer xp [C][Hp][Wp]
+// (Note [shifted rows]).
+inline std::int64_t shifted_row_start(std::int64_t row, std::int64_t r_taps, std::int64_t s_taps,
+                                      std::int64_t plane, std::int64_t wp, std::int64_t dil_h,
+                                      std::int64_t dil_w) {
+  const std::int64_t taps = r_taps * s_taps;
+  return (row / taps) * plane + ((row % taps) / s_taps) * dil_h * wp + (row % s_taps) * dil_w;
+}
+
 // Output channels up to which a shifted-row convolution skips packing B (gemm_rows).
 constexpr std::int64_t kFewOutputChannels = 64;
 
@@ -112,9 +121,8 @@ void conv_shifted(const Conv2dArgs<T>& a, const T* xg, const T* wg, std::int64_t
   copy_padded(xg, cg, a.h, a.w, a.pad_top, a.pad_left, hp, wp, slack, xp.data);
   const std::int64_t wide = a.ho * wp;  // output positions on the padded width
   Scratch<T> out(kg * wide);
-  const std::int64_t taps = a.r * a.s;
-  auto shift = [&](std::int64_t row) {  // where B row (c, r, s) starts in xp
-    return (row / taps) * plane + ((row % taps) / a.s) * a.dil_h * wp + (row % a.s) * a.dil_w;
+  auto shift = [&](std::int64_t row) {
+    return shifted_row_start(row, a.r, a.s, plane, wp, a.dil_h, a.dil_w);
   };
   auto pack_w = [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* d) {
     pack_a_strided(wg, kdim, std::int64_t{1}, kg, i0, mc, k0, kc, d);
@@ -299,8 +307,8 @@ void conv_grad_weight(const Conv2dWeightGradArgs<T>& a) {
               const T* src[NR];  // column (c, r, s) of B: a run of xp
               for (std::int64_t col = 0; col < cols; ++col) {
                 const std::int64_t row = j0 + q + col;
-                src[col] = xp.data + (row / taps) * plane + ((row % taps) / a.s) * a.dil_h * wp +
-                           (row % a.s) * a.dil_w + k0;
+                src[col] =
+                    xp.data + shifted_row_start(row, a.r, a.s, plane, wp, a.dil_h, a.dil_w) + k0;
               }
               T* out = dst + q * kc;
               for (std::int64_t k = 0; k < kc; ++k) {  // row k of the panel, written in order
