@@ -208,10 +208,18 @@ def test_auto_uses_winograd_only_where_it_pays(rng):
     w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
     auto = mn.conv2d(x, w, padding=1)
     np.testing.assert_array_equal(auto, mn.conv2d(x, w, padding=1, algorithm="winograd"))
-    small = mn.conv2d(x[:, :32], w[:32, :32], padding=1)
-    np.testing.assert_array_equal(
-        small, mn.conv2d(x[:, :32], w[:32, :32], padding=1, algorithm="direct")
-    )
+    # Note [auto algorithm]: from 32 output channels and C * K >= 1024
+    for c, k, algorithm in [
+        (32, 32, "winograd"),
+        (16, 64, "winograd"),
+        (16, 16, "direct"),
+        (64, 16, "direct"),
+        (24, 24, "direct"),
+    ]:
+        xs, ws = x[:, :c], w[:k, :c]
+        np.testing.assert_array_equal(
+            mn.conv2d(xs, ws, padding=1), mn.conv2d(xs, ws, padding=1, algorithm=algorithm)
+        )
 
 
 def test_strided_layers_with_few_channels_match_direct(rng):

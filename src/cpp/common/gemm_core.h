@@ -22,10 +22,13 @@
 // Packing callbacks:
 //   pack_a(i0, mc, k0, kc, dst): dst[p][k][r] = A[i0 + p*MR + r][k0 + k]   (0 past M)
 //   pack_b(k0, kc, j0, nc, dst): dst[q][k][c] = B[k0 + k][j0 + q*NR + c]   (0 past N)
+// A pack_a that returns a const T* instead of filling dst hands over panels packed beforehand
+// (Note [prepacked A]).
 #pragma once
 
 #include <cstdint>
 #include <new>
+#include <type_traits>
 
 #include "common/parallel.h"
 #include "common/vec.h"
@@ -60,6 +63,31 @@ struct Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };
+
+// Note [prepacked A]
+// An A matrix used by many GEMMs (a Winograd filter transform) is packed once, every
+// (ic, pc) block in the layout pack_a writes, one after another: with Mpad = M rounded up to
+// MR and kc = min(KC, K - pc), block (ic, pc) starts at pc * Mpad + ic * kc, so element (i, k)
+// lives at  pc * Mpad + (i - i % MR) * kc + (k - pc) * MR + i % MR,  pc = k - k % KC.
+template <class T>
+std::int64_t prepacked_a_index(std::int64_t M, std::int64_t i, std::int64_t K, std::int64_t k) {
+  using S = GemmShape<T>;
+  const std::int64_t mpad = (M + S::MR - 1) / S::MR * S::MR;
+  const std::int64_t pc = k - k % S::KC, kc = K - pc < S::KC ? K - pc : S::KC;
+  return pc * mpad + (i - i % S::MR) * kc + (k - pc) * S::MR + i % S::MR;
+}
+
+// The packed panels of A's block (i0, k0): pack_a fills dst, or returns panels packed before.
+template <class T, class PackA>
+const T* packed_a(const PackA& pack_a, std::int64_t i0, std::int64_t mc, std::int64_t k0,
+                  std::int64_t kc, T* dst) {
+  if constexpr (std::is_void_v<decltype(pack_a(i0, mc, k0, kc, dst))>) {
+    pack_a(i0, mc, k0, kc, dst);
+    return dst;
+  } else {
+    return pack_a(i0, mc, k0, kc, dst);
+  }
+}
 
 // Where the micro-kernel reads row k of its B panel: a packed panel (rows BS apart), or rows
 // of an unpacked matrix given by pointers (gemm_rows below).
@@ -182,15 +210,15 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
           const std::int64_t ib = t / slices, s = t % slices;
           const std::int64_t ic = ib * S::MC;
           const std::int64_t mc = M - ic < S::MC ? M - ic : S::MC;
-          pack_a(ic, mc, pc, kc, apack.data);
+          const T* ap = packed_a(pack_a, ic, mc, pc, kc, apack.data);
           const std::int64_t q0 = b_panels * s / slices, q1 = b_panels * (s + 1) / slices;
           for (std::int64_t q = q0; q < q1; ++q) {
             const std::int64_t j = jc + q * NR;
             const std::int64_t n = N - j < NR ? N - j : NR;
             for (std::int64_t ir = 0; ir < mc; ir += MR) {
               const std::int64_t m = mc - ir < MR ? mc - ir : MR;
-              gemm_tile<T>(kc, apack.data + ir * kc, bpack.data + q * NR * kc,
-                           C + (ic + ir) * ldc + j, ldc, m, n, load_c);
+              gemm_tile<T>(kc, ap + ir * kc, bpack.data + q * NR * kc, C + (ic + ir) * ldc + j, ldc,
+                           m, n, load_c);
             }
           }
         }
@@ -227,12 +255,12 @@ void gemm_rows(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& pack
     for (std::int64_t k = 0; k < kc; ++k) rows.data[k] = b_row(pc + k);
     for (std::int64_t ic = 0; ic < M; ic += S::MC) {
       const std::int64_t mc = M - ic < S::MC ? M - ic : S::MC;
-      pack_a(ic, mc, pc, kc, apack.data);
+      const T* ap = packed_a(pack_a, ic, mc, pc, kc, apack.data);
       for (std::int64_t j = 0; j < full; j += NR) {
         const RowPointers<T> panel{rows.data, j};
         for (std::int64_t ir = 0; ir < mc; ir += MR) {
           const std::int64_t m = mc - ir < MR ? mc - ir : MR;
-          gemm_ukernel<MR, S::NRV>(kc, apack.data + ir * kc, panel, C + (ic + ir) * ldc + j, ldc, m,
+          gemm_ukernel<MR, S::NRV>(kc, ap + ir * kc, panel, C + (ic + ir) * ldc + j, ldc, m,
                                    std::int64_t{NR}, load_c);
         }
       }
@@ -245,8 +273,8 @@ void gemm_rows(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& pack
         }
         for (std::int64_t ir = 0; ir < mc; ir += MR) {
           const std::int64_t m = mc - ir < MR ? mc - ir : MR;
-          gemm_tile<T>(kc, apack.data + ir * kc, tail.data, C + (ic + ir) * ldc + full, ldc, m,
-                       cols, load_c);
+          gemm_tile<T>(kc, ap + ir * kc, tail.data, C + (ic + ir) * ldc + full, ldc, m, cols,
+                       load_c);
         }
       }
     }

@@ -41,23 +41,39 @@ template <class T>
 void winograd_f23(const Conv2dArgs<T>& a) {
   const std::int64_t C = a.c, K = a.k, H = a.h, W = a.w;
   const std::int64_t th = (a.ho + 1) / 2, tw = (a.wo + 1) / 2;  // tiles per column / row
-  // U[xi][k][c] = (G g G^T)[xi]
-  Scratch<T> u(16 * K * C);
-  parallel_for(K, C * 64, [&](std::int64_t k0, std::int64_t k1) {
-    for (std::int64_t k = k0; k < k1; ++k) {
+  // U[xi] = (G g G^T)[xi] as a K x C matrix, packed once for the GEMMs (Note [prepacked A]);
+  // a task takes whole MR-row panels, so each of the 16 matrices is written front to back.
+  // The matrices lie usize apart, one cache line more than their size: with a power-of-two
+  // size, the 16 write streams would all map to one L1 set and evict each other.
+  using S = GemmShape<T>;
+  const std::int64_t kpad = (K + S::MR - 1) / S::MR * S::MR;
+  const std::int64_t usize = kpad * C + 64 / static_cast<std::int64_t>(sizeof(T));
+  Scratch<T> u(16 * usize);
+  parallel_for(kpad / S::MR, S::MR * C * 64, [&](std::int64_t p0, std::int64_t p1) {
+    for (std::int64_t p = p0; p < p1; ++p) {
       for (std::int64_t c = 0; c < C; ++c) {
-        const T* g = a.weight + (k * C + c) * 9;
-        T gg[4][3];  // G g
-        for (int j = 0; j < 3; ++j) {
-          gg[0][j] = g[j];
-          gg[1][j] = T(0.5) * (g[j] + g[3 + j] + g[6 + j]);
-          gg[2][j] = T(0.5) * (g[j] - g[3 + j] + g[6 + j]);
-          gg[3][j] = g[6 + j];
-        }
-        for (int i = 0; i < 4; ++i) {  // (G g) G^T
-          const T v[4] = {gg[i][0], T(0.5) * (gg[i][0] + gg[i][1] + gg[i][2]),
-                          T(0.5) * (gg[i][0] - gg[i][1] + gg[i][2]), gg[i][2]};
-          for (int j = 0; j < 4; ++j) u.data[((i * 4 + j) * K + k) * C + c] = v[j];
+        const std::int64_t base = prepacked_a_index<T>(K, p * S::MR, C, c);
+        for (int r = 0; r < S::MR; ++r) {
+          const std::int64_t k = p * S::MR + r;
+          T* uk = u.data + base + r;  // U[xi](k, c) at uk[xi * usize]
+          if (k >= K) {
+            for (int xi = 0; xi < 16; ++xi) uk[xi * usize] = T(0);
+            continue;
+          }
+          const T* g = a.weight + (k * C + c) * 9;
+          T gg[4][3];  // G g
+          for (int j = 0; j < 3; ++j) {
+            gg[0][j] = g[j];
+            gg[1][j] = T(0.5) * (g[j] + g[3 + j] + g[6 + j]);
+            gg[2][j] = T(0.5) * (g[j] - g[3 + j] + g[6 + j]);
+            gg[3][j] = g[6 + j];
+          }
+          for (int i = 0; i < 4; ++i) {  // (G g) G^T
+            uk[(i * 4 + 0) * usize] = gg[i][0];
+            uk[(i * 4 + 1) * usize] = T(0.5) * (gg[i][0] + gg[i][1] + gg[i][2]);
+            uk[(i * 4 + 2) * usize] = T(0.5) * (gg[i][0] - gg[i][1] + gg[i][2]);
+            uk[(i * 4 + 3) * usize] = gg[i][2];
+          }
         }
       }
     }
@@ -72,9 +88,14 @@ void winograd_f23(const Conv2dArgs<T>& a) {
   const std::int64_t wpad = 2 * tw + 2;  // a padded input row, wide enough for every tile
 
   parallel_for(blocks, rows * tw * C * K, [&](std::int64_t b0, std::int64_t b1) {
-    const std::int64_t tmax = rows * tw;
-    Scratch<T> v(16 * C * tmax), m(16 * K * tmax), rowbuf(4 * wpad), tr(4 * wpad),
-        split(4 * (tw + 1));
+    // V[xi][c][t] at v[xi * vplane + c * ld + t], M[xi][k][t] at m[xi * mplane + k * ld + t]:
+    // rows and planes padded off multiples of 1 KiB, so that the rows of a GEMM panel and the
+    // 16 streams of a transform do not all fall into the same L1 sets.
+    const std::int64_t tmax = rows * tw, line = 64 / static_cast<std::int64_t>(sizeof(T));
+    std::int64_t ld = (tmax + line - 1) / line * line;
+    if (ld % (16 * line) == 0) ld += line;
+    const std::int64_t vplane = C * ld + line, mplane = K * ld + line;
+    Scratch<T> v(16 * vplane), m(16 * mplane), rowbuf(4 * wpad), tr(4 * wpad), split(4 * (tw + 1));
     for (std::int64_t blk = b0; blk < b1; ++blk) {
       const std::int64_t row0 = blk * rows;
       const std::int64_t nrows = total_rows - row0 < rows ? total_rows - row0 : rows;
@@ -115,10 +136,10 @@ void winograd_f23(const Conv2dArgs<T>& a) {
               ev[x] = row[2 * x];
               od[x] = row[2 * x + 1];
             }
-            T* v0 = v.data + ((i * 4 + 0) * C + c) * tmax + r * tw;
-            T* v1 = v.data + ((i * 4 + 1) * C + c) * tmax + r * tw;
-            T* v2 = v.data + ((i * 4 + 2) * C + c) * tmax + r * tw;
-            T* v3 = v.data + ((i * 4 + 3) * C + c) * tmax + r * tw;
+            T* v0 = v.data + (i * 4 + 0) * vplane + c * ld + r * tw;
+            T* v1 = v.data + (i * 4 + 1) * vplane + c * ld + r * tw;
+            T* v2 = v.data + (i * 4 + 2) * vplane + c * ld + r * tw;
+            T* v3 = v.data + (i * 4 + 3) * vplane + c * ld + r * tw;
             for (std::int64_t tj = 0; tj < tw; ++tj) {  // columns 2tj, 2tj+1, 2tj+2, 2tj+3
               v0[tj] = ev[tj] - ev[tj + 1];
               v1[tj] = od[tj] + ev[tj + 1];
@@ -130,23 +151,21 @@ void winograd_f23(const Conv2dArgs<T>& a) {
       }
       // 16 GEMMs: M[xi] (K x tiles) = U[xi] (K x C) V[xi] (C x tiles)
       for (int xi = 0; xi < 16; ++xi) {
-        const T* uxi = u.data + xi * K * C;
-        const T* vxi = v.data + xi * C * tmax;
-        auto pack_u = [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
-                          T* dst) {
-          pack_a_strided(uxi, C, std::int64_t{1}, K, i0, mc, k0, kc, dst);
-        };
+        const T* uxi = u.data + xi * usize;
+        const T* vxi = v.data + xi * vplane;
+        auto pack_u = [&](std::int64_t i0, std::int64_t, std::int64_t k0, std::int64_t,
+                          T*) -> const T* { return uxi + prepacked_a_index<T>(K, i0, C, k0); };
         if (K <= kFewOutputs) {  // V's rows are contiguous: read them in place
           gemm_rows<T>(
-              K, tiles, C, pack_u, [&](std::int64_t c) { return vxi + c * tmax; },
-              m.data + xi * K * tmax, tmax);
+              K, tiles, C, pack_u, [&](std::int64_t c) { return vxi + c * ld; },
+              m.data + xi * mplane, ld);
         } else {
           gemm_blocked<T>(
               K, tiles, C, pack_u,
               [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* dst) {
-                pack_b_strided(vxi, tmax, std::int64_t{1}, k0, kc, j0, nc, dst);
+                pack_b_strided(vxi, ld, std::int64_t{1}, k0, kc, j0, nc, dst);
               },
-              m.data + xi * K * tmax, tmax, false);
+              m.data + xi * mplane, ld, false);
         }
       }
       // output transform: Y = A^T M A per tile, clipped to the output
@@ -156,7 +175,7 @@ void winograd_f23(const Conv2dArgs<T>& a) {
           const std::int64_t n = (row0 + r) / th, oy = 2 * ((row0 + r) % th);
           T* out = a.y + (n * K + k) * a.ho * a.wo;
           const T* mm[16];
-          for (int xi = 0; xi < 16; ++xi) mm[xi] = m.data + (xi * K + k) * tmax + r * tw;
+          for (int xi = 0; xi < 16; ++xi) mm[xi] = m.data + xi * mplane + k * ld + r * tw;
           // A^T M A for all tiles of the row at once (unit-stride loops), then interleaved
           T* y0r = split.data;  // y0r[2tj + b] = output row oy, column 2tj + b
           T* y1r = split.data + 2 * tw;
