@@ -610,10 +610,36 @@ BAD_CALLS = [
     (
         "core grad weight shapes",
         lambda a: _core.conv2d_grad_weight_into(
-            np.ones((1, 2, 5, 5)), np.ones((1, 3, 3, 3)), np.zeros((3, 3, 3, 3)), 0, 0, 1, 1, 1
+            np.ones((1, 2, 5, 5)),
+            np.ones((1, 3, 3, 3)),
+            np.zeros((3, 3, 3, 3)),
+            1,
+            1,
+            0,
+            0,
+            1,
+            1,
+            1,
         ),
         ValueError,
         "inconsistent shapes for the weight gradient",
+    ),
+    (
+        "core grad weight stride 0",
+        lambda a: _core.conv2d_grad_weight_into(
+            np.ones((1, 3, 5, 5)),
+            np.ones((1, 3, 3, 3)),
+            np.zeros((3, 3, 3, 3)),
+            0,
+            1,
+            0,
+            0,
+            1,
+            1,
+            1,
+        ),
+        ValueError,
+        "bad arrays or sizes for the weight gradient",
     ),
     (
         "core winograd 5x5",

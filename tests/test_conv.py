@@ -325,17 +325,35 @@ def test_conv_backward_needs_unbatched_and_1d(rng):
     np.testing.assert_allclose(g1[2], g2[2], rtol=1e-12)
 
 
-def test_conv_backward_threads_do_not_change_results(rng, threads):
-    x = rng.standard_normal((4, 16, 14, 14)).astype(np.float32)
-    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
-    go = rng.standard_normal((4, 32, 7, 7)).astype(np.float32)
+@pytest.mark.parametrize(
+    "n, c, h, k, stride, groups",
+    [
+        (4, 16, 14, 32, 2, 1),  # copied rows
+        (1, 32, 40, 32, 1, 1),  # one image cut into parts; rows read in place
+        (2, 128, 6, 128, 1, 1),  # large partials: column slices
+        (3, 8, 11, 12, 1, 2),  # groups
+    ],
+)
+def test_conv_backward_threads_do_not_change_results(rng, threads, n, c, h, k, stride, groups):
+    """Note [weight gradient]: every work split depends on the shapes only."""
+    x = rng.standard_normal((n, c, h, h)).astype(np.float32)
+    w = rng.standard_normal((k, c // groups, 3, 3)).astype(np.float32)
+    ho = (h + 2 - 3) // stride + 1
+    go = rng.standard_normal((n, k, ho, ho)).astype(np.float32)
     results = []
     for t in (1, 2, 3):
         mn.set_num_threads(t)
-        results.append(mn.conv2d_backward(x, w, go, stride=2, padding=1))
+        results.append(mn.conv2d_backward(x, w, go, stride=stride, padding=1, groups=groups))
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             np.testing.assert_array_equal(a, b)
+    want = ref.conv2d_backward(x, w, go, stride=stride, padding=1, groups=groups)
+    for got, expected in zip(results[0], want, strict=True):
+        length = n * ho * ho * 9  # the longest reduction (the weight gradient's)
+        scale = float(np.abs(x).max() * np.abs(go).max()) * length
+        np.testing.assert_allclose(
+            got, expected, rtol=0, atol=tolerance(np.float32, length) * scale
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

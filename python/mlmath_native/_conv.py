@@ -524,38 +524,23 @@ def _conv_backward(
     (sh, sw), (dh, dw) = stride, dilation
     ho, wo = g.shape[2:]
     mode = p.padding_mode if any(b or a for b, a in pads) else "zeros"
-    xp = np.pad(x, [(0, 0), (0, 0), *pads], mode="constant" if mode == "zeros" else _MODES[mode])
-    hp, wp = xp.shape[2:]
+    hp, wp = (size + before + after for size, (before, after) in zip(spatial, pads, strict=True))
 
     grad_bias = grad_weight = grad_input = None
     if "bias" in needs:
         grad_bias = g.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
-    if "weight" in needs and (sh, sw) == (1, 1):
-        # stride 1: the compiled kernel (GEMMs on shifted rows of the padded input, no im2col)
+    if "weight" in needs:
+        # the compiled kernel (Note [weight gradient] in conv.cpp) pads with zeros itself; the
+        # other padding modes are applied here first
+        (pt, _), (pl, _) = pads
+        if mode == "zeros":
+            src, top, left = x, pt, pl
+        else:
+            src, top, left = np.pad(x, [(0, 0), (0, 0), *pads], mode=_MODES[mode]), 0, 0
         grad_weight = np.empty(w.shape, dtype)
-        _core.conv2d_grad_weight_into(xp, g, grad_weight, 0, 0, dh, dw, groups)
-    elif "weight" in needs:
-        # grad_w[k, (c, r, s)] = sum_n sum_p g[n, k, p] Col_n[(c, r, s), p]: per chunk of images
-        # and per group one GEMM of g (Kg x B*P) with the transposed im2col of those images
-        # (bounded scratch: about 2^23 values of columns), summed over the chunks in order.
-        grad_weight = np.zeros((k, cg * r * s), dtype)
-        window = (dh * (r - 1) + 1, dw * (s - 1) + 1)
-        view = np.lib.stride_tricks.sliding_window_view(xp, window, axis=(2, 3))
-        view = view[:, :, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw, ::dh, ::dw]
-        per_image = cg * r * s * ho * wo
-        chunk = max(1, (1 << 23) // max(per_image, 1))
-        for n0 in range(0, n, chunk):
-            n1 = min(n, n0 + chunk)
-            for gi in range(groups):
-                # cols [(c, r, s)][(n, i, j)] and g [k][(n, i, j)] for images n0..n1
-                cols = np.ascontiguousarray(
-                    view[n0:n1, gi * cg : (gi + 1) * cg].transpose(1, 4, 5, 0, 2, 3)
-                ).reshape(cg * r * s, (n1 - n0) * ho * wo)
-                gk = np.ascontiguousarray(
-                    g[n0:n1, gi * kg : (gi + 1) * kg].transpose(1, 0, 2, 3)
-                ).reshape(kg, (n1 - n0) * ho * wo)
-                grad_weight[gi * kg : (gi + 1) * kg] += matmul(gk, cols.T)
-        grad_weight = grad_weight.reshape(w.shape)
+        _core.conv2d_grad_weight_into(
+            np.ascontiguousarray(src), g, grad_weight, sh, sw, top, left, dh, dw, groups
+        )
     if "input" in needs:
         (pt, _), (pl, _) = pads
         direct_crop = (

@@ -89,24 +89,27 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
   }
 }
 
-// grad_weight = the weight gradient of a stride-1, zero-padded conv2d (x, grad_out given).
+// grad_weight = the weight gradient of conv2d(x, w) with zero padding (x, grad_out given).
 void conv2d_grad_weight_into(const py::array& x, const py::array& grad_out, py::array& grad_w,
-                             std::int64_t pad_top, std::int64_t pad_left, std::int64_t dil_h,
-                             std::int64_t dil_w, std::int64_t groups) {
+                             std::int64_t stride_h, std::int64_t stride_w, std::int64_t pad_top,
+                             std::int64_t pad_left, std::int64_t dil_h, std::int64_t dil_w,
+                             std::int64_t groups) {
   const char* fn = "conv2d_backward";
   const DType dt = float_dtype(x, fn, "x");
   require_same_dtype(grad_out, dt, fn, "grad_out");
   require_same_dtype(grad_w, dt, fn, "grad_weight");
   require_writeable(grad_w, fn, "grad_weight");
   if (x.ndim() != 4 || grad_out.ndim() != 4 || grad_w.ndim() != 4 || groups < 1 || dil_h < 1 ||
-      dil_w < 1 || pad_top < 0 || pad_left < 0) {
+      dil_w < 1 || stride_h < 1 || stride_w < 1 || pad_top < 0 || pad_left < 0) {
     throw std::invalid_argument("conv2d_backward: bad arrays or sizes for the weight gradient");
   }
   const std::int64_t n = x.shape(0), c = x.shape(1), k = grad_out.shape(1);
   const std::int64_t r = grad_w.shape(2), s = grad_w.shape(3);
+  const std::int64_t ho = grad_out.shape(2), wo = grad_out.shape(3);
+  // every window must start inside the padded input (its far side may reach past x: zeros)
   if (grad_out.shape(0) != n || grad_w.shape(0) != k || grad_w.shape(1) * groups != c ||
-      k % groups != 0 || grad_out.shape(2) + dil_h * (r - 1) < x.shape(2) + pad_top ||
-      grad_out.shape(3) + dil_w * (s - 1) < x.shape(3) + pad_left) {
+      k % groups != 0 || (ho > 0 && (ho - 1) * stride_h > x.shape(2) + 2 * pad_top) ||
+      (wo > 0 && (wo - 1) * stride_w > x.shape(3) + 2 * pad_left)) {
     throw std::invalid_argument("conv2d_backward: inconsistent shapes for the weight gradient");
   }
   auto run = [&](auto tag) {
@@ -123,6 +126,8 @@ void conv2d_grad_weight_into(const py::array& x, const py::array& grad_out, py::
                               static_cast<T*>(grad_w.mutable_data()),
                               r,
                               s,
+                              stride_h,
+                              stride_w,
                               pad_top,
                               pad_left,
                               dil_h,
@@ -151,8 +156,8 @@ void bind_conv(py::module_& m) {
         "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a, "winograd"_a = false,
         "out = conv2d(x, w) + bias with zero padding (top, left given; sizes from out)");
   m.def("conv2d_grad_weight_into", &conv2d_grad_weight_into, "x"_a, "grad_out"_a, "grad_weight"_a,
-        "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a,
-        "grad_weight = the weight gradient of a stride-1 conv2d with zero padding");
+        "stride_h"_a, "stride_w"_a, "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a,
+        "grad_weight = the weight gradient of conv2d(x, w) with zero padding");
 }
 
 }  // namespace mlmath::bindings

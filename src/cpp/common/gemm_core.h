@@ -228,14 +228,15 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
   });
 }
 
-// C (ldc) = A B on the calling thread, where row k of B is the contiguous run b_row(k)[0, N):
+// C (ldc) = A B (C += A B when accumulate) on the calling thread, where row k of B is the
+// contiguous run b_row(k)[0, N):
 // no B packing at all; the micro-kernel loads B straight from those rows.  For convolutions
 // whose B rows are shifted runs of one buffer (Note [shifted rows] in kernels/conv.cpp) and
 // whose few output channels would not amortise packing B.  The last, partial panel of columns
 // is packed (so no load reads past a row's end).
 template <class T, class PackA, class BRow>
 void gemm_rows(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& pack_a,
-               const BRow& b_row, T* C, std::int64_t ldc) {
+               const BRow& b_row, T* C, std::int64_t ldc, bool accumulate = false) {
   using S = GemmShape<T>;
   constexpr int MR = S::MR, NR = S::NR;
   if (M <= 0 || N <= 0) return;
@@ -244,14 +245,15 @@ void gemm_rows(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& pack
   Scratch<const T*> rows(kc_max > 0 ? kc_max : 1);
   Scratch<T> tail(NR * (kc_max > 0 ? kc_max : 1));
   if (K <= 0) {
-    for (std::int64_t i = 0; i < M; ++i)
-      for (std::int64_t j = 0; j < N; ++j) C[i * ldc + j] = T(0);
+    if (!accumulate)
+      for (std::int64_t i = 0; i < M; ++i)
+        for (std::int64_t j = 0; j < N; ++j) C[i * ldc + j] = T(0);
     return;
   }
   const std::int64_t full = N / NR * NR;
   for (std::int64_t pc = 0; pc < K; pc += S::KC) {
     const std::int64_t kc = K - pc < S::KC ? K - pc : S::KC;
-    const bool load_c = pc > 0;
+    const bool load_c = accumulate || pc > 0;
     for (std::int64_t k = 0; k < kc; ++k) rows.data[k] = b_row(pc + k);
     for (std::int64_t ic = 0; ic < M; ic += S::MC) {
       const std::int64_t mc = M - ic < S::MC ? M - ic : S::MC;

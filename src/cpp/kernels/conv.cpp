@@ -267,68 +267,170 @@ void conv2d(const Conv2dArgs<T>& a) {
   }
 }
 
-// Weight gradient, stride 1 (Note [shifted rows]):  per group,
-//   grad_w (Kg x Cg*R*S) = sum_n G_n (Kg x Ho*Wp) . B_n,   B_n[p][(c, r, s)] = xp_n[shift + p]
-// with G_n = grad_out on the padded width (zero in the dropped columns j >= Wo, so they add
-// nothing) and xp_n the zero-padded image.  One GEMM per image and group (one task each),
-// summed in image order; B panels are transposed copies of contiguous runs of xp.
+// Note [weight gradient]
+// With x' image n's zero-padded input in (row, column, channel) order and p = (i, j) an output
+// position, per group
+//   grad_w[k][(r, s, c)] = sum_n sum_p G_n[k][p] . Row_n[p][(r, s, c)],
+//   Row_n[p][(r, s, c)] = x'_n[i*sh + r*dh][j*sw + s*dw][g*Cg + c],
+// G_n the Kg x P rows of grad_out.  The Cg entries of one (r, s) are contiguous in x', and with
+// dilation 1 and one group the S*C entries of one r are, so a block of KC rows of Row_n is built
+// by copying runs, and the GEMM (M = Kg, N = R*S*Cg, K = the block's rows) reads those rows in
+// place (gemm_rows): no transposed packing of the large operand.
+// Work: the N = R*S*Cg columns are cut into slices (whole NR panels), the P positions of each
+// image into `parts` runs; per group and slice, the (image, part) pairs are dealt in order into
+// buckets, each summed by one thread into its own partial, and the partials are added in bucket
+// order.  Every count depends only on the shapes, so the result is the same for any number of
+// threads.  Slices come first (they need no partials); buckets make up the rest of about
+// kTasks tasks.
+constexpr std::int64_t kTasks = 16;
+
 template <class T>
 void conv_grad_weight(const Conv2dWeightGradArgs<T>& a) {
   const std::int64_t cg = a.c / a.groups, kg = a.k / a.groups, taps = a.r * a.s;
-  const std::int64_t kdim = cg * taps, per_group = kg * kdim;
-  const std::int64_t hp = a.ho + a.dil_h * (a.r - 1), wp = a.wo + a.dil_w * (a.s - 1);
-  const std::int64_t plane = hp * wp, slack = (a.s - 1) * a.dil_w, wide = a.ho * wp;
-  // one partial gradient per (image, group), summed afterwards in image order, so the result
-  // does not depend on how the images were split over the threads
-  Scratch<T> partial(a.n * a.groups * per_group);
-  parallel_for(a.n * a.groups, kg * kdim * wide, [&](std::int64_t t0, std::int64_t t1) {
-    Scratch<T> xp(cg * plane + slack), gw(kg * wide);
-    for (std::int64_t t = t0; t < t1; ++t) {
-      const std::int64_t n = t / a.groups, gi = t % a.groups;
-      copy_padded(a.x + (n * a.c + gi * cg) * a.h * a.w, cg, a.h, a.w, a.pad_top, a.pad_left, hp,
-                  wp, slack, xp.data);
-      for (std::int64_t k = 0; k < kg; ++k) {  // grad_out on the padded width
-        const T* src = a.grad_out + ((n * a.k + gi * kg + k) * a.ho) * a.wo;
-        T* dst = gw.data + k * wide;
-        for (std::int64_t i = 0; i < a.ho; ++i) {
-          for (std::int64_t j = 0; j < a.wo; ++j) dst[i * wp + j] = src[i * a.wo + j];
-          for (std::int64_t j = a.wo; j < wp; ++j) dst[i * wp + j] = T(0);
-        }
+  const std::int64_t kdim = taps * cg, per_group = kg * kdim, P = a.ho * a.wo;
+  if (a.n == 0 || P == 0) {
+    for (std::int64_t e = 0; e < a.k * kdim; ++e) a.grad_weight[e] = T(0);
+    return;
+  }
+  if (per_group == 0) return;
+  // x' [n][hp][wp][c]: only the rows and columns the windows reach
+  const std::int64_t hp = (a.ho - 1) * a.stride_h + a.dil_h * (a.r - 1) + 1;
+  const std::int64_t wp = (a.wo - 1) * a.stride_w + a.dil_w * (a.s - 1) + 1;
+  Scratch<T> xt(a.n * hp * wp * a.c);
+  parallel_for(a.n * hp, wp * a.c, [&](std::int64_t q0, std::int64_t q1) {
+    const std::int64_t x0 = a.pad_left, x1 = a.pad_left + a.w < wp ? a.pad_left + a.w : wp;
+    for (std::int64_t q = q0; q < q1; ++q) {
+      const std::int64_t n = q / hp, iy = q % hp - a.pad_top;
+      T* dst = xt.data + q * wp * a.c;  // wp * C values: small enough to stay in L1
+      for (std::int64_t e = 0; e < wp * a.c; ++e) dst[e] = T(0);
+      if (iy < 0 || iy >= a.h) continue;
+      // each input row is read front to back (the planes lie a power of two apart on common
+      // shapes, so reading across them would thrash one cache set)
+      for (std::int64_t c = 0; c < a.c; ++c) {
+        const T* src = a.x + ((n * a.c + c) * a.h + iy) * a.w - a.pad_left;
+        for (std::int64_t xx = x0; xx < x1; ++xx) dst[xx * a.c + c] = src[xx];
       }
-      gemm_blocked<T>(
-          kg, kdim, wide,
-          [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-            pack_a_strided(gw.data, wide, std::int64_t{1}, kg, i0, mc, k0, kc, dst);
-          },
-          [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* dst) {
-            constexpr int NR = GemmShape<T>::NR;
-            for (std::int64_t q = 0; q < nc; q += NR) {
-              const std::int64_t cols = nc - q < NR ? nc - q : NR;
-              const T* src[NR];  // column (c, r, s) of B: a run of xp
-              for (std::int64_t col = 0; col < cols; ++col) {
-                const std::int64_t row = j0 + q + col;
-                src[col] =
-                    xp.data + shifted_row_start(row, a.r, a.s, plane, wp, a.dil_h, a.dil_w) + k0;
-              }
-              T* out = dst + q * kc;
-              for (std::int64_t k = 0; k < kc; ++k) {  // row k of the panel, written in order
-                T* o = out + k * NR;
-                for (std::int64_t col = 0; col < cols; ++col) o[col] = src[col][k];
-                for (std::int64_t col = cols; col < NR; ++col) o[col] = T(0);
-              }
-            }
-          },
-          partial.data + t * per_group, kdim, false);
     }
   });
-  for (std::int64_t gi = 0; gi < a.groups; ++gi) {
-    T* out = a.grad_weight + gi * per_group;
-    for (std::int64_t i = 0; i < per_group; ++i) out[i] = T(0);
-    for (std::int64_t n = 0; n < a.n; ++n) {
-      const T* p = partial.data + (n * a.groups + gi) * per_group;
-      for (std::int64_t i = 0; i < per_group; ++i) out[i] += p[i];
+  // G_n of every image and group, packed once as the GEMMs' A (Note [prepacked A]):
+  // gpack + (n * groups + g) * gsize, P blocks of KC positions
+  using S = GemmShape<T>;
+  const std::int64_t kpad = (kg + S::MR - 1) / S::MR * S::MR, gsize = kpad * P;
+  const std::int64_t pblocks = (P + S::KC - 1) / S::KC;
+  Scratch<T> gpack(a.n * a.groups * gsize);
+  parallel_for(a.n * a.groups * pblocks, kpad * S::KC, [&](std::int64_t q0, std::int64_t q1) {
+    for (std::int64_t q = q0; q < q1; ++q) {
+      const std::int64_t ng = q / pblocks, pc = q % pblocks * S::KC;
+      const std::int64_t kc = P - pc < S::KC ? P - pc : S::KC;
+      pack_a_strided(a.grad_out + ng * kg * P, P, std::int64_t{1}, kg, std::int64_t{0}, kpad, pc,
+                     kc, gpack.data + ng * gsize + pc * kpad);
     }
-  }
+  });
+  // slices, parts and buckets (Note [weight gradient]); slices only where the partials of
+  // kTasks buckets would be large
+  const std::int64_t panels = (kdim + S::NR - 1) / S::NR;
+  const bool large = per_group * kTasks * static_cast<std::int64_t>(sizeof(T)) > (8 << 20);
+  std::int64_t slices = !large ? 1 : (panels / 4 < kTasks ? panels / 4 : kTasks);
+  slices = slices < 1 ? 1 : slices;
+  const std::int64_t slice_cols = (panels + slices - 1) / slices * S::NR;
+  slices = (kdim + slice_cols - 1) / slice_cols;
+  const std::int64_t want = (kTasks + slices - 1) / slices;  // buckets per (group, slice)
+  std::int64_t parts = (want + a.n - 1) / a.n;               // runs of whole P blocks
+  parts = parts > pblocks ? pblocks : parts;
+  const std::int64_t items = a.n * parts;  // (image, part) pairs per group
+  const std::int64_t buckets = items < want ? items : want;
+  const std::int64_t line = 64 / static_cast<std::int64_t>(sizeof(T));
+  std::int64_t ldr = (slice_cols + line - 1) / line * line;  // row stride, off 1 KiB multiples
+  if (ldr % (16 * line) == 0) ldr += line;
+  const bool one_run = a.dil_w == 1 && a.groups == 1;  // the S*C entries of one r: one run
+  // runs of at least two panels are read in place from x' (one GEMM per r), shorter ones copied
+  const bool in_place = one_run && a.s * cg >= 2 * S::NR;
+  // partial[g][bucket][k][(r, s, c)]
+  Scratch<T> partial(a.groups * buckets * per_group);
+  const std::int64_t tasks = a.groups * slices * buckets;
+  const std::int64_t work = per_group * (a.n * P / buckets) * 2 / slices;
+  parallel_for(tasks, work, [&](std::int64_t t0, std::int64_t t1) {
+    Scratch<T> rows(S::KC * ldr);
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t gi = t / (slices * buckets), sl = (t / buckets) % slices;
+      const std::int64_t b = t % buckets;
+      const std::int64_t col0 = sl * slice_cols;
+      const std::int64_t ncols = kdim - col0 < slice_cols ? kdim - col0 : slice_cols;
+      T* out = partial.data + (gi * buckets + b) * per_group + col0;  // ldc kdim
+      for (std::int64_t k = 0; k < kg; ++k)
+        for (std::int64_t e = 0; e < ncols; ++e) out[k * kdim + e] = T(0);
+      for (std::int64_t item = items * b / buckets; item < items * (b + 1) / buckets; ++item) {
+        const std::int64_t n = item / parts, part = item % parts;
+        const T* ximg = xt.data + n * hp * wp * a.c + gi * cg;
+        const T* gn = gpack.data + (n * a.groups + gi) * gsize;
+        const std::int64_t begin = pblocks * part / parts * S::KC;
+        const std::int64_t end_block = pblocks * (part + 1) / parts * S::KC;
+        const std::int64_t end = end_block < P ? end_block : P;
+        for (std::int64_t pc = begin; pc < end; pc += S::KC) {
+          const std::int64_t kc = end - pc < S::KC ? end - pc : S::KC;
+          auto a_block = [&](std::int64_t i0, std::int64_t, std::int64_t, std::int64_t,
+                             T*) -> const T* { return gn + prepacked_a_index<T>(kg, i0, P, pc); };
+          if (in_place) {  // the slice's columns, cut at the runs of each r
+            for (std::int64_t q = 0; q < ncols;) {
+              const std::int64_t col = col0 + q, r = col / (a.s * cg), off = col % (a.s * cg);
+              const std::int64_t run = a.s * cg - off < ncols - q ? a.s * cg - off : ncols - q;
+              const T* base = ximg + r * a.dil_h * wp * a.c + off;
+              gemm_rows<T>(
+                  kg, run, kc, a_block,
+                  [&](std::int64_t e) {
+                    const std::int64_t i = (pc + e) / a.wo, j = (pc + e) % a.wo;
+                    return base + (i * a.stride_h * wp + j * a.stride_w) * a.c;
+                  },
+                  out + q, kdim, true);
+              q += run;
+            }
+            continue;
+          }
+          for (std::int64_t e = 0; e < kc; ++e) {  // rows[e] = Row_n[pc + e][col0, col0 + ncols)
+            const std::int64_t i = (pc + e) / a.wo, j = (pc + e) % a.wo;
+            const T* src = ximg + (i * a.stride_h * wp + j * a.stride_w) * a.c;
+            T* o = rows.data + e * ldr;
+            if (one_run) {  // column (r, s, c) = r * S*C + (s*C + c): x' row r, offset s*C + c
+              for (std::int64_t q = 0; q < ncols;) {
+                const std::int64_t col = col0 + q, r = col / (a.s * cg), off = col % (a.s * cg);
+                const std::int64_t run = a.s * cg - off < ncols - q ? a.s * cg - off : ncols - q;
+                const T* from = src + r * a.dil_h * wp * a.c + off;
+                for (std::int64_t u = 0; u < run; ++u) o[q + u] = from[u];
+                q += run;
+              }
+              continue;
+            }
+            for (std::int64_t q = 0; q < ncols;) {  // runs of Cg: column (tap, c)
+              const std::int64_t col = col0 + q, tap = col / cg, c = col % cg;
+              const std::int64_t run = cg - c < ncols - q ? cg - c : ncols - q;
+              const T* from = src + ((tap / a.s) * a.dil_h * wp + (tap % a.s) * a.dil_w) * a.c + c;
+              for (std::int64_t u = 0; u < run; ++u) o[q + u] = from[u];
+              q += run;
+            }
+          }
+          gemm_rows<T>(
+              kg, ncols, kc, a_block, [&](std::int64_t e) { return rows.data + e * ldr; }, out,
+              kdim, true);
+        }
+      }
+    }
+  });
+  // grad_w[g*Kg + k][c][r][s] = sum over the group's buckets, in order, of partial[k][(r, s, c)]
+  parallel_for(a.k, kdim * (buckets + 1), [&](std::int64_t k0, std::int64_t k1) {
+    Scratch<T> sum(kdim);
+    for (std::int64_t kk = k0; kk < k1; ++kk) {
+      const std::int64_t gi = kk / kg, k = kk % kg;
+      const T* first = partial.data + gi * buckets * per_group + k * kdim;
+      for (std::int64_t e = 0; e < kdim; ++e) sum.data[e] = first[e];
+      for (std::int64_t b = 1; b < buckets; ++b) {
+        const T* src = first + b * per_group;
+        for (std::int64_t e = 0; e < kdim; ++e) sum.data[e] += src[e];
+      }
+      T* dst = a.grad_weight + kk * kdim;
+      for (std::int64_t c = 0; c < cg; ++c)
+        for (std::int64_t tap = 0; tap < taps; ++tap) dst[c * taps + tap] = sum.data[tap * cg + c];
+    }
+  });
 }
 
 }  // namespace

@@ -123,7 +123,7 @@ struct Conv2dWeightGradArgs {
   std::int64_t k, ho, wo;
   T* grad_weight;  // [k][c / groups][r][s]
   std::int64_t r, s;
-  std::int64_t pad_top, pad_left, dil_h, dil_w, groups;
+  std::int64_t stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, groups;  // zero padding
 };
 
 struct KernelTable {
