@@ -160,11 +160,17 @@ def test_threads_do_not_change_results(rng, threads):
         np.testing.assert_array_equal(b, results[0][1])
 
 
+# the stated Winograd tolerances, in multiples of direct convolution's
+WINOGRAD_FACTOR = {"winograd_f2": 4, "winograd_f4": 16}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("magnitude", [1.0, 100.0])
-def test_winograd_against_reference(dtype, magnitude, rng):
-    """Winograd F(2x2, 3x3): odd and even sizes (partial edge tiles), every zero padding, other
-    padding modes, bias, unbatched; within 4x the direct tolerance at magnitudes 1 and 100."""
+@pytest.mark.parametrize("algorithm", ["winograd_f2", "winograd_f4"])
+def test_winograd_against_reference(dtype, magnitude, algorithm, rng):
+    """Winograd F(2x2, 3x3) and F(4x4, 3x3): odd and even sizes (partial edge tiles), every zero
+    padding, other padding modes, bias, unbatched; within 4x (F2) and 16x (F4) the direct
+    tolerance at magnitudes 1 and 100."""
     cases = [
         (1, 1, 4, 4, 1, 0),
         (2, 3, 7, 9, 4, 1),
@@ -173,6 +179,8 @@ def test_winograd_against_reference(dtype, magnitude, rng):
         (1, 3, 11, 13, 2, 2),
         (1, 40, 9, 30, 20, "same"),
         (3, 7, 33, 5, 9, (2, 0, 1, 1)),
+        (2, 9, 17, 18, 33, 1),  # 33 channels: a partial MR panel of the filter transform
+        (1, 2, 3, 3, 2, 1),
     ]
     for n, c, h, w_, k, padding in cases:
         x = (rng.standard_normal((n, c, h, w_)) * magnitude).astype(dtype)
@@ -180,16 +188,32 @@ def test_winograd_against_reference(dtype, magnitude, rng):
         b = rng.standard_normal(k).astype(dtype)
         for mode in ("zeros", "reflect"):
             opts = dict(padding=padding, padding_mode=mode)
-            got = mn.conv2d(x, w, b, algorithm="winograd", **opts)
+            got = mn.conv2d(x, w, b, algorithm=algorithm, **opts)
             want = ref.conv2d(
                 x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **opts
             )
             nred = c * 9
             scale = float(np.max(np.abs(x))) * float(np.max(np.abs(w))) * nred + 1
-            np.testing.assert_allclose(got, want, rtol=0, atol=4 * tolerance(dtype, nred) * scale)
+            atol = WINOGRAD_FACTOR[algorithm] * tolerance(dtype, nred) * scale
+            np.testing.assert_allclose(got, want, rtol=0, atol=atol)
             assert got.dtype == dtype
-    got = mn.conv2d(x[0], w, algorithm="winograd", padding=1)  # unbatched
+    got = mn.conv2d(x[0], w, algorithm=algorithm, padding=1)  # unbatched
     assert got.shape == (k, h, w_)
+
+
+@pytest.mark.parametrize("algorithm", ["winograd_f2", "winograd_f4"])
+def test_winograd_tiles_are_within_the_stated_tolerance_of_each_other(algorithm, rng):
+    """Random shapes: each tile against direct convolution (float32)."""
+    for _ in range(20):
+        n, c, k = rng.integers(1, 4), rng.integers(1, 40), rng.integers(1, 40)
+        h, w_ = rng.integers(1, 30, size=2)
+        x = rng.standard_normal((n, c, h, w_)).astype(np.float32)
+        w = rng.standard_normal((k, c, 3, 3)).astype(np.float32)
+        got = mn.conv2d(x, w, padding=1, algorithm=algorithm)
+        direct = mn.conv2d(x, w, padding=1, algorithm="direct")
+        scale = float(np.abs(x).max() * np.abs(w).max()) * c * 9 + 1
+        atol = (WINOGRAD_FACTOR[algorithm] + 1) * tolerance(np.float32, c * 9) * scale
+        np.testing.assert_allclose(got, direct, rtol=0, atol=atol)
 
 
 def test_winograd_needs_its_layer():
@@ -204,22 +228,33 @@ def test_winograd_needs_its_layer():
 
 
 def test_auto_uses_winograd_only_where_it_pays(rng):
-    x = rng.standard_normal((1, 64, 9, 9)).astype(np.float32)
+    """Note [auto algorithm]: F4 from 128 4x4 tiles, K >= 16 and C * K >= 512; F2 (fewer
+    tiles) from K >= 32 and C * K >= 1024; else direct.  "winograd" picks F4 from 128 tiles."""
+    x = rng.standard_normal((2, 64, 9, 9)).astype(np.float32)  # 2 * 3 * 3 = 18 tiles of 4x4
     w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
-    auto = mn.conv2d(x, w, padding=1)
-    np.testing.assert_array_equal(auto, mn.conv2d(x, w, padding=1, algorithm="winograd"))
-    # Note [auto algorithm]: from 32 output channels and C * K >= 1024
-    for c, k, algorithm in [
-        (32, 32, "winograd"),
-        (16, 64, "winograd"),
-        (16, 16, "direct"),
-        (64, 16, "direct"),
-        (24, 24, "direct"),
+    big = np.tile(x, (8, 1, 1, 1))  # 144 tiles
+    for xs, c, k, algorithm in [
+        (x, 64, 64, "winograd_f2"),
+        (x, 32, 32, "winograd_f2"),
+        (x, 16, 64, "winograd_f2"),
+        (x, 24, 24, "direct"),
+        (x, 64, 16, "direct"),
+        (big, 32, 16, "winograd_f4"),
+        (big, 24, 24, "winograd_f4"),
+        (big, 64, 8, "direct"),
+        (big, 16, 16, "direct"),
     ]:
-        xs, ws = x[:, :c], w[:k, :c]
-        np.testing.assert_array_equal(
-            mn.conv2d(xs, ws, padding=1), mn.conv2d(xs, ws, padding=1, algorithm=algorithm)
-        )
+        xs, ws = xs[:, :c], w[:k, :c]
+        auto = mn.conv2d(xs, ws, padding=1)
+        np.testing.assert_array_equal(auto, mn.conv2d(xs, ws, padding=1, algorithm=algorithm))
+    np.testing.assert_array_equal(
+        mn.conv2d(x, w, padding=1, algorithm="winograd"),
+        mn.conv2d(x, w, padding=1, algorithm="winograd_f2"),
+    )
+    np.testing.assert_array_equal(
+        mn.conv2d(big, w, padding=1, algorithm="winograd"),
+        mn.conv2d(big, w, padding=1, algorithm="winograd_f4"),
+    )
 
 
 def test_strided_layers_with_few_channels_match_direct(rng):

@@ -81,12 +81,28 @@ def _padding(fn, padding, spatial, kernel, stride, dilation) -> list[tuple[int, 
     return pads
 
 
-_ALGORITHMS = ("auto", "direct", "winograd")
+_ALGORITHMS = ("auto", "direct", "winograd", "winograd_f2", "winograd_f4")
 
 
-def _winograd_pays(c_in: int, k_out: int) -> bool:
-    """Whether Winograd beats direct convolution on an eligible layer (Note [auto algorithm])."""
-    return k_out >= 32 and c_in * k_out >= 1024
+def _winograd_tile(algorithm: str, c_in: int, k_out: int, n: int, out_h: int, out_w: int) -> int:
+    """The Winograd tile, 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), or 0 for direct convolution, of an
+    eligible 3x3 layer (Note [auto algorithm])."""
+    if algorithm in ("winograd_f2", "winograd_f4"):
+        return int(algorithm[-1])
+    # Note [auto algorithm]: measured on the project machines, float32 and float64 alike.
+    # F4's 36 GEMMs need a few hundred tiles to pay for its filter transform (36 K x C values,
+    # read again by every block of tiles): N4 C256 7x7 K256 (16 tiles): F4 1.8 ms, F2 1.2,
+    # direct 1.9.  With enough tiles it beats F2 and direct from C * K >= 512 and K >= 16:
+    # N32 C32 32x32 K32: F4 2.4 ms, F2 2.8, direct 3.1; N8 C64 56x56 K16: 2.1, 3.1, 2.3;
+    # N32 C16 32x32 K16: 0.93, 1.08, 0.81.  F2 wins over direct from K >= 32 and C * K >= 1024
+    # (N2 C64 14x14 K64: 0.19 ms against 0.33).
+    tiles4 = n * -(-out_h // 4) * -(-out_w // 4)
+    forced = algorithm == "winograd"
+    if tiles4 >= 128 and (forced or (k_out >= 16 and c_in * k_out >= 512)):
+        return 4
+    if forced or (k_out >= 32 and c_in * k_out >= 1024):
+        return 2
+    return 0
 
 
 def _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims, algorithm):
@@ -137,17 +153,9 @@ def _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims,
             f"{fn}: algorithm is invalid (got {algorithm!r}, expected one of {_ALGORITHMS})"
         )
     eligible = kernel == (3, 3) and stride == (1, 1) and dilation == (1, 1) and groups == 1
-    # Note [auto algorithm]: Winograd wins once its 16 GEMMs are large enough to pay for the
-    # transforms; measured on the project machines (float32 and float64 alike), that holds from
-    # 32 output channels and C * K >= 1024 on (N32 C32 32x32: 2.8 ms against 3.2 ms direct;
-    # N8 C16 56x56 K64: 1.9 against 2.3; N32 C16 32x32 K16: 0.97 against 0.85; N8 C64 56x56
-    # K16: 2.5 against 2.4).
-    winograd = algorithm == "winograd" or (
-        algorithm == "auto" and eligible and _winograd_pays(c, k) and dims == 2
-    )
-    if algorithm == "winograd" and not eligible:
+    if algorithm.startswith("winograd") and not eligible:
         raise ValueError(
-            f"{fn}: algorithm='winograd' needs a 3x3 kernel, stride 1, dilation 1 and groups 1 "
+            f"{fn}: algorithm={algorithm!r} needs a 3x3 kernel, stride 1, dilation 1 and groups 1 "
             f"(got kernel {kernel}, stride {stride}, dilation {dilation}, groups {groups})"
         )
     out_size = []
@@ -161,6 +169,9 @@ def _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims,
                 f"(size {size} + padding {before + after})"
             )
         out_size.append(span // s + 1)
+    winograd = 0  # the tile, or 0 for direct convolution
+    if eligible and algorithm != "direct":
+        winograd = _winograd_tile(algorithm, c, k, n, *out_size)
     x = np.asarray(x, dtype=dtype, order="C")
     w = np.asarray(w, dtype=dtype, order="C")
     if bias is not None:
@@ -309,12 +320,13 @@ def conv2d(
     groups : int
         C and K are split into this many groups (groups == C is a depthwise convolution).
     padding_mode : {"zeros", "reflect", "replicate", "circular"}
-    algorithm : {"auto", "direct", "winograd"}
-        "winograd" runs Winograd F(2x2, 3x3) (3x3 kernels, stride 1, dilation 1, groups 1:
-        16 instead of 36 multiplications per 2x2 output tile; float32 results stay within 4x
-        direct convolution's tolerance, tested at magnitudes 1 and 100).  "auto" picks it for
-        such layers with at least 64 input and 64 output channels, where it is measured faster,
-        and "direct" otherwise.
+    algorithm : {"auto", "direct", "winograd", "winograd_f2", "winograd_f4"}
+        Winograd convolution serves 3x3 kernels with stride 1, dilation 1 and groups 1:
+        "winograd_f2" is F(2x2, 3x3) (16 instead of 36 multiplications per 2x2 output tile;
+        float32 results within 4x direct convolution's tolerance), "winograd_f4" is F(4x4, 3x3)
+        (36 instead of 144 per 4x4 tile; within 16x), both tested at magnitudes 1 and 100;
+        "winograd" picks the tile by shape.  "auto" picks between the three where they are
+        measured faster (see the README), "direct" forces direct convolution.
 
     Returns
     -------
@@ -554,8 +566,9 @@ def _conv_backward(
             # needed, i.e. g correlated with the flipped, channel-transposed kernel at padding
             # (dilated kernel extent - 1 - the forward's padding), straight into x's shape
             # (Winograd where the forward would use it)
-            winograd = (r, s) == (3, 3) and (dh, dw) == (1, 1) and groups == 1
-            winograd = winograd and _winograd_pays(k, c)  # k channels in, c out
+            winograd = 0
+            if (r, s) == (3, 3) and (dh, dw) == (1, 1) and groups == 1:
+                winograd = _winograd_tile("auto", k, c, n, *spatial)  # k channels in, c out
             grad_input = _core.empty((n, c, *spatial), dtype)
             _core.conv2d_into(
                 g,

@@ -17,7 +17,7 @@ namespace {
 void conv2d_into(const py::array& x, const py::array& w, const py::object& bias, py::array& y,
                  std::int64_t stride_h, std::int64_t stride_w, std::int64_t pad_top,
                  std::int64_t pad_left, std::int64_t dil_h, std::int64_t dil_w, std::int64_t groups,
-                 bool winograd) {
+                 int winograd) {
   const char* fn = "conv2d";
   const DType dt = float_dtype(x, fn, "x");
   require_same_dtype(w, dt, fn, "w");
@@ -37,6 +37,9 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
   }
   if (y.shape(0) != n || y.shape(1) != k) {
     throw std::invalid_argument("conv2d: out has shape " + shape_str(y));
+  }
+  if (winograd != 0 && winograd != 2 && winograd != 4) {
+    throw std::invalid_argument("conv2d: winograd must be 0 (direct), 2 or 4 (the tile size)");
   }
   if (winograd && (w.shape(2) != 3 || w.shape(3) != 3 || stride_h != 1 || stride_w != 1 ||
                    dil_h != 1 || dil_w != 1 || groups != 1)) {
@@ -77,9 +80,13 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
     const KernelTable& kt = kernels();
     py::gil_scoped_release release;
     if constexpr (sizeof(T) == 4) {
-      (winograd ? kt.conv2d_winograd_f32 : kt.conv2d_f32)(a);
+      (winograd == 4   ? kt.conv2d_winograd4_f32
+       : winograd == 2 ? kt.conv2d_winograd_f32
+                       : kt.conv2d_f32)(a);
     } else {
-      (winograd ? kt.conv2d_winograd_f64 : kt.conv2d_f64)(a);
+      (winograd == 4   ? kt.conv2d_winograd4_f64
+       : winograd == 2 ? kt.conv2d_winograd_f64
+                       : kt.conv2d_f64)(a);
     }
   };
   if (dt == DType::f32) {
@@ -153,7 +160,7 @@ void conv2d_grad_weight_into(const py::array& x, const py::array& grad_out, py::
 void bind_conv(py::module_& m) {
   using namespace pybind11::literals;
   m.def("conv2d_into", &conv2d_into, "x"_a, "w"_a, "bias"_a, "out"_a, "stride_h"_a, "stride_w"_a,
-        "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a, "winograd"_a = false,
+        "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a, "winograd"_a = 0,
         "out = conv2d(x, w) + bias with zero padding (top, left given; sizes from out)");
   m.def("conv2d_grad_weight_into", &conv2d_grad_weight_into, "x"_a, "grad_out"_a, "grad_weight"_a,
         "stride_h"_a, "stride_w"_a, "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a,

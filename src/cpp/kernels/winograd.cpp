@@ -1,23 +1,27 @@
-// Winograd F(2x2, 3x3) convolution forward: 3x3 kernels, stride 1, dilation 1, one group.
+// Winograd convolution forward, F(2x2, 3x3) and F(4x4, 3x3): 3x3 kernels, stride 1, dilation 1,
+// one group.
 //
-// Each 2x2 output tile Y of one (image, output channel) comes from the 4x4 input patch d at
-// (2 ti - pt, 2 tj - pl) as
-//   Y = A^T [ sum_c (G g_kc G^T) o (B^T d_c B) ] A          (o: element-wise, 16 products)
-// with
-//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
-//   A^T = [1 1 1 0; 0 1 -1 -1],
-// i.e. 16 multiplications per tile and channel pair instead of 36.  The sum over c for each of
-// the 16 positions xi is a GEMM:  M[xi] (K x T) = U[xi] (K x C) . V[xi] (C x T)  over T tiles.
+// With tiles of m x m outputs and a = m + 2, each output tile Y of one (image, output channel)
+// comes from the a x a input patch d at (m ti - pt, m tj - pl) as
+//   Y = A^T [ sum_c (G g_kc G^T) o (B^T d_c B) ] A          (o: element-wise, a*a products)
+// instead of 9 m^2 products per channel pair: 16 for 4 outputs (F2: 2.25x fewer) or 36 for 16
+// (F4: 4x fewer).  The matrices are in the Tile structs below.  The sum over c for each of the
+// a*a positions xi is a GEMM:  M[xi] (K x T) = U[xi] (K x C) . V[xi] (C x T)  over T tiles.
 //
 // Tiles are processed in blocks of whole tile rows (Note [winograd blocks]); a block is one task:
-// input transform into V, 16 GEMMs on the shared core (single-threaded inside the task), output
-// transform into y (+ bias).  The filter transform U is computed once per call.  Every output
-// element is produced by one task in a fixed order, so results do not depend on the number of
-// threads.
+// input transform into V, a*a GEMMs on the shared core (single-threaded inside the task), output
+// transform into y (+ bias).  The filter transform U is computed once per call, packed as the
+// GEMMs' A.  Every output element is produced by one task in a fixed order, so results do not
+// depend on the number of threads.
 //
-// Accuracy: the transforms add and halve, so the float32 error stays within a small multiple of
-// direct convolution's (see tests/test_conv.py for the stated tolerance).
+// Every transform is a 1-D one applied along rows and then along columns, each vectorised over a
+// whole row of tiles (unit-stride loops over the tile index).
+//
+// Accuracy: F2's transforms only add and halve, so its float32 error stays within a small
+// multiple of direct convolution's; F4's use factors up to 8 (A) and 5 (B), about 10x more
+// rounding error (tests/test_conv.py states both tolerances).
 #include <cstdint>
+#include <type_traits>
 
 #include "common/gemm_core.h"
 #include "common/parallel.h"
@@ -27,29 +31,155 @@ MLMATH_ISA_BEGIN
 
 namespace {
 
+// The 1-D transforms, written once for scalars (the filter) and vectors (rows of tiles):
+// filter: u = G g (3 -> a values); input: B^T d (a -> a); output: A^T M (a -> m).
+template <class T>
+T add(T a, T b) {
+  return a + b;
+}
+template <class T>
+T sub(T a, T b) {
+  return a - b;
+}
+template <class V, class T>
+V times(T c, V x) {  // c x for a constant c
+  if constexpr (std::is_same_v<V, T>) {
+    return c * x;
+  } else {
+    return mul(V::set1(c), x);
+  }
+}
+
+// F(2x2, 3x3):  B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],
+//               G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],  A^T = [1 1 1 0; 0 1 -1 -1]
+struct TileF2 {
+  static constexpr int m = 2, a = 4;
+  template <class T>
+  static void filter(const T g[3], T u[4]) {
+    u[0] = g[0];
+    u[1] = T(0.5) * (g[0] + g[1] + g[2]);
+    u[2] = T(0.5) * (g[0] - g[1] + g[2]);
+    u[3] = g[2];
+  }
+  template <class T, class V>
+  static void input(const V d[4], V out[4]) {
+    out[0] = sub(d[0], d[2]);
+    out[1] = add(d[1], d[2]);
+    out[2] = sub(d[2], d[1]);
+    out[3] = sub(d[1], d[3]);
+  }
+  template <class T, class V>
+  static void output(const V x[4], V y[2]) {
+    y[0] = add(add(x[0], x[1]), x[2]);
+    y[1] = sub(sub(x[1], x[2]), x[3]);
+  }
+};
+
+// F(4x4, 3x3) (Lavin and Gray, 2016):
+//   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+//   G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]
+//   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+struct TileF4 {
+  static constexpr int m = 4, a = 6;
+  template <class T>
+  static void filter(const T g[3], T u[6]) {
+    const T even = g[0] + g[2], quarter_even = T(0.25) * g[0] + g[2];
+    u[0] = T(0.25) * g[0];
+    u[1] = T(-1) / T(6) * (even + g[1]);
+    u[2] = T(-1) / T(6) * (even - g[1]);
+    u[3] = T(1) / T(6) * (quarter_even + T(0.5) * g[1]);  // g0/24 + g1/12 + g2/6
+    u[4] = T(1) / T(6) * (quarter_even - T(0.5) * g[1]);
+    u[5] = g[2];
+  }
+  template <class T, class V>
+  static void input(const V d[6], V out[6]) {
+    const V p = sub(d[4], times<V>(T(4), d[2])), q = sub(d[3], times<V>(T(4), d[1]));
+    const V r = sub(d[4], d[2]), s = times<V>(T(2), sub(d[3], d[1]));
+    out[0] = add(sub(times<V>(T(4), d[0]), times<V>(T(5), d[2])), d[4]);
+    out[1] = add(p, q);  // -4 d1 - 4 d2 + d3 + d4
+    out[2] = sub(p, q);  //  4 d1 - 4 d2 - d3 + d4
+    out[3] = add(r, s);  // -2 d1 - d2 + 2 d3 + d4
+    out[4] = sub(r, s);  //  2 d1 - d2 - 2 d3 + d4
+    out[5] = add(sub(times<V>(T(4), d[1]), times<V>(T(5), d[3])), d[5]);
+  }
+  template <class T, class V>
+  static void output(const V x[6], V y[4]) {
+    const V s12 = add(x[1], x[2]), d12 = sub(x[1], x[2]);
+    const V s34 = add(x[3], x[4]), d34 = sub(x[3], x[4]);
+    y[0] = add(add(x[0], s12), s34);
+    y[1] = add(d12, times<V>(T(2), d34));
+    y[2] = add(s12, times<V>(T(4), s34));
+    y[3] = add(add(d12, times<V>(T(8), d34)), x[5]);
+  }
+};
+
+// out[i][x] = (B^T in)[i][x] for x < n, a vector of x at a time
+template <class Tile, class T>
+void input_rows(const T* const in[Tile::a], T* const out[Tile::a], std::int64_t n) {
+  using V = Vec<T>;
+  constexpr int al = Tile::a;
+  constexpr std::int64_t W = V::width;
+  std::int64_t x = 0;
+  for (; x + W <= n; x += W) {
+    V d[al], e[al];
+    for (int i = 0; i < al; ++i) d[i] = V::load(in[i] + x);
+    Tile::template input<T>(d, e);
+    for (int i = 0; i < al; ++i) e[i].store(out[i] + x);
+  }
+  if (x < n) {
+    V d[al], e[al];
+    for (int i = 0; i < al; ++i) d[i] = V::load_partial(in[i] + x, n - x, T(0));
+    Tile::template input<T>(d, e);
+    for (int i = 0; i < al; ++i) e[i].store_partial(out[i] + x, n - x);
+  }
+}
+
+// out[b][x] = (A^T in)[b][x] + bias for x < n
+template <class Tile, class T>
+void output_rows(const T* const in[Tile::a], T* const out[Tile::m], std::int64_t n, T bias) {
+  using V = Vec<T>;
+  constexpr int al = Tile::a, m = Tile::m;
+  constexpr std::int64_t W = V::width;
+  const V vb = V::set1(bias);
+  std::int64_t x = 0;
+  for (; x + W <= n; x += W) {
+    V d[al], y[m];
+    for (int i = 0; i < al; ++i) d[i] = V::load(in[i] + x);
+    Tile::template output<T>(d, y);
+    for (int b = 0; b < m; ++b) add(y[b], vb).store(out[b] + x);
+  }
+  if (x < n) {
+    V d[al], y[m];
+    for (int i = 0; i < al; ++i) d[i] = V::load_partial(in[i] + x, n - x, T(0));
+    Tile::template output<T>(d, y);
+    for (int b = 0; b < m; ++b) add(y[b], vb).store_partial(out[b] + x, n - x);
+  }
+}
+
 // Note [winograd blocks]
 // A block is a run of whole tile rows, counted across images (global tile row = n * th + ti),
-// of about 1024 tiles, with as many blocks as make an even split over the threads.  Each block
-// packs the 16 transformed filters U[xi] again, which costs about 1/T of the GEMM's work per
-// tile but runs at memory speed, so blocks must hold hundreds of tiles; their scratch
-// V [16][C][T] and M [16][K][T] then lives in L3 rather than L2.
+// of about kTilesPerBlock F2 tiles' worth of V (a*a*T values per input channel), with as many
+// blocks as make an even split over the threads.  V [a*a][C][T] and M [a*a][K][T] then live in
+// L2/L3; the GEMMs read U (packed once) and V in place.
 constexpr std::int64_t kTilesPerBlock = 1024;
-// Output channels up to which the 16 GEMMs read V in place instead of packing it (gemm_rows).
+// Output channels up to which the GEMMs read V in place instead of packing it (gemm_rows).
 constexpr std::int64_t kFewOutputs = 256;
 
-template <class T>
-void winograd_f23(const Conv2dArgs<T>& a) {
+template <class Tile, class T>
+void winograd(const Conv2dArgs<T>& a) {
+  constexpr int m = Tile::m, al = Tile::a, npos = al * al;
   const std::int64_t C = a.c, K = a.k, H = a.h, W = a.w;
-  const std::int64_t th = (a.ho + 1) / 2, tw = (a.wo + 1) / 2;  // tiles per column / row
+  const std::int64_t th = (a.ho + m - 1) / m, tw = (a.wo + m - 1) / m;  // tiles per column / row
   // U[xi] = (G g G^T)[xi] as a K x C matrix, packed once for the GEMMs (Note [prepacked A]);
-  // a task takes whole MR-row panels, so each of the 16 matrices is written front to back.
+  // a task takes whole MR-row panels, so each of the a*a matrices is written front to back.
   // The matrices lie usize apart, one cache line more than their size: with a power-of-two
-  // size, the 16 write streams would all map to one L1 set and evict each other.
+  // size, the write streams would all map to one L1 set and evict each other.
   using S = GemmShape<T>;
   const std::int64_t kpad = (K + S::MR - 1) / S::MR * S::MR;
-  const std::int64_t usize = kpad * C + 64 / static_cast<std::int64_t>(sizeof(T));
-  Scratch<T> u(16 * usize);
-  parallel_for(kpad / S::MR, S::MR * C * 64, [&](std::int64_t p0, std::int64_t p1) {
+  const std::int64_t line = 64 / static_cast<std::int64_t>(sizeof(T));
+  const std::int64_t usize = kpad * C + line;
+  Scratch<T> u(npos * usize);
+  parallel_for(kpad / S::MR, S::MR * C * 128, [&](std::int64_t p0, std::int64_t p1) {
     for (std::int64_t p = p0; p < p1; ++p) {
       for (std::int64_t c = 0; c < C; ++c) {
         const std::int64_t base = prepacked_a_index<T>(K, p * S::MR, C, c);
@@ -57,45 +187,48 @@ void winograd_f23(const Conv2dArgs<T>& a) {
           const std::int64_t k = p * S::MR + r;
           T* uk = u.data + base + r;  // U[xi](k, c) at uk[xi * usize]
           if (k >= K) {
-            for (int xi = 0; xi < 16; ++xi) uk[xi * usize] = T(0);
+            for (int xi = 0; xi < npos; ++xi) uk[xi * usize] = T(0);
             continue;
           }
           const T* g = a.weight + (k * C + c) * 9;
-          T gg[4][3];  // G g
+          T gg[3][al];  // (G g)^T: gg[j] = G times column j of g
           for (int j = 0; j < 3; ++j) {
-            gg[0][j] = g[j];
-            gg[1][j] = T(0.5) * (g[j] + g[3 + j] + g[6 + j]);
-            gg[2][j] = T(0.5) * (g[j] - g[3 + j] + g[6 + j]);
-            gg[3][j] = g[6 + j];
+            const T col[3] = {g[j], g[3 + j], g[6 + j]};
+            Tile::filter(col, gg[j]);
           }
-          for (int i = 0; i < 4; ++i) {  // (G g) G^T
-            uk[(i * 4 + 0) * usize] = gg[i][0];
-            uk[(i * 4 + 1) * usize] = T(0.5) * (gg[i][0] + gg[i][1] + gg[i][2]);
-            uk[(i * 4 + 2) * usize] = T(0.5) * (gg[i][0] - gg[i][1] + gg[i][2]);
-            uk[(i * 4 + 3) * usize] = gg[i][2];
+          for (int i = 0; i < al; ++i) {  // row i of (G g) G^T
+            const T row[3] = {gg[0][i], gg[1][i], gg[2][i]};
+            T out[al];
+            Tile::filter(row, out);
+            for (int j = 0; j < al; ++j) uk[(i * al + j) * usize] = out[j];
           }
         }
       }
     }
   });
+  // blocks of tile rows, sized by the V they need (Note [winograd blocks])
+  const std::int64_t tiles_per_block = kTilesPerBlock * 16 / npos;
   const std::int64_t total_rows = a.n * th, threads = get_num_threads();
   const std::int64_t per_thread = (total_rows * tw + threads - 1) / threads;
-  const std::int64_t rounds = (per_thread + kTilesPerBlock - 1) / kTilesPerBlock;
+  const std::int64_t rounds = (per_thread + tiles_per_block - 1) / tiles_per_block;
   const std::int64_t num_blocks = threads * rounds;
   std::int64_t rows = (total_rows + num_blocks - 1) / num_blocks;
   rows = rows < 1 ? 1 : rows;
   const std::int64_t blocks = (total_rows + rows - 1) / rows;
-  const std::int64_t wpad = 2 * tw + 2;  // a padded input row, wide enough for every tile
+  const std::int64_t wpad = m * tw + 2;  // a padded input row, wide enough for every tile
 
-  parallel_for(blocks, rows * tw * C * K, [&](std::int64_t b0, std::int64_t b1) {
+  parallel_for(blocks, rows * tw * C * K * 2, [&](std::int64_t b0, std::int64_t b1) {
     // V[xi][c][t] at v[xi * vplane + c * ld + t], M[xi][k][t] at m[xi * mplane + k * ld + t]:
     // rows and planes padded off multiples of 1 KiB, so that the rows of a GEMM panel and the
-    // 16 streams of a transform do not all fall into the same L1 sets.
-    const std::int64_t tmax = rows * tw, line = 64 / static_cast<std::int64_t>(sizeof(T));
+    // streams of a transform do not all fall into the same L1 sets.
+    const std::int64_t tmax = rows * tw;
     std::int64_t ld = (tmax + line - 1) / line * line;
     if (ld % (16 * line) == 0) ld += line;
     const std::int64_t vplane = C * ld + line, mplane = K * ld + line;
-    Scratch<T> v(16 * vplane), m(16 * mplane), rowbuf(4 * wpad), tr(4 * wpad), split(4 * (tw + 1));
+    // per tile row: al input rows, their row transform, the al column phases; m output rows
+    const std::int64_t cols = tw + 1;  // column phases: tiles, plus one for the F2 overlap
+    Scratch<T> v(npos * vplane), mm(npos * mplane), rowbuf(al * wpad), tr(al * wpad),
+        phase(al * cols), orow(m * al * cols), yrow(m * cols * m);
     for (std::int64_t blk = b0; blk < b1; ++blk) {
       const std::int64_t row0 = blk * rows;
       const std::int64_t nrows = total_rows - row0 < rows ? total_rows - row0 : rows;
@@ -105,52 +238,44 @@ void winograd_f23(const Conv2dArgs<T>& a) {
         for (std::int64_t r = 0; r < nrows; ++r) {
           const std::int64_t n = (row0 + r) / th, ti = (row0 + r) % th;
           const T* plane = a.x + (n * C + c) * H * W;
-          const std::int64_t y0 = 2 * ti - a.pad_top;
-          T* d[4];
-          for (int i = 0; i < 4; ++i) {  // the 4 input rows, zero-padded to wpad
-            d[i] = rowbuf.data + i * wpad;
+          const std::int64_t y0 = m * ti - a.pad_top;
+          const T* d[al];
+          T* e[al];
+          for (int i = 0; i < al; ++i) {  // the al input rows, zero-padded to wpad
+            T* row = rowbuf.data + i * wpad;
+            d[i] = row;
+            e[i] = tr.data + i * wpad;
             const std::int64_t yy = y0 + i;
-            for (std::int64_t x = 0; x < wpad; ++x) d[i][x] = T(0);
-            if (yy < 0 || yy >= H) continue;
-            const std::int64_t x0 = a.pad_left,
-                               x1 = (a.pad_left + W < wpad ? a.pad_left + W : wpad);
-            const T* src = plane + yy * W;
-            for (std::int64_t x = x0; x < x1; ++x) d[i][x] = src[x - a.pad_left];
-          }
-          // B^T d: rows combined, along the whole row
-          T* e[4];
-          for (int i = 0; i < 4; ++i) e[i] = tr.data + i * wpad;
-          for (std::int64_t x = 0; x < wpad; ++x) {
-            e[0][x] = d[0][x] - d[2][x];
-            e[1][x] = d[1][x] + d[2][x];
-            e[2][x] = d[2][x] - d[1][x];
-            e[3][x] = d[1][x] - d[3][x];
-          }
-          // (B^T d) B: columns 2tj .. 2tj+3 of each tile
-          // even and odd columns apart, so that the tile loop below reads with unit stride
-          T* ev = split.data;
-          T* od = split.data + (tw + 1);
-          for (int i = 0; i < 4; ++i) {
-            const T* row = e[i];
-            for (std::int64_t x = 0; x <= tw; ++x) {
-              ev[x] = row[2 * x];
-              od[x] = row[2 * x + 1];
+            if (yy < 0 || yy >= H) {
+              for (std::int64_t x = 0; x < wpad; ++x) row[x] = T(0);
+              continue;
             }
-            T* v0 = v.data + (i * 4 + 0) * vplane + c * ld + r * tw;
-            T* v1 = v.data + (i * 4 + 1) * vplane + c * ld + r * tw;
-            T* v2 = v.data + (i * 4 + 2) * vplane + c * ld + r * tw;
-            T* v3 = v.data + (i * 4 + 3) * vplane + c * ld + r * tw;
-            for (std::int64_t tj = 0; tj < tw; ++tj) {  // columns 2tj, 2tj+1, 2tj+2, 2tj+3
-              v0[tj] = ev[tj] - ev[tj + 1];
-              v1[tj] = od[tj] + ev[tj + 1];
-              v2[tj] = ev[tj + 1] - od[tj];
-              v3[tj] = od[tj] - od[tj + 1];
+            const std::int64_t x0 = a.pad_left < wpad ? a.pad_left : wpad;
+            const std::int64_t x1 = a.pad_left + W < wpad ? a.pad_left + W : wpad;
+            for (std::int64_t x = 0; x < x0; ++x) row[x] = T(0);
+            const T* src = plane + yy * W;  // input column x - pad_left
+            for (std::int64_t x = x0; x < x1; ++x) row[x] = src[x - a.pad_left];
+            for (std::int64_t x = x1; x < wpad; ++x) row[x] = T(0);
+          }
+          input_rows<Tile>(d, e, wpad);  // B^T d, along the whole row
+          // (B^T d) B for every tile: column l of tile tj is m tj + l; split into phases
+          // so that the transform reads with unit stride
+          for (int i = 0; i < al; ++i) {
+            const T* ph[al];
+            T* out[al];
+            for (int l = 0; l < al; ++l) {
+              T* dst = phase.data + l * cols;
+              const T* src = e[i] + l;
+              for (std::int64_t tj = 0; tj < tw; ++tj) dst[tj] = src[m * tj];
+              ph[l] = dst;
+              out[l] = v.data + (i * al + l) * vplane + c * ld + r * tw;
             }
+            input_rows<Tile>(ph, out, tw);
           }
         }
       }
-      // 16 GEMMs: M[xi] (K x tiles) = U[xi] (K x C) V[xi] (C x tiles)
-      for (int xi = 0; xi < 16; ++xi) {
+      // npos GEMMs: M[xi] (K x tiles) = U[xi] (K x C) V[xi] (C x tiles)
+      for (int xi = 0; xi < npos; ++xi) {
         const T* uxi = u.data + xi * usize;
         const T* vxi = v.data + xi * vplane;
         auto pack_u = [&](std::int64_t i0, std::int64_t, std::int64_t k0, std::int64_t,
@@ -158,42 +283,43 @@ void winograd_f23(const Conv2dArgs<T>& a) {
         if (K <= kFewOutputs) {  // V's rows are contiguous: read them in place
           gemm_rows<T>(
               K, tiles, C, pack_u, [&](std::int64_t c) { return vxi + c * ld; },
-              m.data + xi * mplane, ld);
+              mm.data + xi * mplane, ld);
         } else {
           gemm_blocked<T>(
               K, tiles, C, pack_u,
               [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* dst) {
                 pack_b_strided(vxi, ld, std::int64_t{1}, k0, kc, j0, nc, dst);
               },
-              m.data + xi * mplane, ld, false);
+              mm.data + xi * mplane, ld, false);
         }
       }
-      // output transform: Y = A^T M A per tile, clipped to the output
+      // output transform: Y = A^T M A per tile (+ bias), clipped to the output
       for (std::int64_t k = 0; k < K; ++k) {
         const T bias = a.bias ? a.bias[k] : T(0);
         for (std::int64_t r = 0; r < nrows; ++r) {
-          const std::int64_t n = (row0 + r) / th, oy = 2 * ((row0 + r) % th);
+          const std::int64_t n = (row0 + r) / th, oy = m * ((row0 + r) % th);
           T* out = a.y + (n * K + k) * a.ho * a.wo;
-          const T* mm[16];
-          for (int xi = 0; xi < 16; ++xi) mm[xi] = m.data + xi * mplane + k * ld + r * tw;
-          // A^T M A for all tiles of the row at once (unit-stride loops), then interleaved
-          T* y0r = split.data;  // y0r[2tj + b] = output row oy, column 2tj + b
-          T* y1r = split.data + 2 * tw;
-          for (std::int64_t tj = 0; tj < tw; ++tj) {
-            T t0[4], t1[4];
-            for (int j = 0; j < 4; ++j) {
-              t0[j] = mm[j][tj] + mm[4 + j][tj] + mm[8 + j][tj];
-              t1[j] = mm[4 + j][tj] - mm[8 + j][tj] - mm[12 + j][tj];
-            }
-            y0r[2 * tj] = t0[0] + t0[1] + t0[2] + bias;
-            y0r[2 * tj + 1] = t0[1] - t0[2] - t0[3] + bias;
-            y1r[2 * tj] = t1[0] + t1[1] + t1[2] + bias;
-            y1r[2 * tj + 1] = t1[1] - t1[2] - t1[3] + bias;
+          // t[b][j] = (A^T M)[b][j] for every tile of the row: orow[(b * al + j) * cols + tj]
+          for (int j = 0; j < al; ++j) {
+            const T* col[al];
+            T* dst[m];
+            for (int i = 0; i < al; ++i) col[i] = mm.data + (i * al + j) * mplane + k * ld + r * tw;
+            for (int b = 0; b < m; ++b) dst[b] = orow.data + (b * al + j) * cols;
+            output_rows<Tile>(col, dst, tw, T(0));
           }
-          T* o0 = out + oy * a.wo;
-          for (std::int64_t x = 0; x < a.wo; ++x) o0[x] = y0r[x];
-          if (oy + 1 < a.ho)
-            for (std::int64_t x = 0; x < a.wo; ++x) o0[a.wo + x] = y1r[x];
+          for (int b = 0; b < m; ++b) {  // output row oy + b: (t A)[b][l] at column m tj + l
+            if (oy + b >= a.ho) break;
+            const T* t[al];
+            T* y[m];
+            for (int j = 0; j < al; ++j) t[j] = orow.data + (b * al + j) * cols;
+            for (int l = 0; l < m; ++l) y[l] = yrow.data + l * cols;
+            output_rows<Tile>(t, y, tw, bias);
+            T* o = out + (oy + b) * a.wo;
+            const std::int64_t full = a.wo / m;  // tiles wholly inside the row
+            for (std::int64_t tj = 0; tj < full; ++tj)
+              for (int l = 0; l < m; ++l) o[m * tj + l] = y[l][tj];
+            for (std::int64_t l = 0; m * full + l < a.wo; ++l) o[m * full + l] = y[l][full];
+          }
         }
       }
     }
@@ -202,7 +328,9 @@ void winograd_f23(const Conv2dArgs<T>& a) {
 
 }  // namespace
 
-void conv2d_winograd_f32(const Conv2dArgs<float>& args) { winograd_f23(args); }
-void conv2d_winograd_f64(const Conv2dArgs<double>& args) { winograd_f23(args); }
+void conv2d_winograd_f32(const Conv2dArgs<float>& args) { winograd<TileF2>(args); }
+void conv2d_winograd_f64(const Conv2dArgs<double>& args) { winograd<TileF2>(args); }
+void conv2d_winograd4_f32(const Conv2dArgs<float>& args) { winograd<TileF4>(args); }
+void conv2d_winograd4_f64(const Conv2dArgs<double>& args) { winograd<TileF4>(args); }
 
 MLMATH_ISA_END
