@@ -77,6 +77,16 @@ std::int64_t prepacked_a_index(std::int64_t M, std::int64_t i, std::int64_t K, s
   return pc * mpad + (i - i % S::MR) * kc + (k - pc) * S::MR + i % S::MR;
 }
 
+// Packs all of A (M x K) with pack_a into dst (Note [prepacked A]; prepacked_a_index(M, M, K, 0)
+// values).
+template <class T, class PackA>
+void prepack_a(std::int64_t M, std::int64_t K, const PackA& pack_a, T* dst) {
+  using S = GemmShape<T>;
+  const std::int64_t mpad = (M + S::MR - 1) / S::MR * S::MR;
+  for (std::int64_t pc = 0; pc < K; pc += S::KC)
+    pack_a(std::int64_t{0}, mpad, pc, K - pc < S::KC ? K - pc : S::KC, dst + pc * mpad);
+}
+
 // The packed panels of A's block (i0, k0): pack_a fills dst, or returns panels packed before.
 template <class T, class PackA>
 const T* packed_a(const PackA& pack_a, std::int64_t i0, std::int64_t mc, std::int64_t k0,

@@ -127,12 +127,7 @@ void conv_shifted(const Conv2dArgs<T>& a, const T* xg, const T* wg, std::int64_t
   auto pack_w = [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* d) {
     pack_a_strided(wg, kdim, std::int64_t{1}, kg, i0, mc, k0, kc, d);
   };
-  if (kg <= kFewOutputChannels) {
-    // few output channels would not amortise packing B: read the shifted rows in place
-    gemm_rows<T>(
-        kg, wide, kdim, pack_w, [&](std::int64_t row) { return xp.data + shift(row); }, out.data,
-        wide);
-  } else {
+  {
     gemm_blocked<T>(
         kg, wide, kdim, pack_w,
         [&](std::int64_t k0, std::int64_t kc, std::int64_t j0, std::int64_t nc, T* d) {
@@ -157,12 +152,84 @@ void conv_shifted(const Conv2dArgs<T>& a, const T* xg, const T* wg, std::int64_t
     }
 }
 
+// Stride 1 with few output channels (Note [shifted rows]), all images at once: the padded
+// inputs are copied first, the weights packed once per group; then each task, one run of
+// output rows of one (image, group), reads the shifted rows in place (gemm_rows: few output
+// channels would not amortise packing B) into a Kg x rows*Wp scratch that stays in L2, and
+// copies its valid columns out (+ bias).  The runs keep every thread busy on one image too.
+// Each output element is one task's sum over the same K in the same order, so the results do
+// not depend on the runs or the threads.
+template <class T>
+void conv_shifted_rows(const Conv2dArgs<T>& a) {
+  using S = GemmShape<T>;
+  const std::int64_t cg = a.c / a.groups, kg = a.k / a.groups, kdim = cg * a.r * a.s;
+  const std::int64_t pad_bottom = (a.ho - 1) + a.dil_h * (a.r - 1) + 1 - a.h - a.pad_top;
+  const std::int64_t pad_right = (a.wo - 1) + a.dil_w * (a.s - 1) + 1 - a.w - a.pad_left;
+  const std::int64_t hp = a.h + a.pad_top + (pad_bottom > 0 ? pad_bottom : 0);
+  const std::int64_t wp = a.w + a.pad_left + (pad_right > 0 ? pad_right : 0);
+  const std::int64_t plane = hp * wp, slack = (a.s - 1) * a.dil_w, xsize = cg * plane + slack;
+  const std::int64_t images = a.n * a.groups;
+  Scratch<T> xp(images * xsize);
+  parallel_for(images, xsize, [&](std::int64_t t0, std::int64_t t1) {
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t n = t / a.groups, g = t % a.groups;
+      copy_padded(a.x + (n * a.c + g * cg) * a.h * a.w, cg, a.h, a.w, a.pad_top, a.pad_left, hp, wp,
+                  slack, xp.data + t * xsize);
+    }
+  });
+  const std::int64_t wsize = (kg + S::MR - 1) / S::MR * S::MR * kdim;
+  Scratch<T> wpack(a.groups * wsize);
+  for (std::int64_t g = 0; g < a.groups; ++g) {
+    const T* wg = a.weight + g * kg * kdim;
+    prepack_a<T>(
+        kg, kdim,
+        [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* d) {
+          pack_a_strided(wg, kdim, std::int64_t{1}, kg, i0, mc, k0, kc, d);
+        },
+        wpack.data + g * wsize);
+  }
+  std::int64_t rows = (std::int64_t{1} << 16) / (kg * wp);  // about 64K values of scratch
+  rows = rows < 1 ? 1 : (rows > a.ho ? a.ho : rows);
+  const std::int64_t runs = (a.ho + rows - 1) / rows;
+  parallel_for(images * runs, kg * rows * wp * kdim, [&](std::int64_t t0, std::int64_t t1) {
+    Scratch<T> out(kg * rows * wp);
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t image = t / runs, i0 = t % runs * rows;
+      const std::int64_t n = image / a.groups, g = image % a.groups;
+      const std::int64_t nr = a.ho - i0 < rows ? a.ho - i0 : rows, wide = nr * wp;
+      const T* xi = xp.data + image * xsize + i0 * wp;
+      const T* wg = wpack.data + g * wsize;
+      gemm_rows<T>(
+          kg, wide, kdim,
+          [&](std::int64_t r0, std::int64_t, std::int64_t k0, std::int64_t, T*) -> const T* {
+            return wg + prepacked_a_index<T>(kg, r0, kdim, k0);
+          },
+          [&](std::int64_t row) {
+            return xi + shifted_row_start(row, a.r, a.s, plane, wp, a.dil_h, a.dil_w);
+          },
+          out.data, wide);
+      for (std::int64_t k = 0; k < kg; ++k) {
+        const T b = a.bias ? a.bias[g * kg + k] : T(0);
+        for (std::int64_t i = 0; i < nr; ++i) {
+          const T* src = out.data + k * wide + i * wp;
+          T* dst = a.y + ((n * a.k + g * kg + k) * a.ho + i0 + i) * a.wo;
+          for (std::int64_t j = 0; j < a.wo; ++j) dst[j] = src[j] + b;
+        }
+      }
+    }
+  });
+}
+
 template <class T>
 void conv_gemm(const Conv2dArgs<T>& a) {
   const std::int64_t cg = a.c / a.groups, kg = a.k / a.groups;
   const std::int64_t kdim = cg * a.r * a.s, pixels = a.ho * a.wo;
   const bool pointwise = a.r == 1 && a.s == 1 && a.stride_h == 1 && a.stride_w == 1 &&
                          a.pad_top == 0 && a.pad_left == 0 && a.ho == a.h && a.wo == a.w;
+  if (!pointwise && a.stride_h == 1 && a.stride_w == 1 && kg <= kFewOutputChannels) {
+    conv_shifted_rows(a);
+    return;
+  }
   auto one = [&](std::int64_t task) {
     const std::int64_t n = task / a.groups, g = task % a.groups;
     const T* xg = a.x + (n * a.c + g * cg) * a.h * a.w;
