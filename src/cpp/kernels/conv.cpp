@@ -275,48 +275,67 @@ void conv_gemm(const Conv2dArgs<T>& a) {
   }
 }
 
-// Depthwise: each output channel k reads input channel k / (K / C) (groups == C).
+// Depthwise: each output channel k reads input channel k / (K / C) (groups == C).  Per (image,
+// channel) task the input plane is copied into a zero-padded scratch (small: it stays in L1),
+// so the loops need no bounds checks; with stride 1 each vector of an output row is summed over
+// the R*S taps in registers and stored once.
 template <class T>
 void conv_depthwise(const Conv2dArgs<T>& a) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
-  const std::int64_t mult = a.k / a.c;
-  parallel_for(a.n * a.k, a.ho * a.wo * a.r * a.s, [&](std::int64_t b, std::int64_t e) {
+  const std::int64_t mult = a.k / a.c, taps = a.r * a.s;
+  // the padded plane: every row and column a window reaches
+  const std::int64_t hp = (a.ho - 1) * a.stride_h + (a.r - 1) * a.dil_h + 1;
+  const std::int64_t wp = (a.wo - 1) * a.stride_w + (a.s - 1) * a.dil_w + 1;
+  parallel_for(a.n * a.k, a.ho * a.wo * taps, [&](std::int64_t b, std::int64_t e) {
+    Scratch<T> xp(hp * wp + W);  // + W: the last vector of a row may read past the plane
+    Scratch<T> wv(taps);
     for (std::int64_t t = b; t < e; ++t) {
       const std::int64_t n = t / a.k, k = t % a.k;
       const T* plane = a.x + (n * a.c + k / mult) * a.h * a.w;
-      const T* wk = a.weight + k * a.r * a.s;
+      for (std::int64_t y = 0; y < hp; ++y) {
+        const std::int64_t iy = y - a.pad_top;
+        T* row = xp.data + y * wp;
+        if (iy < 0 || iy >= a.h) {
+          for (std::int64_t x = 0; x < wp; ++x) row[x] = T(0);
+          continue;
+        }
+        const std::int64_t x0 = a.pad_left < wp ? a.pad_left : wp;
+        const std::int64_t x1 = a.pad_left + a.w < wp ? a.pad_left + a.w : wp;
+        const T* src = plane + iy * a.w;  // input column x - pad_left
+        for (std::int64_t x = 0; x < x0; ++x) row[x] = T(0);
+        for (std::int64_t x = x0; x < x1; ++x) row[x] = src[x - a.pad_left];
+        for (std::int64_t x = x1; x < wp; ++x) row[x] = T(0);
+      }
+      for (std::int64_t x = 0; x < W; ++x) xp.data[hp * wp + x] = T(0);
+      for (std::int64_t q = 0; q < taps; ++q) wv.data[q] = a.weight[k * taps + q];
       T* out = a.y + t * a.ho * a.wo;
       const T b0 = a.bias ? a.bias[k] : T(0);
       for (std::int64_t i = 0; i < a.ho; ++i) {
         T* orow = out + i * a.wo;
-        for (std::int64_t j = 0; j < a.wo; ++j) orow[j] = b0;
-        for (std::int64_t r = 0; r < a.r; ++r) {
-          const std::int64_t ih = i * a.stride_h - a.pad_top + r * a.dil_h;
-          if (ih < 0 || ih >= a.h) continue;
-          const T* irow = plane + ih * a.w;
-          for (std::int64_t s = 0; s < a.s; ++s) {
-            const T wv = wk[r * a.s + s];
-            const std::int64_t dx = s * a.dil_w - a.pad_left;
-            // output columns j whose input column j*sw + dx lies in [0, W)
-            std::int64_t j0 = dx >= 0 ? 0 : (-dx + a.stride_w - 1) / a.stride_w;
-            std::int64_t j1 = (a.w - dx + a.stride_w - 1) / a.stride_w;
-            if (j1 > a.wo) j1 = a.wo;
-            if (j0 >= j1) continue;
-            if (a.stride_w == 1) {
-              const V vw = V::set1(wv);
-              const T* src = irow + dx;
-              std::int64_t j = j0;
-              for (; j + W <= j1; j += W)
-                fma(vw, V::load(src + j), V::load(orow + j)).store(orow + j);
-              if (j < j1) {
-                fma(vw, V::load_partial(src + j, j1 - j, T(0)),
-                    V::load_partial(orow + j, j1 - j, T(0)))
-                    .store_partial(orow + j, j1 - j);
-              }
-            } else {
-              for (std::int64_t j = j0; j < j1; ++j) orow[j] += wv * irow[j * a.stride_w + dx];
+        const T* top = xp.data + i * a.stride_h * wp;  // window row 0 of output row i
+        if (a.stride_w != 1) {
+          for (std::int64_t j = 0; j < a.wo; ++j) {
+            T acc = b0;
+            for (std::int64_t r = 0; r < a.r; ++r) {
+              const T* in = top + r * a.dil_h * wp + j * a.stride_w;
+              for (std::int64_t s = 0; s < a.s; ++s) acc += wv.data[r * a.s + s] * in[s * a.dil_w];
             }
+            orow[j] = acc;
+          }
+          continue;
+        }
+        for (std::int64_t j = 0; j < a.wo; j += W) {
+          V acc = V::set1(b0);
+          for (std::int64_t r = 0; r < a.r; ++r) {
+            const T* in = top + r * a.dil_h * wp + j;
+            for (std::int64_t s = 0; s < a.s; ++s)
+              acc = fma(V::set1(wv.data[r * a.s + s]), V::load(in + s * a.dil_w), acc);
+          }
+          if (j + W <= a.wo) {
+            acc.store(orow + j);
+          } else {
+            acc.store_partial(orow + j, a.wo - j);
           }
         }
       }
