@@ -31,6 +31,8 @@ GRID = [
     (1, 4, 10, 11, 6, 3, 2, 2, (1, 2), 2, 2),
     (2, 8, 9, 9, 8, 3, 3, 1, 1, 1, 8),  # depthwise
     (1, 4, 9, 8, 8, 3, 3, 2, 1, 1, 4),  # depthwise, channel multiplier 2
+    (2, 4, 11, 37, 4, 3, 3, 1, (2, 0, 1, 3), 2, 4),  # depthwise, dilated, a row tail
+    (1, 3, 8, 40, 6, 3, 5, 1, "same", 1, 3),  # depthwise 3x5, multiplier 2, wide rows
     (1, 6, 12, 12, 12, 5, 5, 3, 2, 1, 6),
     (3, 5, 6, 7, 7, 1, 1, 1, 0, 1, 1),  # 1x1: plain GEMM
     (2, 5, 6, 7, 7, 1, 1, 2, 0, 1, 1),  # 1x1 strided
