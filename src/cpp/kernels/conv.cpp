@@ -279,6 +279,34 @@ void conv_gemm(const Conv2dArgs<T>& a) {
 // channel) task the input plane is copied into a zero-padded scratch (small: it stays in L1),
 // so the loops need no bounds checks; with stride 1 each vector of an output row is summed over
 // the R*S taps in registers and stored once.
+// One output row of a 3x3 depthwise layer, stride 1: out[j] = b + sum_{r,s} w[r][s] *
+// in[r * rs + s * ds + j] (rows rs apart, taps ds apart); one accumulator per kernel row, so
+// the three chains of FMAs overlap.
+template <class T>
+void depthwise_row3x3(const T* in, std::int64_t rs, std::int64_t ds, const T* w, T b, T* out,
+                      std::int64_t n) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  V wv[9];
+  for (int q = 0; q < 9; ++q) wv[q] = V::set1(w[q]);
+  const V vb = V::set1(b);
+  for (std::int64_t j = 0; j < n; j += W) {
+    V acc[3];
+    for (int r = 0; r < 3; ++r) {
+      const T* row = in + r * rs + j;
+      acc[r] = mul(wv[3 * r], V::load(row));
+      acc[r] = fma(wv[3 * r + 1], V::load(row + ds), acc[r]);
+      acc[r] = fma(wv[3 * r + 2], V::load(row + 2 * ds), acc[r]);
+    }
+    const V sum = add(add(acc[0], vb), add(acc[1], acc[2]));
+    if (j + W <= n) {
+      sum.store(out + j);
+    } else {
+      sum.store_partial(out + j, n - j);
+    }
+  }
+}
+
 template <class T>
 void conv_depthwise(const Conv2dArgs<T>& a) {
   using V = Vec<T>;
@@ -323,6 +351,10 @@ void conv_depthwise(const Conv2dArgs<T>& a) {
             }
             orow[j] = acc;
           }
+          continue;
+        }
+        if (a.r == 3 && a.s == 3) {
+          depthwise_row3x3(top, a.dil_h * wp, a.dil_w, wv.data, b0, orow, a.wo);
           continue;
         }
         for (std::int64_t j = 0; j < a.wo; j += W) {
