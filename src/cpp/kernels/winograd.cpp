@@ -225,10 +225,11 @@ void winograd(const Conv2dArgs<T>& a) {
     std::int64_t ld = (tmax + line - 1) / line * line;
     if (ld % (16 * line) == 0) ld += line;
     const std::int64_t vplane = C * ld + line, mplane = K * ld + line;
-    // per tile row: al input rows, their row transform, the al column phases; m output rows
-    const std::int64_t cols = tw + 1;  // column phases: tiles, plus one for the F2 overlap
+    // per tile row: al input rows and their row transform; per block (so that the column
+    // transforms run over all of the block's tiles at once, in long vectors): the al*al
+    // column phases of the input, the m*al half-transformed and m*m transformed outputs
     Scratch<T> v(npos * vplane), mm(npos * mplane), rowbuf(al * wpad), tr(al * wpad),
-        phase(al * cols), orow(m * al * cols), yrow(m * cols * m);
+        phase(npos * ld), orow(m * al * ld), yrow(m * m * ld);
     for (std::int64_t blk = b0; blk < b1; ++blk) {
       const std::int64_t row0 = blk * rows;
       const std::int64_t nrows = total_rows - row0 < rows ? total_rows - row0 : rows;
@@ -258,20 +259,23 @@ void winograd(const Conv2dArgs<T>& a) {
             for (std::int64_t x = x1; x < wpad; ++x) row[x] = T(0);
           }
           input_rows<Tile>(d, e, wpad);  // B^T d, along the whole row
-          // (B^T d) B for every tile: column l of tile tj is m tj + l; split into phases
-          // so that the transform reads with unit stride
-          for (int i = 0; i < al; ++i) {
-            const T* ph[al];
-            T* out[al];
+          // column l of tile tj is m tj + l: phase (i, l) gathers it for every tile
+          for (int i = 0; i < al; ++i)
             for (int l = 0; l < al; ++l) {
-              T* dst = phase.data + l * cols;
+              T* dst = phase.data + (i * al + l) * ld + r * tw;
               const T* src = e[i] + l;
               for (std::int64_t tj = 0; tj < tw; ++tj) dst[tj] = src[m * tj];
-              ph[l] = dst;
-              out[l] = v.data + (i * al + l) * vplane + c * ld + r * tw;
             }
-            input_rows<Tile>(ph, out, tw);
+        }
+        // (B^T d) B for all of the block's tiles
+        for (int i = 0; i < al; ++i) {
+          const T* ph[al];
+          T* out[al];
+          for (int l = 0; l < al; ++l) {
+            ph[l] = phase.data + (i * al + l) * ld;
+            out[l] = v.data + (i * al + l) * vplane + c * ld;
           }
+          input_rows<Tile>(ph, out, tiles);
         }
       }
       // npos GEMMs: M[xi] (K x tiles) = U[xi] (K x C) V[xi] (C x tiles)
@@ -293,32 +297,34 @@ void winograd(const Conv2dArgs<T>& a) {
               mm.data + xi * mplane, ld, false);
         }
       }
-      // output transform: Y = A^T M A per tile (+ bias), clipped to the output
+      // output transform: Y = A^T M A per tile (+ bias), for all of the block's tiles at once,
+      // then written out row by row, clipped to the output
       for (std::int64_t k = 0; k < K; ++k) {
         const T bias = a.bias ? a.bias[k] : T(0);
+        for (int j = 0; j < al; ++j) {  // (A^T M)[b][j] at orow[(b * al + j) * ld + t]
+          const T* col[al];
+          T* dst[m];
+          for (int i = 0; i < al; ++i) col[i] = mm.data + (i * al + j) * mplane + k * ld;
+          for (int b = 0; b < m; ++b) dst[b] = orow.data + (b * al + j) * ld;
+          output_rows<Tile>(col, dst, tiles, T(0));
+        }
+        for (int b = 0; b < m; ++b) {  // (A^T M A)[b][l] at yrow[(b * m + l) * ld + t]
+          const T* t[al];
+          T* y[m];
+          for (int j = 0; j < al; ++j) t[j] = orow.data + (b * al + j) * ld;
+          for (int l = 0; l < m; ++l) y[l] = yrow.data + (b * m + l) * ld;
+          output_rows<Tile>(t, y, tiles, bias);
+        }
+        const std::int64_t full = a.wo / m;  // tiles wholly inside a row
         for (std::int64_t r = 0; r < nrows; ++r) {
           const std::int64_t n = (row0 + r) / th, oy = m * ((row0 + r) % th);
           T* out = a.y + (n * K + k) * a.ho * a.wo;
-          // t[b][j] = (A^T M)[b][j] for every tile of the row: orow[(b * al + j) * cols + tj]
-          for (int j = 0; j < al; ++j) {
-            const T* col[al];
-            T* dst[m];
-            for (int i = 0; i < al; ++i) col[i] = mm.data + (i * al + j) * mplane + k * ld + r * tw;
-            for (int b = 0; b < m; ++b) dst[b] = orow.data + (b * al + j) * cols;
-            output_rows<Tile>(col, dst, tw, T(0));
-          }
-          for (int b = 0; b < m; ++b) {  // output row oy + b: (t A)[b][l] at column m tj + l
-            if (oy + b >= a.ho) break;
-            const T* t[al];
-            T* y[m];
-            for (int j = 0; j < al; ++j) t[j] = orow.data + (b * al + j) * cols;
-            for (int l = 0; l < m; ++l) y[l] = yrow.data + l * cols;
-            output_rows<Tile>(t, y, tw, bias);
+          for (int b = 0; b < m && oy + b < a.ho; ++b) {  // output row oy + b
             T* o = out + (oy + b) * a.wo;
-            const std::int64_t full = a.wo / m;  // tiles wholly inside the row
+            const T* y = yrow.data + b * m * ld + r * tw;  // y[l * ld + tj]: column m tj + l
             for (std::int64_t tj = 0; tj < full; ++tj)
-              for (int l = 0; l < m; ++l) o[m * tj + l] = y[l][tj];
-            for (std::int64_t l = 0; m * full + l < a.wo; ++l) o[m * full + l] = y[l][full];
+              for (int l = 0; l < m; ++l) o[m * tj + l] = y[l * ld + tj];
+            for (std::int64_t l = 0; m * full + l < a.wo; ++l) o[m * full + l] = y[l * ld + full];
           }
         }
       }
