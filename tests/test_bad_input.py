@@ -10,6 +10,12 @@ import mlmath_native as mn
 from mlmath_native import _core
 
 
+def _readonly(shape):
+    out = np.zeros(shape)
+    out.flags.writeable = False
+    return out
+
+
 def arrays():
     """Fresh inputs for one bad call (a new set per row, so rows cannot affect each other)."""
     rng = np.random.default_rng(0)
@@ -623,6 +629,30 @@ BAD_CALLS = [
         ),
         ValueError,
         "inconsistent shapes for the weight gradient",
+    ),
+    (
+        "core grad input shapes",
+        lambda a: _core.conv2d_grad_input_into(
+            np.ones((1, 3, 3, 3)), np.ones((3, 2, 3, 3)), np.zeros((1, 2, 4, 4)), 1, 1, 1, 1, 1
+        ),
+        ValueError,
+        "inconsistent shapes for the input gradient",
+    ),
+    (
+        "core grad input dilation 0",
+        lambda a: _core.conv2d_grad_input_into(
+            np.ones((1, 3, 3, 3)), np.ones((3, 2, 3, 3)), np.zeros((1, 2, 5, 5)), 1, 1, 0, 1, 1
+        ),
+        ValueError,
+        "bad arrays or sizes for the input gradient",
+    ),
+    (
+        "core grad input read-only",
+        lambda a: _core.conv2d_grad_input_into(
+            np.ones((1, 3, 3, 3)), np.ones((3, 2, 3, 3)), _readonly((1, 2, 5, 5)), 1, 1, 1, 1, 1
+        ),
+        ValueError,
+        "not writeable",
     ),
     (
         "core grad weight stride 0",

@@ -16,7 +16,6 @@ import numpy as np
 
 from . import _core
 from ._checks import as_float_array
-from ._matmul import matmul
 
 _MODES = {"zeros": None, "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
@@ -585,35 +584,20 @@ def _conv_backward(
                 winograd,
             )
         else:
-            grad_xp = np.zeros((n, c, hp, wp), dtype)
             if (sh, sw) == (1, 1):
+                grad_xp = np.zeros((n, c, hp, wp), dtype)
                 # the transposed convolution: g fully padded by the dilated kernel size, correlated
                 # with the flipped, channel-transposed kernel (groups keep their channels)
                 full_h, full_w = ho + dh * (r - 1), wo + dw * (s - 1)
                 part = _core.empty((n, c, full_h, full_w), dtype)
                 pad_h, pad_w = dh * (r - 1), dw * (s - 1)
-                _core.conv2d_into(g, wt, None, part, 1, 1, pad_h, pad_w, dh, dw, groups, False)
+                _core.conv2d_into(g, wt, None, part, 1, 1, pad_h, pad_w, dh, dw, groups, 0)
                 grad_xp[:, :, :full_h, :full_w] = part  # rows/cols past the last window: 0
             else:
-                # strided: dCol = W^T g per chunk of images (a GEMM), then each (c, r, s) row
-                # of dCol is added onto its strided window of grad_xp (col2im), in fixed order
-                chunk = max(1, (1 << 23) // max(cg * r * s * ho * wo, 1))
-                for n0 in range(0, n, chunk):
-                    n1 = min(n, n0 + chunk)
-                    for gi in range(groups):
-                        wg = w[gi * kg : (gi + 1) * kg].reshape(kg, cg * r * s)
-                        gk = np.ascontiguousarray(
-                            g[n0:n1, gi * kg : (gi + 1) * kg].transpose(1, 0, 2, 3)
-                        ).reshape(kg, (n1 - n0) * ho * wo)
-                        dcol = matmul(wg.T, gk).reshape(cg, r, s, n1 - n0, ho, wo)
-                        for ci, ri, si in np.ndindex(cg, r, s):
-                            y0, x0 = ri * dh, si * dw
-                            grad_xp[
-                                n0:n1,
-                                gi * cg + ci,
-                                y0 : y0 + (ho - 1) * sh + 1 : sh,
-                                x0 : x0 + (wo - 1) * sw + 1 : sw,
-                            ] += dcol[ci, ri, si]
+                # strided: dCol = W^T g (a GEMM), each (c, r, s) row of dCol added onto its
+                # strided window of grad_xp (col2im), in C++ (conv_grad_input in conv.cpp)
+                grad_xp = _core.empty((n, c, hp, wp), dtype)  # every element written
+                _core.conv2d_grad_input_into(g, w, grad_xp, sh, sw, dh, dw, groups)
             grad_input = _pad_adjoint(grad_xp, pads, mode, spatial)
         if dims == 1:
             grad_input = grad_input[:, :, 0, :]

@@ -155,6 +155,62 @@ void conv2d_grad_weight_into(const py::array& x, const py::array& grad_out, py::
   }
 }
 
+// grad_input = the gradient of the zero-padded input of conv2d (every element written).
+void conv2d_grad_input_into(const py::array& grad_out, const py::array& w, py::array& grad_input,
+                            std::int64_t stride_h, std::int64_t stride_w, std::int64_t dil_h,
+                            std::int64_t dil_w, std::int64_t groups) {
+  const char* fn = "conv2d_backward";
+  const DType dt = float_dtype(grad_out, fn, "grad_out");
+  require_same_dtype(w, dt, fn, "w");
+  require_same_dtype(grad_input, dt, fn, "grad_input");
+  require_writeable(grad_input, fn, "grad_input");
+  if (grad_out.ndim() != 4 || w.ndim() != 4 || grad_input.ndim() != 4 || groups < 1 || dil_h < 1 ||
+      dil_w < 1 || stride_h < 1 || stride_w < 1) {
+    throw std::invalid_argument("conv2d_backward: bad arrays or sizes for the input gradient");
+  }
+  const std::int64_t n = grad_out.shape(0), k = grad_out.shape(1), ho = grad_out.shape(2),
+                     wo = grad_out.shape(3), c = grad_input.shape(1), r = w.shape(2),
+                     s = w.shape(3);
+  // every window must lie inside the padded input
+  if (grad_input.shape(0) != n || w.shape(0) != k || w.shape(1) * groups != c || k % groups != 0 ||
+      (ho > 0 && (ho - 1) * stride_h + dil_h * (r - 1) + 1 > grad_input.shape(2)) ||
+      (wo > 0 && (wo - 1) * stride_w + dil_w * (s - 1) + 1 > grad_input.shape(3))) {
+    throw std::invalid_argument("conv2d_backward: inconsistent shapes for the input gradient");
+  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    Conv2dInputGradArgs<T> a{static_cast<const T*>(grad_out.data()),
+                             n,
+                             k,
+                             ho,
+                             wo,
+                             static_cast<const T*>(w.data()),
+                             c,
+                             r,
+                             s,
+                             static_cast<T*>(grad_input.mutable_data()),
+                             grad_input.shape(2),
+                             grad_input.shape(3),
+                             stride_h,
+                             stride_w,
+                             dil_h,
+                             dil_w,
+                             groups};
+    const KernelTable& kt = kernels();
+    py::gil_scoped_release release;
+    if constexpr (sizeof(T) == 4) {
+      kt.conv2d_grad_input_f32(a);
+    } else {
+      kt.conv2d_grad_input_f64(a);
+    }
+  };
+  if (dt == DType::f32) {
+    run(float{});
+  } else {
+    run(double{});
+  }
+}
+
 }  // namespace
 
 void bind_conv(py::module_& m) {
@@ -165,6 +221,9 @@ void bind_conv(py::module_& m) {
   m.def("conv2d_grad_weight_into", &conv2d_grad_weight_into, "x"_a, "grad_out"_a, "grad_weight"_a,
         "stride_h"_a, "stride_w"_a, "pad_top"_a, "pad_left"_a, "dil_h"_a, "dil_w"_a, "groups"_a,
         "grad_weight = the weight gradient of conv2d(x, w) with zero padding");
+  m.def("conv2d_grad_input_into", &conv2d_grad_input_into, "grad_out"_a, "w"_a, "grad_input"_a,
+        "stride_h"_a, "stride_w"_a, "dil_h"_a, "dil_w"_a, "groups"_a,
+        "grad_input = the gradient of conv2d's padded input (GEMM + col2im)");
 }
 
 }  // namespace mlmath::bindings

@@ -551,11 +551,68 @@ void conv_grad_weight(const Conv2dWeightGradArgs<T>& a) {
   });
 }
 
+// Input gradient as GEMM + col2im (any stride; the conv2d_backward path for strided layers):
+// per (image, group), in runs of output rows,
+//   dCol (Cg*R*S x P_run) = W_g^T (Cg*R*S x Kg) . G (Kg x P_run)     (G: grad_out rows, in place)
+// then each row (c, r, s) of dCol is added onto its strided window of grad_xp, rows and
+// positions in order.  One task per (image, group): each writes only its own part of grad_xp,
+// so the sums do not depend on the number of threads.
+template <class T>
+void conv_grad_input(const Conv2dInputGradArgs<T>& a) {
+  using S = GemmShape<T>;
+  const std::int64_t cg = a.c / a.groups, kg = a.k / a.groups, taps = a.r * a.s;
+  const std::int64_t kdim = cg * taps, P = a.ho * a.wo, plane = a.hp * a.wp;
+  const std::int64_t images = a.n * a.groups;
+  // W_g^T packed once per group: A[(c, r, s)][k] = w[g*Kg + k][c][r][s]
+  const std::int64_t asize = (kdim + S::MR - 1) / S::MR * S::MR * kg;
+  Scratch<T> wpack(a.groups * asize);
+  for (std::int64_t g = 0; g < a.groups; ++g) {
+    prepack_a<T>(
+        kdim, kg,
+        [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* d) {
+          pack_a_strided(a.weight + g * kg * kdim, std::int64_t{1}, kdim, kdim, i0, mc, k0, kc, d);
+        },
+        wpack.data + g * asize);
+  }
+  std::int64_t rows = (std::int64_t{1} << 16) / (kdim * (a.wo > 0 ? a.wo : 1));
+  rows = rows < 1 ? 1 : (rows > a.ho ? a.ho : rows);
+  parallel_for(images, kdim * kg * P, [&](std::int64_t t0, std::int64_t t1) {
+    Scratch<T> dcol(kdim * rows * a.wo);
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t n = t / a.groups, g = t % a.groups;
+      T* gx = a.grad_input + (n * a.c + g * cg) * plane;
+      for (std::int64_t e = 0; e < cg * plane; ++e) gx[e] = T(0);
+      const T* gk = a.grad_out + (n * a.k + g * kg) * P;  // G [kg][P]
+      const T* wg = wpack.data + g * asize;
+      for (std::int64_t i0 = 0; i0 < a.ho; i0 += rows) {
+        const std::int64_t nr = a.ho - i0 < rows ? a.ho - i0 : rows, np = nr * a.wo;
+        gemm_rows<T>(
+            kdim, np, kg,
+            [&](std::int64_t r0, std::int64_t, std::int64_t k0, std::int64_t, T*) -> const T* {
+              return wg + prepacked_a_index<T>(kdim, r0, kg, k0);
+            },
+            [&](std::int64_t k) { return gk + k * P + i0 * a.wo; }, dcol.data, np);
+        for (std::int64_t row = 0; row < kdim; ++row) {  // col2im of the run
+          const std::int64_t c = row / taps, r = (row % taps) / a.s, s = row % a.s;
+          const T* src = dcol.data + row * np;
+          for (std::int64_t i = 0; i < nr; ++i) {
+            T* dst = gx + c * plane + ((i0 + i) * a.stride_h + r * a.dil_h) * a.wp + s * a.dil_w;
+            const T* in = src + i * a.wo;
+            for (std::int64_t j = 0; j < a.wo; ++j) dst[j * a.stride_w] += in[j];
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void conv2d_f32(const Conv2dArgs<float>& args) { conv2d(args); }
 void conv2d_f64(const Conv2dArgs<double>& args) { conv2d(args); }
 void conv2d_grad_weight_f32(const Conv2dWeightGradArgs<float>& args) { conv_grad_weight(args); }
 void conv2d_grad_weight_f64(const Conv2dWeightGradArgs<double>& args) { conv_grad_weight(args); }
+void conv2d_grad_input_f32(const Conv2dInputGradArgs<float>& args) { conv_grad_input(args); }
+void conv2d_grad_input_f64(const Conv2dInputGradArgs<double>& args) { conv_grad_input(args); }
 
 MLMATH_ISA_END

@@ -126,6 +126,19 @@ struct Conv2dWeightGradArgs {
   std::int64_t stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, groups;  // zero padding
 };
 
+// The input gradient of conv2d on the padded input: grad_xp[n][c][y][x] = sum over the windows
+// that read (y, x) of grad_out * w (every element written).
+template <class T>
+struct Conv2dInputGradArgs {
+  const T* grad_out;  // [n][k][ho][wo]
+  std::int64_t n, k, ho, wo;
+  const T* weight;  // [k][c / groups][r][s]
+  std::int64_t c, r, s;
+  T* grad_input;  // [n][c][hp][wp]: the padded input's gradient
+  std::int64_t hp, wp;
+  std::int64_t stride_h, stride_w, dil_h, dil_w, groups;
+};
+
 struct KernelTable {
 #define MLMATH_KERNEL(name, params) void(*name) params;
 #include "mlmath/kernels.inc"
