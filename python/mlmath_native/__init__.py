@@ -9,6 +9,7 @@ tests use as the oracle.
 from __future__ import annotations
 
 from . import _core, optim
+from ._attention import attention
 from ._conv import (
     conv1d,
     conv1d_backward,
@@ -36,6 +37,7 @@ __all__ = [
     "AdamW",
     "__version__",
     "adam_step",
+    "attention",
     "gradient_descent",
     "optim",
     "sgd_step",

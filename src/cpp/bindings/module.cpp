@@ -12,6 +12,7 @@ void bind_cross_entropy(pybind11::module_& m);
 void bind_optim(pybind11::module_& m);
 void bind_gemm(pybind11::module_& m);
 void bind_conv(pybind11::module_& m);
+void bind_attention(pybind11::module_& m);
 }  // namespace mlmath::bindings
 
 namespace py = pybind11;
@@ -42,4 +43,5 @@ PYBIND11_MODULE(_core, m) {
   mlmath::bindings::bind_optim(m);
   mlmath::bindings::bind_gemm(m);
   mlmath::bindings::bind_conv(m);
+  mlmath::bindings::bind_attention(m);
 }

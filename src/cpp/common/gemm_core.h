@@ -251,7 +251,10 @@ void gemm_rows(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& pack
   constexpr int MR = S::MR, NR = S::NR;
   if (M <= 0 || N <= 0) return;
   const std::int64_t kc_max = K < S::KC ? K : S::KC;
-  Scratch<T> apack(((M + MR - 1) / MR) * MR * (kc_max > 0 ? kc_max : 1));
+  constexpr bool prepacked =
+      !std::is_void_v<decltype(pack_a(std::int64_t{0}, std::int64_t{0}, std::int64_t{0},
+                                      std::int64_t{0}, static_cast<T*>(nullptr)))>;
+  Scratch<T> apack(prepacked ? 1 : ((M + MR - 1) / MR) * MR * (kc_max > 0 ? kc_max : 1));
   Scratch<const T*> rows(kc_max > 0 ? kc_max : 1);
   Scratch<T> tail(NR * (kc_max > 0 ? kc_max : 1));
   if (K <= 0) {

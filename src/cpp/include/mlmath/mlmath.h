@@ -139,6 +139,27 @@ struct Conv2dInputGradArgs {
   std::int64_t stride_h, stride_w, dil_h, dil_w, groups;
 };
 
+// Scaled dot-product attention (kernels/attention.cpp).  Arrays are C-contiguous
+// [batch][heads][rows][features]; k and v may have one batch shared by all (batch stride 0).
+// Masks are read through strides (0 for broadcast axes), [batch][query head][i][j].
+template <class T>
+struct AttentionArgs {
+  const T* q;  // [b][hq][lq][d]
+  const T* k;  // [b or 1][hkv][lk][d]
+  const T* v;  // [b or 1][hkv][lk][dv]
+  std::int64_t batch, hq, hkv, lq, lk, d, dv;
+  std::int64_t k_batch_stride, v_batch_stride;  // elements; 0: shared by every batch
+  const void* mask;  // nullptr, bool (uint8: nonzero = may attend) or T (added to the scores)
+  bool mask_is_bool;
+  std::int64_t mask_stride[4];  // elements, for (b, h, i, j)
+  int causal;                   // 0 none, 1 upper left (j <= i), 2 lower right (j <= i + lk - lq)
+  T scale;
+  double dropout_p;
+  std::uint64_t seed;
+  T* out;  // [b][hq][lq][dv]
+  T* lse;  // [b][hq][lq], or nullptr
+};
+
 struct KernelTable {
 #define MLMATH_KERNEL(name, params) void(*name) params;
 #include "mlmath/kernels.inc"

@@ -1,0 +1,227 @@
+"""Scaled dot-product attention: argument checks and layout, then the blocked C++ kernel
+(``src/cpp/kernels/attention.cpp``).  The readable definition is
+``mlmath_native.reference.transformer_attention``."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+
+from . import _core
+from ._checks import as_float_array
+
+_CAUSAL = {False: 0, None: 0, True: 1, "upper_left": 1, "lower_right": 2}
+
+
+def _causal_code(causal, fn: str) -> int:
+    if isinstance(causal, (bool, np.bool_)) or causal is None:
+        return _CAUSAL[bool(causal)]
+    if isinstance(causal, str) and causal in _CAUSAL:
+        return _CAUSAL[causal]
+    raise ValueError(
+        f"{fn}: causal is invalid (got {causal!r}, expected False, True, 'upper_left' or "
+        "'lower_right')"
+    )
+
+
+def _dropout(dropout_p, seed, fn: str) -> tuple[float, int]:
+    try:
+        p = float(dropout_p)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: dropout_p must be a number (got {dropout_p!r})") from None
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1) (got {dropout_p!r})")
+    if p == 0.0:
+        return 0.0, 0
+    if seed is None:
+        raise ValueError(
+            f"{fn}: dropout_p > 0 needs an explicit seed (the dropout mask is a function of "
+            "the seed, so that it is reproducible)"
+        )
+    try:
+        s = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"{fn}: seed must be an integer (got {seed!r})") from None
+    if not 0 <= s < 2**64:
+        raise ValueError(f"{fn}: seed must be in [0, 2**64) (got {seed})")
+    return p, s
+
+
+class _Plan:
+    """Checked arguments in the kernel's layout: q (B, Hq, Lq, D), k (B or 1, Hkv, Lk, D),
+    v (B or 1, Hkv, Lk, Dv), mask None or a (B, Hq, Lq, Lk) view; ``batch`` the broadcast
+    leading shape, ``two_d`` when the inputs had no head axis."""
+
+
+def _batch_view(a: np.ndarray, batch: tuple, b: int) -> np.ndarray:
+    """a (..., H, L, F) as (B, H, L, F) C-contiguous, or (1, H, L, F) when its leading
+    dimensions are all 1 (shared by every batch: no copy)."""
+    lead = a.shape[:-3]
+    if math.prod(lead) == 1 and b != 1:
+        return np.ascontiguousarray(a.reshape((1,) + a.shape[-3:]))
+    a = np.broadcast_to(a, batch + a.shape[-3:])
+    return np.ascontiguousarray(a).reshape((b,) + a.shape[-3:])
+
+
+def _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed) -> _Plan:
+    q = as_float_array(q, fn, "q")
+    k = as_float_array(k, fn, "k")
+    v = as_float_array(v, fn, "v")
+    for name, arr in (("q", q), ("k", k), ("v", v)):
+        if arr.ndim < 2:
+            raise ValueError(
+                f"{fn}: {name} has {arr.ndim} dimensions (expected (..., L, D), at least 2)"
+            )
+    dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    two_d = q.ndim == 2
+    # a missing head axis is one head
+    q4, k4, v4 = (a if a.ndim >= 3 else a[None] for a in (q, k, v))
+    hq, lq, d = q4.shape[-3:]
+    hkv, lk, dk = k4.shape[-3:]
+    if dk != d:
+        raise ValueError(f"{fn}: k has feature size {dk} (expected q's, {d})")
+    if v4.shape[-2] != lk:
+        raise ValueError(f"{fn}: v has {v4.shape[-2]} rows (expected k's length, {lk})")
+    if v4.shape[-3] != hkv:
+        raise ValueError(f"{fn}: v has {v4.shape[-3]} heads (expected k's, {hkv})")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"{fn}: q's {hq} heads are not a multiple of k's and v's {hkv} (grouped-query "
+            "attention needs Hq = g * Hkv)"
+        )
+    try:
+        batch = np.broadcast_shapes(q4.shape[:-3], k4.shape[:-3], v4.shape[:-3])
+    except ValueError:
+        raise ValueError(
+            f"{fn}: the leading dimensions of q {q.shape}, k {k.shape} and v {v.shape} do not "
+            "broadcast"
+        ) from None
+    b = math.prod(batch)
+    code = _causal_code(causal, fn)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    else:
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"{fn}: scale must be a number (got {scale!r})") from None
+        if not math.isfinite(scale):
+            raise ValueError(f"{fn}: scale must be finite (got {scale})")
+    p, s = _dropout(dropout_p, seed, fn)
+    m4 = None
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.dtype != np.bool_:
+            if m.dtype.kind not in "biuf":
+                raise TypeError(
+                    f"{fn}: mask has unsupported dtype {m.dtype} (expected bool, or a real "
+                    "number added to the scores)"
+                )
+            m = m.astype(dtype, copy=False)
+        full = batch + (hq, lq, lk)
+        try:
+            mb = np.broadcast_to(m, full)
+        except ValueError:
+            raise ValueError(
+                f"{fn}: mask has shape {m.shape} (expected a shape that broadcasts to {full})"
+            ) from None
+        m4 = mb.view()
+        try:  # one stride for the flattened batch (a view), else a copy
+            m4.shape = (b, hq, lq, lk)
+        except AttributeError:
+            m4 = np.ascontiguousarray(mb).reshape((b, hq, lq, lk))
+    plan = _Plan()
+    plan.q = _batch_view(q4.astype(dtype, copy=False), batch, b)
+    if plan.q.shape[0] != b:  # q itself is broadcast over the batch: a real copy
+        plan.q = np.ascontiguousarray(np.broadcast_to(plan.q, (b,) + plan.q.shape[1:]))
+    plan.k = _batch_view(k4.astype(dtype, copy=False), batch, b)
+    plan.v = _batch_view(v4.astype(dtype, copy=False), batch, b)
+    plan.mask, plan.causal, plan.scale, plan.dropout_p, plan.seed = m4, code, scale, p, s
+    plan.batch, plan.b, plan.hq, plan.lq, plan.dv = batch, b, hq, lq, v4.shape[-1]
+    plan.two_d, plan.dtype = two_d, dtype
+    return plan
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    causal=False,
+    scale=None,
+    dropout_p=0.0,
+    seed=None,
+    return_lse=False,
+):
+    """Scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, blocked (no L x L
+    matrix) with an online softmax.
+
+    Parameters
+    ----------
+    q : array_like, (..., Hq, Lq, D)
+    k : array_like, (..., Hkv, Lk, D)
+    v : array_like, (..., Hkv, Lk, Dv)
+        Leading (batch) dimensions broadcast like ``np.matmul``.  Hq must be a multiple of
+        Hkv: query head h reads kv head h // (Hq // Hkv) (grouped-query and multi-query
+        attention).  2-D inputs (L, D) are one head.
+    mask : array_like, optional
+        Broadcastable to (..., Hq, Lq, Lk).  Boolean: True where query i may attend to key j.
+        Otherwise added to the scores (``-inf`` forbids).  Masked positions are excluded by
+        selection, so NaN or inf scores there never reach the output.
+    causal : {False, True, "upper_left", "lower_right"}
+        True / "upper_left": query i sees keys j <= i (PyTorch's ``is_causal``);
+        "lower_right": j <= i + Lk - Lq (the alignment of a KV cache).
+    scale : float, optional
+        Default 1 / sqrt(D).
+    dropout_p : float in [0, 1)
+        Dropout on the attention weights, drawn inside the blocked kernel from ``seed``
+        (required when dropout_p > 0; Note [dropout hash] in the kernel, the same function as
+        ``reference.transformer_attention.dropout_keep``): the same seed gives the same result.
+    seed : int in [0, 2**64), optional
+    return_lse : bool
+        Also return the logsumexp of each query's scores, (..., Hq, Lq) (of the undropped
+        weights), which :func:`attention_backward` uses.
+
+    Returns
+    -------
+    out : ndarray, (..., Hq, Lq, Dv)
+        float32 when q, k and v are float32, else float64.  A query that may attend to no key
+        gets zeros (and lse -inf).
+    lse : ndarray, (..., Hq, Lq), only with ``return_lse=True``
+
+    Raises
+    ------
+    ValueError
+        Mismatched D, Lk or head counts, leading dimensions or a mask that do not broadcast,
+        a bad ``causal``, dropout_p outside [0, 1), dropout without a seed, a non-finite scale.
+    TypeError
+        Complex, object or string inputs or mask.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> q = np.array([[1.0, 0.0], [0.0, 3.0]])
+    >>> k = np.ones((3, 2))
+    >>> v = np.array([[1.0, 0.0], [2.0, 0.0], [6.0, 3.0]])
+    >>> print(mn.attention(q, k, v))
+    [[3. 1.]
+     [3. 1.]]
+    >>> print(mn.attention(q, k, v, causal=True))
+    [[1.  0. ]
+     [1.5 0. ]]
+    """
+    fn = "attention"
+    p = _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed)
+    out = _core.empty((p.b, p.hq, p.lq, p.dv), p.dtype)
+    lse = _core.empty((p.b, p.hq, p.lq), p.dtype) if return_lse else None
+    _core.attention_into(p.q, p.k, p.v, p.mask, p.causal, p.scale, p.dropout_p, p.seed, out, lse)
+    out = out.reshape(p.batch + out.shape[1:])
+    if p.two_d:  # q had no head axis: neither has the result
+        out = out[..., 0, :, :]
+    if not return_lse:
+        return out
+    lse = lse.reshape(p.batch + lse.shape[1:])
+    return out, (lse[..., 0, :] if p.two_d else lse)
