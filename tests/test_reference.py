@@ -1692,6 +1692,346 @@ def test_attention_bad_input():
         ref_attn.attention(np.zeros(3), k, v)
 
 
+def test_attention_bad_input_heads_causal_dropout():
+    q, k, v = np.zeros((2, 4, 3, 5)), np.zeros((2, 2, 6, 5)), np.zeros((2, 2, 6, 3))
+    with pytest.raises(ValueError, match="q has 4 heads"):
+        ref_attn.attention(q, k[:, :1].repeat(3, axis=1), v[:, :1].repeat(3, axis=1))
+    with pytest.raises(ValueError, match="v has 1 heads"):
+        ref_attn.attention(q, k, v[:, :1])
+    with pytest.raises(ValueError, match="q has 1 heads"):  # a 2-D q is one head
+        ref_attn.attention(q[0, 0], k, v)
+    with pytest.raises(ValueError, match="leading"):
+        ref_attn.attention(q, np.zeros((3, 2, 6, 5)), np.zeros((3, 2, 6, 3)))
+    with pytest.raises(ValueError, match="mask"):  # a mask may not add dimensions
+        ref_attn.attention(q[0, 0], k[0, 0], v[0, 0], mask=np.ones((2, 3, 6), dtype=bool))
+    with pytest.raises(ValueError, match="mask"):
+        ref_attn.attention(q, k, v, mask=np.ones((3, 3, 6), dtype=bool))
+    with pytest.raises(ValueError, match="mask"):
+        ref_attn.attention(q, k, v, mask=np.ones((3, 6), dtype=complex))
+    for causal in ("lower-right", "upper", None, 1, "True"):
+        with pytest.raises(ValueError, match="causal"):
+            ref_attn.attention(q, k, v, causal=causal)
+    for p in (-0.1, 1.0, 1.5, np.nan, "x"):
+        with pytest.raises(ValueError, match="dropout_p"):
+            ref_attn.attention(q, k, v, dropout_p=p, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        ref_attn.attention(q, k, v, dropout_p=0.1)
+    for seed in (-1, 2**64, 1.5, "3", True):
+        with pytest.raises(ValueError, match="seed"):
+            ref_attn.attention(q, k, v, dropout_p=0.1, seed=seed)
+    out = ref_attn.attention(q, k, v)
+    with pytest.raises(ValueError, match="grad_out"):
+        ref_attn.attention_backward(q, k, v, out, out[..., 0], out[..., :2])
+    with pytest.raises(ValueError, match="lse"):
+        ref_attn.attention_backward(q, k, v, out, out, out)
+    with pytest.raises(ValueError, match="out"):
+        ref_attn.attention_backward(q, k, v, out[0], out[..., 0], out)
+
+
+def test_attention_grouped_query_heads():
+    r = rng(24)
+    q, k, v = r.normal(size=(2, 4, 3, 5)), r.normal(size=(2, 2, 6, 5)), r.normal(size=(2, 2, 6, 3))
+    out, lse = ref_attn.attention(q, k, v, return_lse=True)
+    assert out.shape == (2, 4, 3, 3) and lse.shape == (2, 4, 3)
+    # Query head h uses kv head h // 2: the same as repeating each kv head twice.
+    assert_close(out, ref_attn.attention(q, k.repeat(2, axis=1), v.repeat(2, axis=1)))
+    for b, h in itertools.product(range(2), range(4)):
+        assert_close(out[b, h], ref_attn.attention(q[b, h], k[b, h // 2], v[b, h // 2]))
+    # Multi-query attention: one kv head, or 2-D k and v shared by every head.
+    mqa = ref_attn.attention(q, k[:, :1], v[:, :1])
+    assert_close(mqa, ref_attn.attention(q, k[:, :1].repeat(4, axis=1), v[:, :1].repeat(4, axis=1)))
+    assert_close(ref_attn.attention(q[0], k[0, 0], v[0, 0]), mqa[0])
+    # Leading dimensions broadcast like np.matmul.
+    kb, vb = k[:1], v[:1]
+    assert_close(
+        ref_attn.attention(q, kb, vb),
+        ref_attn.attention(q, np.broadcast_to(kb, k.shape), np.broadcast_to(vb, v.shape)),
+    )
+    # 2-D q with one-head k, v: the output keeps the head axis, as matmul would.
+    assert ref_attn.attention(q[0, 0], k[:, :1], v[:, :1]).shape == (2, 1, 3, 3)
+
+
+def test_attention_causal_alignments():
+    r = rng(25)
+    for lq, lk in [(3, 5), (5, 3), (4, 4), (0, 3), (3, 0)]:
+        q, k, v = r.normal(size=(2, lq, 4)), r.normal(size=(2, lk, 4)), r.normal(size=(2, lk, 2))
+        upper = np.tril(np.ones((lq, lk), dtype=bool))
+        lower = np.tril(np.ones((lq, lk), dtype=bool), k=lk - lq)  # j <= i + Lk − Lq
+        for causal, allowed in [(True, upper), ("upper_left", upper), ("lower_right", lower)]:
+            out, lse = ref_attn.attention(q, k, v, causal=causal, return_lse=True)
+            want, want_lse = ref_attn.attention(q, k, v, mask=allowed, return_lse=True)
+            assert_close(out, want)
+            assert_close(lse, want_lse)
+        # Combined with a mask: both must allow.
+        mask = r.random((lq, lk)) < 0.7
+        assert_close(
+            ref_attn.attention(q, k, v, mask=mask, causal="lower_right"),
+            ref_attn.attention(q, k, v, mask=mask & lower),
+        )
+        assert_close(ref_attn.attention(q, k, v, causal=False), ref_attn.attention(q, k, v))
+    # Lq > Lk, lower right: the first Lq − Lk queries see nothing; the last sees everything.
+    q, k, v = r.normal(size=(5, 4)), r.normal(size=(3, 4)), r.normal(size=(3, 2))
+    out, lse = ref_attn.attention(q, k, v, causal="lower_right", return_lse=True)
+    assert np.array_equal(out[:2], np.zeros((2, 2))) and np.all(lse[:2] == -np.inf)
+    assert_close(out[-1], ref_attn.attention(q, k, v)[-1])
+    # Lq < Lk, lower right: the last query sees every key.
+    q = r.normal(size=(2, 4))
+    assert_close(
+        ref_attn.attention(q, k, v, causal="lower_right")[-1], ref_attn.attention(q, k, v)[-1]
+    )
+
+
+def test_attention_mask_dtypes_and_shapes():
+    r = rng(26)
+    q, k, v = r.normal(size=(2, 3, 4, 5)), r.normal(size=(2, 3, 6, 5)), r.normal(size=(2, 3, 6, 2))
+    ints = r.integers(-3, 3, size=(3, 4, 6))
+    # Any non-boolean numeric mask is an additive bias.
+    want = ref_attn.attention(q, k, v, mask=1.0 * ints)
+    assert_close(ref_attn.attention(q, k, v, mask=ints), want)
+    bias = r.normal(size=(4, 6)).astype(np.float32)
+    s = q @ np.swapaxes(k, -1, -2) / np.sqrt(5) + bias.astype(np.float64)
+    p = np.exp(s) / np.sum(np.exp(s), axis=-1, keepdims=True)
+    assert_close(ref_attn.attention(q, k, v, mask=bias), p @ v)
+    # A per-head boolean mask, broadcast over the batch.
+    mask = r.random((3, 4, 6)) < 0.5
+    mask[..., 0] = True
+    out = ref_attn.attention(q, k, v, mask=mask)
+    for h in range(3):
+        assert_close(out[:, h], ref_attn.attention(q[:, h], k[:, h], v[:, h], mask=mask[h]))
+
+
+def test_attention_masked_positions_never_leak():
+    r = rng(27)
+    q, k, v = r.normal(size=(2, 4, 3)), r.normal(size=(2, 5, 3)), r.normal(size=(2, 5, 2))
+    mask = np.ones((4, 5), dtype=bool)
+    mask[:, 3] = False  # key 3 is forbidden to every query
+    bad_k = k.copy()
+    bad_k[:, 3] = np.nan
+    inf_k = k.copy()
+    inf_k[:, 3] = [np.inf, -np.inf, np.inf]
+    clean, clean_lse = ref_attn.attention(q, k, v, mask=mask, return_lse=True)
+    go = r.normal(size=clean.shape)
+    _, clean_dk, clean_dv = ref_attn.attention_backward(q, k, v, clean, clean_lse, go, mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kk in (bad_k, inf_k):
+            for m in (mask, np.where(mask, 0.0, -np.inf)):
+                out, lse = ref_attn.attention(q, kk, v, mask=m, return_lse=True)
+                assert_close(out, clean)
+                assert_close(lse, clean_lse)
+                # dk and dv do not see the bad key either (dq = dS K does: 0 · NaN).
+                _, dk, dv = ref_attn.attention_backward(q, kk, v, out, lse, go, mask=m)
+                assert np.array_equal(dk[:, 3], np.zeros((2, 3)))
+                assert_close(dk, clean_dk)
+                assert_close(dv, clean_dv)
+        # Causal: the NaN key is the last one, seen only by the last query.
+        kc = k.copy()
+        kc[:, 4] = np.nan
+        out = ref_attn.attention(q, kc, v, causal="lower_right")
+        assert np.all(np.isfinite(out[:, :3])) and np.all(np.isnan(out[:, 3]))
+        # NaN or inf float-mask values at causally forbidden positions do not leak.
+        bias = r.normal(size=(4, 5))
+        bad_bias = np.where(np.tril(np.ones((4, 5), dtype=bool)), bias, np.nan)
+        bad_bias[0, 4] = np.inf
+        assert_close(
+            ref_attn.attention(q, k, v, mask=bad_bias, causal=True),
+            ref_attn.attention(q, k, v, mask=bias, causal=True),
+        )
+    # NaN at an allowed position still propagates.
+    assert np.all(np.isnan(ref_attn.attention(q, bad_k, v)))
+
+
+def _naive_lse(s):
+    """log Σ exp(s) along the last axis, the textbook way (for moderate finite values)."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.sum(np.exp(s), axis=-1))
+
+
+def test_attention_return_lse():
+    r = rng(28)
+    q, k, v = r.normal(size=(2, 4, 3, 5)), r.normal(size=(2, 2, 6, 5)), r.normal(size=(2, 2, 6, 3))
+    mask = r.random((4, 3, 6)) < 0.6
+    mask[1, 2] = False  # head 1, query 2: fully masked
+    s = np.where(mask, q @ np.swapaxes(k.repeat(2, axis=1), -1, -2) * 0.7, -np.inf)
+    out, lse = ref_attn.attention(q, k, v, mask=mask, scale=0.7, return_lse=True)
+    assert lse.shape == (2, 4, 3)
+    assert_close(lse, _naive_lse(s))
+    assert np.all(lse[:, 1, 2] == -np.inf)
+    assert np.array_equal(out[:, 1, 2], np.zeros((2, 3)))
+    # A float bias goes in before the logsumexp.
+    bias = r.normal(size=(3, 6))
+    _, lse_b = ref_attn.attention(q, k, v, mask=bias, scale=0.7, return_lse=True)
+    s_b = q @ np.swapaxes(k.repeat(2, axis=1), -1, -2) * 0.7 + bias
+    assert_close(lse_b, _naive_lse(s_b))
+    # Same output either way; no keys gives −∞; 2-D inputs give a 1-D lse.
+    assert_close(ref_attn.attention(q, k, v, mask=mask, scale=0.7), out)
+    _, lse0 = ref_attn.attention(q, k[..., :0, :], v[..., :0, :], return_lse=True)
+    assert lse0.shape == (2, 4, 3) and np.all(lse0 == -np.inf)
+    _, lse2 = ref_attn.attention(q[0, 0], k[0, 0], v[0, 0], return_lse=True)
+    assert_close(lse2, _naive_lse(q[0, 0] @ k[0, 0].T / np.sqrt(5)))
+
+
+def test_attention_fully_masked_rows_have_zero_gradients():
+    r = rng(29)
+    q, k, v = r.normal(size=(2, 3, 4)), r.normal(size=(2, 5, 4)), r.normal(size=(2, 5, 6))
+    mask = r.random((2, 3, 5)) < 0.6
+    mask[:, :, 0] = True
+    mask[1, 2] = False
+    go = r.normal(size=(2, 3, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = ref_attn.attention(q, k, v, mask=mask, return_lse=True)
+        dq, dk, dv = ref_attn.attention_backward(q, k, v, out, lse, go, mask=mask)
+        assert np.all(lse[1, 2] == -np.inf)
+        assert all(np.all(np.isfinite(g)) for g in (dq, dk, dv))
+        assert np.array_equal(dq[1, 2], np.zeros(4))
+        # The masked row contributes nothing to dk, dv: zero its grad_out, nothing changes.
+        go2 = go.copy()
+        go2[1, 2] = 0.0
+        _, dk2, dv2 = ref_attn.attention_backward(q, k, v, out, lse, go2, mask=mask)
+        assert_close(dk, dk2)
+        assert_close(dv, dv2)
+        # No keys at all: zero gradients of the right shapes.
+        k0, v0 = k[:, :0], v[:, :0]
+        out0, lse0 = ref_attn.attention(q, k0, v0, return_lse=True)
+        grads = ref_attn.attention_backward(q, k0, v0, out0, lse0, go)
+        for g, x in zip(grads, (q, k0, v0), strict=True):
+            assert g.shape == x.shape and np.array_equal(g, np.zeros_like(x))
+
+
+def _splitmix_keep(seed, bh, i, j, p):
+    """The dropout hash in pure Python integers, masked to 64 bits."""
+    m64 = 2**64 - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+        return z ^ (z >> 31)
+
+    key = mix(seed ^ ((bh * 0x9E3779B97F4A7C15) & m64))
+    bits = mix(key ^ ((((i << 32) | j) * 0xD1B54A32D192ED03) & m64))
+    return (bits >> 40) / 2**24 >= p
+
+
+def test_dropout_keep_hand_checked_values():
+    # (seed, bh, i, j) and the hash's top 24 bits, bits >> 40 (from _splitmix_keep's
+    # arithmetic, evaluated separately):
+    cases = [
+        ((42, 5, 3, 7), 16393103),
+        ((2**64 - 1, 123, 2**32 - 1, 2**32 - 1), 6122053),
+        ((0, 0, 0, 1), 8522164),
+    ]
+    for (seed, bh, i, j), top in cases:
+        for p in (0.1, 0.5, 0.9):
+            assert ref_attn.dropout_keep(seed, bh, i, j, p) == _splitmix_keep(seed, bh, i, j, p)
+        # keep iff top / 2**24 >= p: the threshold is exact.
+        u = top / 2**24
+        assert ref_attn.dropout_keep(seed, bh, i, j, u)
+        assert not ref_attn.dropout_keep(seed, bh, i, j, np.nextafter(u, 1.0))
+    # Vectorised: bh, i and j broadcast together.
+    bh, i, j = np.arange(3)[:, None, None], np.arange(4)[:, None], np.arange(2**32 - 5, 2**32)
+    keep = ref_attn.dropout_keep(7, bh, i, j, 0.3)
+    assert keep.shape == (3, 4, 5) and keep.dtype == np.bool_
+    for idx in np.ndindex(keep.shape):
+        b, ii, jj = int(bh[idx[0], 0, 0]), int(i[idx[1], 0]), int(j[idx[2]])
+        assert keep[idx] == _splitmix_keep(7, b, ii, jj, 0.3)
+    assert np.all(ref_attn.dropout_keep(3, bh, i, j, 0.0))
+    for bad in ({"i": 2**32}, {"j": -1}, {"bh": -1}, {"i": 1.0}, {"dropout_p": 1.0}, {"seed": -1}):
+        args = {"seed": 0, "bh": 0, "i": 0, "j": 0, "dropout_p": 0.5} | bad
+        with pytest.raises(ValueError, match=rf"\b{next(iter(bad))}\b"):
+            ref_attn.dropout_keep(**args)
+
+
+def test_attention_dropout():
+    r = rng(30)
+    q, k, v = r.normal(size=(2, 4, 3, 5)), r.normal(size=(2, 2, 6, 5)), r.normal(size=(2, 2, 6, 3))
+    out, lse = ref_attn.attention(q, k, v, dropout_p=0.4, seed=11, return_lse=True)
+    assert_close(ref_attn.attention(q, k, v, dropout_p=0.4, seed=11), out)  # deterministic
+    assert not np.allclose(ref_attn.attention(q, k, v, dropout_p=0.4, seed=12), out)
+    # The logsumexp is that of the undropped scores.
+    base, base_lse = ref_attn.attention(q, k, v, return_lse=True)
+    assert_close(lse, base_lse)
+    # p = 0 is no dropout, with or without a seed.
+    assert_close(ref_attn.attention(q, k, v, dropout_p=0.0, seed=5), base)
+    # out = (P · keep / (1 − p)) V, with bh the flat index over (batch, query head).
+    s = q @ np.swapaxes(k.repeat(2, axis=1), -1, -2) / np.sqrt(5)
+    p = np.exp(s) / np.sum(np.exp(s), axis=-1, keepdims=True)
+    bh = np.arange(8).reshape(2, 4, 1, 1)
+    keep = ref_attn.dropout_keep(11, bh, np.arange(3)[:, None], np.arange(6), 0.4)
+    assert_close(out, (p * keep / 0.6) @ v.repeat(2, axis=1))
+    # Broadcast leading dimensions: bh counts over the output's (batch, head) shape.
+    assert_close(
+        ref_attn.attention(q, k[:1], v[:1], dropout_p=0.4, seed=11),
+        ref_attn.attention(
+            q,
+            np.broadcast_to(k[:1], k.shape),
+            np.broadcast_to(v[:1], v.shape),
+            dropout_p=0.4,
+            seed=11,
+        ),
+    )
+    # 2-D inputs: bh = 0.
+    keep0 = ref_attn.dropout_keep(11, 0, np.arange(3)[:, None], np.arange(6), 0.4)
+    assert_close(
+        ref_attn.attention(q[0, 0], k[0, 0], v[0, 0], dropout_p=0.4, seed=11),
+        (p[0, 0] * keep0 / 0.6) @ v[0, 0],
+    )
+
+
+def test_attention_dropout_keeps_about_one_minus_p():
+    # With identical keys P = 1/Lk everywhere and v = 1, each output is kept / Lk / (1 − p).
+    lk, p = 512, 0.3
+    q, k, v = np.zeros((4, 128, 1)), np.zeros((4, lk, 1)), np.ones((4, lk, 1))
+    out = ref_attn.attention(q, k, v, dropout_p=p, seed=2024)
+    kept = out * (1 - p)  # the fraction kept in each row
+    assert abs(np.mean(kept) - (1 - p)) < 0.005  # 262144 draws: σ ≈ 0.0009
+    assert np.std(kept) < 0.05  # rows of 512: σ ≈ 0.02
+    assert abs(np.mean(out) - 1.0) < 0.01  # unbiased: E[out] = P V
+
+
+def _attention_grads_fd(q, k, v, go, **kw):
+    def f(qq, kk, vv):
+        return np.sum(go * ref_attn.attention(qq, kk, vv, **kw))
+
+    return (
+        _finite_difference(lambda z: f(z, k, v), q),
+        _finite_difference(lambda z: f(q, z, v), k),
+        _finite_difference(lambda z: f(q, k, z), v),
+    )
+
+
+_ATTN_BACKWARD_CASES = [
+    # (q shape, k shape, v shape, options)
+    ((3, 2), (4, 2), (4, 3), {}),
+    ((2, 3, 2), (2, 4, 2), (2, 4, 3), {"mask": "bool"}),
+    ((2, 3, 2), (2, 4, 2), (2, 4, 3), {"mask": "float", "scale": 0.8}),
+    ((2, 4, 2), (2, 3, 2), (2, 3, 2), {"causal": "lower_right"}),  # 1 query sees nothing
+    ((2, 3, 2), (2, 5, 2), (2, 5, 2), {"causal": "lower_right", "mask": "bool"}),
+    ((1, 4, 3, 2), (2, 2, 4, 2), (1, 2, 4, 3), {}),  # GQA, broadcast batch
+    ((2, 4, 3, 2), (2, 2, 4, 2), (2, 2, 4, 3), {"causal": True, "dropout_p": 0.3, "seed": 9}),
+    ((4, 3, 2), (4, 2), (4, 3), {"dropout_p": 0.5, "seed": 2**64 - 3}),  # MQA
+]
+
+
+@pytest.mark.parametrize(("qs", "ks", "vs", "kw"), _ATTN_BACKWARD_CASES)
+def test_attention_backward_matches_finite_differences(qs, ks, vs, kw):
+    r = rng(31)
+    q, k, v = r.normal(size=qs), r.normal(size=ks), r.normal(size=vs)
+    kw = dict(kw)
+    out, lse = ref_attn.attention(q, k, v, return_lse=True, **{**kw, "mask": None})
+    score_shape = lse.shape + (k.shape[-2],)
+    if kw.get("mask") == "bool":
+        kw["mask"] = r.random(score_shape[-2:]) < 0.6
+    elif kw.get("mask") == "float":
+        kw["mask"] = np.where(r.random(score_shape) < 0.3, -np.inf, r.normal(size=score_shape))
+    out, lse = ref_attn.attention(q, k, v, return_lse=True, **kw)
+    go = r.normal(size=out.shape)
+    grads = ref_attn.attention_backward(q, k, v, out, lse, go, **kw)
+    for g, want, x in zip(grads, _attention_grads_fd(q, k, v, go, **kw), (q, k, v), strict=True):
+        assert g.shape == x.shape and g.dtype == np.float64
+        assert_close(g, want, rtol=1e-7, atol=1e-8)
+
+
 # --------------------------------------------------------------------------------------
 # Agreement with PyTorch (float64), where installed
 # --------------------------------------------------------------------------------------
@@ -2168,3 +2508,43 @@ def test_attention_matches_torch(lq):
     bias = r.normal(size=(3, lq, 7))
     expected = sdpa(qt, kt, vt, attn_mask=torch.from_numpy(bias)).numpy()
     assert_close(ref_attn.attention(q, k, v, mask=bias), expected)
+
+
+def _sdpa_grads(torch, q, k, v, go, **kw):
+    qt, kt, vt = (torch.from_numpy(a.copy()).requires_grad_(True) for a in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, **kw)
+    out.backward(torch.from_numpy(go))
+    return out.detach().numpy(), qt.grad.numpy(), kt.grad.numpy(), vt.grad.numpy()
+
+
+@pytest.mark.parametrize("lq", [1, 5, 7])
+def test_attention_gqa_and_backward_match_torch(lq):
+    torch = pytest.importorskip("torch")
+    r = rng(50 + lq)
+    q, k, v = r.normal(size=(2, 6, lq, 8)), r.normal(size=(2, 2, 7, 8)), r.normal(size=(2, 2, 7, 5))
+    go = r.normal(size=(2, 6, lq, 5))
+    mask = r.random((6, lq, 7)) < 0.5
+    mask[..., 3] = True  # no fully masked rows (PyTorch gives NaN there)
+    bias = r.normal(size=(2, 1, lq, 7))
+    lower = np.tril(np.ones((lq, 7), dtype=bool), k=7 - lq)
+    cases = [
+        ({}, {}),
+        ({"causal": True}, {"is_causal": True}),
+        ({"mask": mask}, {"attn_mask": torch.from_numpy(mask)}),
+        ({"mask": bias, "scale": 0.3}, {"attn_mask": torch.from_numpy(bias), "scale": 0.3}),
+        ({"causal": "lower_right"}, {"attn_mask": torch.from_numpy(lower)}),
+    ]
+    for ours, theirs in cases:
+        want, dq_t, dk_t, dv_t = _sdpa_grads(torch, q, k, v, go, enable_gqa=True, **theirs)
+        out, lse = ref_attn.attention(q, k, v, return_lse=True, **ours)
+        assert_close(out, want)
+        dq, dk, dv = ref_attn.attention_backward(q, k, v, out, lse, go, **ours)
+        assert_close(dq, dq_t)
+        assert_close(dk, dk_t)
+        assert_close(dv, dv_t)
+    # The logsumexp against torch.logsumexp of the explicitly masked scores.
+    s = torch.from_numpy(q) @ torch.from_numpy(k).repeat_interleave(3, dim=1).transpose(-1, -2)
+    s = s / math.sqrt(8) + torch.from_numpy(bias)
+    s = s.masked_fill(~torch.from_numpy(mask), -math.inf)
+    _, lse = ref_attn.attention(q, k, v, mask=bias + np.where(mask, 0.0, -np.inf), return_lse=True)
+    assert_close(lse, torch.logsumexp(s, dim=-1).numpy())

@@ -25,7 +25,8 @@ convolution
     ``conv1d`` (PyTorch's options), ``conv2d_backward``, ``conv1d_backward``,
     ``correlate2d``, ``convolve2d`` (SciPy's).
 transformer_attention
-    ``Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V``: ``attention``.
+    ``Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V``: ``attention`` (grouped-query heads,
+    masks, causal alignments, dropout, logsumexp), ``attention_backward``, ``dropout_keep``.
 
 This package depends on NumPy only. It never imports ``mlmath_native._core`` or
 anything else from its parent package, so it stays usable (and correct) when the
