@@ -33,13 +33,15 @@ def _dropout(dropout_p, seed, fn: str) -> tuple[float, int]:
         raise TypeError(f"{fn}: dropout_p must be a number (got {dropout_p!r})") from None
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{fn}: dropout_p must be in [0, 1) (got {dropout_p!r})")
-    if p == 0.0:
-        return 0.0, 0
-    if seed is None:
+    if seed is None and p > 0.0:
         raise ValueError(
             f"{fn}: dropout_p > 0 needs an explicit seed (the dropout mask is a function of "
             "the seed, so that it is reproducible)"
         )
+    if seed is None:
+        return p, 0
+    if isinstance(seed, (bool, np.bool_)):
+        raise TypeError(f"{fn}: seed must be an integer (got {seed!r})")
     try:
         s = operator.index(seed)
     except TypeError:
@@ -75,7 +77,7 @@ def _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed) -> _Plan:
                 f"{fn}: {name} has {arr.ndim} dimensions (expected (..., L, D), at least 2)"
             )
     dtype = np.result_type(q.dtype, k.dtype, v.dtype)
-    two_d = q.ndim == 2
+    two_d = q.ndim == k.ndim == v.ndim == 2  # else a 2-D input is one head
     # a missing head axis is one head
     q4, k4, v4 = (a if a.ndim >= 3 else a[None] for a in (q, k, v))
     hq, lq, d = q4.shape[-3:]
@@ -86,7 +88,7 @@ def _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed) -> _Plan:
         raise ValueError(f"{fn}: v has {v4.shape[-2]} rows (expected k's length, {lk})")
     if v4.shape[-3] != hkv:
         raise ValueError(f"{fn}: v has {v4.shape[-3]} heads (expected k's, {hkv})")
-    if hkv == 0 or hq % hkv != 0:
+    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
         raise ValueError(
             f"{fn}: q's {hq} heads are not a multiple of k's and v's {hkv} (grouped-query "
             "attention needs Hq = g * Hkv)"

@@ -302,6 +302,13 @@ void pack_a_strided(const T* a, std::int64_t rs, std::int64_t cs, std::int64_t M
                     std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
   constexpr int MR = GemmShape<T>::MR;
   for (std::int64_t p = 0; p < mc; p += MR) {
+    if (rs == 1 && p + MR <= mc && i0 + p + MR <= M) {  // A^T row-major: MR contiguous per k
+      const T* src = a + (i0 + p) + k0 * cs;
+      T* out = dst + p * kc;
+      for (std::int64_t k = 0; k < kc; ++k)
+        for (int r = 0; r < MR; ++r) out[k * MR + r] = src[k * cs + r];
+      continue;
+    }
     for (int r = 0; r < MR; ++r) {
       const std::int64_t i = i0 + p + r;
       T* out = dst + p * kc + r;
