@@ -219,7 +219,9 @@ def attention(
     p = _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed)
     out = _core.empty((p.b, p.hq, p.lq, p.dv), p.dtype)
     lse = _core.empty((p.b, p.hq, p.lq), p.dtype) if return_lse else None
-    _core.attention_into(p.q, p.k, p.v, p.mask, p.causal, p.scale, p.dropout_p, p.seed, out, lse)
+    if p.hq:  # (Hq = Hkv = 0: nothing to compute)
+        args = (p.mask, p.causal, p.scale, p.dropout_p, p.seed)
+        _core.attention_into(p.q, p.k, p.v, *args, out, lse)
     out = out.reshape(p.batch + out.shape[1:])
     if p.two_d:  # q had no head axis: neither has the result
         out = out[..., 0, :, :]
