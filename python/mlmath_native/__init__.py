@@ -9,7 +9,7 @@ tests use as the oracle.
 from __future__ import annotations
 
 from . import _core, optim
-from ._attention import attention
+from ._attention import attention, attention_backward
 from ._conv import (
     conv1d,
     conv1d_backward,
@@ -38,6 +38,7 @@ __all__ = [
     "__version__",
     "adam_step",
     "attention",
+    "attention_backward",
     "gradient_descent",
     "optim",
     "sgd_step",

@@ -140,6 +140,12 @@ def _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed) -> _Plan:
         plan.q = np.ascontiguousarray(np.broadcast_to(plan.q, (b,) + plan.q.shape[1:]))
     plan.k = _batch_view(k4.astype(dtype, copy=False), batch, b)
     plan.v = _batch_view(v4.astype(dtype, copy=False), batch, b)
+    if plan.k.shape[0] != plan.v.shape[0]:  # one shared by every batch, the other not: copy
+        plan.k, plan.v = (
+            np.ascontiguousarray(np.broadcast_to(a, (b,) + a.shape[1:])) for a in (plan.k, plan.v)
+        )
+    plan.q_shape, plan.k_shape, plan.v_shape = q.shape, k.shape, v.shape
+    plan.q4_shape, plan.k4_shape, plan.v4_shape = q4.shape, k4.shape, v4.shape
     plan.mask, plan.causal, plan.scale, plan.dropout_p, plan.seed = m4, code, scale, p, s
     plan.batch, plan.b, plan.hq, plan.lq, plan.dv = batch, b, hq, lq, v4.shape[-1]
     plan.two_d, plan.dtype = two_d, dtype
@@ -229,3 +235,75 @@ def attention(
         return out
     lse = lse.reshape(p.batch + lse.shape[1:])
     return out, (lse[..., 0, :] if p.two_d else lse)
+
+
+def _sum_to(g: np.ndarray, shape: tuple) -> np.ndarray:
+    """The adjoint of broadcasting ``shape`` to ``g.shape``: sums over the broadcast axes (in
+    NumPy's fixed order)."""
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1
+    )
+    return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g.reshape(shape)
+
+
+def attention_backward(
+    q, k, v, out, lse, grad_out, *, mask=None, causal=False, scale=None, dropout_p=0.0, seed=None
+):
+    """Gradients of :func:`attention`: ``(dq, dk, dv)``, with the shapes of q, k and v.
+
+    ``out`` and ``lse`` are the forward's results (``attention(..., return_lse=True)``) for the
+    same arguments; ``grad_out`` is the gradient of the loss with respect to ``out``.  The
+    scores are recomputed block by block (no L x L buffer).  dk and dv are summed over the
+    query heads of each group (GQA) and over broadcast batch dimensions, in a fixed order:
+    results do not depend on the number of threads.  Masked positions, and queries that see no
+    key, get zero gradients.
+
+    Raises
+    ------
+    ValueError
+        Everything :func:`attention` rejects, and ``out``, ``lse`` or ``grad_out`` of the wrong
+        shape.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 5, 4)) for _ in range(3))
+    >>> out, lse = mn.attention(q, k, v, causal=True, return_lse=True)
+    >>> dq, dk, dv = mn.attention_backward(q, k, v, out, lse, np.ones_like(out), causal=True)
+    >>> dv.sum(axis=-2)  # each query's weights sum to 1: dv sums to grad_out's row sums
+    array([[5., 5., 5., 5.],
+           [5., 5., 5., 5.]])
+    """
+    fn = "attention_backward"
+    p = _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed)
+    want_out = p.batch + (p.hq, p.lq, p.dv)
+    if p.two_d:
+        want_out = want_out[:-3] + want_out[-2:]
+    arrays = []
+    for name, arr, shape in (
+        ("out", out, want_out),
+        ("grad_out", grad_out, want_out),
+        ("lse", lse, want_out[:-1]),
+    ):
+        arr = as_float_array(arr, fn, name)
+        if arr.shape != shape:
+            raise ValueError(f"{fn}: {name} has shape {arr.shape} (expected {shape})")
+        arrays.append(np.ascontiguousarray(arr, dtype=p.dtype).reshape((p.b, p.hq, p.lq, -1)))
+    out4, grad4, lse4 = arrays
+    lse3 = lse4.reshape(p.b, p.hq, p.lq)
+    dq = np.empty(p.q.shape, p.dtype)
+    dk = np.empty(p.k.shape, p.dtype)
+    dv = np.empty(p.v.shape, p.dtype)
+    if p.hq:
+        args = (p.mask, p.causal, p.scale, p.dropout_p, p.seed)
+        _core.attention_backward_into(p.q, p.k, p.v, out4, lse3, grad4, *args, dq, dk, dv)
+    else:
+        dq[...], dk[...], dv[...] = 0, 0, 0
+    # back to the inputs' shapes: batch as broadcast, then each input's own leading shape
+    kv_batch = p.batch if p.k.shape[0] == p.b else (1,) * len(p.batch)
+    dq = _sum_to(dq.reshape(p.batch + dq.shape[1:]), p.q4_shape)
+    dk = _sum_to(dk.reshape(kv_batch + dk.shape[1:]), p.k4_shape)
+    dv = _sum_to(dv.reshape(kv_batch + dv.shape[1:]), p.v4_shape)
+    return dq.reshape(p.q_shape), dk.reshape(p.k_shape), dv.reshape(p.v_shape)

@@ -44,6 +44,57 @@ inline std::uint64_t mix64(std::uint64_t z) {
 // Queries per task (a multiple of every ISA's NR) and keys per block (one KC block of V^T).
 constexpr std::int64_t kBlockQ = 96;
 
+// The masks, by selection, on a block of scores of (batch b, query head h):
+// s[(i - i0) * si + (j - j0) * sj] for queries i0 <= i < i0 + nq and keys j0 <= j < j0 + nk.
+// A float mask is added; a boolean mask and the causal limit (j <= i + offset) select -inf.
+template <class T>
+void mask_block(const AttentionArgs<T>& a, std::int64_t b, std::int64_t h, std::int64_t i0,
+                std::int64_t nq, std::int64_t j0, std::int64_t nk, T* s, std::int64_t si,
+                std::int64_t sj) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const std::int64_t offset = a.causal == 2 ? a.lk - a.lq : 0;
+  const std::int64_t* ms = a.mask_stride;
+  for (std::int64_t i = 0; i < nq; ++i) {
+    T* row = s + i * si;
+    if (a.mask != nullptr) {
+      const std::int64_t base = b * ms[0] + h * ms[1] + (i0 + i) * ms[2] + j0 * ms[3];
+      if (a.mask_is_bool) {
+        const auto* mk = static_cast<const std::uint8_t*>(a.mask) + base;
+        for (std::int64_t j = 0; j < nk; ++j)
+          if (!mk[j * ms[3]]) row[j * sj] = neg_inf;
+      } else {
+        const T* mk = static_cast<const T*>(a.mask) + base;
+        for (std::int64_t j = 0; j < nk; ++j) row[j * sj] += mk[j * ms[3]];
+      }
+    }
+    if (a.causal != 0)  // key j0 + j is seen iff j0 + j <= i0 + i + offset
+      for (std::int64_t j = (i0 + i + offset + 1 - j0 > 0 ? i0 + i + offset + 1 - j0 : 0); j < nk;
+           ++j)
+        row[j * sj] = neg_inf;
+  }
+}
+
+// Note [dropout hash] applied to a block laid out like mask_block's: weights that survive are
+// multiplied by keep_scale = 1 / (1 - p), the others set to 0.
+template <class T>
+void dropout_block(const AttentionArgs<T>& a, std::int64_t bh, std::int64_t i0, std::int64_t nq,
+                   std::int64_t j0, std::int64_t nk, T* s, std::int64_t si, std::int64_t sj) {
+  const std::uint64_t key =
+      mix64(a.seed ^ (static_cast<std::uint64_t>(bh) * 0x9E3779B97F4A7C15ULL));
+  const std::uint64_t threshold =
+      static_cast<std::uint64_t>(std::ceil(a.dropout_p * static_cast<double>(1 << 24)));
+  const T keep_scale = T(1.0 / (1.0 - a.dropout_p));
+  for (std::int64_t i = 0; i < nq; ++i) {
+    const std::uint64_t hi = static_cast<std::uint64_t>(i0 + i) << 32;
+    for (std::int64_t j = 0; j < nk; ++j) {
+      const std::uint64_t ctr = hi | static_cast<std::uint64_t>(j0 + j);
+      const std::uint64_t bits = mix64(key ^ (ctr * 0xD1B54A32D192ED03ULL));
+      T& x = s[i * si + j * sj];
+      x = (bits >> 40) >= threshold ? x * keep_scale : T(0);
+    }
+  }
+}
+
 template <class T>
 void attention(const AttentionArgs<T>& a) {
   using S = GemmShape<T>;
@@ -85,10 +136,6 @@ void attention(const AttentionArgs<T>& a) {
   const std::int64_t qblocks = (Lq + BQ - 1) / BQ;
   const std::int64_t tasks = a.batch * a.hq * qblocks;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const T keep_scale = a.dropout_p > 0 ? T(1.0 / (1.0 - a.dropout_p)) : T(1);
-  // keep iff (bits >> 40) >= threshold, i.e. (bits >> 40) / 2^24 >= p
-  const std::uint64_t threshold =
-      static_cast<std::uint64_t>(std::ceil(a.dropout_p * static_cast<double>(1 << 24)));
   parallel_for(tasks, BQ * Lk * (D + Dv) * 2, [&](std::int64_t t0, std::int64_t t1) {
     Scratch<T> qt(D * BQ + 1), st(BK * BQ), ot(Dv * BQ + 1), m(BQ), l(BQ), alpha(BQ);
     for (std::int64_t t = t0; t < t1; ++t) {
@@ -124,30 +171,9 @@ void attention(const AttentionArgs<T>& a) {
               return kp + prepacked_a_index<T>(Lk, j0 + r0, D, k0);
             },
             [&](std::int64_t dd) { return qt.data + dd * BQ; }, st.data, BQ);
-        // masks, by selection
-        const bool diagonal = a.causal != 0 && j0 + nk - 1 > i0 + offset;
-        if (a.mask != nullptr || diagonal) {
-          const std::int64_t* ms = a.mask_stride;
-          for (std::int64_t j = 0; j < nk; ++j) {
-            T* row = st.data + j * BQ;
-            const std::int64_t jj = j0 + j;
-            if (a.mask != nullptr) {
-              const std::int64_t base = b * ms[0] + h * ms[1] + i0 * ms[2] + jj * ms[3];
-              if (a.mask_is_bool) {
-                const auto* mk = static_cast<const std::uint8_t*>(a.mask) + base;
-                for (std::int64_t c = 0; c < nq; ++c)
-                  if (!mk[c * ms[2]]) row[c] = neg_inf;
-              } else {
-                const T* mk = static_cast<const T*>(a.mask) + base;
-                for (std::int64_t c = 0; c < nq; ++c) row[c] += mk[c * ms[2]];
-              }
-            }
-            if (diagonal) {  // query i0 + c sees key jj iff c >= jj - i0 - offset
-              const std::int64_t first = jj - i0 - offset;
-              for (std::int64_t c = 0; c < (first < BQ ? first : BQ); ++c) row[c] = neg_inf;
-            }
-          }
-        }
+        // masks, by selection (S^T: queries along a row)
+        if (a.mask != nullptr || (a.causal != 0 && j0 + nk - 1 > i0 + offset))
+          mask_block(a, b, h, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ);
         // online softmax, a vector of queries at a time
         for (std::int64_t c = 0; c < BQ; c += W) {
           V mb = V::set1(neg_inf);
@@ -180,19 +206,7 @@ void attention(const AttentionArgs<T>& a) {
           for (std::int64_t c = 0; c < BQ; c += W)
             mul(V::load(row + c), V::load(alpha.data + c)).store(row + c);
         }
-        if (a.dropout_p > 0) {  // Note [dropout hash]
-          const std::uint64_t key =
-              mix64(a.seed ^ (static_cast<std::uint64_t>(bh) * 0x9E3779B97F4A7C15ULL));
-          for (std::int64_t j = 0; j < nk; ++j) {
-            T* row = st.data + j * BQ;
-            const std::uint64_t jj = static_cast<std::uint64_t>(j0 + j);
-            for (std::int64_t c = 0; c < nq; ++c) {
-              const std::uint64_t ctr = (static_cast<std::uint64_t>(i0 + c) << 32) | jj;
-              const std::uint64_t bits = mix64(key ^ (ctr * 0xD1B54A32D192ED03ULL));
-              row[c] = (bits >> 40) >= threshold ? row[c] * keep_scale : T(0);
-            }
-          }
-        }
+        if (a.dropout_p > 0) dropout_block(a, bh, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ);
         // V^T's block is packed for kc = min(BK, Lk - j0) keys: a causal block cut shorter
         // runs over the whole block with zero weights for the keys it does not see
         const std::int64_t kc = Lk - j0 < BK ? Lk - j0 : BK;
@@ -217,9 +231,237 @@ void attention(const AttentionArgs<T>& a) {
   });
 }
 
+// Backward (FlashAttention-2's recomputation, deterministic: no atomics).  With P = exp(S - lse)
+// (0 where masked), Pd = P o keep / (1 - p), Dr_i = dO_i . O_i:
+//   dV = Pd^T dO,   dPd = dO V^T,   dS = P o (dPd o keep / (1 - p) - Dr),
+//   dK = scale dS^T Q,   dQ = scale dS K.
+// Pass 1, one task per (kv batch, kv head, block of BK keys), sums dK and dV over its query
+// heads, batches and query blocks in order; pass 2, one task per (batch, query head, block of BQ
+// queries), sums dQ over the key blocks.  Each recomputes its S, P and dPd block by block, in the
+// orientation whose GEMM operands are rows in place or cheap to pack: Q^T, dO^T, K^T and V^T
+// are transposed once per head.
+template <class T>
+void attention_backward(const AttentionBackwardArgs<T>& g) {
+  using S = GemmShape<T>;
+  using V = Vec<T>;
+  const AttentionArgs<T>& a = g.fwd;
+  constexpr std::int64_t W = V::width, BQ = kBlockQ, BK = S::KC;
+  const std::int64_t D = a.d, Dv = a.dv, Lq = a.lq, Lk = a.lk, B = a.batch;
+  const bool shared = a.k_batch_stride == 0;  // k and v: one batch for all (or neither)
+  const std::int64_t kvb = shared ? 1 : B, group = a.hkv > 0 ? a.hq / a.hkv : 1;
+  const std::int64_t kv_heads = kvb * a.hkv, q_heads = B * a.hq;
+  for (std::int64_t e = 0; e < q_heads * Lq * D; ++e) g.dq[e] = T(0);
+  for (std::int64_t e = 0; e < kv_heads * Lk * D; ++e) g.dk[e] = T(0);
+  for (std::int64_t e = 0; e < kv_heads * Lk * Dv; ++e) g.dv[e] = T(0);
+  if (q_heads == 0 || Lq == 0 || Lk == 0) return;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const T inf = std::numeric_limits<T>::infinity();
+  // per query head: (Q scale)^T [D][Lq], dO^T [Dv][Lq], Dr [Lq]; per kv head: K^T, V^T
+  Scratch<T> qt(q_heads * D * Lq + 1), dot(q_heads * Dv * Lq + 1), dr(q_heads * Lq);
+  Scratch<T> kt(kv_heads * D * Lk + 1), vt(kv_heads * Dv * Lk + 1);
+  parallel_for(q_heads, Lq * (D + Dv) * 2, [&](std::int64_t h0, std::int64_t h1) {
+    for (std::int64_t bh = h0; bh < h1; ++bh) {
+      const T* q = a.q + bh * Lq * D;
+      const T* o = a.out + bh * Lq * Dv;
+      const T* go = g.grad_out + bh * Lq * Dv;
+      for (std::int64_t i = 0; i < Lq; ++i) {
+        for (std::int64_t d = 0; d < D; ++d)
+          qt.data[(bh * D + d) * Lq + i] = q[i * D + d] * a.scale;
+        T sum = T(0);
+        for (std::int64_t d = 0; d < Dv; ++d) {
+          dot.data[(bh * Dv + d) * Lq + i] = go[i * Dv + d];
+          sum += go[i * Dv + d] * o[i * Dv + d];
+        }
+        dr.data[bh * Lq + i] = sum;
+      }
+    }
+  });
+  parallel_for(kv_heads, Lk * (D + Dv) * 2, [&](std::int64_t h0, std::int64_t h1) {
+    for (std::int64_t hh = h0; hh < h1; ++hh) {
+      const T* k = a.k + hh * Lk * D;
+      const T* v = a.v + hh * Lk * Dv;
+      for (std::int64_t j = 0; j < Lk; ++j) {
+        for (std::int64_t d = 0; d < D; ++d) kt.data[(hh * D + d) * Lk + j] = k[j * D + d];
+        for (std::int64_t d = 0; d < Dv; ++d) vt.data[(hh * Dv + d) * Lk + j] = v[j * Dv + d];
+      }
+    }
+  });
+  const std::int64_t offset = a.causal == 2 ? Lk - Lq : 0;
+  auto block_needs_mask = [&](std::int64_t i0, std::int64_t j0, std::int64_t nk) {
+    return a.mask != nullptr || (a.causal != 0 && j0 + nk - 1 > i0 + offset);
+  };
+  // P = exp(S - lse) along a run of n scores of one query (lse -inf: a row with no key, P = 0)
+  auto probabilities = [&](T* s, std::int64_t n, T lse) {
+    const V l = V::set1(lse == neg_inf ? inf : lse);
+    std::int64_t j = 0;
+    for (; j + W <= n; j += W) exp(sub(V::load(s + j), l)).store(s + j);
+    if (j < n) exp(sub(V::load_partial(s + j, n - j, T(0)), l)).store_partial(s + j, n - j);
+  };
+
+  // pass 1: dK, dV
+  const std::int64_t kblocks = (Lk + BK - 1) / BK;
+  parallel_for(
+      kv_heads * kblocks, BK * Lq * (D + Dv) * 4 * group * (shared ? B : 1),
+      [&](std::int64_t t0, std::int64_t t1) {
+        Scratch<T> p(BQ * BK), pd(BQ * BK), dp(BQ * BK), dkt(D * BK + 1), dvt(Dv * BK + 1);
+        for (std::int64_t t = t0; t < t1; ++t) {
+          const std::int64_t hh = t / kblocks, j0 = t % kblocks * BK;
+          const std::int64_t bk = hh / a.hkv, hk = hh % a.hkv;
+          const std::int64_t nk = Lk - j0 < BK ? Lk - j0 : BK;
+          for (std::int64_t e = 0; e < D * BK; ++e) dkt.data[e] = T(0);
+          for (std::int64_t e = 0; e < Dv * BK; ++e) dvt.data[e] = T(0);
+          const T* kth = kt.data + hh * D * Lk;
+          const T* vth = vt.data + hh * Dv * Lk;
+          // queries that see a key of this block: i + offset >= j0
+          std::int64_t first = a.causal != 0 ? j0 - offset : 0;
+          first = first < 0 ? 0 : first / BQ * BQ;
+          for (std::int64_t b = shared ? 0 : bk; b < (shared ? B : bk + 1); ++b) {
+            for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+              const std::int64_t bh = b * a.hq + h;
+              const T* qth = qt.data + bh * D * Lq;
+              const T* doth = dot.data + bh * Dv * Lq;
+              const T* qh = a.q + bh * Lq * D;
+              const T* goh = g.grad_out + bh * Lq * Dv;
+              for (std::int64_t i0 = first; i0 < Lq; i0 += BQ) {
+                const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
+                // S (nq x nk) = (Q scale) K^T
+                gemm_rows<T>(
+                    nq, nk, D,
+                    [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
+                        T* dst) {
+                      pack_a_strided(qth + i0, std::int64_t{1}, Lq, nq, r0, mc, k0, kc, dst);
+                    },
+                    [&](std::int64_t d) { return kth + d * Lk + j0; }, p.data, BK);
+                if (block_needs_mask(i0, j0, nk))
+                  mask_block(a, b, h, i0, nq, j0, nk, p.data, BK, std::int64_t{1});
+                for (std::int64_t i = 0; i < nq; ++i)
+                  probabilities(p.data + i * BK, nk, a.lse[bh * Lq + i0 + i]);
+                const T* pw = p.data;  // the weights that multiplied V
+                if (a.dropout_p > 0) {
+                  for (std::int64_t e = 0; e < nq * BK; ++e) pd.data[e] = p.data[e];
+                  dropout_block(a, bh, i0, nq, j0, nk, pd.data, BK, std::int64_t{1});
+                  pw = pd.data;
+                }
+                // dV^T (Dv x nk) += dO^T (Dv x nq) Pd (nq x nk)
+                gemm_rows<T>(
+                    Dv, nk, nq,
+                    [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
+                        T* dst) {
+                      pack_a_strided(goh + i0 * Dv, std::int64_t{1}, Dv, Dv, r0, mc, k0, kc, dst);
+                    },
+                    [&](std::int64_t i) { return pw + i * BK; }, dvt.data, BK, true);
+                // dPd (nq x nk) = dO V^T
+                gemm_rows<T>(
+                    nq, nk, Dv,
+                    [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
+                        T* dst) {
+                      pack_a_strided(doth + i0, std::int64_t{1}, Lq, nq, r0, mc, k0, kc, dst);
+                    },
+                    [&](std::int64_t d) { return vth + d * Lk + j0; }, dp.data, BK);
+                if (a.dropout_p > 0)
+                  dropout_block(a, bh, i0, nq, j0, nk, dp.data, BK, std::int64_t{1});
+                for (std::int64_t i = 0; i < nq; ++i) {  // dS = P o (dP - Dr_i)
+                  T* row = dp.data + i * BK;
+                  const T* pr = p.data + i * BK;
+                  const T di = dr.data[bh * Lq + i0 + i];
+                  for (std::int64_t j = 0; j < nk; ++j)
+                    row[j] = pr[j] == T(0) ? T(0) : pr[j] * (row[j] - di);
+                }
+                // dK^T (D x nk) += Q^T (D x nq) dS (nq x nk)    (scale at the end)
+                gemm_rows<T>(
+                    D, nk, nq,
+                    [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
+                        T* dst) {
+                      pack_a_strided(qh + i0 * D, std::int64_t{1}, D, D, r0, mc, k0, kc, dst);
+                    },
+                    [&](std::int64_t i) { return dp.data + i * BK; }, dkt.data, BK, true);
+              }
+            }
+          }
+          T* dkh = g.dk + (hh * Lk + j0) * D;
+          T* dvh = g.dv + (hh * Lk + j0) * Dv;
+          for (std::int64_t j = 0; j < nk; ++j) {
+            for (std::int64_t d = 0; d < D; ++d) dkh[j * D + d] = dkt.data[d * BK + j] * a.scale;
+            for (std::int64_t d = 0; d < Dv; ++d) dvh[j * Dv + d] = dvt.data[d * BK + j];
+          }
+        }
+      });
+
+  // pass 2: dQ
+  const std::int64_t qblocks = (Lq + BQ - 1) / BQ;
+  parallel_for(q_heads * qblocks, BQ * Lk * (D + Dv) * 4, [&](std::int64_t t0, std::int64_t t1) {
+    Scratch<T> st(BK * BQ), dpt(BK * BQ), dqt(D * BQ + 1), lse(BQ), drb(BQ);
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t bh = t / qblocks, i0 = t % qblocks * BQ;
+      const std::int64_t b = bh / a.hq, h = bh % a.hq, hk = h / group;
+      const std::int64_t hh = (shared ? 0 : b) * a.hkv + hk;
+      const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
+      for (std::int64_t c = 0; c < BQ; ++c) {  // lse -inf (no key): +inf, so that P = 0
+        const T l = c < nq ? a.lse[bh * Lq + i0 + c] : neg_inf;
+        lse.data[c] = l == neg_inf ? inf : l;
+        drb.data[c] = c < nq ? dr.data[bh * Lq + i0 + c] : T(0);
+      }
+      for (std::int64_t e = 0; e < D * BQ; ++e) dqt.data[e] = T(0);
+      const T* qth = qt.data + bh * D * Lq;
+      const T* doth = dot.data + bh * Dv * Lq;
+      const T* kth = kt.data + hh * D * Lk;
+      const T* vth = vt.data + hh * Dv * Lk;
+      const T* kh = a.k + hh * Lk * D;
+      std::int64_t kend = Lk;
+      if (a.causal != 0) {
+        const std::int64_t last = i0 + nq + offset;
+        kend = last < kend ? (last > 0 ? last : 0) : kend;
+      }
+      for (std::int64_t j0 = 0; j0 < kend; j0 += BK) {
+        const std::int64_t nk = kend - j0 < BK ? kend - j0 : BK;
+        // S^T (nk x nq) = K (Q scale)^T
+        gemm_rows<T>(
+            nk, nq, D,
+            [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
+              pack_a_strided(kth + j0, std::int64_t{1}, Lk, nk, r0, mc, k0, kc, dst);
+            },
+            [&](std::int64_t d) { return qth + d * Lq + i0; }, st.data, BQ);
+        if (block_needs_mask(i0, j0, nk))
+          mask_block(a, b, h, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ);
+        for (std::int64_t j = 0; j < nk; ++j) {  // P^T = exp(S^T - lse)
+          T* row = st.data + j * BQ;
+          for (std::int64_t c = 0; c < BQ; c += W)
+            exp(sub(V::load(row + c), V::load(lse.data + c))).store(row + c);
+        }
+        // dPd^T (nk x nq) = V dO^T
+        gemm_rows<T>(
+            nk, nq, Dv,
+            [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
+              pack_a_strided(vth + j0, std::int64_t{1}, Lk, nk, r0, mc, k0, kc, dst);
+            },
+            [&](std::int64_t d) { return doth + d * Lq + i0; }, dpt.data, BQ);
+        if (a.dropout_p > 0) dropout_block(a, bh, i0, nq, j0, nk, dpt.data, std::int64_t{1}, BQ);
+        for (std::int64_t j = 0; j < nk; ++j) {  // dS^T = P^T o (dP^T - Dr)
+          T* row = dpt.data + j * BQ;
+          const T* pr = st.data + j * BQ;
+          for (std::int64_t c = 0; c < nq; ++c)
+            row[c] = pr[c] == T(0) ? T(0) : pr[c] * (row[c] - drb.data[c]);
+        }
+        // dQ^T (D x nq) += K^T (D x nk) dS^T (nk x nq)    (scale at the end)
+        gemm_rows<T>(
+            D, nq, nk,
+            [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
+              pack_a_strided(kh + j0 * D, std::int64_t{1}, D, D, r0, mc, k0, kc, dst);
+            },
+            [&](std::int64_t j) { return dpt.data + j * BQ; }, dqt.data, BQ, true);
+      }
+      T* dqh = g.dq + (bh * Lq + i0) * D;
+      for (std::int64_t c = 0; c < nq; ++c)
+        for (std::int64_t d = 0; d < D; ++d) dqh[c * D + d] = dqt.data[d * BQ + c] * a.scale;
+    }
+  });
+}
+
 }  // namespace
 
 void attention_f32(const AttentionArgs<float>& args) { attention(args); }
 void attention_f64(const AttentionArgs<double>& args) { attention(args); }
+void attention_backward_f32(const AttentionBackwardArgs<float>& args) { attention_backward(args); }
+void attention_backward_f64(const AttentionBackwardArgs<double>& args) { attention_backward(args); }
 
 MLMATH_ISA_END

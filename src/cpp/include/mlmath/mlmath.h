@@ -160,6 +160,17 @@ struct AttentionArgs {
   T* lse;  // [b][hq][lq], or nullptr
 };
 
+// Gradients of attention (kernels/attention.cpp): dq [b][hq][lq][d], and dk, dv with k's and
+// v's batch (both shared by every batch, or neither), summed over the query heads of a group.
+template <class T>
+struct AttentionBackwardArgs {
+  AttentionArgs<T> fwd;  // q, k, v, shapes, masks, causal, scale, dropout (out, lse: inputs)
+  const T* grad_out;     // [b][hq][lq][dv]
+  T* dq;
+  T* dk;
+  T* dv;
+};
+
 struct KernelTable {
 #define MLMATH_KERNEL(name, params) void(*name) params;
 #include "mlmath/kernels.inc"
