@@ -21,7 +21,8 @@ def test_list_and_only(capsys):
 
 
 def small_shape(case):
-    """A quick shape of the case's kind: (params, tensors), (m, k, n), (N, C, HW, K, R), 2-d."""
+    """A quick shape of the case's kind: (params, tensors), (m, k, n), (N, C, HW, K, R),
+    (B, H, L, D), 2-d."""
     if "params" in (case.label or ""):
         return (1000, case.shape[1])
     if case.name == "matmul":
@@ -29,6 +30,8 @@ def small_shape(case):
     if case.name.startswith("conv2d"):
         n, c, hw, k, r = case.shape
         return (1, c, 2 * r + 3, k, r)
+    if case.name.startswith("attention"):
+        return (1, 2, 37, 16)
     return (8, 37)
 
 
@@ -62,3 +65,8 @@ def test_numpy_formulas_match_ours():
     np.testing.assert_allclose(suite.np_cross_entropy(x, t), loss, rtol=1e-5)
     np.testing.assert_allclose(np_loss, loss, rtol=1e-5)
     np.testing.assert_allclose(np_grad, grad, rtol=1e-5, atol=1e-7)
+    q, k, v = (suite.randn((2, 7, 4), seed=i) for i in range(3))
+    for causal in (False, True):
+        np.testing.assert_allclose(
+            suite.np_attention(q, k, v, causal), mn.attention(q, k, v, causal=causal), atol=1e-6
+        )

@@ -547,6 +547,105 @@ CASES.extend(
 )
 
 
+# --- attention ------------------------------------------------------------------------------
+
+
+def np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool) -> np.ndarray:
+    """The formula as written: softmax(q kᵀ / √D [+ causal mask]) v, materialising L x L."""
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * np.float32(1.0 / np.sqrt(q.shape[-1]))
+    if causal:
+        lq, lk = s.shape[-2:]
+        s = np.where(np.tri(lq, lk, dtype=bool), s, np.float32(-np.inf))
+    return np.matmul(np_softmax(s), v)
+
+
+def _attention_inputs(shape: tuple[int, ...]) -> Inputs:
+    b, h, length, d = shape
+    return {key: randn((b, h, length, d), seed=i) for i, key in enumerate(("q", "k", "v", "g"))}
+
+
+def _attention_flops(d: Inputs, causal: bool, passes: float) -> float:
+    b, h, length, dim = d["q"].shape
+    full = 4.0 * b * h * length * length * dim  # two GEMMs of 2 L^2 D flops
+    return passes * (full / 2 if causal else full)
+
+
+def _attention_case(b, h, length, d, causal: bool, numpy_ok: bool = True) -> Case:
+    def torch_(data):
+        import torch
+
+        q, k, v = (torch.from_numpy(data[key]) for key in ("q", "k", "v"))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return lambda: sdpa(q, k, v, is_causal=causal)
+
+    return Case(
+        name="attention causal" if causal else "attention",
+        shape=(b, h, length, d),
+        quick_shape=(b, h, max(128, length // 4), d),
+        label="B{0} H{1} L{2} D{3}",
+        setup=_attention_inputs,
+        ours=lambda data: lambda: mn.attention(data["q"], data["k"], data["v"], causal=causal),
+        numpy=(lambda data: lambda: np_attention(data["q"], data["k"], data["v"], causal))
+        if numpy_ok
+        else None,
+        torch=torch_,
+        work=lambda data: _attention_flops(data, causal, 1.0),
+        unit="flops",
+    )
+
+
+def _attention_train_case(b, h, length, d, causal: bool) -> Case:
+    """Forward (with lse) + attention_backward, against SDPA + autograd backward."""
+
+    def ours(data):
+        q, k, v, g = (data[key] for key in ("q", "k", "v", "g"))
+
+        def step():
+            out, lse = mn.attention(q, k, v, causal=causal, return_lse=True)
+            return mn.attention_backward(q, k, v, out, lse, g, causal=causal)
+
+        return step
+
+    def torch_(data):
+        import torch
+
+        q, k, v, g = (torch.from_numpy(data[key]) for key in ("q", "k", "v", "g"))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def step():
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+            sdpa(qg, kg, vg, is_causal=causal).backward(g)
+            return qg.grad, kg.grad, vg.grad
+
+        return step
+
+    return Case(
+        name="attention fwd+bwd causal" if causal else "attention fwd+bwd",
+        shape=(b, h, length, d),
+        quick_shape=(b, h, max(128, length // 4), d),
+        label="B{0} H{1} L{2} D{3}",
+        setup=_attention_inputs,
+        ours=ours,
+        numpy=None,
+        torch=torch_,
+        # forward 2 GEMMs, backward 5 (dV, dP, dK and dQ, with S recomputed): 3.5x the forward
+        work=lambda data: _attention_flops(data, causal, 3.5),
+        unit="flops",
+    )
+
+
+CASES.extend(
+    [
+        _attention_case(1, 8, 2048, 64, False),
+        _attention_case(1, 8, 2048, 64, True),
+        _attention_case(4, 12, 512, 64, False),
+        _attention_case(1, 4, 8192, 64, True, numpy_ok=False),  # L x L: 1 GiB per head in NumPy
+        _attention_train_case(1, 8, 2048, 64, False),
+        _attention_train_case(1, 8, 2048, 64, True),
+    ]
+)
+
+
 def select(only: list[str] | None, cases: list[Case] | None = None) -> list[Case]:
     """Cases whose name contains any of the substrings in `only` (all cases if empty)."""
     cases = CASES if cases is None else cases
