@@ -256,9 +256,17 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
   if (q_heads == 0 || Lq == 0 || Lk == 0) return;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const T inf = std::numeric_limits<T>::infinity();
-  // per query head: (Q scale)^T [D][Lq], dO^T [Dv][Lq], Dr [Lq]; per kv head: K^T, V^T
-  Scratch<T> qt(q_heads * D * Lq + 1), dot(q_heads * Dv * Lq + 1), dr(q_heads * Lq);
-  Scratch<T> kt(kv_heads * D * Lk + 1), vt(kv_heads * Dv * Lk + 1);
+  // per query head: (Q scale)^T [D][Lq], dO^T [Dv][Lq], Dr [Lq]; per kv head: K^T, V^T; rows
+  // lq and lk apart, padded off multiples of 1 KiB (the GEMMs read blocks of these rows, which
+  // would otherwise all fall into the same L1 sets for the usual power-of-two lengths)
+  auto padded = [](std::int64_t n) {
+    constexpr std::int64_t line = 64 / static_cast<std::int64_t>(sizeof(T));
+    const std::int64_t ld = (n + line - 1) / line * line;
+    return ld % (16 * line) == 0 ? ld + line : ld;
+  };
+  const std::int64_t lq_ = padded(Lq), lk_ = padded(Lk);
+  Scratch<T> qt(q_heads * D * lq_ + 1), dot(q_heads * Dv * lq_ + 1), dr(q_heads * Lq);
+  Scratch<T> kt(kv_heads * D * lk_ + 1), vt(kv_heads * Dv * lk_ + 1);
   parallel_for(q_heads, Lq * (D + Dv) * 2, [&](std::int64_t h0, std::int64_t h1) {
     for (std::int64_t bh = h0; bh < h1; ++bh) {
       const T* q = a.q + bh * Lq * D;
@@ -266,10 +274,10 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
       const T* go = g.grad_out + bh * Lq * Dv;
       for (std::int64_t i = 0; i < Lq; ++i) {
         for (std::int64_t d = 0; d < D; ++d)
-          qt.data[(bh * D + d) * Lq + i] = q[i * D + d] * a.scale;
+          qt.data[(bh * D + d) * lq_ + i] = q[i * D + d] * a.scale;
         T sum = T(0);
         for (std::int64_t d = 0; d < Dv; ++d) {
-          dot.data[(bh * Dv + d) * Lq + i] = go[i * Dv + d];
+          dot.data[(bh * Dv + d) * lq_ + i] = go[i * Dv + d];
           sum += go[i * Dv + d] * o[i * Dv + d];
         }
         dr.data[bh * Lq + i] = sum;
@@ -281,8 +289,8 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
       const T* k = a.k + hh * Lk * D;
       const T* v = a.v + hh * Lk * Dv;
       for (std::int64_t j = 0; j < Lk; ++j) {
-        for (std::int64_t d = 0; d < D; ++d) kt.data[(hh * D + d) * Lk + j] = k[j * D + d];
-        for (std::int64_t d = 0; d < Dv; ++d) vt.data[(hh * Dv + d) * Lk + j] = v[j * Dv + d];
+        for (std::int64_t d = 0; d < D; ++d) kt.data[(hh * D + d) * lk_ + j] = k[j * D + d];
+        for (std::int64_t d = 0; d < Dv; ++d) vt.data[(hh * Dv + d) * lk_ + j] = v[j * Dv + d];
       }
     }
   });
@@ -310,16 +318,16 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
           const std::int64_t nk = Lk - j0 < BK ? Lk - j0 : BK;
           for (std::int64_t e = 0; e < D * BK; ++e) dkt.data[e] = T(0);
           for (std::int64_t e = 0; e < Dv * BK; ++e) dvt.data[e] = T(0);
-          const T* kth = kt.data + hh * D * Lk;
-          const T* vth = vt.data + hh * Dv * Lk;
+          const T* kth = kt.data + hh * D * lk_;
+          const T* vth = vt.data + hh * Dv * lk_;
           // queries that see a key of this block: i + offset >= j0
           std::int64_t first = a.causal != 0 ? j0 - offset : 0;
           first = first < 0 ? 0 : first / BQ * BQ;
           for (std::int64_t b = shared ? 0 : bk; b < (shared ? B : bk + 1); ++b) {
             for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
               const std::int64_t bh = b * a.hq + h;
-              const T* qth = qt.data + bh * D * Lq;
-              const T* doth = dot.data + bh * Dv * Lq;
+              const T* qth = qt.data + bh * D * lq_;
+              const T* doth = dot.data + bh * Dv * lq_;
               const T* qh = a.q + bh * Lq * D;
               const T* goh = g.grad_out + bh * Lq * Dv;
               for (std::int64_t i0 = first; i0 < Lq; i0 += BQ) {
@@ -329,9 +337,9 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
                     nq, nk, D,
                     [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
                         T* dst) {
-                      pack_a_strided(qth + i0, std::int64_t{1}, Lq, nq, r0, mc, k0, kc, dst);
+                      pack_a_strided(qth + i0, std::int64_t{1}, lq_, nq, r0, mc, k0, kc, dst);
                     },
-                    [&](std::int64_t d) { return kth + d * Lk + j0; }, p.data, BK);
+                    [&](std::int64_t d) { return kth + d * lk_ + j0; }, p.data, BK);
                 if (block_needs_mask(i0, j0, nk))
                   mask_block(a, b, h, i0, nq, j0, nk, p.data, BK, std::int64_t{1});
                 for (std::int64_t i = 0; i < nq; ++i)
@@ -355,9 +363,9 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
                     nq, nk, Dv,
                     [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
                         T* dst) {
-                      pack_a_strided(doth + i0, std::int64_t{1}, Lq, nq, r0, mc, k0, kc, dst);
+                      pack_a_strided(doth + i0, std::int64_t{1}, lq_, nq, r0, mc, k0, kc, dst);
                     },
-                    [&](std::int64_t d) { return vth + d * Lk + j0; }, dp.data, BK);
+                    [&](std::int64_t d) { return vth + d * lk_ + j0; }, dp.data, BK);
                 if (a.dropout_p > 0)
                   dropout_block(a, bh, i0, nq, j0, nk, dp.data, BK, std::int64_t{1});
                 for (std::int64_t i = 0; i < nq; ++i) {  // dS = P o (dP - Dr_i)
@@ -402,10 +410,10 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
         drb.data[c] = c < nq ? dr.data[bh * Lq + i0 + c] : T(0);
       }
       for (std::int64_t e = 0; e < D * BQ; ++e) dqt.data[e] = T(0);
-      const T* qth = qt.data + bh * D * Lq;
-      const T* doth = dot.data + bh * Dv * Lq;
-      const T* kth = kt.data + hh * D * Lk;
-      const T* vth = vt.data + hh * Dv * Lk;
+      const T* qth = qt.data + bh * D * lq_;
+      const T* doth = dot.data + bh * Dv * lq_;
+      const T* kth = kt.data + hh * D * lk_;
+      const T* vth = vt.data + hh * Dv * lk_;
       const T* kh = a.k + hh * Lk * D;
       std::int64_t kend = Lk;
       if (a.causal != 0) {
@@ -418,9 +426,9 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
         gemm_rows<T>(
             nk, nq, D,
             [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-              pack_a_strided(kth + j0, std::int64_t{1}, Lk, nk, r0, mc, k0, kc, dst);
+              pack_a_strided(kth + j0, std::int64_t{1}, lk_, nk, r0, mc, k0, kc, dst);
             },
-            [&](std::int64_t d) { return qth + d * Lq + i0; }, st.data, BQ);
+            [&](std::int64_t d) { return qth + d * lq_ + i0; }, st.data, BQ);
         if (block_needs_mask(i0, j0, nk))
           mask_block(a, b, h, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ);
         for (std::int64_t j = 0; j < nk; ++j) {  // P^T = exp(S^T - lse)
@@ -432,9 +440,9 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
         gemm_rows<T>(
             nk, nq, Dv,
             [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-              pack_a_strided(vth + j0, std::int64_t{1}, Lk, nk, r0, mc, k0, kc, dst);
+              pack_a_strided(vth + j0, std::int64_t{1}, lk_, nk, r0, mc, k0, kc, dst);
             },
-            [&](std::int64_t d) { return doth + d * Lq + i0; }, dpt.data, BQ);
+            [&](std::int64_t d) { return doth + d * lq_ + i0; }, dpt.data, BQ);
         if (a.dropout_p > 0) dropout_block(a, bh, i0, nq, j0, nk, dpt.data, std::int64_t{1}, BQ);
         for (std::int64_t j = 0; j < nk; ++j) {  // dS^T = P^T o (dP^T - Dr)
           T* row = dpt.data + j * BQ;
