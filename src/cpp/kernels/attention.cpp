@@ -46,7 +46,8 @@ constexpr std::int64_t kBlockQ = 96;
 
 // The masks, by selection, on a block of scores of (batch b, query head h):
 // s[(i - i0) * si + (j - j0) * sj] for queries i0 <= i < i0 + nq and keys j0 <= j < j0 + nk.
-// A float mask is added; a boolean mask and the causal limit (j <= i + offset) select -inf.
+// A float mask is added (a -inf entry selects -inf, whatever the score); a boolean mask and
+// the causal limit (j <= i + offset) select -inf.
 template <class T>
 void mask_block(const AttentionArgs<T>& a, std::int64_t b, std::int64_t h, std::int64_t i0,
                 std::int64_t nq, std::int64_t j0, std::int64_t nk, T* s, std::int64_t si,
@@ -64,7 +65,10 @@ void mask_block(const AttentionArgs<T>& a, std::int64_t b, std::int64_t h, std::
           if (!mk[j * ms[3]]) row[j * sj] = neg_inf;
       } else {
         const T* mk = static_cast<const T*>(a.mask) + base;
-        for (std::int64_t j = 0; j < nk; ++j) row[j * sj] += mk[j * ms[3]];
+        for (std::int64_t j = 0; j < nk; ++j) {  // a -inf entry masks by selection too
+          const T mv = mk[j * ms[3]];
+          row[j * sj] = mv == neg_inf ? neg_inf : row[j * sj] + mv;
+        }
       }
     }
     if (a.causal != 0)  // key j0 + j is seen iff j0 + j <= i0 + i + offset
