@@ -235,13 +235,22 @@ void attention(const AttentionArgs<T>& a) {
   });
 }
 
+// Note [dq partials]
+// dQ_i sums over every key block.  Instead of a second pass that recomputes S and dP per query
+// block (two more GEMMs), the key blocks are cut into at most kDqGroups groups, fixed by the
+// shapes; the task of a group adds its dS K into the group's own partial dQ, and the partials
+// are added in group order at the end: deterministic, and O(groups x Lq x D) memory per head
+// (capped at kDqPartialValues values by using fewer groups).
+constexpr std::int64_t kDqGroups = 8;
+constexpr std::int64_t kDqPartialValues = std::int64_t{1} << 26;
+
 // Backward (FlashAttention-2's recomputation, deterministic: no atomics).  With P = exp(S - lse)
 // (0 where masked), Pd = P o keep / (1 - p), Dr_i = dO_i . O_i:
 //   dV = Pd^T dO,   dPd = dO V^T,   dS = P o (dPd o keep / (1 - p) - Dr),
 //   dK = scale dS^T Q,   dQ = scale dS K.
-// Pass 1, one task per (kv batch, kv head, block of BK keys), sums dK and dV over its query
-// heads, batches and query blocks in order; pass 2, one task per (batch, query head, block of BQ
-// queries), sums dQ over the key blocks.  Each recomputes its S, P and dPd block by block, in the
+// One task per (kv batch, kv head, group of key blocks) sums, for each of its key blocks, dK and
+// dV over its query heads, batches and query blocks in order, and adds dS K into the group's
+// partial dQ (Note [dq partials]).  S, P and dPd are recomputed block by block, in the
 // orientation whose GEMM operands are rows in place or cheap to pack: Q^T, dO^T, K^T and V^T
 // are transposed once per head.
 template <class T>
@@ -310,161 +319,116 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
     if (j < n) exp(sub(V::load_partial(s + j, n - j, T(0)), l)).store_partial(s + j, n - j);
   };
 
-  // pass 1: dK, dV
+  // one task per (kv head, group of key blocks): dK and dV of each of its key blocks, and the
+  // group's share of dQ for every query head it serves (Note [dq partials])
   const std::int64_t kblocks = (Lk + BK - 1) / BK;
-  parallel_for(
-      kv_heads * kblocks, BK * Lq * (D + Dv) * 4 * group * (shared ? B : 1),
-      [&](std::int64_t t0, std::int64_t t1) {
-        Scratch<T> p(BQ * BK), pd(BQ * BK), dp(BQ * BK), dkt(D * BK + 1), dvt(Dv * BK + 1);
-        for (std::int64_t t = t0; t < t1; ++t) {
-          const std::int64_t hh = t / kblocks, j0 = t % kblocks * BK;
-          const std::int64_t bk = hh / a.hkv, hk = hh % a.hkv;
-          const std::int64_t nk = Lk - j0 < BK ? Lk - j0 : BK;
-          for (std::int64_t e = 0; e < D * BK; ++e) dkt.data[e] = T(0);
-          for (std::int64_t e = 0; e < Dv * BK; ++e) dvt.data[e] = T(0);
-          const T* kth = kt.data + hh * D * lk_;
-          const T* vth = vt.data + hh * Dv * lk_;
-          // queries that see a key of this block: i + offset >= j0
-          std::int64_t first = a.causal != 0 ? j0 - offset : 0;
-          first = first < 0 ? 0 : first / BQ * BQ;
-          for (std::int64_t b = shared ? 0 : bk; b < (shared ? B : bk + 1); ++b) {
-            for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-              const std::int64_t bh = b * a.hq + h;
-              const T* qth = qt.data + bh * D * lq_;
-              const T* doth = dot.data + bh * Dv * lq_;
-              const T* qh = a.q + bh * Lq * D;
-              const T* goh = g.grad_out + bh * Lq * Dv;
-              for (std::int64_t i0 = first; i0 < Lq; i0 += BQ) {
-                const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
-                // S (nq x nk) = (Q scale) K^T
-                gemm_rows<T>(
-                    nq, nk, D,
-                    [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
-                        T* dst) {
-                      pack_a_strided(qth + i0, std::int64_t{1}, lq_, nq, r0, mc, k0, kc, dst);
-                    },
-                    [&](std::int64_t d) { return kth + d * lk_ + j0; }, p.data, BK);
-                if (block_needs_mask(i0, j0, nk))
-                  mask_block(a, b, h, i0, nq, j0, nk, p.data, BK, std::int64_t{1});
-                for (std::int64_t i = 0; i < nq; ++i)
-                  probabilities(p.data + i * BK, nk, a.lse[bh * Lq + i0 + i]);
-                const T* pw = p.data;  // the weights that multiplied V
-                if (a.dropout_p > 0) {
-                  for (std::int64_t e = 0; e < nq * BK; ++e) pd.data[e] = p.data[e];
-                  dropout_block(a, bh, i0, nq, j0, nk, pd.data, BK, std::int64_t{1});
-                  pw = pd.data;
-                }
-                // dV^T (Dv x nk) += dO^T (Dv x nq) Pd (nq x nk)
-                gemm_rows<T>(
-                    Dv, nk, nq,
-                    [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
-                        T* dst) {
-                      pack_a_strided(goh + i0 * Dv, std::int64_t{1}, Dv, Dv, r0, mc, k0, kc, dst);
-                    },
-                    [&](std::int64_t i) { return pw + i * BK; }, dvt.data, BK, true);
-                // dPd (nq x nk) = dO V^T
-                gemm_rows<T>(
-                    nq, nk, Dv,
-                    [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
-                        T* dst) {
-                      pack_a_strided(doth + i0, std::int64_t{1}, lq_, nq, r0, mc, k0, kc, dst);
-                    },
-                    [&](std::int64_t d) { return vth + d * lk_ + j0; }, dp.data, BK);
-                if (a.dropout_p > 0)
-                  dropout_block(a, bh, i0, nq, j0, nk, dp.data, BK, std::int64_t{1});
-                for (std::int64_t i = 0; i < nq; ++i) {  // dS = P o (dP - Dr_i)
-                  T* row = dp.data + i * BK;
-                  const T* pr = p.data + i * BK;
-                  const T di = dr.data[bh * Lq + i0 + i];
-                  for (std::int64_t j = 0; j < nk; ++j)
-                    row[j] = pr[j] == T(0) ? T(0) : pr[j] * (row[j] - di);
-                }
-                // dK^T (D x nk) += Q^T (D x nq) dS (nq x nk)    (scale at the end)
-                gemm_rows<T>(
-                    D, nk, nq,
-                    [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
-                        T* dst) {
-                      pack_a_strided(qh + i0 * D, std::int64_t{1}, D, D, r0, mc, k0, kc, dst);
-                    },
-                    [&](std::int64_t i) { return dp.data + i * BK; }, dkt.data, BK, true);
-              }
-            }
-          }
-          T* dkh = g.dk + (hh * Lk + j0) * D;
-          T* dvh = g.dv + (hh * Lk + j0) * Dv;
-          for (std::int64_t j = 0; j < nk; ++j) {
-            for (std::int64_t d = 0; d < D; ++d) dkh[j * D + d] = dkt.data[d * BK + j] * a.scale;
-            for (std::int64_t d = 0; d < Dv; ++d) dvh[j * Dv + d] = dvt.data[d * BK + j];
-          }
-        }
-      });
-
-  // pass 2: dQ
-  const std::int64_t qblocks = (Lq + BQ - 1) / BQ;
-  parallel_for(q_heads * qblocks, BQ * Lk * (D + Dv) * 4, [&](std::int64_t t0, std::int64_t t1) {
-    Scratch<T> st(BK * BQ), dpt(BK * BQ), dqt(D * BQ + 1), lse(BQ), drb(BQ);
+  std::int64_t groups = kblocks < kDqGroups ? kblocks : kDqGroups;
+  const std::int64_t per_group = q_heads * Lq * D;  // one partial dQ of every query head
+  while (groups > 1 && groups * per_group > kDqPartialValues) --groups;
+  Scratch<T> dq_part(groups * per_group + 1);  // [bh][group][Lq][D]
+  const std::int64_t work = BK * Lq * (D + Dv) * 5 * group * (shared ? B : 1) * kblocks / groups;
+  parallel_for(kv_heads * groups, work, [&](std::int64_t t0, std::int64_t t1) {
+    Scratch<T> p(BQ * BK), pd(BQ * BK), dp(BQ * BK), dkt(D * BK + 1), dvt(Dv * BK + 1);
     for (std::int64_t t = t0; t < t1; ++t) {
-      const std::int64_t bh = t / qblocks, i0 = t % qblocks * BQ;
-      const std::int64_t b = bh / a.hq, h = bh % a.hq, hk = h / group;
-      const std::int64_t hh = (shared ? 0 : b) * a.hkv + hk;
-      const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
-      for (std::int64_t c = 0; c < BQ; ++c) {  // lse -inf (no key): +inf, so that P = 0
-        const T l = c < nq ? a.lse[bh * Lq + i0 + c] : neg_inf;
-        lse.data[c] = l == neg_inf ? inf : l;
-        drb.data[c] = c < nq ? dr.data[bh * Lq + i0 + c] : T(0);
-      }
-      for (std::int64_t e = 0; e < D * BQ; ++e) dqt.data[e] = T(0);
-      const T* qth = qt.data + bh * D * lq_;
-      const T* doth = dot.data + bh * Dv * lq_;
+      const std::int64_t hh = t / groups, gi = t % groups;
+      const std::int64_t bk = hh / a.hkv, hk = hh % a.hkv;
+      const std::int64_t b_first = shared ? 0 : bk, b_end = shared ? B : bk + 1;
+      for (std::int64_t b = b_first; b < b_end; ++b)
+        for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          T* part = dq_part.data + ((b * a.hq + h) * groups + gi) * Lq * D;
+          for (std::int64_t e = 0; e < Lq * D; ++e) part[e] = T(0);
+        }
       const T* kth = kt.data + hh * D * lk_;
       const T* vth = vt.data + hh * Dv * lk_;
       const T* kh = a.k + hh * Lk * D;
-      std::int64_t kend = Lk;
-      if (a.causal != 0) {
-        const std::int64_t last = i0 + nq + offset;
-        kend = last < kend ? (last > 0 ? last : 0) : kend;
-      }
-      for (std::int64_t j0 = 0; j0 < kend; j0 += BK) {
-        const std::int64_t nk = kend - j0 < BK ? kend - j0 : BK;
-        // S^T (nk x nq) = K (Q scale)^T
-        gemm_rows<T>(
-            nk, nq, D,
-            [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-              pack_a_strided(kth + j0, std::int64_t{1}, lk_, nk, r0, mc, k0, kc, dst);
-            },
-            [&](std::int64_t d) { return qth + d * lq_ + i0; }, st.data, BQ);
-        if (block_needs_mask(i0, j0, nk))
-          mask_block(a, b, h, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ);
-        for (std::int64_t j = 0; j < nk; ++j) {  // P^T = exp(S^T - lse)
-          T* row = st.data + j * BQ;
-          for (std::int64_t c = 0; c < BQ; c += W)
-            exp(sub(V::load(row + c), V::load(lse.data + c))).store(row + c);
+      for (std::int64_t kb = kblocks * gi / groups; kb < kblocks * (gi + 1) / groups; ++kb) {
+        const std::int64_t j0 = kb * BK, nk = Lk - j0 < BK ? Lk - j0 : BK;
+        for (std::int64_t e = 0; e < D * BK; ++e) dkt.data[e] = T(0);
+        for (std::int64_t e = 0; e < Dv * BK; ++e) dvt.data[e] = T(0);
+        // queries that see a key of this block: i + offset >= j0
+        std::int64_t first = a.causal != 0 ? j0 - offset : 0;
+        first = first < 0 ? 0 : first / BQ * BQ;
+        for (std::int64_t b = b_first; b < b_end; ++b) {
+          for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+            const std::int64_t bh = b * a.hq + h;
+            const T* qth = qt.data + bh * D * lq_;
+            const T* doth = dot.data + bh * Dv * lq_;
+            const T* qh = a.q + bh * Lq * D;
+            const T* goh = g.grad_out + bh * Lq * Dv;
+            T* part = dq_part.data + (bh * groups + gi) * Lq * D;
+            for (std::int64_t i0 = first; i0 < Lq; i0 += BQ) {
+              const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
+              auto pack_rows_t = [&](const T* base, std::int64_t ld, std::int64_t rows) {
+                // A = the transposed block base[k * ld + i]: MR contiguous values per k
+                return [=](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
+                           T* dst) {
+                  pack_a_strided(base, std::int64_t{1}, ld, rows, r0, mc, k0, kc, dst);
+                };
+              };
+              // S (nq x nk) = (Q scale) K^T
+              gemm_rows<T>(
+                  nq, nk, D, pack_rows_t(qth + i0, lq_, nq),
+                  [&](std::int64_t d) { return kth + d * lk_ + j0; }, p.data, BK);
+              if (block_needs_mask(i0, j0, nk))
+                mask_block(a, b, h, i0, nq, j0, nk, p.data, BK, std::int64_t{1});
+              for (std::int64_t i = 0; i < nq; ++i)
+                probabilities(p.data + i * BK, nk, a.lse[bh * Lq + i0 + i]);
+              const T* pw = p.data;  // the weights that multiplied V
+              if (a.dropout_p > 0) {
+                for (std::int64_t e = 0; e < nq * BK; ++e) pd.data[e] = p.data[e];
+                dropout_block(a, bh, i0, nq, j0, nk, pd.data, BK, std::int64_t{1});
+                pw = pd.data;
+              }
+              // dV^T (Dv x nk) += dO^T (Dv x nq) Pd (nq x nk)
+              gemm_rows<T>(
+                  Dv, nk, nq, pack_rows_t(goh + i0 * Dv, Dv, Dv),
+                  [&](std::int64_t i) { return pw + i * BK; }, dvt.data, BK, true);
+              // dPd (nq x nk) = dO V^T
+              gemm_rows<T>(
+                  nq, nk, Dv, pack_rows_t(doth + i0, lq_, nq),
+                  [&](std::int64_t d) { return vth + d * lk_ + j0; }, dp.data, BK);
+              if (a.dropout_p > 0)
+                dropout_block(a, bh, i0, nq, j0, nk, dp.data, BK, std::int64_t{1});
+              for (std::int64_t i = 0; i < nq; ++i) {  // dS = P o (dP - Dr_i)
+                T* row = dp.data + i * BK;
+                const T* pr = p.data + i * BK;
+                const T di = dr.data[bh * Lq + i0 + i];
+                for (std::int64_t j = 0; j < nk; ++j)
+                  row[j] = pr[j] == T(0) ? T(0) : pr[j] * (row[j] - di);
+              }
+              // dK^T (D x nk) += Q^T (D x nq) dS (nq x nk)    (scale at the end)
+              gemm_rows<T>(
+                  D, nk, nq, pack_rows_t(qh + i0 * D, D, D),
+                  [&](std::int64_t i) { return dp.data + i * BK; }, dkt.data, BK, true);
+              // dQ partial (nq x D) += dS (nq x nk) K (nk x D)    (scale at the end)
+              gemm_rows<T>(
+                  nq, D, nk,
+                  [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
+                    pack_a_strided(dp.data, BK, std::int64_t{1}, nq, r0, mc, k0, kc, dst);
+                  },
+                  [&](std::int64_t j) { return kh + (j0 + j) * D; }, part + i0 * D, D, true);
+            }
+          }
         }
-        // dPd^T (nk x nq) = V dO^T
-        gemm_rows<T>(
-            nk, nq, Dv,
-            [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-              pack_a_strided(vth + j0, std::int64_t{1}, lk_, nk, r0, mc, k0, kc, dst);
-            },
-            [&](std::int64_t d) { return doth + d * lq_ + i0; }, dpt.data, BQ);
-        if (a.dropout_p > 0) dropout_block(a, bh, i0, nq, j0, nk, dpt.data, std::int64_t{1}, BQ);
-        for (std::int64_t j = 0; j < nk; ++j) {  // dS^T = P^T o (dP^T - Dr)
-          T* row = dpt.data + j * BQ;
-          const T* pr = st.data + j * BQ;
-          for (std::int64_t c = 0; c < nq; ++c)
-            row[c] = pr[c] == T(0) ? T(0) : pr[c] * (row[c] - drb.data[c]);
+        T* dkh = g.dk + (hh * Lk + j0) * D;
+        T* dvh = g.dv + (hh * Lk + j0) * Dv;
+        for (std::int64_t j = 0; j < nk; ++j) {
+          for (std::int64_t d = 0; d < D; ++d) dkh[j * D + d] = dkt.data[d * BK + j] * a.scale;
+          for (std::int64_t d = 0; d < Dv; ++d) dvh[j * Dv + d] = dvt.data[d * BK + j];
         }
-        // dQ^T (D x nq) += K^T (D x nk) dS^T (nk x nq)    (scale at the end)
-        gemm_rows<T>(
-            D, nq, nk,
-            [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-              pack_a_strided(kh + j0 * D, std::int64_t{1}, D, D, r0, mc, k0, kc, dst);
-            },
-            [&](std::int64_t j) { return dpt.data + j * BQ; }, dqt.data, BQ, true);
       }
-      T* dqh = g.dq + (bh * Lq + i0) * D;
-      for (std::int64_t c = 0; c < nq; ++c)
-        for (std::int64_t d = 0; d < D; ++d) dqh[c * D + d] = dqt.data[d * BQ + c] * a.scale;
+    }
+  });
+  // dQ = scale * the group partials, added in group order
+  parallel_for(q_heads, Lq * D * groups, [&](std::int64_t h0, std::int64_t h1) {
+    for (std::int64_t bh = h0; bh < h1; ++bh) {
+      T* out = g.dq + bh * Lq * D;
+      const T* part = dq_part.data + bh * groups * Lq * D;
+      for (std::int64_t e = 0; e < Lq * D; ++e) {
+        T sum = part[e];
+        for (std::int64_t gi = 1; gi < groups; ++gi) sum += part[gi * Lq * D + e];
+        out[e] = sum * a.scale;
+      }
     }
   });
 }
