@@ -309,6 +309,21 @@ void pack_a_strided(const T* a, std::int64_t rs, std::int64_t cs, std::int64_t M
         for (int r = 0; r < MR; ++r) out[k * MR + r] = src[k * cs + r];
       continue;
     }
+    if (cs == 1 && p + MR <= mc && i0 + p + MR <= M) {  // A row-major: a transpose, in tiles
+      const T* src = a + (i0 + p) * rs + k0;
+      T* out = dst + p * kc;
+      std::int64_t k = 0;
+      for (; k + 8 <= kc; k += 8) {
+        T tile[MR][8];
+        for (int r = 0; r < MR; ++r)
+          for (int kk = 0; kk < 8; ++kk) tile[r][kk] = src[r * rs + k + kk];
+        for (int kk = 0; kk < 8; ++kk)
+          for (int r = 0; r < MR; ++r) out[(k + kk) * MR + r] = tile[r][kk];
+      }
+      for (; k < kc; ++k)
+        for (int r = 0; r < MR; ++r) out[k * MR + r] = src[r * rs + k];
+      continue;
+    }
     for (int r = 0; r < MR; ++r) {
       const std::int64_t i = i0 + p + r;
       T* out = dst + p * kc + r;
