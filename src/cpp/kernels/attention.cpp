@@ -146,6 +146,7 @@ void attention(const AttentionArgs<T>& a) {
       const std::int64_t bh = t / qblocks, i0 = t % qblocks * BQ;
       const std::int64_t b = bh / a.hq, h = bh % a.hq, hk = h / group;
       const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
+      const std::int64_t nc = (nq + W - 1) / W * W;  // the columns computed (a short last block)
       const T* qb = a.q + (bh * Lq + i0) * D;
       const T* kp = kpack.data + ((a.k_batch_stride == 0 ? 0 : b) * a.hkv + hk) * ksize;
       const T* vp = vpack.data + ((a.v_batch_stride == 0 ? 0 : b) * a.hkv + hk) * vsize;
@@ -170,7 +171,7 @@ void attention(const AttentionArgs<T>& a) {
       for (std::int64_t j0 = 0; j0 < kend; j0 += BK) {
         const std::int64_t nk = kend - j0 < BK ? kend - j0 : BK;
         gemm_rows<T>(
-            nk, BQ, D,
+            nk, nc, D,
             [&](std::int64_t r0, std::int64_t, std::int64_t k0, std::int64_t, T*) -> const T* {
               return kp + prepacked_a_index<T>(Lk, j0 + r0, D, k0);
             },
@@ -179,7 +180,7 @@ void attention(const AttentionArgs<T>& a) {
         if (a.mask != nullptr || (a.causal != 0 && j0 + nk - 1 > i0 + offset))
           mask_block(a, b, h, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ);
         // online softmax, a vector of queries at a time
-        for (std::int64_t c = 0; c < BQ; c += W) {
+        for (std::int64_t c = 0; c < nc; c += W) {
           V mb = V::set1(neg_inf);
           for (std::int64_t j = 0; j < nk; ++j) mb = max(mb, V::load(st.data + j * BQ + c));
           const V m_old = V::load(m.data + c);
@@ -207,7 +208,7 @@ void attention(const AttentionArgs<T>& a) {
         }
         for (std::int64_t dd = 0; dd < Dv; ++dd) {  // O^T rows *= alpha
           T* row = ot.data + dd * BQ;
-          for (std::int64_t c = 0; c < BQ; c += W)
+          for (std::int64_t c = 0; c < nc; c += W)
             mul(V::load(row + c), V::load(alpha.data + c)).store(row + c);
         }
         if (a.dropout_p > 0) dropout_block(a, bh, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ);
@@ -216,7 +217,7 @@ void attention(const AttentionArgs<T>& a) {
         const std::int64_t kc = Lk - j0 < BK ? Lk - j0 : BK;
         for (std::int64_t e = nk * BQ; e < kc * BQ; ++e) st.data[e] = T(0);
         gemm_rows<T>(
-            Dv, BQ, kc,
+            Dv, nc, kc,
             [&](std::int64_t r0, std::int64_t, std::int64_t, std::int64_t, T*) -> const T* {
               return vp + prepacked_a_index<T>(Dv, r0, Lk, j0);
             },
