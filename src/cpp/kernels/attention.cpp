@@ -259,7 +259,8 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
   using S = GemmShape<T>;
   using V = Vec<T>;
   const AttentionArgs<T>& a = g.fwd;
-  constexpr std::int64_t W = V::width, BQ = kBlockQ, BK = S::KC;
+  // query blocks of KC, so that they are the K blocks of the packed Q^T and dO^T
+  constexpr std::int64_t W = V::width, BQ = S::KC, BK = S::KC;
   const std::int64_t D = a.d, Dv = a.dv, Lq = a.lq, Lk = a.lk, B = a.batch;
   const bool shared = a.k_batch_stride == 0;  // k and v: one batch for all (or neither)
   const std::int64_t kvb = shared ? 1 : B, group = a.hkv > 0 ? a.hq / a.hkv : 1;
@@ -296,6 +297,32 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
         }
         dr.data[bh * Lq + i] = sum;
       }
+    }
+  });
+  // the A operands that only depend on the query head, packed once (Note [prepacked A]):
+  // (Q scale) and dO as Lq x D / Lq x Dv, Q^T and dO^T as D x Lq / Dv x Lq
+  const std::int64_t mq = (Lq + S::MR - 1) / S::MR * S::MR;
+  const std::int64_t qa_size = mq * D, da_size = mq * Dv;
+  const std::int64_t qta_size = (D + S::MR - 1) / S::MR * S::MR * Lq;
+  const std::int64_t dta_size = (Dv + S::MR - 1) / S::MR * S::MR * Lq;
+  Scratch<T> qa(q_heads * qa_size + 1), da(q_heads * da_size + 1), qta(q_heads * qta_size + 1),
+      dta(q_heads * dta_size + 1);
+  parallel_for(q_heads, Lq * (D + Dv) * 4, [&](std::int64_t h0, std::int64_t h1) {
+    for (std::int64_t bh = h0; bh < h1; ++bh) {
+      const T* qth = qt.data + bh * D * lq_;
+      const T* doth = dot.data + bh * Dv * lq_;
+      const T* qh = a.q + bh * Lq * D;
+      const T* goh = g.grad_out + bh * Lq * Dv;
+      auto transposed = [](const T* base, std::int64_t ld, std::int64_t rows) {
+        // A[i][k] = base[k * ld + i]: MR contiguous values per k
+        return [=](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
+          pack_a_strided(base, std::int64_t{1}, ld, rows, r0, mc, k0, kc, dst);
+        };
+      };
+      prepack_a<T>(Lq, D, transposed(qth, lq_, Lq), qa.data + bh * qa_size);
+      prepack_a<T>(Lq, Dv, transposed(doth, lq_, Lq), da.data + bh * da_size);
+      prepack_a<T>(D, Lq, transposed(qh, D, D), qta.data + bh * qta_size);
+      prepack_a<T>(Dv, Lq, transposed(goh, Dv, Dv), dta.data + bh * dta_size);
     }
   });
   parallel_for(kv_heads, Lk * (D + Dv) * 2, [&](std::int64_t h0, std::int64_t h1) {
@@ -352,23 +379,16 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
         for (std::int64_t b = b_first; b < b_end; ++b) {
           for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
             const std::int64_t bh = b * a.hq + h;
-            const T* qth = qt.data + bh * D * lq_;
-            const T* doth = dot.data + bh * Dv * lq_;
-            const T* qh = a.q + bh * Lq * D;
-            const T* goh = g.grad_out + bh * Lq * Dv;
             T* part = dq_part.data + (bh * groups + gi) * Lq * D;
             for (std::int64_t i0 = first; i0 < Lq; i0 += BQ) {
               const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
-              auto pack_rows_t = [&](const T* base, std::int64_t ld, std::int64_t rows) {
-                // A = the transposed block base[k * ld + i]: MR contiguous values per k
-                return [=](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc,
-                           T* dst) {
-                  pack_a_strided(base, std::int64_t{1}, ld, rows, r0, mc, k0, kc, dst);
-                };
-              };
               // S (nq x nk) = (Q scale) K^T
               gemm_rows<T>(
-                  nq, nk, D, pack_rows_t(qth + i0, lq_, nq),
+                  nq, nk, D,
+                  [&](std::int64_t r0, std::int64_t, std::int64_t k0, std::int64_t,
+                      T*) -> const T* {
+                    return qa.data + bh * qa_size + prepacked_a_index<T>(Lq, i0 + r0, D, k0);
+                  },
                   [&](std::int64_t d) { return kth + d * lk_ + j0; }, p.data, BK);
               if (block_needs_mask(i0, j0, nk))
                 mask_block(a, b, h, i0, nq, j0, nk, p.data, BK, std::int64_t{1});
@@ -382,11 +402,18 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
               }
               // dV^T (Dv x nk) += dO^T (Dv x nq) Pd (nq x nk)
               gemm_rows<T>(
-                  Dv, nk, nq, pack_rows_t(goh + i0 * Dv, Dv, Dv),
+                  Dv, nk, nq,
+                  [&](std::int64_t r0, std::int64_t, std::int64_t, std::int64_t, T*) -> const T* {
+                    return dta.data + bh * dta_size + prepacked_a_index<T>(Dv, r0, Lq, i0);
+                  },
                   [&](std::int64_t i) { return pw + i * BK; }, dvt.data, BK, true);
               // dPd (nq x nk) = dO V^T
               gemm_rows<T>(
-                  nq, nk, Dv, pack_rows_t(doth + i0, lq_, nq),
+                  nq, nk, Dv,
+                  [&](std::int64_t r0, std::int64_t, std::int64_t k0, std::int64_t,
+                      T*) -> const T* {
+                    return da.data + bh * da_size + prepacked_a_index<T>(Lq, i0 + r0, Dv, k0);
+                  },
                   [&](std::int64_t d) { return vth + d * lk_ + j0; }, dp.data, BK);
               if (a.dropout_p > 0)
                 dropout_block(a, bh, i0, nq, j0, nk, dp.data, BK, std::int64_t{1});
@@ -399,7 +426,10 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
               }
               // dK^T (D x nk) += Q^T (D x nq) dS (nq x nk)    (scale at the end)
               gemm_rows<T>(
-                  D, nk, nq, pack_rows_t(qh + i0 * D, D, D),
+                  D, nk, nq,
+                  [&](std::int64_t r0, std::int64_t, std::int64_t, std::int64_t, T*) -> const T* {
+                    return qta.data + bh * qta_size + prepacked_a_index<T>(D, r0, Lq, i0);
+                  },
                   [&](std::int64_t i) { return dp.data + i * BK; }, dkt.data, BK, true);
               // dQ partial (nq x D) += dS (nq x nk) K (nk x D)    (scale at the end)
               gemm_rows<T>(
