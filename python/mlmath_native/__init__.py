@@ -8,6 +8,8 @@ tests use as the oracle.
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import _core, optim
 from ._attention import attention, attention_backward
 from ._conv import (
@@ -63,7 +65,7 @@ __all__ = [
 ]
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, Any]:
     """Facts about this build and this machine.
 
     Returns
@@ -126,7 +128,7 @@ def set_output_cache(max_bytes: int) -> None:
     _core.set_output_cache_limit(max_bytes)
 
 
-def output_cache_info() -> dict:
+def output_cache_info() -> dict[str, int]:
     """The output cache's state: ``limit_bytes``, ``cached_bytes``, ``cached_blocks``, ``hits``,
     ``misses`` (see :func:`set_output_cache`)."""
     return dict(_core.output_cache_info())

@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Any, Literal, cast, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _core
 from ._checks import as_float_array
 
-_CAUSAL = {False: 0, None: 0, True: 1, "upper_left": 1, "lower_right": 2}
+#: False/None (no mask), True or "upper_left" (j <= i), "lower_right" (j <= i + Lk - Lq)
+_Causal = bool | Literal["upper_left", "lower_right"] | None
+
+_CAUSAL: dict[object, int] = {False: 0, None: 0, True: 1, "upper_left": 1, "lower_right": 2}
 
 
-def _causal_code(causal, fn: str) -> int:
+def _causal_code(causal: _Causal, fn: str) -> int:
     if isinstance(causal, (bool, np.bool_)) or causal is None:
         return _CAUSAL[bool(causal)]
     if isinstance(causal, str) and causal in _CAUSAL:
@@ -26,7 +31,7 @@ def _causal_code(causal, fn: str) -> int:
     )
 
 
-def _dropout(dropout_p, seed, fn: str) -> tuple[float, int]:
+def _dropout(dropout_p: float, seed: int | None, fn: str) -> tuple[float, int]:
     try:
         p = float(dropout_p)
     except (TypeError, ValueError):
@@ -56,8 +61,30 @@ class _Plan:
     v (B or 1, Hkv, Lk, Dv), mask None or a (B, Hq, Lq, Lk) view; ``batch`` the broadcast
     leading shape, ``two_d`` when the inputs had no head axis."""
 
+    q: NDArray[Any]
+    k: NDArray[Any]
+    v: NDArray[Any]
+    mask: NDArray[Any] | None
+    q_shape: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+    q4_shape: tuple[int, ...]
+    k4_shape: tuple[int, ...]
+    v4_shape: tuple[int, ...]
+    causal: int
+    scale: float
+    dropout_p: float
+    seed: int
+    batch: tuple[int, ...]
+    b: int
+    hq: int
+    lq: int
+    dv: int
+    two_d: bool
+    dtype: np.dtype[Any]
 
-def _batch_view(a: np.ndarray, batch: tuple, b: int) -> np.ndarray:
+
+def _batch_view(a: NDArray[Any], batch: tuple[int, ...], b: int) -> NDArray[Any]:
     """a (..., H, L, F) as (B, H, L, F) C-contiguous, or (1, H, L, F) when its leading
     dimensions are all 1 (shared by every batch: no copy)."""
     lead = a.shape[:-3]
@@ -67,7 +94,17 @@ def _batch_view(a: np.ndarray, batch: tuple, b: int) -> np.ndarray:
     return np.ascontiguousarray(a).reshape((b,) + a.shape[-3:])
 
 
-def _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed) -> _Plan:
+def _plan(
+    fn: str,
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    mask: ArrayLike | None,
+    causal: _Causal,
+    scale: float | None,
+    dropout_p: float,
+    seed: int | None,
+) -> _Plan:
     q = as_float_array(q, fn, "q")
     k = as_float_array(k, fn, "k")
     v = as_float_array(v, fn, "v")
@@ -152,18 +189,63 @@ def _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed) -> _Plan:
     return plan
 
 
+@overload
 def attention(
-    q,
-    k,
-    v,
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
     *,
-    mask=None,
-    causal=False,
-    scale=None,
-    dropout_p=0.0,
-    seed=None,
-    return_lse=False,
-):
+    mask: ArrayLike | None = ...,
+    causal: _Causal = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    seed: int | None = ...,
+    return_lse: Literal[False] = ...,
+) -> NDArray[Any]: ...
+
+
+@overload
+def attention(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    *,
+    mask: ArrayLike | None = ...,
+    causal: _Causal = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    seed: int | None = ...,
+    return_lse: Literal[True],
+) -> tuple[NDArray[Any], NDArray[Any]]: ...
+
+
+@overload
+def attention(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    *,
+    mask: ArrayLike | None = ...,
+    causal: _Causal = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    seed: int | None = ...,
+    return_lse: bool = ...,
+) -> NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]: ...
+
+
+def attention(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    causal: _Causal = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    return_lse: bool = False,
+) -> NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]:
     """Scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, blocked (no L x L
     matrix) with an online softmax.
 
@@ -233,11 +315,12 @@ def attention(
         out = out[..., 0, :, :]
     if not return_lse:
         return out
+    lse = cast("NDArray[Any]", lse)  # not None: return_lse
     lse = lse.reshape(p.batch + lse.shape[1:])
     return out, (lse[..., 0, :] if p.two_d else lse)
 
 
-def _sum_to(g: np.ndarray, shape: tuple) -> np.ndarray:
+def _sum_to(g: NDArray[Any], shape: tuple[int, ...]) -> NDArray[Any]:
     """The adjoint of broadcasting ``shape`` to ``g.shape``: sums over the broadcast axes (in
     NumPy's fixed order)."""
     lead = g.ndim - len(shape)
@@ -248,8 +331,19 @@ def _sum_to(g: np.ndarray, shape: tuple) -> np.ndarray:
 
 
 def attention_backward(
-    q, k, v, out, lse, grad_out, *, mask=None, causal=False, scale=None, dropout_p=0.0, seed=None
-):
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    out: ArrayLike,
+    lse: ArrayLike,
+    grad_out: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    causal: _Causal = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     """Gradients of :func:`attention`: ``(dq, dk, dv)``, with the shapes of q, k and v.
 
     ``out`` and ``lse`` are the forward's results (``attention(..., return_lse=True)``) for the

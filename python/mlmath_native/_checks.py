@@ -7,8 +7,10 @@ messages follow ``"<function>: <argument> <what is wrong> (got ..., expected ...
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 # np.exceptions exists from NumPy 1.25; older versions expose AxisError at top level.
 AxisError = getattr(np, "exceptions", np).AxisError
@@ -17,7 +19,7 @@ AxisError = getattr(np, "exceptions", np).AxisError
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def as_float_array(x, fn: str, name: str) -> np.ndarray:
+def as_float_array(x: ArrayLike, fn: str, name: str) -> NDArray[Any]:
     """``x`` as an ndarray of float32 or float64.
 
     float32 and float64 are kept; bool, integer and other real floating dtypes (float16,
@@ -42,7 +44,7 @@ def as_float_array(x, fn: str, name: str) -> np.ndarray:
     )
 
 
-def normalize_axis(axis, ndim: int, fn: str) -> int:
+def normalize_axis(axis: int, ndim: int, fn: str) -> int:
     """A valid non-negative axis; 0-d arrays accept 0 and -1 (as torch does)."""
     try:
         axis = operator.index(axis)
@@ -54,7 +56,7 @@ def normalize_axis(axis, ndim: int, fn: str) -> int:
     return axis % span
 
 
-def check_out(out, shape: tuple, dtype: np.dtype, fn: str) -> np.ndarray:
+def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype[Any], fn: str) -> NDArray[Any]:
     """``out`` must be a writeable ndarray of exactly ``shape`` and ``dtype`` (no casting)."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{fn}: out must be a numpy.ndarray (got {type(out).__name__})")
@@ -67,7 +69,7 @@ def check_out(out, shape: tuple, dtype: np.dtype, fn: str) -> np.ndarray:
     return out
 
 
-def same_layout(a: np.ndarray, b: np.ndarray) -> bool:
+def same_layout(a: NDArray[Any], b: NDArray[Any]) -> bool:
     """True when ``a`` and ``b`` are the same elements in the same order (exact aliasing)."""
     return (
         a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
@@ -76,7 +78,9 @@ def same_layout(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
-def writable_target(out: np.ndarray, inputs: tuple) -> tuple[np.ndarray, bool]:
+def writable_target(
+    out: NDArray[Any], inputs: tuple[NDArray[Any], ...]
+) -> tuple[NDArray[Any], bool]:
     """Where a kernel may write its result for ``out``.
 
     Returns ``(target, copy_back)``: ``out`` itself when it is C-contiguous and either shares no

@@ -10,24 +10,45 @@ never an im2col matrix.
 from __future__ import annotations
 
 import operator
+from collections.abc import Collection, Sequence, Set
 from types import SimpleNamespace
+from typing import Any, Literal, Protocol, cast, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _core
 from ._checks import as_float_array
 
-_MODES = {"zeros": None, "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+#: an int, or one int per spatial dimension (stride, dilation)
+_Ints = int | tuple[int, ...] | list[int]
+#: an int, one per spatial dimension, (before, after) pairs, "valid" or "same"
+_Padding = int | tuple[int, ...] | list[int] | Literal["valid", "same"]
+_PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+_Algorithm = Literal["auto", "direct", "winograd", "winograd_f2", "winograd_f4"]
+_Need = Literal["input", "weight", "bias"]
+_Needs = Sequence[_Need] | Set[_Need]
+#: (grad_input, grad_weight, grad_bias), None where not in ``needs``
+_Grads = tuple[NDArray[Any] | None, NDArray[Any] | None, NDArray[Any] | None]
+_AllGrads = tuple[NDArray[Any], NDArray[Any], NDArray[Any]]
+
+# np.pad's mode per padding_mode (None: zero padding happens inside the kernel)
+_MODES: dict[str, Any] = {
+    "zeros": None,
+    "reflect": "reflect",
+    "replicate": "edge",
+    "circular": "wrap",
+}
 
 
-def _int(fn: str, name: str, value) -> int:
+def _int(fn: str, name: str, value: Any) -> int:
     try:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{fn}: {name} must be an integer (got {value!r})") from None
 
 
-def _pair(fn: str, name: str, value, dims: int) -> tuple[int, ...]:
+def _pair(fn: str, name: str, value: _Ints, dims: int) -> tuple[int, ...]:
     """An int or a tuple of `dims` ints, each >= 1 (stride, dilation)."""
     if isinstance(value, tuple | list):
         if len(value) != dims:
@@ -47,7 +68,14 @@ def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[i
     return total // 2, total - total // 2
 
 
-def _padding(fn, padding, spatial, kernel, stride, dilation) -> list[tuple[int, int]]:
+def _padding(
+    fn: str,
+    padding: _Padding,
+    spatial: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> list[tuple[int, int]]:
     """(before, after) per spatial dim from an int, per-dim ints, before/after pairs,
     "valid" or "same"."""
     dims = len(spatial)
@@ -104,7 +132,42 @@ def _winograd_tile(algorithm: str, c_in: int, k_out: int, n: int, out_h: int, ou
     return 0
 
 
-def _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims, algorithm):
+class _ConvPlan(Protocol):
+    """The checked arguments and sizes that :func:`_plan` returns (a SimpleNamespace)."""
+
+    x: NDArray[Any]
+    w: NDArray[Any]
+    bias: NDArray[Any] | None
+    dtype: np.dtype[Any]
+    unbatched: bool
+    n: int
+    c: int
+    k: int
+    groups: int
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: list[tuple[int, int]]
+    padding_mode: str
+    out_size: list[int]
+    spatial: tuple[int, ...]
+    kernel: tuple[int, ...]
+    winograd: int
+    dims: int
+
+
+def _plan(
+    fn: str,
+    x: ArrayLike,
+    w: ArrayLike,
+    bias: ArrayLike | None,
+    stride: _Ints,
+    padding: _Padding,
+    dilation: _Ints,
+    groups: int,
+    padding_mode: str,
+    dims: int,
+    algorithm: str,
+) -> _ConvPlan:
     """Checks every argument of a conv1d (dims=1) / conv2d (dims=2) call and works out its
     sizes; shared by the forward and the backward.  Nothing is computed yet."""
     x = as_float_array(x, fn, "x")
@@ -187,7 +250,7 @@ def _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims,
                     f"{fn}: circular padding {max(before, after)} must not exceed the input size "
                     f"{size}"
                 )
-    return SimpleNamespace(
+    plan = SimpleNamespace(
         x=x,
         w=w,
         bias=bias,
@@ -207,9 +270,22 @@ def _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims,
         winograd=winograd,
         dims=dims,
     )
+    return cast("_ConvPlan", plan)
 
 
-def _conv_nd(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims, algorithm):
+def _conv_nd(
+    fn: str,
+    x: ArrayLike,
+    w: ArrayLike,
+    bias: ArrayLike | None,
+    stride: _Ints,
+    padding: _Padding,
+    dilation: _Ints,
+    groups: int,
+    padding_mode: str,
+    dims: int,
+    algorithm: str,
+) -> NDArray[Any]:
     """conv1d (dims=1) and conv2d (dims=2) on the 2-D kernel."""
     p = _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims, algorithm)
     x, w, bias, pads, stride, dilation = p.x, p.w, p.bias, p.pads, p.stride, p.dilation
@@ -255,7 +331,13 @@ def _conv_nd(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, di
     return out[0] if p.unbatched else out
 
 
-def _space_to_depth(x, w, pads, stride, out_size):
+def _space_to_depth(
+    x: NDArray[Any],
+    w: NDArray[Any],
+    pads: list[tuple[int, int]],
+    stride: tuple[int, ...],
+    out_size: list[int],
+) -> tuple[NDArray[Any], NDArray[Any], list[tuple[int, int]], tuple[int, int]]:
     """A strided layer with few channels as a stride-1 one (Note [space to depth]).
 
     Note [space to depth]: with xp the zero-padded input and the phases (dy, dx) of the strides,
@@ -285,17 +367,17 @@ def _space_to_depth(x, w, pads, stride, out_size):
 
 
 def conv2d(
-    x,
-    w,
-    bias=None,
+    x: ArrayLike,
+    w: ArrayLike,
+    bias: ArrayLike | None = None,
     *,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups=1,
-    padding_mode="zeros",
-    algorithm="auto",
-):
+    stride: _Ints = 1,
+    padding: _Padding = 0,
+    dilation: _Ints = 1,
+    groups: int = 1,
+    padding_mode: _PaddingMode = "zeros",
+    algorithm: _Algorithm = "auto",
+) -> NDArray[Any]:
     """2-D convolution (cross-correlation), PyTorch's ``conv2d``:
 
         y[n, k, i, j] = bias[k] + sum_{c, r, s} w[k, c, r, s] * xp[n, c', i*sh + r*dh, j*sw + s*dw]
@@ -354,7 +436,17 @@ def conv2d(
     )
 
 
-def conv1d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
+def conv1d(
+    x: ArrayLike,
+    w: ArrayLike,
+    bias: ArrayLike | None = None,
+    *,
+    stride: _Ints = 1,
+    padding: _Padding = 0,
+    dilation: _Ints = 1,
+    groups: int = 1,
+    padding_mode: _PaddingMode = "zeros",
+) -> NDArray[Any]:
     """1-D convolution (cross-correlation), PyTorch's ``conv1d``, on (N, C, L) or (C, L) with
     w (K, C / groups, R); padding is an int, (left, right), "valid" or "same" (any stride).
     Otherwise as :func:`conv2d`.
@@ -371,6 +463,8 @@ def conv1d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, paddin
 
 
 _SCIPY_MODES = ("full", "valid", "same")
+_ScipyMode = Literal["full", "valid", "same"]
+_Boundary = Literal["fill", "pad", "wrap", "circular", "symm", "symmetric"]
 _BOUNDARIES = {
     "fill": "fill",
     "pad": "fill",
@@ -381,7 +475,15 @@ _BOUNDARIES = {
 }
 
 
-def _correlate(fn, in1, in2, mode, boundary, fillvalue, flip):
+def _correlate(
+    fn: str,
+    in1: ArrayLike,
+    in2: ArrayLike,
+    mode: str,
+    boundary: str,
+    fillvalue: float,
+    flip: bool,
+) -> NDArray[Any]:
     in1 = as_float_array(in1, fn, "in1")
     in2 = as_float_array(in2, fn, "in2")
     if in1.ndim != 2 or in2.ndim != 2:
@@ -435,7 +537,13 @@ def _correlate(fn, in1, in2, mode, boundary, fillvalue, flip):
     return np.ascontiguousarray(out)
 
 
-def correlate2d(in1, in2, mode="full", boundary="fill", fillvalue=0):
+def correlate2d(
+    in1: ArrayLike,
+    in2: ArrayLike,
+    mode: _ScipyMode = "full",
+    boundary: _Boundary = "fill",
+    fillvalue: float = 0,
+) -> NDArray[Any]:
     """2-D cross-correlation with ``scipy.signal.correlate2d``'s semantics:
 
         O(i, j) = sum_m sum_n I(i + m, j + n) K(m, n)
@@ -469,7 +577,13 @@ def correlate2d(in1, in2, mode="full", boundary="fill", fillvalue=0):
     return _correlate("correlate2d", in1, in2, mode, boundary, fillvalue, flip=False)
 
 
-def convolve2d(in1, in2, mode="full", boundary="fill", fillvalue=0):
+def convolve2d(
+    in1: ArrayLike,
+    in2: ArrayLike,
+    mode: _ScipyMode = "full",
+    boundary: _Boundary = "fill",
+    fillvalue: float = 0,
+) -> NDArray[Any]:
     """2-D convolution with ``scipy.signal.convolve2d``'s semantics: correlation with in2 flipped
     in both axes (O(i, j) = sum_m sum_n I(i - m, j - n) K(m, n)); arguments as
     :func:`correlate2d`.
@@ -489,7 +603,12 @@ def convolve2d(in1, in2, mode="full", boundary="fill", fillvalue=0):
 _NEEDS = ("input", "weight", "bias")
 
 
-def _pad_adjoint(grad_padded: np.ndarray, pads, mode: str, spatial) -> np.ndarray:
+def _pad_adjoint(
+    grad_padded: NDArray[Any],
+    pads: list[tuple[int, int]],
+    mode: str,
+    spatial: tuple[int, ...],
+) -> NDArray[Any]:
     """The adjoint of np.pad over the trailing axes: every padded position's gradient goes back
     to the input position it was copied from (for zero padding: a crop)."""
     out = grad_padded
@@ -502,14 +621,25 @@ def _pad_adjoint(grad_padded: np.ndarray, pads, mode: str, spatial) -> np.ndarra
             continue
         source = np.pad(np.arange(size), (before, after), mode=_MODES[mode])
         folded = np.zeros(out.shape[:ax] + (size,) + out.shape[ax + 1 :], out.dtype)
-        np.add.at(folded, (slice(None),) * ax + (source,), out)
+        # numpy's stub of ufunc.at admits integer indices only, not a tuple with slices
+        np.add.at(folded, (slice(None),) * ax + (source,), out)  # type: ignore[arg-type]
         out = folded
     return out
 
 
 def _conv_backward(
-    fn, x, w, grad_out, stride, padding, dilation, groups, padding_mode, dims, needs
-):
+    fn: str,
+    x: ArrayLike,
+    w: ArrayLike,
+    grad_out: ArrayLike,
+    stride: _Ints,
+    padding: _Padding,
+    dilation: _Ints,
+    groups: int,
+    padding_mode: str,
+    dims: int,
+    needs: Collection[str],
+) -> _Grads:
     p = _plan(fn, x, w, None, stride, padding, dilation, groups, padding_mode, dims, "direct")
     if isinstance(needs, str) or not set(needs) <= set(_NEEDS):
         raise ValueError(f"{fn}: needs is invalid (got {needs!r}, expected a subset of {_NEEDS})")
@@ -537,6 +667,9 @@ def _conv_backward(
     mode = p.padding_mode if any(b or a for b, a in pads) else "zeros"
     hp, wp = (size + before + after for size, (before, after) in zip(spatial, pads, strict=True))
 
+    grad_input: NDArray[Any] | None
+    grad_weight: NDArray[Any] | None
+    grad_bias: NDArray[Any] | None
     grad_bias = grad_weight = grad_input = None
     if "bias" in needs:
         grad_bias = g.sum(axis=(0, 2, 3), dtype=np.float64).astype(dtype)
@@ -609,18 +742,47 @@ def _conv_backward(
     return grad_input, grad_weight, grad_bias
 
 
+@overload
 def conv2d_backward(
-    x,
-    w,
-    grad_out,
+    x: ArrayLike,
+    w: ArrayLike,
+    grad_out: ArrayLike,
     *,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups=1,
-    padding_mode="zeros",
-    needs=("input", "weight", "bias"),
-):
+    stride: _Ints = ...,
+    padding: _Padding = ...,
+    dilation: _Ints = ...,
+    groups: int = ...,
+    padding_mode: _PaddingMode = ...,
+) -> _AllGrads: ...
+
+
+@overload
+def conv2d_backward(
+    x: ArrayLike,
+    w: ArrayLike,
+    grad_out: ArrayLike,
+    *,
+    stride: _Ints = ...,
+    padding: _Padding = ...,
+    dilation: _Ints = ...,
+    groups: int = ...,
+    padding_mode: _PaddingMode = ...,
+    needs: _Needs,
+) -> _Grads: ...
+
+
+def conv2d_backward(
+    x: ArrayLike,
+    w: ArrayLike,
+    grad_out: ArrayLike,
+    *,
+    stride: _Ints = 1,
+    padding: _Padding = 0,
+    dilation: _Ints = 1,
+    groups: int = 1,
+    padding_mode: _PaddingMode = "zeros",
+    needs: _Needs = ("input", "weight", "bias"),
+) -> _Grads:
     """Gradients of :func:`conv2d` given the upstream gradient ``grad_out``:
 
         grad_bias[k]        = sum_{n,i,j} g[n,k,i,j]
@@ -672,18 +834,47 @@ def conv2d_backward(
     )
 
 
+@overload
 def conv1d_backward(
-    x,
-    w,
-    grad_out,
+    x: ArrayLike,
+    w: ArrayLike,
+    grad_out: ArrayLike,
     *,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups=1,
-    padding_mode="zeros",
-    needs=("input", "weight", "bias"),
-):
+    stride: _Ints = ...,
+    padding: _Padding = ...,
+    dilation: _Ints = ...,
+    groups: int = ...,
+    padding_mode: _PaddingMode = ...,
+) -> _AllGrads: ...
+
+
+@overload
+def conv1d_backward(
+    x: ArrayLike,
+    w: ArrayLike,
+    grad_out: ArrayLike,
+    *,
+    stride: _Ints = ...,
+    padding: _Padding = ...,
+    dilation: _Ints = ...,
+    groups: int = ...,
+    padding_mode: _PaddingMode = ...,
+    needs: _Needs,
+) -> _Grads: ...
+
+
+def conv1d_backward(
+    x: ArrayLike,
+    w: ArrayLike,
+    grad_out: ArrayLike,
+    *,
+    stride: _Ints = 1,
+    padding: _Padding = 0,
+    dilation: _Ints = 1,
+    groups: int = 1,
+    padding_mode: _PaddingMode = "zeros",
+    needs: _Needs = ("input", "weight", "bias"),
+) -> _Grads:
     """Gradients of :func:`conv1d`; arguments and returns as :func:`conv2d_backward`.
 
     Examples

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import operator
+from typing import Any, Literal, cast, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _core
 from ._checks import as_float_array, normalize_axis
 
 _REDUCTIONS = ("none", "mean", "sum")
+_Reduction = Literal["none", "mean", "sum"]
+#: a loss: per element (reduction="none") or a NumPy scalar in the logits' dtype
+_Loss = NDArray[Any] | np.floating[Any]
 _FN = "cross_entropy"
 
 
-def _check_labels(target: np.ndarray, num_classes: int, ignore_index: int) -> None:
+def _check_labels(target: NDArray[Any], num_classes: int, ignore_index: int) -> None:
     """ValueError naming the first label outside [0, C) that is not ignore_index."""
     with np.errstate(invalid="ignore"):
         bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
@@ -28,25 +33,100 @@ def _check_labels(target: np.ndarray, num_classes: int, ignore_index: int) -> No
         )
 
 
-def _scalar(value, name: str) -> float:
+def _scalar(value: Any, name: str) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{_FN}: {name} must be a real number (got {value!r})") from None
 
 
+@overload
 def cross_entropy(
-    logits,
-    target,
+    logits: ArrayLike,
+    target: ArrayLike,
     *,
-    axis=-1,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    label_smoothing=0.0,
-    return_grad=False,
-    grad_output=None,
-):
+    axis: int = ...,
+    weight: ArrayLike | None = ...,
+    ignore_index: int = ...,
+    reduction: Literal["mean", "sum"] = ...,
+    label_smoothing: float = ...,
+    return_grad: Literal[False] = ...,
+    grad_output: ArrayLike | None = ...,
+) -> np.floating[Any]: ...
+
+
+@overload
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int = ...,
+    weight: ArrayLike | None = ...,
+    ignore_index: int = ...,
+    reduction: Literal["none"],
+    label_smoothing: float = ...,
+    return_grad: Literal[False] = ...,
+    grad_output: ArrayLike | None = ...,
+) -> NDArray[Any]: ...
+
+
+@overload
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int = ...,
+    weight: ArrayLike | None = ...,
+    ignore_index: int = ...,
+    reduction: Literal["mean", "sum"] = ...,
+    label_smoothing: float = ...,
+    return_grad: Literal[True],
+    grad_output: ArrayLike | None = ...,
+) -> tuple[np.floating[Any], NDArray[Any]]: ...
+
+
+@overload
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int = ...,
+    weight: ArrayLike | None = ...,
+    ignore_index: int = ...,
+    reduction: Literal["none"],
+    label_smoothing: float = ...,
+    return_grad: Literal[True],
+    grad_output: ArrayLike | None = ...,
+) -> tuple[NDArray[Any], NDArray[Any]]: ...
+
+
+@overload
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int = ...,
+    weight: ArrayLike | None = ...,
+    ignore_index: int = ...,
+    reduction: _Reduction = ...,
+    label_smoothing: float = ...,
+    return_grad: bool = ...,
+    grad_output: ArrayLike | None = ...,
+) -> _Loss | tuple[_Loss, NDArray[Any]]: ...
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: _Reduction = "mean",
+    label_smoothing: float = 0.0,
+    return_grad: bool = False,
+    grad_output: ArrayLike | None = None,
+) -> _Loss | tuple[_Loss, NDArray[Any]]:
     """Cross-entropy between logits and class targets, PyTorch's ``F.cross_entropy`` exactly.
 
     Per element (one position of the non-class axes), with lsm = log_softmax(logits) along the
@@ -227,11 +307,11 @@ def cross_entropy(
         scale_all,
     )
     if reduction == "none":
-        result = loss
+        result: _Loss = loss
     else:
         total = loss.sum(dtype=np.float64)
         if reduction == "mean":
             with np.errstate(divide="ignore", invalid="ignore"):
                 total = total / denominator if denominator != 0 else np.float64(np.nan)
         result = dtype.type(total)
-    return (result, grad) if return_grad else result
+    return (result, cast("NDArray[Any]", grad)) if return_grad else result

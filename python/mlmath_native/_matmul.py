@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _core
 from ._checks import as_float_array, check_out
@@ -10,14 +13,14 @@ from ._checks import as_float_array, check_out
 _FN = "matmul"
 
 
-def _element_strides(x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+def _element_strides(x: NDArray[Any]) -> tuple[NDArray[Any], tuple[int, ...]]:
     """``x`` (copied if its strides are not whole elements) and its strides in elements."""
     if any(s % x.itemsize for s in x.strides):
         x = np.ascontiguousarray(x)
     return x, tuple(s // x.itemsize for s in x.strides)
 
 
-def _batch_offsets(shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
+def _batch_offsets(shape: tuple[int, ...], strides: tuple[int, ...]) -> NDArray[np.int64]:
     """Element offset of every batch item, C order, for a (broadcast) batch shape."""
     offsets = np.zeros(shape, np.int64)
     for axis, (n, s) in enumerate(zip(shape, strides, strict=True)):
@@ -27,7 +30,7 @@ def _batch_offsets(shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarr
     return offsets.ravel()
 
 
-def matmul(a, b, *, out=None):
+def matmul(a: ArrayLike, b: ArrayLike, *, out: NDArray[Any] | None = None) -> NDArray[Any]:
     """Matrix product, np.matmul rules:  C[..., i, j] = sum_k A[..., i, k] B[..., k, j].
 
     Parameters

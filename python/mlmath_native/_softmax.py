@@ -9,18 +9,21 @@ exactly (through a temporary when it is not contiguous or overlaps an input part
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _core
 from ._checks import as_float_array, check_out, normalize_axis, writable_target
 
 
-def _prepare(x, fn: str, axis, name: str = "x"):
+def _prepare(x: ArrayLike, fn: str, axis: int, name: str = "x") -> tuple[NDArray[Any], int]:
     x = as_float_array(x, fn, name)
     return np.asarray(x, order="C"), normalize_axis(axis, x.ndim, fn)
 
 
-def _softmax_like(x, axis, out, log: bool):
+def _softmax_like(x: ArrayLike, axis: int, out: NDArray[Any] | None, log: bool) -> NDArray[Any]:
     fn = "log_softmax" if log else "softmax"
     x, axis = _prepare(x, fn, axis)
     if out is None:
@@ -36,7 +39,7 @@ def _softmax_like(x, axis, out, log: bool):
     return out
 
 
-def softmax(x, axis=-1, *, out=None):
+def softmax(x: ArrayLike, axis: int = -1, *, out: NDArray[Any] | None = None) -> NDArray[Any]:
     """Softmax along ``axis``:  y_i = exp(x_i - m) / sum_j exp(x_j - m),  m = max_j x_j.
 
     Parameters
@@ -79,7 +82,7 @@ def softmax(x, axis=-1, *, out=None):
     return _softmax_like(x, axis, out, log=False)
 
 
-def log_softmax(x, axis=-1, *, out=None):
+def log_softmax(x: ArrayLike, axis: int = -1, *, out: NDArray[Any] | None = None) -> NDArray[Any]:
     """Log-softmax along ``axis``:  y_i = x_i - m - log sum_j exp(x_j - m),  m = max_j x_j.
 
     Parameters, Returns, Raises and special values as for :func:`softmax` (a slice that is all
@@ -95,7 +98,9 @@ def log_softmax(x, axis=-1, *, out=None):
     return _softmax_like(x, axis, out, log=True)
 
 
-def logsumexp(x, axis=-1, *, keepdims=False):
+def logsumexp(
+    x: ArrayLike, axis: int = -1, *, keepdims: bool = False
+) -> NDArray[Any] | np.floating[Any]:
     """log(sum_i exp(x_i)) along ``axis``, computed as m + log sum_i exp(x_i - m).
 
     Parameters
@@ -140,7 +145,7 @@ def logsumexp(x, axis=-1, *, keepdims=False):
     return out[()] if out.ndim == 0 else out
 
 
-def _backward(y, dy, axis, log: bool):
+def _backward(y: ArrayLike, dy: ArrayLike, axis: int, log: bool) -> NDArray[Any]:
     fn = "log_softmax_backward" if log else "softmax_backward"
     y = as_float_array(y, fn, "y")
     dy = as_float_array(dy, fn, "dy")
@@ -156,7 +161,7 @@ def _backward(y, dy, axis, log: bool):
     return dx
 
 
-def softmax_backward(y, dy, axis=-1):
+def softmax_backward(y: ArrayLike, dy: ArrayLike, axis: int = -1) -> NDArray[Any]:
     """Gradient through softmax:  dx_i = y_i (dy_i - sum_j y_j dy_j),  where y = softmax(x).
 
     Parameters
@@ -187,7 +192,7 @@ def softmax_backward(y, dy, axis=-1):
     return _backward(y, dy, axis, log=False)
 
 
-def log_softmax_backward(y, dy, axis=-1):
+def log_softmax_backward(y: ArrayLike, dy: ArrayLike, axis: int = -1) -> NDArray[Any]:
     """Gradient through log_softmax:  dx_i = dy_i - exp(y_i) sum_j dy_j,  y = log_softmax(x).
 
     Parameters, Returns and Raises as for :func:`softmax_backward`, with ``y`` the log_softmax

@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 import operator
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal, cast
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _core
 from ._checks import FLOAT_DTYPES
@@ -35,11 +37,25 @@ __all__ = [
     "sgd_step",
 ]
 
+#: parameters or gradients: one array or a sequence of arrays
+_Arrays = NDArray[Any] | Sequence[NDArray[Any]]
+#: a state dict: the step count and the hyper-parameters and state buffers as arrays
+_StateDict = dict[str, NDArray[Any] | np.int64]
+
 
 # -- argument checks ---------------------------------------------------------------------------
 
 
-def _real(fn: str, name: str, value, *, low=None, high=None, low_open=False, high_open=False):
+def _real(
+    fn: str,
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """A finite float within the given bounds, else ValueError/TypeError naming it."""
     if isinstance(value, bool | np.bool_ | str | bytes):
         raise TypeError(f"{fn}: {name} must be a real number (got {value!r})")
@@ -59,7 +75,7 @@ def _real(fn: str, name: str, value, *, low=None, high=None, low_open=False, hig
     return value
 
 
-def _param_array(fn: str, name: str, p) -> np.ndarray:
+def _param_array(fn: str, name: str, p: object) -> NDArray[Any]:
     """A parameter (or state) array that can be updated in place: never a silent copy."""
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a numpy.ndarray (got {type(p).__name__})")
@@ -74,7 +90,7 @@ def _param_array(fn: str, name: str, p) -> np.ndarray:
     return p
 
 
-def _grad_array(fn: str, name: str, g, param: np.ndarray) -> np.ndarray:
+def _grad_array(fn: str, name: str, g: object, param: NDArray[Any]) -> NDArray[Any]:
     """A gradient matching ``param``'s shape and dtype; non-contiguous ones are copied."""
     if not isinstance(g, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a numpy.ndarray (got {type(g).__name__})")
@@ -85,7 +101,7 @@ def _grad_array(fn: str, name: str, g, param: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(g) if g.ndim else g
 
 
-def _as_list(fn: str, name: str, arrays) -> list:
+def _as_list(fn: str, name: str, arrays: object) -> list[Any]:
     if isinstance(arrays, np.ndarray):
         return [arrays]
     if isinstance(arrays, Sequence) and not isinstance(arrays, str | bytes):
@@ -95,7 +111,7 @@ def _as_list(fn: str, name: str, arrays) -> list:
     )
 
 
-def _check_state(fn: str, name: str, buf, param: np.ndarray) -> np.ndarray:
+def _check_state(fn: str, name: str, buf: object, param: NDArray[Any]) -> NDArray[Any]:
     buf = _param_array(fn, name, buf)
     if buf.dtype != param.dtype or buf.shape != param.shape:
         raise ValueError(
@@ -135,7 +151,13 @@ class _Optimizer:
 
     _name = "optimizer"
 
-    def __init__(self, params, *, max_grad_norm=None, skip_nonfinite=False):
+    def __init__(
+        self,
+        params: _Arrays,
+        *,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+    ) -> None:
         fn = f"{self._name}"
         params = _as_list(fn, "params", params)
         if not params:
@@ -144,7 +166,7 @@ class _Optimizer:
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
         self.step_count = 0
-        self.state: dict[str, list[np.ndarray | None]] = {
+        self.state: dict[str, list[NDArray[Any] | None]] = {
             name: [np.zeros_like(p) for p in self.params] for name in self._state_names()
         }
 
@@ -155,14 +177,16 @@ class _Optimizer:
     def _hyper_names(self) -> list[str]:
         raise NotImplementedError
 
-    def _check_hyper(self) -> dict:
+    def _check_hyper(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _update(self, idx: list[int], grads: list[np.ndarray], hyper: dict, scale: float):
+    def _update(
+        self, idx: list[int], grads: list[NDArray[Any]], hyper: dict[str, Any], scale: float
+    ) -> None:
         raise NotImplementedError
 
     # the step ------------------------------------------------------------------------------------
-    def step(self, grads) -> StepResult:
+    def step(self, grads: _Arrays) -> StepResult:
         """Update every param in place from ``grads`` (an array or a list matching params).
 
         Returns a :class:`StepResult`.  Raises ValueError/TypeError, changing nothing, for
@@ -205,14 +229,14 @@ class _Optimizer:
         self._after_step(hyper)
         return StepResult(applied=True, grad_norm=grad_norm, clip_coef=coef)
 
-    def _after_step(self, hyper: dict) -> None:
+    def _after_step(self, hyper: dict[str, Any]) -> None:
         pass
 
     # state ---------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> _StateDict:
         """A flat dict of NumPy values (``np.savez(f, **opt.state_dict())`` saves it): the step
         count, the hyper-parameters, and copies of every state buffer as ``"<name>.<index>"``."""
-        d = {"step": np.int64(self.step_count)}
+        d: _StateDict = {"step": np.int64(self.step_count)}
         for name in self._hyper_names():
             d[name] = np.asarray(getattr(self, name))
         for name, bufs in self.state.items():
@@ -221,7 +245,7 @@ class _Optimizer:
                     d[f"{name}.{i}"] = b.copy()
         return d
 
-    def load_state_dict(self, d) -> None:
+    def load_state_dict(self, d: Mapping[str, ArrayLike]) -> None:
         """Restore what :meth:`state_dict` returned (or ``dict(np.load(file))``); every entry is
         checked before anything is changed."""
         fn = f"{self._name}.load_state_dict"
@@ -231,7 +255,7 @@ class _Optimizer:
         step = int(np.asarray(d["step"]))
         if step < 0:
             raise ValueError(f"{fn}: step must be >= 0 (got {step})")
-        buffers = {}
+        buffers: dict[tuple[str, int], NDArray[Any]] = {}
         for name in self.state:
             for i, p in enumerate(self.params):
                 key = f"{name}.{i}"
@@ -258,17 +282,17 @@ class _Optimizer:
         for (name, i), value in buffers.items():
             if self.state[name][i] is None:
                 self.state[name][i] = np.zeros_like(self.params[i])
-            np.copyto(self.state[name][i], value)
+            np.copyto(cast("NDArray[Any]", self.state[name][i]), value)  # not None: just set
         self.step_count = step
         self._after_load(buffers)
 
     def _required_state(self, step: int) -> list[str]:
         return list(self.state) if step > 0 else []
 
-    def _after_load(self, buffers) -> None:
+    def _after_load(self, buffers: dict[tuple[str, int], NDArray[Any]]) -> None:
         pass
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         hyper = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._hyper_names())
         return f"{type(self).__name__}({len(self.params)} params, {hyper}, step={self.step_count})"
 
@@ -307,30 +331,30 @@ class SGD(_Optimizer):
 
     def __init__(
         self,
-        params,
-        lr,
-        momentum=0.0,
-        dampening=0.0,
-        nesterov=False,
-        weight_decay=0.0,
-        maximize=False,
+        params: _Arrays,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
         *,
-        max_grad_norm=None,
-        skip_nonfinite=False,
-    ):
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+    ) -> None:
         self.lr, self.momentum, self.dampening = lr, momentum, dampening
         self.nesterov, self.weight_decay, self.maximize = nesterov, weight_decay, maximize
         self._check_hyper()
         super().__init__(params, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
         self._momentum_started = False
 
-    def _state_names(self):
+    def _state_names(self) -> list[str]:
         return ["momentum_buffer"]
 
-    def _hyper_names(self):
+    def _hyper_names(self) -> list[str]:
         return ["lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"]
 
-    def _check_hyper(self):
+    def _check_hyper(self) -> dict[str, Any]:
         fn = "SGD"
         h = dict(
             lr=_real(fn, "lr", self.lr, low=0, low_open=True),
@@ -347,24 +371,26 @@ class SGD(_Optimizer):
             )
         return h
 
-    def _required_state(self, step):
+    def _required_state(self, step: int) -> list[str]:
         return []  # a momentum buffer exists only after a step with momentum
 
-    def _after_load(self, buffers):
+    def _after_load(self, buffers: dict[tuple[str, int], NDArray[Any]]) -> None:
         self._momentum_started = any(name == "momentum_buffer" for name, _ in buffers)
 
-    def state_dict(self):
+    def state_dict(self) -> _StateDict:
         d = super().state_dict()
         if not self._momentum_started:
             d = {k: v for k, v in d.items() if not k.startswith("momentum_buffer.")}
         return d
 
-    def _update(self, idx, grads, h, scale):
+    def _update(
+        self, idx: list[int], grads: list[NDArray[Any]], h: dict[str, Any], scale: float
+    ) -> None:
         bufs = [self.state["momentum_buffer"][i] for i in idx] if h["momentum"] != 0 else None
         _core.sgd_step(
             [self.params[i] for i in idx],
             grads,
-            bufs,
+            cast("list[NDArray[Any]] | None", bufs),  # momentum buffers are never None
             h["lr"],
             h["momentum"],
             h["dampening"],
@@ -374,7 +400,7 @@ class SGD(_Optimizer):
             scale,
         )
 
-    def _after_step(self, hyper):
+    def _after_step(self, hyper: dict[str, Any]) -> None:
         if hyper["momentum"] != 0:
             self._momentum_started = True
 
@@ -405,17 +431,17 @@ class Adam(_Optimizer):
 
     def __init__(
         self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        amsgrad=False,
-        maximize=False,
+        params: _Arrays,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        maximize: bool = False,
         *,
-        max_grad_norm=None,
-        skip_nonfinite=False,
-    ):
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+    ) -> None:
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.amsgrad, self.maximize = weight_decay, amsgrad, maximize
         self._check_hyper()
@@ -423,13 +449,13 @@ class Adam(_Optimizer):
         if not amsgrad:
             self.state["max_exp_avg_sq"] = [None] * len(self.params)
 
-    def _state_names(self):
+    def _state_names(self) -> list[str]:
         return ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
 
-    def _hyper_names(self):
+    def _hyper_names(self) -> list[str]:
         return ["lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"]
 
-    def _check_hyper(self):
+    def _check_hyper(self) -> dict[str, Any]:
         fn = self._name
         try:
             beta1, beta2 = self.betas
@@ -445,11 +471,13 @@ class Adam(_Optimizer):
             maximize=bool(self.maximize),
         )
 
-    def _required_state(self, step):
+    def _required_state(self, step: int) -> list[str]:
         names = ["exp_avg", "exp_avg_sq"] if step > 0 else []
         return names + (["max_exp_avg_sq"] if step > 0 and self.amsgrad else [])
 
-    def _update(self, idx, grads, h, scale):
+    def _update(
+        self, idx: list[int], grads: list[NDArray[Any]], h: dict[str, Any], scale: float
+    ) -> None:
         maxes = self.state["max_exp_avg_sq"]
         if h["amsgrad"]:
             for i in idx:
@@ -458,9 +486,10 @@ class Adam(_Optimizer):
         _core.adam_step(
             [self.params[i] for i in idx],
             grads,
-            [self.state["exp_avg"][i] for i in idx],
-            [self.state["exp_avg_sq"][i] for i in idx],
-            [maxes[i] for i in idx] if h["amsgrad"] else None,
+            # none of these is None here (max_exp_avg_sq: created above when amsgrad)
+            cast("list[NDArray[Any]]", [self.state["exp_avg"][i] for i in idx]),
+            cast("list[NDArray[Any]]", [self.state["exp_avg_sq"][i] for i in idx]),
+            cast("list[NDArray[Any]] | None", [maxes[i] for i in idx] if h["amsgrad"] else None),
             self.step_count + 1,
             h["lr"],
             h["beta1"],
@@ -491,17 +520,17 @@ class AdamW(Adam):
 
     def __init__(
         self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=1e-2,
-        amsgrad=False,
-        maximize=False,
+        params: _Arrays,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
         *,
-        max_grad_norm=None,
-        skip_nonfinite=False,
-    ):
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+    ) -> None:
         super().__init__(
             params,
             lr,
@@ -519,18 +548,18 @@ class AdamW(Adam):
 
 
 def sgd_step(
-    param,
-    grad,
-    momentum_buffer=None,
+    param: NDArray[Any],
+    grad: NDArray[Any],
+    momentum_buffer: NDArray[Any] | None = None,
     *,
-    lr,
-    momentum=0.0,
-    dampening=0.0,
-    nesterov=False,
-    weight_decay=0.0,
-    maximize=False,
-    first_step=False,
-):
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    first_step: bool = False,
+) -> NDArray[Any]:
     """One SGD step on one array, in place (torch.optim.SGD's update; see :class:`SGD`).
 
     ``momentum_buffer`` (needed when momentum != 0) is updated in place; ``first_step=True``
@@ -572,20 +601,20 @@ def sgd_step(
 
 
 def adam_step(
-    param,
-    grad,
-    exp_avg,
-    exp_avg_sq,
+    param: NDArray[Any],
+    grad: NDArray[Any],
+    exp_avg: NDArray[Any],
+    exp_avg_sq: NDArray[Any],
     *,
-    step,
-    lr=1e-3,
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    weight_decay=0.0,
-    decoupled_weight_decay=False,
-    maximize=False,
-    max_exp_avg_sq=None,
-):
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    max_exp_avg_sq: NDArray[Any] | None = None,
+) -> NDArray[Any]:
     """One Adam (or AdamW, ``decoupled_weight_decay=True``) step on one array, in place.
 
     ``step`` is the step number t >= 1 of this update (1 on the first); ``exp_avg`` and
@@ -643,26 +672,26 @@ class GradientDescentResult:
     """x: the final point; steps: updates made; history: per step, the objective value when
     grad_fn returns (value, grad), else ||grad||; converged: whether ||grad|| <= tol stopped it."""
 
-    x: np.ndarray
+    x: NDArray[Any]
     steps: int
-    history: np.ndarray = field(repr=False)
+    history: NDArray[Any] = field(repr=False)
     converged: bool = False
 
 
-_OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+_OPTIMIZERS: dict[str, type[SGD] | type[Adam]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
 def gradient_descent(
-    grad_fn: Callable,
-    x0,
+    grad_fn: Callable[[NDArray[Any]], ArrayLike | tuple[float, ArrayLike]],
+    x0: ArrayLike,
     *,
-    lr,
-    steps=1000,
-    tol=None,
-    optimizer="sgd",
-    callback=None,
-    progress=False,
-    **options,
+    lr: float,
+    steps: int = 1000,
+    tol: float | None = None,
+    optimizer: Literal["sgd", "adam", "adamw"] | type[SGD] | type[Adam] = "sgd",
+    callback: Callable[[int, NDArray[Any], float], bool | None] | None = None,
+    progress: bool = False,
+    **options: Any,
 ) -> GradientDescentResult:
     """Minimise J by the seed's  theta_{t+1} = theta_t - lr * grad J(theta_t)  (or by Adam).
 
