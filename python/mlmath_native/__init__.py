@@ -87,7 +87,10 @@ def build_info() -> dict[str, Any]:
 
 def get_num_threads() -> int:
     """Threads a kernel call may use: the last ``set_num_threads`` value, else OpenMP's default
-    (``OMP_NUM_THREADS``, else the core count).  Small calls run on one thread regardless."""
+    (``OMP_NUM_THREADS``, else the core count); inside ``threadpoolctl.threadpool_limits``, its
+    limit.  Small calls run on one thread regardless.  In a child forked (``os.fork``, the
+    ``"fork"`` start method) after a multi-threaded kernel call it is 1: GNU OpenMP's thread
+    pool does not survive fork (use ``"spawn"`` or ``"forkserver"`` to keep threads)."""
     return int(_core.get_num_threads())
 
 

@@ -18,6 +18,12 @@
 #include <omp.h>
 #endif
 
+namespace mlmath {
+// Called before every thread team starts; a child forked after that runs kernels on one
+// thread (Note [fork] in dispatch/threads.cpp: GNU libgomp's pool does not survive fork).
+void note_thread_team_started();
+}  // namespace mlmath
+
 MLMATH_ISA_BEGIN
 
 constexpr std::int64_t kMinParallelWork = std::int64_t{1} << 15;
@@ -31,6 +37,7 @@ void parallel_for(std::int64_t num_tasks, std::int64_t cost_per_task, const Fn& 
   if (threads > work / kMinParallelWork) threads = work / kMinParallelWork;
 #if defined(_OPENMP)
   if (threads > 1) {
+    ::mlmath::note_thread_team_started();
 #pragma omp parallel num_threads(static_cast<int>(threads))
     {
       const std::int64_t t = omp_get_thread_num();
@@ -58,6 +65,7 @@ template <class Fn>
 void parallel_region(int threads, const Fn& fn) {
 #if defined(_OPENMP)
   if (threads > 1) {
+    ::mlmath::note_thread_team_started();
 #pragma omp parallel num_threads(threads)
     fn(omp_get_thread_num(), omp_get_num_threads());
     return;

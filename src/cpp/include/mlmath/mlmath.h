@@ -190,7 +190,9 @@ std::vector<std::string> supported_isas();  // compiled and runnable here, worst
 std::vector<std::string> compiled_isas();   // compiled into this build, worst to best
 
 // Threads used by a kernel call: set_num_threads(n) if it was called, else OpenMP's
-// omp_get_max_threads() of the calling thread (OMP_NUM_THREADS, threadpoolctl), else 1.
+// omp_get_max_threads() of the calling thread (OMP_NUM_THREADS, threadpoolctl), else 1;
+// threadpoolctl's limit in the thread that set it (Note [threads and threadpoolctl]); 1 in a
+// child forked after a multi-threaded kernel call (Note [fork], dispatch/threads.cpp).
 int get_num_threads();
 void set_num_threads(int n);  // n >= 1; throws std::invalid_argument otherwise
 bool have_openmp();
