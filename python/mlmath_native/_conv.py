@@ -205,6 +205,11 @@ def _plan(
     stride = _pair(fn, "stride", stride, dims)
     dilation = _pair(fn, "dilation", dilation, dims)
     spatial, kernel = x.shape[2:], w.shape[2:]
+    if min(spatial) < 1:  # as PyTorch: padding does not make an empty image
+        raise ValueError(
+            f"{fn}: x has an empty spatial dimension (got shape {x.shape}, expected every "
+            "spatial size >= 1)"
+        )
     pads = _padding(fn, padding, spatial, kernel, stride, dilation)
     if padding_mode not in _MODES:
         raise ValueError(
