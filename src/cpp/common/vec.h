@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common/isa.h"
 
@@ -118,9 +119,12 @@ template <class T>
 inline Vec<T> pow2i(Vec<T> k) {
   using B = FloatBits<T>;
   const T biased = k.v + (B::round_magic + B::exponent_bias);
-  typename B::Int bits;
+  // Unsigned: the shift pushes the magic's high bits out of the word, which overflows (UB) in
+  // the signed type before C++20; the bits that stay are the same.
+  using U = std::make_unsigned_t<typename B::Int>;
+  U bits;
   std::memcpy(&bits, &biased, sizeof bits);
-  bits = static_cast<typename B::Int>(bits << B::mantissa_bits);
+  bits = static_cast<U>(bits << B::mantissa_bits);
   T out;
   std::memcpy(&out, &bits, sizeof out);
   return {out};
