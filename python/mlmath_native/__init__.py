@@ -94,6 +94,10 @@ def get_num_threads() -> int:
     return int(_core.get_num_threads())
 
 
+#: The most threads set_num_threads accepts (many more than any CPU here has cores).
+_MAX_THREADS = 1024
+
+
 def set_num_threads(n: int) -> None:
     """Use at most ``n`` threads (n >= 1) in every later kernel call, from any Python thread."""
     import operator
@@ -104,6 +108,8 @@ def set_num_threads(n: int) -> None:
         raise TypeError(f"set_num_threads: n must be an integer (got {n!r})") from None
     if n < 1:
         raise ValueError(f"set_num_threads: n must be >= 1 (got {n})")
+    if n > _MAX_THREADS:  # a team that large would fail to start, not run faster
+        raise ValueError(f"set_num_threads: n must be <= {_MAX_THREADS} (got {n})")
     _core.set_num_threads(n)
 
 
@@ -126,8 +132,8 @@ def set_output_cache(max_bytes: int) -> None:
         raise TypeError(
             f"set_output_cache: max_bytes must be an integer (got {max_bytes!r})"
         ) from None
-    if max_bytes < 0:
-        raise ValueError(f"set_output_cache: max_bytes must be >= 0 (got {max_bytes})")
+    if not 0 <= max_bytes < 2**63:
+        raise ValueError(f"set_output_cache: max_bytes must be >= 0 and < 2**63 (got {max_bytes})")
     _core.set_output_cache_limit(max_bytes)
 
 

@@ -12,16 +12,17 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import as_float_array
+from ._checks import as_float_array, check_size
 
-#: False/None (no mask), True or "upper_left" (j <= i), "lower_right" (j <= i + Lk - Lq)
-_Causal = bool | Literal["upper_left", "lower_right"] | None
+#: False (no mask), True or "upper_left" (j <= i), "lower_right" (j <= i + Lk - Lq).  None is
+#: refused, as by the reference and by PyTorch's ``is_causal``: it could mean either.
+_Causal = bool | Literal["upper_left", "lower_right"]
 
-_CAUSAL: dict[object, int] = {False: 0, None: 0, True: 1, "upper_left": 1, "lower_right": 2}
+_CAUSAL: dict[object, int] = {False: 0, True: 1, "upper_left": 1, "lower_right": 2}
 
 
 def _causal_code(causal: _Causal, fn: str) -> int:
-    if isinstance(causal, (bool, np.bool_)) or causal is None:
+    if isinstance(causal, (bool, np.bool_)):
         return _CAUSAL[bool(causal)]
     if isinstance(causal, str) and causal in _CAUSAL:
         return _CAUSAL[causal]
@@ -138,6 +139,11 @@ def _plan(
             "broadcast"
         ) from None
     b = math.prod(batch)
+    itemsize = np.dtype(dtype).itemsize
+    for name, shape in (("q", q4.shape[-3:]), ("k", k4.shape[-3:]), ("v", v4.shape[-3:])):
+        check_size(fn, f"{name} broadcast over the batch", (*batch, *shape), itemsize)
+    check_size(fn, "the output", (*batch, hq, lq, v4.shape[-1]), itemsize)
+    check_size(fn, "the work (multiply-adds)", (*batch, hq, lq, lk, d + v4.shape[-1]))
     code = _causal_code(causal, fn)
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0

@@ -44,6 +44,25 @@ def as_float_array(x: ArrayLike, fn: str, name: str) -> NDArray[Any]:
     )
 
 
+#: The largest byte count (or element count, or multiply-add count) a call may imply: every size
+#: the kernels compute from it then fits in a signed 64-bit integer with room to spare.
+MAX_SIZE = 2**62
+
+
+def check_size(fn: str, what: str, shape: tuple[int, ...], itemsize: int = 1) -> None:
+    """ValueError when an array (or an amount of work) of ``shape`` x ``itemsize`` bytes is
+    beyond ``MAX_SIZE``: an allocation or size computation that would overflow is refused with a
+    message, before anything is allocated (Python ints do not overflow)."""
+    total = itemsize
+    for d in shape:
+        total *= int(d)
+    if total > MAX_SIZE:
+        raise ValueError(
+            f"{fn}: {what} would have shape {tuple(int(d) for d in shape)} ({total} "
+            f"{'bytes' if itemsize > 1 else 'units'}, more than the 2**62 this library addresses)"
+        )
+
+
 def normalize_axis(axis: int, ndim: int, fn: str) -> int:
     """A valid non-negative axis; 0-d arrays accept 0 and -1 (as torch does)."""
     try:

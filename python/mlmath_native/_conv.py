@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import as_float_array
+from ._checks import MAX_SIZE, as_float_array, check_size
 
 #: an int, or one int per spatial dimension (stride, dilation)
 _Ints = int | tuple[int, ...] | list[int]
@@ -58,6 +58,8 @@ def _pair(fn: str, name: str, value: _Ints, dims: int) -> tuple[int, ...]:
         out = (_int(fn, name, value),) * dims
     if any(v < 1 for v in out):
         raise ValueError(f"{fn}: {name} must be >= 1 (got {value})")
+    if any(v > MAX_SIZE for v in out):
+        raise ValueError(f"{fn}: {name} must be <= 2**62 (got {value})")
     return out
 
 
@@ -236,6 +238,12 @@ def _plan(
                 f"(size {size} + padding {before + after})"
             )
         out_size.append(span // s + 1)
+    # sizes the kernels derive (the padded plane, the output, the work) must fit in int64
+    itemsize = np.dtype(dtype).itemsize
+    padded = tuple(size + b + a for size, (b, a) in zip(spatial, pads, strict=True))
+    check_size(fn, "the padded input", (n, c, *padded), itemsize)
+    check_size(fn, "the output", (n, k, *out_size), itemsize)
+    check_size(fn, "the work (multiply-adds)", (n, k, *out_size, c // groups, *kernel))
     winograd = 0  # the tile, or 0 for direct convolution
     if eligible and algorithm != "direct":
         winograd = _winograd_tile(algorithm, c, k, n, *out_size)
@@ -524,6 +532,8 @@ def _correlate(
     if mode == "valid":
         padded = in1
     else:
+        check_size(fn, "the padded in1", (m + 2 * p - 2, n + 2 * q - 2), np.dtype(dtype).itemsize)
+        check_size(fn, "the work (multiply-adds)", (m + p - 1, n + q - 1, p, q))
         pads = [(p - 1, p - 1), (q - 1, q - 1)]
         if boundary == "fill":
             padded = np.pad(in1, pads, mode="constant", constant_values=fillvalue)

@@ -212,6 +212,8 @@ def cross_entropy(
         ignore_index = operator.index(ignore_index)
     except TypeError:
         raise TypeError(f"{_FN}: ignore_index must be an integer (got {ignore_index!r})") from None
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"{_FN}: ignore_index must fit in int64 (got {ignore_index})")
 
     # target: class indices (integer dtype) or probabilities (floating dtype)
     target = np.asarray(target) if not isinstance(target, np.ndarray) else target

@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import as_float_array, check_out
+from ._checks import as_float_array, check_out, check_size
 
 _FN = "matmul"
 
@@ -82,6 +82,8 @@ def matmul(a: ArrayLike, b: ArrayLike, *, out: NDArray[Any] | None = None) -> ND
             f"{_FN}: batch dimensions do not broadcast (shapes {a.shape} and {b.shape})"
         ) from None
     shape = batch + (m, n)
+    check_size(_FN, "the result", shape, dtype.itemsize)
+    check_size(_FN, "the work (multiply-adds)", shape + (k,))
     result_shape = batch + ((m,) if a.ndim > 1 else ()) + ((n,) if b.ndim > 1 else ())
     if out is None:
         target = _core.empty(shape, dtype)

@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES, as_float_array
 
 __all__ = [
     "SGD",
@@ -88,6 +88,25 @@ def _param_array(fn: str, name: str, p: object) -> NDArray[Any]:
     if not p.flags.writeable:
         raise ValueError(f"{fn}: {name} is not writeable")
     return p
+
+
+def _require_disjoint(fn: str, params: list[NDArray[Any]]) -> None:
+    """ValueError when two params share memory: each would be updated twice per step, from one
+    gradient and then the other.  Params are C-contiguous, so each is one byte range; sorted by
+    start, an overlap is a range that starts before the furthest end seen so far."""
+    spans = sorted(
+        (p.__array_interface__["data"][0], p.nbytes, i) for i, p in enumerate(params) if p.nbytes
+    )
+    reach, holder = -1, -1
+    for start, nbytes, i in spans:
+        if start < reach:
+            first, second = sorted((holder, i))
+            raise ValueError(
+                f"{fn}: params[{second}] shares memory with params[{first}] (each param must be "
+                "its own array)"
+            )
+        if start + nbytes > reach:
+            reach, holder = start + nbytes, i
 
 
 def _grad_array(fn: str, name: str, g: object, param: NDArray[Any]) -> NDArray[Any]:
@@ -163,6 +182,7 @@ class _Optimizer:
         if not params:
             raise ValueError(f"{fn}: params is empty (expected at least one array)")
         self.params = [_param_array(fn, f"params[{i}]", p) for i, p in enumerate(params)]
+        _require_disjoint(fn, self.params)
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
         self.step_count = 0
@@ -249,6 +269,8 @@ class _Optimizer:
         """Restore what :meth:`state_dict` returned (or ``dict(np.load(file))``); every entry is
         checked before anything is changed."""
         fn = f"{self._name}.load_state_dict"
+        if not isinstance(d, Mapping):
+            raise TypeError(f"{fn}: the state must be a mapping (got {type(d).__name__})")
         d = dict(d)
         if "step" not in d:
             raise ValueError(f"{fn}: the state has no 'step' entry")
@@ -681,6 +703,25 @@ class GradientDescentResult:
 _OPTIMIZERS: dict[str, type[SGD] | type[Adam]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
+def _returned_gradient(grad: object, x: NDArray[Any]) -> NDArray[Any]:
+    """What grad_fn returned, as an array of x's shape and dtype, or a clear error."""
+    fn = "gradient_descent"
+    try:
+        arr = np.asarray(grad)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{fn}: grad_fn returned something that is not an array ({exc})") from None
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{fn}: grad_fn returned a gradient of dtype {arr.dtype} (expected real numbers)"
+        )
+    if arr.size != x.size:
+        raise ValueError(
+            f"{fn}: grad_fn returned a gradient of shape {arr.shape} (expected x0's shape "
+            f"{x.shape})"
+        )
+    return arr.astype(x.dtype, copy=False).reshape(x.shape)
+
+
 def gradient_descent(
     grad_fn: Callable[[NDArray[Any]], ArrayLike | tuple[float, ArrayLike]],
     x0: ArrayLike,
@@ -743,14 +784,14 @@ def gradient_descent(
             f"{fn}: optimizer is invalid (got {optimizer!r}, expected one of "
             f"{sorted(_OPTIMIZERS)} or an optimizer class)"
         )
-    x0 = np.asarray(x0)
-    x = np.array(x0, dtype=x0.dtype if x0.dtype in FLOAT_DTYPES else np.float64, order="C")
+    x0 = as_float_array(x0, "gradient_descent", "x0")
+    x = np.array(x0, order="C")
     opt = cls(x, lr=lr, **options)
     history, converged, done = [], False, 0
     for t in range(steps):
         out = grad_fn(x)
         value, grad = out if isinstance(out, tuple) else (None, out)
-        grad = np.asarray(grad, dtype=x.dtype).reshape(x.shape)
+        grad = _returned_gradient(grad, x)
         norm = float(np.linalg.norm(grad))
         if tol is not None and norm <= tol:
             converged = True

@@ -5,8 +5,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -25,7 +27,66 @@ struct StepTensors {
   DType dtype = DType::f32;
   std::vector<OptimTensor<float>> f32;
   std::vector<OptimTensor<double>> f64;
+  ArrayList grad_copies;  // grads that overlapped a written array, copied (keeps them alive)
 };
+
+// No two arrays the step writes (params, state buffers) may share memory: which update would
+// win is undefined.  Grads are only read: they may overlap each other, and a grad that overlaps
+// a written array (a grad_fn returning x itself) is read from a copy, as NumPy reads an input
+// that overlaps its output.  Returns whether such a copy is needed.  All arrays are
+// C-contiguous, so each is one byte range [begin, end).  Sorted by begin, a range overlaps an
+// earlier one exactly when it begins before the furthest end so far: one sweep keeps the
+// furthest-reaching written range and the furthest-reaching range of any kind (O(n log n) per
+// step, not n^2).
+bool grads_overlap_writes(const char* fn, const ArrayList& params, const ArrayList& grads,
+                          const std::vector<const ArrayList*>& states,
+                          const std::vector<const char*>& state_names) {
+  struct Range {
+    std::uintptr_t begin, end;
+    bool written;
+    std::string name;
+  };
+  std::vector<Range> ranges;
+  auto add = [&](const py::array& a, bool written, const std::string& name) {
+    if (a.nbytes() == 0) return;
+    const auto begin = reinterpret_cast<std::uintptr_t>(a.data());
+    ranges.push_back({begin, begin + static_cast<std::uintptr_t>(a.nbytes()), written, name});
+  };
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const std::string idx = "[" + std::to_string(i) + "]";
+    add(params[i], true, "params" + idx);
+    add(grads[i], false, "grads" + idx);
+    for (std::size_t s = 0; s < states.size(); ++s) {
+      add((*states[s])[i], true, state_names[s] + idx);
+    }
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  const Range* reach_any = nullptr;      // the range with the furthest end so far
+  const Range* reach_written = nullptr;  // the written range with the furthest end so far
+  bool grad_overlap = false;
+  for (const Range& r : ranges) {
+    if (reach_written && r.begin < reach_written->end) {
+      if (!r.written) {
+        grad_overlap = true;
+      } else {
+        throw std::invalid_argument(std::string(fn) + ": " + r.name + " shares memory with " +
+                                    reach_written->name +
+                                    " (arrays the step writes must not overlap)");
+      }
+    }
+    if (r.written && reach_any && r.begin < reach_any->end) {
+      if (reach_any->written) {
+        throw std::invalid_argument(std::string(fn) + ": " + r.name + " shares memory with " +
+                                    reach_any->name + " (arrays the step writes must not overlap)");
+      }
+      grad_overlap = true;  // r may still overlap another written array: keep sweeping
+    }
+    if (!reach_any || r.end > reach_any->end) reach_any = &r;
+    if (r.written && (!reach_written || r.end > reach_written->end)) reach_written = &r;
+  }
+  return grad_overlap;
+}
 
 StepTensors check_step(const char* fn, const ArrayList& params, const ArrayList& grads,
                        const std::vector<const ArrayList*>& states,
@@ -56,13 +117,22 @@ StepTensors check_step(const char* fn, const ArrayList& params, const ArrayList&
       require_writeable((*states[s])[i], fn, sname.c_str());
     }
   }
+  const ArrayList* read_grads = &grads;
+  if (grads_overlap_writes(fn, params, grads, states, state_names)) {
+    for (const py::array& g : grads) {
+      py::array copy(g.dtype(), std::vector<py::ssize_t>(g.shape(), g.shape() + g.ndim()));
+      if (g.nbytes() > 0) std::memcpy(copy.mutable_data(), g.data(), g.nbytes());
+      out.grad_copies.push_back(copy);
+    }
+    read_grads = &out.grad_copies;
+  }
   // Only now take pointers (mutable_data would throw for read-only arrays, but all are checked).
   for (std::size_t i = 0; i < params.size(); ++i) {
     auto fill = [&](auto& list, auto tag) {
       using T = decltype(tag);
       OptimTensor<T> t{};
       t.param = static_cast<T*>(const_cast<py::array&>(params[i]).mutable_data());
-      t.grad = static_cast<const T*>(grads[i].data());
+      t.grad = static_cast<const T*>((*read_grads)[i].data());
       T** slots[3] = {&t.state1, &t.state2, &t.state3};
       for (std::size_t s = 0; s < states.size(); ++s) {
         *slots[s] = static_cast<T*>(const_cast<py::array&>((*states[s])[i]).mutable_data());

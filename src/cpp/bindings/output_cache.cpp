@@ -7,9 +7,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 #include <string>
 
 #if defined(_WIN32)
@@ -151,8 +153,15 @@ void bind_output_cache(py::module_& m) {
   m.def(
       "empty",
       [](const std::vector<py::ssize_t>& shape, const py::dtype& dtype) {
+        // the byte count must fit in a py::ssize_t (an overflowing product would allocate a
+        // small block for a huge shape)
+        py::ssize_t bytes = dtype.itemsize();
         for (py::ssize_t d : shape) {
           if (d < 0) throw std::invalid_argument("empty: negative dimension");
+          if (d > 0 && bytes > std::numeric_limits<py::ssize_t>::max() / d) {
+            throw std::length_error("empty: the array would be too large to address");
+          }
+          bytes = d == 0 ? 0 : bytes * d;
         }
         return new_output(dtype, shape);
       },

@@ -194,8 +194,10 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
   const std::int64_t b_panels_max = (nc_max + NR - 1) / NR;
   Scratch<T> bpack(b_panels_max * NR * kc_max);
   const int threads = threads_for(M * N * K / 64);
+  // every allocation before the region: nothing in it may throw (parallel_region)
+  Scratch<T> apack_all(threads * S::MC * kc_max);
   parallel_region(threads, [&](int tid, int team) {
-    Scratch<T> apack(S::MC * kc_max);
+    T* const apack = apack_all.data + tid * S::MC * kc_max;
     for (std::int64_t jc = 0; jc < N; jc += S::NC) {
       const std::int64_t nc = N - jc < S::NC ? N - jc : S::NC;
       const std::int64_t b_panels = (nc + NR - 1) / NR;
@@ -220,7 +222,7 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
           const std::int64_t ib = t / slices, s = t % slices;
           const std::int64_t ic = ib * S::MC;
           const std::int64_t mc = M - ic < S::MC ? M - ic : S::MC;
-          const T* ap = packed_a(pack_a, ic, mc, pc, kc, apack.data);
+          const T* ap = packed_a(pack_a, ic, mc, pc, kc, apack);
           const std::int64_t q0 = b_panels * s / slices, q1 = b_panels * (s + 1) / slices;
           for (std::int64_t q = q0; q < q1; ++q) {
             const std::int64_t j = jc + q * NR;

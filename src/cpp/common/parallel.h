@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 
 #include "common/isa.h"
 #include "mlmath/mlmath.h"
@@ -28,6 +29,30 @@ MLMATH_ISA_BEGIN
 
 constexpr std::int64_t kMinParallelWork = std::int64_t{1} << 15;
 
+// An exception must not leave an OpenMP region (that calls std::terminate): each thread runs
+// its share through run(), which keeps the first exception (a std::bad_alloc from a Scratch),
+// and the caller rethrows it once the team has joined, as a Python MemoryError.
+class FirstException {
+ public:
+  template <class Fn>
+  void run(const Fn& fn) noexcept {
+    try {
+      fn();
+    } catch (...) {
+#if defined(_OPENMP)
+#pragma omp critical(mlmath_first_exception)
+#endif
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::exception_ptr error_;
+};
+
 template <class Fn>
 void parallel_for(std::int64_t num_tasks, std::int64_t cost_per_task, const Fn& fn) {
   if (num_tasks <= 0) return;
@@ -38,14 +63,16 @@ void parallel_for(std::int64_t num_tasks, std::int64_t cost_per_task, const Fn& 
 #if defined(_OPENMP)
   if (threads > 1) {
     ::mlmath::note_thread_team_started();
+    FirstException first;
 #pragma omp parallel num_threads(static_cast<int>(threads))
     {
       const std::int64_t t = omp_get_thread_num();
       const std::int64_t team = omp_get_num_threads();
       const std::int64_t begin = num_tasks * t / team;
       const std::int64_t end = num_tasks * (t + 1) / team;
-      if (begin < end) fn(begin, end);
+      if (begin < end) first.run([&] { fn(begin, end); });
     }
+    first.rethrow();
     return;
   }
 #endif
@@ -60,14 +87,18 @@ inline int threads_for(std::int64_t work) {
 }
 
 // Runs fn(thread, team) on `threads` threads, for kernels whose phases need barriers in
-// between (barrier(team) below); with one thread, fn(0, 1) runs on the caller.
+// between (barrier(team) below); with one thread, fn(0, 1) runs on the caller.  fn may throw
+// only before its first barrier (where it allocates): a thread that left early would leave
+// the others waiting.
 template <class Fn>
 void parallel_region(int threads, const Fn& fn) {
 #if defined(_OPENMP)
   if (threads > 1) {
     ::mlmath::note_thread_team_started();
+    FirstException first;
 #pragma omp parallel num_threads(threads)
-    fn(omp_get_thread_num(), omp_get_num_threads());
+    first.run([&] { fn(omp_get_thread_num(), omp_get_num_threads()); });
+    first.rethrow();
     return;
   }
 #endif
