@@ -32,3 +32,21 @@ def test_attention_causal_none_is_rejected_like_the_reference(fn):
     for module in (mn, ref_att):
         with pytest.raises(ValueError, match="causal"):
             getattr(module, fn)(*args, causal=None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_amsgrad_nan_in_the_running_max_propagates(dtype):
+    """The vector max kept v where the stored max_exp_avg_sq was NaN (x86 max returns its
+    second operand); torch.maximum and the reference's np.maximum give NaN."""
+    from mlmath_native.reference import adam_optimizer as ref_adam
+
+    n = 37  # a vector body and a tail
+    param, grad = np.ones(n, dtype), np.full(n, 0.5, dtype)
+    m, v = np.zeros(n, dtype), np.full(n, 0.01, dtype)
+    vmax = np.full(n, 0.02, dtype)
+    vmax[[0, 9, 36]] = np.nan
+    want = ref_adam.adam_step(param, grad, m, v, step=3, lr=0.1, amsgrad=True, max_exp_avg_sq=vmax)
+    mn.adam_step(param, grad, m, v, step=3, lr=0.1, max_exp_avg_sq=vmax)
+    np.testing.assert_array_equal(np.isnan(param), np.isnan(want[0]))
+    assert np.isnan(param[[0, 9, 36]]).all() and np.isnan(vmax[[0, 9, 36]]).all()
+    np.testing.assert_allclose(param, want[0], rtol=1e-6)

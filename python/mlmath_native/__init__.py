@@ -52,6 +52,8 @@ __all__ = [
     "convolve2d",
     "correlate2d",
     "cross_entropy",
+    "get_cmake_dir",
+    "get_include",
     "get_num_threads",
     "log_softmax",
     "log_softmax_backward",
@@ -83,6 +85,39 @@ def build_info() -> dict[str, Any]:
     True
     """
     return dict(_core.build_info())
+
+
+def get_include() -> str:
+    """The directory of the C++ headers (``mlmath/mlmath.h``): inside the installed package, or
+    ``src/cpp/include`` when running from a source checkout."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(here, "include")
+    if os.path.isdir(installed):
+        return installed
+    source = os.path.normpath(os.path.join(here, "..", "..", "src", "cpp", "include"))
+    if os.path.isdir(source):
+        return source
+    raise FileNotFoundError(f"get_include: no C++ headers in {installed}")
+
+
+def get_cmake_dir() -> str:
+    """The directory of the CMake package config of the installed package, for
+    ``find_package(mlmath_native CONFIG)`` (pass it as ``mlmath_native_DIR``, or its
+    ``share/cmake`` parent's prefix in ``CMAKE_PREFIX_PATH``); it gives the target
+    ``mlmath::mlmath``.  FileNotFoundError when the package was not installed by pip (a source
+    checkout has no installed library)."""
+    import os
+
+    path = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "share", "cmake", "mlmath_native"
+    )
+    if not os.path.isfile(os.path.join(path, "mlmath_nativeConfig.cmake")):
+        raise FileNotFoundError(
+            f"get_cmake_dir: no CMake package in {path} (install the package with pip)"
+        )
+    return path
 
 
 def get_num_threads() -> int:

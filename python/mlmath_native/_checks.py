@@ -19,6 +19,29 @@ AxisError = getattr(np, "exceptions", np).AxisError
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def as_array(x: object, fn: str, name: str) -> NDArray[Any]:
+    """``x`` as an ndarray, without a copy wherever its producer allows (Note [zero copy]).
+
+    Note [zero copy]: an ndarray is used as it is; an object with ``__dlpack__`` (a PyTorch CPU
+    tensor, a JAX CPU array, anything DLPack exports) becomes ``np.from_dlpack(x)``, a view of
+    the same memory (writeable when the producer allows it, as PyTorch does, so ``out=`` and
+    the optimizers update a tensor in place); the rest (the buffer protocol,
+    ``__array_interface__``, nested sequences) goes through ``np.asarray``, which shares memory
+    where it can.  Only afterwards may a dtype or layout the kernels need cost a copy.
+    """
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "__dlpack__") and not isinstance(x, type):
+        try:
+            return np.from_dlpack(x)
+        except (BufferError, TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{fn}: {name} could not be shared through DLPack ({exc})") from None
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{fn}: {name} could not be converted to an array ({exc})") from None
+
+
 def as_float_array(x: ArrayLike, fn: str, name: str) -> NDArray[Any]:
     """``x`` as an ndarray of float32 or float64.
 
@@ -26,13 +49,7 @@ def as_float_array(x: ArrayLike, fn: str, name: str) -> NDArray[Any]:
     longdouble) and nested sequences compute in float64.  Complex, object, string, bytes,
     datetime and void arrays raise TypeError.
     """
-    if isinstance(x, np.ndarray):
-        arr = x
-    else:
-        try:
-            arr = np.asarray(x)
-        except (ValueError, TypeError) as exc:
-            raise TypeError(f"{fn}: {name} could not be converted to an array ({exc})") from None
+    arr = as_array(x, fn, name)
     kind = arr.dtype.kind
     if kind == "f" and arr.dtype in FLOAT_DTYPES:
         return arr
@@ -76,9 +93,16 @@ def normalize_axis(axis: int, ndim: int, fn: str) -> int:
 
 
 def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype[Any], fn: str) -> NDArray[Any]:
-    """``out`` must be a writeable ndarray of exactly ``shape`` and ``dtype`` (no casting)."""
+    """``out`` as an ndarray (a DLPack exporter such as a PyTorch tensor becomes a view of its
+    memory, Note [zero copy]) that must be writeable, of exactly ``shape`` and ``dtype`` (no
+    casting)."""
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"{fn}: out must be a numpy.ndarray (got {type(out).__name__})")
+        if not hasattr(out, "__dlpack__"):
+            raise TypeError(
+                f"{fn}: out must be a numpy.ndarray or a DLPack exporter such as a PyTorch CPU "
+                f"tensor (got {type(out).__name__})"
+            )
+        out = as_array(out, fn, "out")
     if out.dtype != dtype:
         raise TypeError(f"{fn}: out has dtype {out.dtype} (expected {dtype})")
     if out.shape != tuple(shape):

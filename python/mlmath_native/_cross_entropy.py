@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import as_float_array, normalize_axis
+from ._checks import as_array, as_float_array, normalize_axis
 
 _REDUCTIONS = ("none", "mean", "sum")
 _Reduction = Literal["none", "mean", "sum"]
@@ -216,7 +216,7 @@ def cross_entropy(
         raise ValueError(f"{_FN}: ignore_index must fit in int64 (got {ignore_index})")
 
     # target: class indices (integer dtype) or probabilities (floating dtype)
-    target = np.asarray(target) if not isinstance(target, np.ndarray) else target
+    target = as_array(target, _FN, "target")
     kind = target.dtype.kind
     if kind in "iu":
         if target.shape != elem_shape:

@@ -88,7 +88,7 @@ def matmul(a: ArrayLike, b: ArrayLike, *, out: NDArray[Any] | None = None) -> ND
     if out is None:
         target = _core.empty(shape, dtype)
     else:
-        check_out(out, result_shape, dtype, _FN)
+        out = check_out(out, result_shape, dtype, _FN)
         direct = out.flags.c_contiguous and not (
             np.may_share_memory(out, a) or np.may_share_memory(out, b)
         )

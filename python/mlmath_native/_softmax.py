@@ -30,7 +30,7 @@ def _softmax_like(x: ArrayLike, axis: int, out: NDArray[Any] | None, log: bool) 
         out = _core.empty(x.shape, x.dtype)
         target, copy_back = out, False
     else:
-        check_out(out, x.shape, x.dtype, fn)
+        out = check_out(out, x.shape, x.dtype, fn)
         target, copy_back = writable_target(out, (x,))
     if x.size:
         _core.softmax_into(x, target, axis, log)

@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import FLOAT_DTYPES, as_float_array
+from ._checks import FLOAT_DTYPES, as_array, as_float_array
 
 __all__ = [
     "SGD",
@@ -76,9 +76,15 @@ def _real(
 
 
 def _param_array(fn: str, name: str, p: object) -> NDArray[Any]:
-    """A parameter (or state) array that can be updated in place: never a silent copy."""
+    """A parameter (or state) array that can be updated in place: never a silent copy.  A DLPack
+    exporter (a PyTorch CPU tensor) is used through a view of its memory (Note [zero copy])."""
     if not isinstance(p, np.ndarray):
-        raise TypeError(f"{fn}: {name} must be a numpy.ndarray (got {type(p).__name__})")
+        if not hasattr(p, "__dlpack__"):
+            raise TypeError(
+                f"{fn}: {name} must be a numpy.ndarray or a DLPack exporter such as a PyTorch "
+                f"CPU tensor (got {type(p).__name__})"
+            )
+        p = as_array(p, fn, name)
     if p.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: {name} has dtype {p.dtype} (expected float32 or float64)")
     if not p.flags.c_contiguous:
@@ -112,7 +118,12 @@ def _require_disjoint(fn: str, params: list[NDArray[Any]]) -> None:
 def _grad_array(fn: str, name: str, g: object, param: NDArray[Any]) -> NDArray[Any]:
     """A gradient matching ``param``'s shape and dtype; non-contiguous ones are copied."""
     if not isinstance(g, np.ndarray):
-        raise TypeError(f"{fn}: {name} must be a numpy.ndarray (got {type(g).__name__})")
+        if not hasattr(g, "__dlpack__"):
+            raise TypeError(
+                f"{fn}: {name} must be a numpy.ndarray or a DLPack exporter such as a PyTorch "
+                f"CPU tensor (got {type(g).__name__})"
+            )
+        g = as_array(g, fn, name)
     if g.dtype != param.dtype:
         raise TypeError(f"{fn}: {name} has dtype {g.dtype} (expected the param's {param.dtype})")
     if g.shape != param.shape:
@@ -121,7 +132,7 @@ def _grad_array(fn: str, name: str, g: object, param: NDArray[Any]) -> NDArray[A
 
 
 def _as_list(fn: str, name: str, arrays: object) -> list[Any]:
-    if isinstance(arrays, np.ndarray):
+    if isinstance(arrays, np.ndarray) or hasattr(arrays, "__dlpack__"):
         return [arrays]
     if isinstance(arrays, Sequence) and not isinstance(arrays, str | bytes):
         return list(arrays)

@@ -115,6 +115,11 @@ template <class T>
 inline Vec<T> keep_where_nonzero(Vec<T> c, Vec<T> v) {
   return {c.v != T(0) ? v.v : T(0)};
 }
+// max(a, b) that is NaN where either is NaN (torch.maximum, np.maximum); max() above keeps b.
+template <class T>
+inline Vec<T> max_propagate_nan(Vec<T> a, Vec<T> b) {
+  return {a.v != a.v ? a.v : (a.v > b.v ? a.v : b.v)};
+}
 template <class T>
 inline Vec<T> pow2i(Vec<T> k) {
   using B = FloatBits<T>;
@@ -225,6 +230,13 @@ inline VF keep_where_nonzero(VF c, VF v) {
 inline VD keep_where_nonzero(VD c, VD v) {
   return {_mm256_and_pd(_mm256_cmp_pd(c.v, _mm256_setzero_pd(), _CMP_NEQ_UQ), v.v)};
 }
+// maxps gives b where either is NaN; a where a is NaN is put back
+inline VF max_propagate_nan(VF a, VF b) {
+  return {_mm256_blendv_ps(_mm256_max_ps(a.v, b.v), a.v, _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q))};
+}
+inline VD max_propagate_nan(VD a, VD b) {
+  return {_mm256_blendv_pd(_mm256_max_pd(a.v, b.v), a.v, _mm256_cmp_pd(a.v, a.v, _CMP_UNORD_Q))};
+}
 inline VF pow2i(VF k) {
   const __m256 biased = _mm256_add_ps(k.v, _mm256_set1_ps(12582912.0f + 127.0f));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(biased), 23))};
@@ -323,6 +335,14 @@ inline VF keep_where_nonzero(VF c, VF v) {
 }
 inline VD keep_where_nonzero(VD c, VD v) {
   return {_mm512_maskz_mov_pd(_mm512_cmp_pd_mask(c.v, _mm512_setzero_pd(), _CMP_NEQ_UQ), v.v)};
+}
+inline VF max_propagate_nan(VF a, VF b) {
+  return {
+      _mm512_mask_mov_ps(_mm512_max_ps(a.v, b.v), _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), a.v)};
+}
+inline VD max_propagate_nan(VD a, VD b) {
+  return {
+      _mm512_mask_mov_pd(_mm512_max_pd(a.v, b.v), _mm512_cmp_pd_mask(a.v, a.v, _CMP_UNORD_Q), a.v)};
 }
 inline VF pow2i(VF k) {
   const __m512 biased = _mm512_add_ps(k.v, _mm512_set1_ps(12582912.0f + 127.0f));

@@ -133,7 +133,7 @@ void adam_chunk(const AdamArgs<T>& a, const OptimTensor<T>& t, std::int64_t begi
     store_n(v, t.state2 + i, n);
     V vv = v;
     if (Amsgrad) {
-      vv = max(load_n(t.state3 + i, n), v);
+      vv = max_propagate_nan(load_n(t.state3 + i, n), v);  // NaN stays NaN, as in torch
       store_n(vv, t.state3 + i, n);
     }
     const V denom = fma(sqrt(vv), inv_c2, eps);

@@ -1,0 +1,367 @@
+// C++ unit tests of mlmath's kernel table against plain double-precision loops.  Usage:
+// test_kernels FAMILY (softmax, cross_entropy, optim, gemm, conv2d, attention, errors); each
+// family runs once per ISA this CPU supports, with 1 and 2 threads.  Exit status 1 on failure.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mlmath/mlmath.h"
+
+namespace {
+
+int failures = 0;
+std::string context;  // "<isa>, <threads> thread(s)"
+
+void check_close(const char* what, double got, double want, double tol) {
+  if (!(std::fabs(got - want) <= tol * (1.0 + std::fabs(want)))) {
+    if (++failures <= 20) {
+      std::printf("FAIL [%s] %s: got %.10g, expected %.10g\n", context.c_str(), what, got, want);
+    }
+  }
+}
+
+std::vector<float> random_floats(std::size_t n, unsigned seed, float scale = 1.0f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(gen);
+  return v;
+}
+
+// softmax, log_softmax, logsumexp and softmax_backward along the middle axis of [outer][n][inner]
+void test_softmax() {
+  const mlmath::KernelTable& k = mlmath::kernels();
+  for (std::int64_t n : {1, 3, 7, 8, 9, 16, 17, 31, 33, 64, 67, 1000}) {
+    for (std::int64_t inner : {1, 3}) {
+      const std::int64_t outer = 5, size = outer * n * inner;
+      const std::vector<float> x = random_floats(size, static_cast<unsigned>(n), 3.0f);
+      std::vector<float> y(size), ly(size), lse(outer * inner), dx(size);
+      const std::vector<float> dy = random_floats(size, 99);
+      const mlmath::AxisLayout shape{outer, n, inner};
+      k.softmax_f32(x.data(), y.data(), shape);
+      k.log_softmax_f32(x.data(), ly.data(), shape);
+      k.logsumexp_f32(x.data(), lse.data(), shape);
+      k.softmax_backward_f32(y.data(), dy.data(), dx.data(), shape);
+      for (std::int64_t o = 0; o < outer; ++o)
+        for (std::int64_t i = 0; i < inner; ++i) {
+          auto at = [&](std::int64_t j) { return (o * n + j) * inner + i; };
+          double m = -INFINITY, z = 0, dot = 0;
+          for (std::int64_t j = 0; j < n; ++j) m = std::fmax(m, x[at(j)]);
+          for (std::int64_t j = 0; j < n; ++j) z += std::exp(x[at(j)] - m);
+          for (std::int64_t j = 0; j < n; ++j) dot += std::exp(x[at(j)] - m) / z * dy[at(j)];
+          check_close("logsumexp", lse[o * inner + i], m + std::log(z), 1e-5);
+          for (std::int64_t j = 0; j < n; ++j) {
+            const double p = std::exp(x[at(j)] - m) / z;
+            check_close("softmax", y[at(j)], p, 1e-5);
+            check_close("log_softmax", ly[at(j)], x[at(j)] - m - std::log(z), 1e-5);
+            check_close("softmax_backward", dx[at(j)], p * (dy[at(j)] - dot), 1e-4);
+          }
+        }
+    }
+  }
+}
+
+// per-element loss and gradient with class weights and an ignored label
+void test_cross_entropy() {
+  const mlmath::KernelTable& k = mlmath::kernels();
+  for (std::int64_t c : {1, 2, 5, 8, 17, 100}) {
+    const std::int64_t rows = 6;
+    std::vector<double> logits(rows * c), weight(c), loss(rows), grad(rows * c);
+    std::mt19937 gen(static_cast<unsigned>(c));
+    std::normal_distribution<double> dist(0.0, 2.0);
+    for (double& v : logits) v = dist(gen);
+    double wsum = 0;
+    for (std::int64_t j = 0; j < c; ++j) wsum += weight[j] = 0.5 + 0.1 * j;
+    std::vector<std::int64_t> target(rows);
+    for (std::int64_t r = 0; r < rows; ++r) target[r] = r % c;
+    target[3] = -100;  // ignored
+    mlmath::CrossEntropyArgs<double> a{};
+    a.shape = mlmath::AxisLayout{rows, c, 1};
+    a.logits = logits.data();
+    a.target_index = target.data();
+    a.weight = weight.data();
+    a.weight_sum = wsum;
+    a.ignore_index = -100;
+    a.loss = loss.data();
+    a.grad = grad.data();
+    a.grad_scale_all = 1.0;
+    k.cross_entropy_f64(a);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const double* l = &logits[r * c];
+      double m = -INFINITY, z = 0;
+      for (std::int64_t j = 0; j < c; ++j) m = std::fmax(m, l[j]);
+      for (std::int64_t j = 0; j < c; ++j) z += std::exp(l[j] - m);
+      const std::int64_t t = target[r];
+      const double want = t < 0 ? 0.0 : weight[t] * (m + std::log(z) - l[t]);
+      check_close("cross_entropy loss", loss[r], want, 1e-12);
+      for (std::int64_t j = 0; j < c; ++j) {
+        const double g = t < 0 ? 0.0 : weight[t] * (std::exp(l[j] - m) / z - (j == t ? 1 : 0));
+        check_close("cross_entropy grad", grad[r * c + j], g, 1e-12);
+      }
+    }
+  }
+}
+
+// one SGD-with-momentum step and two Adam steps over tensors of several sizes
+void test_optim() {
+  const mlmath::KernelTable& k = mlmath::kernels();
+  for (std::int64_t n : {1, 7, 16, 33, 1000}) {
+    std::vector<double> p(n), g(n), buf(n), p0(n);
+    for (std::int64_t i = 0; i < n; ++i) {
+      p[i] = p0[i] = std::sin(0.1 * i);
+      g[i] = std::cos(0.3 * i);
+      buf[i] = 0.5;
+    }
+    mlmath::OptimTensor<double> t{p.data(), g.data(), buf.data(), nullptr, nullptr, n};
+    mlmath::SgdArgs<double> s{};
+    s.tensors = &t;
+    s.count = 1;
+    s.lr = 0.1;
+    s.momentum = 0.9;
+    s.weight_decay = 0.01;
+    s.grad_scale = 1.0;
+    k.sgd_step_f64(s);
+    for (std::int64_t i = 0; i < n; ++i) {
+      const double d = g[i] + 0.01 * p0[i], b = 0.9 * 0.5 + d;
+      check_close("sgd buffer", buf[i], b, 1e-14);
+      check_close("sgd param", p[i], p0[i] - 0.1 * b, 1e-14);
+    }
+    // Adam, two steps from zero state: m, v and the bias-corrected update
+    std::vector<float> q(n), m(n, 0.f), v(n, 0.f), gf(n);
+    for (std::int64_t i = 0; i < n; ++i) {
+      q[i] = static_cast<float>(p0[i]);
+      gf[i] = static_cast<float>(g[i]);
+    }
+    double qd[1024], md[1024] = {0}, vd[1024] = {0};
+    for (std::int64_t i = 0; i < n; ++i) qd[i] = q[i];
+    for (int step = 1; step <= 2; ++step) {
+      mlmath::OptimTensor<float> at{q.data(), gf.data(), m.data(), v.data(), nullptr, n};
+      mlmath::AdamArgs<float> a{};
+      a.tensors = &at;
+      a.count = 1;
+      a.lr = 1e-2f;
+      a.beta1 = 0.9f;
+      a.beta2 = 0.999f;
+      a.eps = 1e-8f;
+      a.step_size = static_cast<float>(1e-2 / (1 - std::pow(0.9, step)));
+      a.inv_bias_correction2_sqrt = static_cast<float>(1 / std::sqrt(1 - std::pow(0.999, step)));
+      a.grad_scale = 1.0f;
+      k.adam_step_f32(a);
+      for (std::int64_t i = 0; i < n; ++i) {
+        md[i] = 0.9 * md[i] + 0.1 * gf[i];
+        vd[i] = 0.999 * vd[i] + 0.001 * gf[i] * gf[i];
+        const double mh = md[i] / (1 - std::pow(0.9, step));
+        const double vh = vd[i] / (1 - std::pow(0.999, step));
+        qd[i] -= 1e-2 * mh / (std::sqrt(vh) + 1e-8);
+      }
+    }
+    for (std::int64_t i = 0; i < n; ++i) check_close("adam param", q[i], qd[i], 1e-5);
+  }
+}
+
+// C = A B for sizes around the register tile and cache block edges
+void test_gemm() {
+  const mlmath::KernelTable& k = mlmath::kernels();
+  const std::int64_t sizes[][3] = {{1, 1, 1},   {3, 5, 7},      {8, 16, 4}, {17, 33, 9},
+                                   {64, 1, 65}, {100, 70, 300}, {7, 257, 3}};
+  for (const auto& s : sizes) {
+    const std::int64_t M = s[0], N = s[1], K = s[2];
+    const std::vector<float> a = random_floats(M * K, 1), b = random_floats(K * N, 2);
+    std::vector<float> c(M * N, -1.f);
+    mlmath::GemmArgs<float> g{};
+    g.m = M;
+    g.n = N;
+    g.k = K;
+    g.a = a.data();
+    g.a_rs = K;
+    g.a_cs = 1;
+    g.b = b.data();
+    g.b_rs = N;
+    g.b_cs = 1;
+    g.c = c.data();
+    g.c_rs = N;
+    g.batch = 1;
+    k.gemm_f32(g);
+    for (std::int64_t i = 0; i < M; ++i)
+      for (std::int64_t j = 0; j < N; ++j) {
+        double want = 0;
+        for (std::int64_t p = 0; p < K; ++p) want += double(a[i * K + p]) * b[p * N + j];
+        check_close("gemm", c[i * N + j], want, 1e-5 * std::sqrt(double(K)));
+      }
+  }
+}
+
+// conv2d with padding, stride, dilation and groups against the definition
+void test_conv2d() {
+  const mlmath::KernelTable& k = mlmath::kernels();
+  struct Case {
+    std::int64_t n, c, h, w, kout, r, s, stride, pad, dil, groups;
+  };
+  const Case cases[] = {{2, 3, 9, 8, 4, 3, 3, 1, 1, 1, 1},   {1, 4, 11, 7, 6, 3, 2, 2, 1, 1, 2},
+                        {2, 5, 6, 6, 5, 3, 3, 1, 2, 2, 5},   {1, 8, 10, 10, 16, 1, 1, 1, 0, 1, 1},
+                        {1, 2, 13, 13, 3, 5, 5, 3, 2, 1, 1}, {3, 16, 8, 8, 32, 3, 3, 1, 1, 1, 1}};
+  for (const Case& t : cases) {
+    const std::int64_t ho = (t.h + 2 * t.pad - t.dil * (t.r - 1) - 1) / t.stride + 1;
+    const std::int64_t wo = (t.w + 2 * t.pad - t.dil * (t.s - 1) - 1) / t.stride + 1;
+    const std::int64_t cg = t.c / t.groups, kg = t.kout / t.groups;
+    const std::vector<float> x = random_floats(t.n * t.c * t.h * t.w, 3);
+    const std::vector<float> w = random_floats(t.kout * cg * t.r * t.s, 4);
+    const std::vector<float> bias = random_floats(t.kout, 5);
+    std::vector<float> y(t.n * t.kout * ho * wo);
+    mlmath::Conv2dArgs<float> a{x.data(), t.n,   t.c,         t.h,      t.w,   w.data(), t.kout,
+                                t.r,      t.s,   bias.data(), y.data(), ho,    wo,       t.stride,
+                                t.stride, t.pad, t.pad,       t.dil,    t.dil, t.groups};
+    k.conv2d_f32(a);
+    for (std::int64_t n = 0; n < t.n; ++n)
+      for (std::int64_t ko = 0; ko < t.kout; ++ko)
+        for (std::int64_t i = 0; i < ho; ++i)
+          for (std::int64_t j = 0; j < wo; ++j) {
+            double want = bias[ko];
+            const std::int64_t g = ko / kg;
+            for (std::int64_t c = 0; c < cg; ++c)
+              for (std::int64_t r = 0; r < t.r; ++r)
+                for (std::int64_t s = 0; s < t.s; ++s) {
+                  const std::int64_t yy = i * t.stride - t.pad + r * t.dil;
+                  const std::int64_t xx = j * t.stride - t.pad + s * t.dil;
+                  if (yy < 0 || yy >= t.h || xx < 0 || xx >= t.w) continue;
+                  want += double(w[((ko * cg + c) * t.r + r) * t.s + s]) *
+                          x[((n * t.c + g * cg + c) * t.h + yy) * t.w + xx];
+                }
+            check_close("conv2d", y[((n * t.kout + ko) * ho + i) * wo + j], want, 1e-4);
+          }
+  }
+}
+
+// attention with grouped-query heads, both causal alignments and an additive mask
+void test_attention() {
+  const mlmath::KernelTable& k = mlmath::kernels();
+  struct Case {
+    std::int64_t b, hq, hkv, lq, lk, d, dv;
+    int causal;
+    bool mask;
+  };
+  const Case cases[] = {{1, 1, 1, 5, 5, 4, 4, 0, false},
+                        {2, 4, 2, 7, 13, 8, 5, 1, false},
+                        {1, 2, 1, 9, 200, 16, 16, 2, true},
+                        {1, 3, 3, 1, 1, 3, 2, 1, false},
+                        {2, 2, 2, 130, 97, 32, 8, 0, true}};
+  for (const Case& t : cases) {
+    const std::vector<double> q = [&] {
+      const auto f = random_floats(t.b * t.hq * t.lq * t.d, 6);
+      return std::vector<double>(f.begin(), f.end());
+    }();
+    const auto kf = random_floats(t.b * t.hkv * t.lk * t.d, 7);
+    const auto vf = random_floats(t.b * t.hkv * t.lk * t.dv, 8);
+    const auto mf = random_floats(t.lq * t.lk, 9);
+    const std::vector<double> kk(kf.begin(), kf.end()), v(vf.begin(), vf.end());
+    const std::vector<double> mask(mf.begin(), mf.end());
+    std::vector<double> out(t.b * t.hq * t.lq * t.dv), lse(t.b * t.hq * t.lq);
+    mlmath::AttentionArgs<double> a{};
+    a.q = q.data();
+    a.k = kk.data();
+    a.v = v.data();
+    a.batch = t.b;
+    a.hq = t.hq;
+    a.hkv = t.hkv;
+    a.lq = t.lq;
+    a.lk = t.lk;
+    a.d = t.d;
+    a.dv = t.dv;
+    a.k_batch_stride = t.hkv * t.lk * t.d;
+    a.v_batch_stride = t.hkv * t.lk * t.dv;
+    if (t.mask) {
+      a.mask = mask.data();
+      a.mask_stride[2] = t.lk;  // one (lq, lk) mask broadcast over batch and heads
+      a.mask_stride[3] = 1;
+    }
+    a.causal = t.causal;
+    a.scale = 1.0 / std::sqrt(double(t.d));
+    a.out = out.data();
+    a.lse = lse.data();
+    k.attention_f64(a);
+    const std::int64_t group = t.hq / t.hkv;
+    for (std::int64_t b = 0; b < t.b; ++b)
+      for (std::int64_t h = 0; h < t.hq; ++h)
+        for (std::int64_t i = 0; i < t.lq; ++i) {
+          const double* qi = &q[((b * t.hq + h) * t.lq + i) * t.d];
+          const std::int64_t hk = h / group;
+          std::vector<double> s(t.lk, -INFINITY);
+          double m = -INFINITY;
+          for (std::int64_t j = 0; j < t.lk; ++j) {
+            if (t.causal == 1 && j > i) continue;
+            if (t.causal == 2 && j > i + t.lk - t.lq) continue;
+            const double* kj = &kk[((b * t.hkv + hk) * t.lk + j) * t.d];
+            double dot = 0;
+            for (std::int64_t c = 0; c < t.d; ++c) dot += qi[c] * kj[c];
+            s[j] = dot * a.scale + (t.mask ? mask[i * t.lk + j] : 0.0);
+            m = std::fmax(m, s[j]);
+          }
+          double z = 0;
+          for (std::int64_t j = 0; j < t.lk; ++j) z += std::isinf(s[j]) ? 0.0 : std::exp(s[j] - m);
+          check_close("attention lse", lse[(b * t.hq + h) * t.lq + i], m + std::log(z), 1e-10);
+          for (std::int64_t c = 0; c < t.dv; ++c) {
+            double want = 0;
+            for (std::int64_t j = 0; j < t.lk; ++j)
+              if (!std::isinf(s[j]))
+                want += std::exp(s[j] - m) / z * v[((b * t.hkv + hk) * t.lk + j) * t.dv + c];
+            check_close("attention out", out[((b * t.hq + h) * t.lq + i) * t.dv + c], want, 1e-10);
+          }
+        }
+  }
+}
+
+// the documented exceptions of the setup functions
+void test_errors() {
+  bool threw = false;
+  try {
+    mlmath::select_isa("sse9");
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  if (!threw) ++failures, std::printf("FAIL select_isa(\"sse9\") did not throw\n");
+  threw = false;
+  try {
+    mlmath::set_num_threads(0);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  if (!threw) ++failures, std::printf("FAIL set_num_threads(0) did not throw\n");
+  if (mlmath::compiled_isas().empty() || mlmath::compiled_isas().front() != "scalar") {
+    ++failures, std::printf("FAIL compiled_isas() does not start with scalar\n");
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::map<std::string, std::function<void()>> families{
+      {"softmax", test_softmax}, {"cross_entropy", test_cross_entropy},
+      {"optim", test_optim},     {"gemm", test_gemm},
+      {"conv2d", test_conv2d},   {"attention", test_attention},
+      {"errors", test_errors}};
+  if (argc != 2 || !families.count(argv[1])) {
+    std::printf("usage: test_kernels {softmax,cross_entropy,optim,gemm,conv2d,attention,errors}\n");
+    return 2;
+  }
+  const std::string isa_before = mlmath::selected_isa();
+  for (const std::string& isa : mlmath::supported_isas()) {
+    mlmath::select_isa(isa);
+    for (int threads : {1, 2}) {
+      mlmath::set_num_threads(threads);
+      context = isa + ", " + std::to_string(threads) + " thread(s)";
+      families.at(argv[1])();
+    }
+  }
+  mlmath::select_isa(isa_before);
+  std::printf("%s: %s over ISAs", argv[1], failures ? "FAILED" : "passed");
+  for (const std::string& isa : mlmath::supported_isas()) std::printf(" %s", isa.c_str());
+  std::printf(" (%d failure(s))\n", failures);
+  return failures ? 1 : 0;
+}
