@@ -30,7 +30,8 @@
 # `vptr` and `function` checks need the C++ UBSan runtime and are left out.  python/mlmath_native itself is
 # never touched: the package is copied to a temporary directory around the instrumented build.
 #
-# Environment: PYTHON (default python3; needs numpy), FUZZ_SECONDS, FUZZ_JOBS (default 1), FUZZ_ISAS,
+# Environment: PYTHON (default python3; needs numpy), FUZZ_SECONDS, FUZZ_SEED and FUZZ_RUNS (a
+# repeatable run: libFuzzer's -seed and -runs), FUZZ_JOBS (default 1), FUZZ_ISAS,
 # FUZZ_CORPUS, FUZZ_ARTIFACTS (default build/fuzz-artifacts), MLMATH_FUZZ_BUILD_DIR
 # (default build/fuzz), MLMATH_FUZZ_ISA (forces MLMATH_NATIVE_ISA in the fuzzed process).
 set -euo pipefail
@@ -114,6 +115,10 @@ if [ "$#" -gt 0 ] && [ -f "$1" ]; then
   exit
 fi
 [ "$FUZZ_SECONDS" -gt 0 ] && ARGS+=("-max_total_time=$FUZZ_SECONDS")
+# A fixed seed and number of inputs (with an empty corpus) make a run repeatable: CI fuzzes the
+# same inputs a local run did, so a new finding cannot fail an unrelated change at random.
+[ -n "${FUZZ_SEED:-}" ] && ARGS+=("-seed=$FUZZ_SEED")
+[ -n "${FUZZ_RUNS:-}" ] && ARGS+=("-runs=$FUZZ_RUNS")
 if [ "$FUZZ_JOBS" -gt 1 ]; then
   ARGS+=("-fork=$FUZZ_JOBS" -ignore_crashes=0)
 fi

@@ -50,3 +50,36 @@ def test_amsgrad_nan_in_the_running_max_propagates(dtype):
     np.testing.assert_array_equal(np.isnan(param), np.isnan(want[0]))
     assert np.isnan(param[[0, 9, 36]]).all() and np.isnan(vmax[[0, 9, 36]]).all()
     np.testing.assert_allclose(param, want[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_attention_mask_that_went_through_pickle(kind):
+    """dask.distributed pickles arrays; an unpickled mask has an equal but distinct dtype
+    object, which the binding's identity check refused ("mask must be bool or q's dtype")."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 5, 4)).astype(np.float32)
+    mask = rng.random((5, 5)) > 0.3 if kind == "bool" else rng.standard_normal((5, 5))
+    mask = mask.astype(np.float32) if kind == "float" else mask
+    mask[:, 0] = True if kind == "bool" else 0.0
+    unpickled = pickle.loads(pickle.dumps(mask))
+    np.testing.assert_array_equal(
+        mn.attention(q, q, q, mask=unpickled), mn.attention(q, q, q, mask=mask)
+    )
+
+
+@pytest.mark.parametrize("hq,hkv", [(1, 1), (4, 2)])
+def test_attention_backward_with_no_features_keeps_batches_apart(hq, hkv):
+    """With D = 0 (k and q without features) k's batch stride is 0 for every batch, and the
+    backward took that for "k and v shared by all batches": dV summed every batch into one."""
+    from mlmath_native.reference import transformer_attention as ref_att
+
+    rng = np.random.default_rng(3)
+    q, k = np.ones((2, hq, 3, 0)), np.ones((2, hkv, 4, 0))
+    v, grad = rng.standard_normal((2, hkv, 4, 2)), rng.standard_normal((2, hq, 3, 2))
+    out, lse = mn.attention(q, k, v, return_lse=True)
+    dq, dk, dv = mn.attention_backward(q, k, v, out, lse, grad)
+    want = ref_att.attention_backward(q, k, v, out, lse, grad)
+    np.testing.assert_allclose(dv, want[2], rtol=1e-12, atol=1e-12)
+    assert dq.shape == q.shape and dk.shape == k.shape

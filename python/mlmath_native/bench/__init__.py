@@ -286,6 +286,10 @@ def run(argv: list[str] | None = None) -> int:
         log(f"{row['ours_ms']:.2f} ms")
         rows.append(row)
     print(format_table(rows))
+    speedup = suite.dask_threads_speedup(rows)
+    if speedup is not None:
+        notes.append(f"dask softmax: threaded scheduler {speedup:.2f}x the synchronous one")
+        print(f"\nnote: {notes[-1]}")
 
     report = {
         "machine": info,

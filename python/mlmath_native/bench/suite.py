@@ -28,6 +28,7 @@ PyTorch factories import torch themselves; the runner only calls them when torch
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -644,6 +645,72 @@ CASES.extend(
         _attention_train_case(1, 8, 2048, 64, True),
     ]
 )
+
+
+# --- Dask: our kernels on a chunked array, Dask's threaded vs its synchronous scheduler -------
+
+
+def _dask_inputs(shape: tuple[int, ...]) -> Inputs:
+    """(rows, cols) float32 logits as a dask array of 16 row blocks."""
+    import dask.array as da
+
+    x = randn(shape) * np.float32(3.0)
+    return {"x": x, "dx": da.from_array(x, chunks=(max(1, shape[0] // 16), shape[1]))}
+
+
+def _dask_compute(scheduler: str, numpy_formula: bool) -> Factory:
+    """``softmax(dx).compute(scheduler=...)`` with one kernel thread per task, so that only
+    Dask's own threads (as many as the benchmark's --threads) run blocks in parallel; the
+    graph is built once, outside the clock.  ``numpy_formula``: the NumPy formula as written,
+    on the dask array (Dask's elementwise and reduction tasks)."""
+
+    def factory(d: Inputs):
+        import mlmath_native.dask as mnd
+
+        y = np_softmax(d["dx"]) if numpy_formula else mnd.softmax(d["dx"])
+        opts = {"num_workers": mn.get_num_threads()} if scheduler == "threads" else {}
+
+        def call():
+            before = mn.get_num_threads()
+            mn.set_num_threads(1)
+            try:
+                return y.compute(scheduler=scheduler, **opts)
+            finally:
+                mn.set_num_threads(before)
+
+        return call
+
+    return factory
+
+
+def dask_cases() -> list[Case]:
+    """Two rows: "dask softmax threads" and "dask softmax synchronous" (the same graph); their
+    ``ours_ms`` ratio (see :func:`dask_threads_speedup`) is what Dask's threads gain from
+    kernels that release the GIL."""
+    return [
+        Case(
+            name=f"dask softmax {scheduler}",
+            shape=(8192, 4096),
+            label="{0}x{1}, 16 blocks",
+            setup=_dask_inputs,
+            ours=_dask_compute(scheduler, numpy_formula=False),
+            numpy=_dask_compute(scheduler, numpy_formula=True),
+            torch=None,
+            work=lambda d: 2 * d["x"].nbytes,
+        )
+        for scheduler in ("threads", "synchronous")
+    ]
+
+
+def dask_threads_speedup(rows: list[dict]) -> float | None:
+    """synchronous / threads time of our dask softmax rows, when both ran."""
+    ms = {r["name"]: r["ours_ms"] for r in rows}
+    sync, threads = ms.get("dask softmax synchronous"), ms.get("dask softmax threads")
+    return sync / threads if sync and threads else None
+
+
+if importlib.util.find_spec("dask") is not None:
+    CASES.extend(dask_cases())
 
 
 def select(only: list[str] | None, cases: list[Case] | None = None) -> list[Case]:

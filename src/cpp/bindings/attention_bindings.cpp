@@ -24,11 +24,12 @@ void check_mask(const py::object& mask, const py::array& q, std::int64_t B, std:
                 bool& mask_is_bool, std::int64_t ms[4]) {
   if (mask.is_none()) return;
   py::array m = mask.cast<py::array>();
-  if (m.dtype().is(py::dtype::of<bool>())) {
+  // dtypes compare by value: an unpickled array (dask.distributed) has an equal but distinct
+  // dtype object, which an identity test (dtype().is) refused
+  if (m.dtype().kind() == 'b') {
     mask_is_bool = true;
   } else {
-    float_dtype_any_layout(m, fn, "mask");
-    if (!m.dtype().is(q.dtype())) {
+    if (float_dtype_any_layout(m, fn, "mask") != float_dtype_any_layout(q, fn, "q")) {
       throw py::type_error(std::string(fn) + ": mask must be bool or q's dtype");
     }
   }

@@ -262,7 +262,9 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
   // query blocks of KC, so that they are the K blocks of the packed Q^T and dO^T
   constexpr std::int64_t W = V::width, BQ = S::KC, BK = S::KC;
   const std::int64_t D = a.d, Dv = a.dv, Lq = a.lq, Lk = a.lk, B = a.batch;
-  const bool shared = a.k_batch_stride == 0;  // k and v: one batch for all (or neither)
+  // k and v: one batch for all (or neither).  Both strides must say so: with D = 0, k's stride
+  // is 0 for any batch (a fuzz finding: dV of every batch was summed into one).
+  const bool shared = a.k_batch_stride == 0 && a.v_batch_stride == 0;
   const std::int64_t kvb = shared ? 1 : B, group = a.hkv > 0 ? a.hq / a.hkv : 1;
   const std::int64_t kv_heads = kvb * a.hkv, q_heads = B * a.hq;
   for (std::int64_t e = 0; e < q_heads * Lq * D; ++e) g.dq[e] = T(0);

@@ -1,0 +1,641 @@
+"""Scale-out on Dask: the softmax family, cross-entropy and attention on ``dask.array`` inputs.
+
+Each function builds a lazy Dask graph whose tasks call the in-memory kernels of
+:mod:`mlmath_native` on one block each (``map_blocks`` / ``blockwise``); reductions are
+per-block partial sums followed by an ordinary Dask ``sum``.  There is no scheduler of our own:
+``.compute()`` runs on whatever Dask scheduler is active (the threaded one by default, or a
+``dask.distributed`` cluster).  Every kernel releases the GIL, so Dask's threads run blocks in
+parallel.
+
+Chunking rules (the rest of the chunking is kept):
+
+- ``softmax`` / ``log_softmax``: the ``axis`` being normalised is rechunked to one chunk (as
+  Dask's own reductions along an axis do); the other axes may be chunked in any way.
+- ``cross_entropy``: the class axis of the logits (and of probability targets) is rechunked to
+  one chunk; the targets' chunks are aligned with the logits' other axes (Dask's usual
+  ``blockwise`` alignment).
+- ``attention``: the sequence axes (Lq, Lk) and feature axes (D, Dv) are rechunked to one chunk;
+  batch and head axes may be chunked.  Batch chunks follow q (or the first of k, v, mask with
+  the full batch size there); the others are rechunked to them, and size-1 (broadcast) batch
+  axes stay as they are.  q keeps its head chunks.  With grouped-query attention (Hq = g * Hkv)
+  k and v are rechunked to q's head chunks divided by g when every chunk of q's head axis is
+  a multiple of g (whole groups per block); otherwise (e.g. multi-query attention with chunked
+  query heads) k and v become one chunk along their head axis and every block reads the kv
+  heads it needs from it.
+
+This module needs Dask (``pip install "mlmath_native[dask]"``); ``import mlmath_native`` does
+not import it.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+try:
+    import dask.array as da
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        'mlmath_native.dask needs Dask: install it with pip install "mlmath_native[dask]" '
+        f'(or pip install "dask[array]"); the import failed with: {exc}'
+    ) from exc
+
+from . import _attention
+from . import attention as _attention_np
+from . import cross_entropy as _cross_entropy_np
+from . import log_softmax as _log_softmax_np
+from . import softmax as _softmax_np
+from ._checks import normalize_axis
+
+__all__ = ["attention", "cross_entropy", "log_softmax", "softmax"]
+
+_REDUCTIONS = ("none", "mean", "sum")
+#: Note [dropout hash] (src/cpp/kernels/attention.cpp, reference.transformer_attention):
+#: key = mix(seed ^ (bh * _BH_MUL)) for the flat (batch, query head) index bh.
+_BH_MUL = 0x9E3779B97F4A7C15
+_U64 = (1 << 64) - 1
+
+
+# --- argument checks ------------------------------------------------------------------------
+
+
+def _as_dask(x: Any, fn: str, name: str, *, real: bool = True) -> da.Array:
+    """``x`` as a dask array of known shape; with ``real``, float32/float64 kept and other real
+    dtypes (bool, integers, float16) converted to float64, like the in-memory API."""
+    if not isinstance(x, da.Array):
+        try:
+            x = da.asarray(np.asarray(x))
+        except (ValueError, TypeError) as exc:
+            raise TypeError(f"{fn}: {name} could not be converted to an array ({exc})") from None
+    if any(math.isnan(n) for n in x.shape):
+        raise ValueError(
+            f"{fn}: {name} has unknown chunk sizes (shape {x.shape}); call "
+            f"{name}.compute_chunk_sizes() first"
+        )
+    if real:
+        kind = x.dtype.kind
+        if kind not in "biuf":
+            raise TypeError(
+                f"{fn}: {name} has unsupported dtype {x.dtype} (expected a real floating, "
+                "integer or bool array)"
+            )
+        if x.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            x = x.astype(np.float64)
+    return x
+
+
+def _meta(ndim: int, dtype: Any) -> NDArray[Any]:
+    return np.empty((0,) * ndim, dtype)
+
+
+# --- softmax family -------------------------------------------------------------------------
+
+
+def _softmax_block(block: NDArray[Any], axis: int, log: bool) -> NDArray[Any]:
+    return (_log_softmax_np if log else _softmax_np)(block, axis)
+
+
+def _softmax_like(x: Any, axis: int, log: bool) -> da.Array:
+    fn = "dask.log_softmax" if log else "dask.softmax"
+    x = _as_dask(x, fn, "x")
+    axis = normalize_axis(axis, x.ndim, fn)
+    if x.ndim:
+        x = x.rechunk({axis: -1})
+    return x.map_blocks(
+        _softmax_block, axis=axis, log=log, dtype=x.dtype, meta=_meta(x.ndim, x.dtype)
+    )
+
+
+def softmax(x: ArrayLike | da.Array, axis: int = -1) -> da.Array:
+    """Softmax along ``axis`` on a dask array, block by block with :func:`mlmath_native.softmax`.
+
+    ``axis`` is rechunked to one chunk (each slice must be in one block); the other axes keep
+    their chunks.  The result is lazy, with the input's shape and (rechunked) chunks; float32
+    stays float32, float64 stays float64, other real dtypes compute in float64.  Bad dtypes and
+    axes raise at once (``TypeError``, ``numpy.exceptions.AxisError``), before anything is
+    computed.
+
+    Examples
+    --------
+    >>> import dask.array as da, numpy as np, mlmath_native as mn
+    >>> import mlmath_native.dask as mnd
+    >>> x = da.from_array(np.zeros((4, 3)), chunks=(2, 1))
+    >>> y = mnd.softmax(x)
+    >>> y.chunks
+    ((2, 2), (3,))
+    >>> print(y.compute(scheduler="threads")[0])
+    [0.33333333 0.33333333 0.33333333]
+    """
+    return _softmax_like(x, axis, log=False)
+
+
+def log_softmax(x: ArrayLike | da.Array, axis: int = -1) -> da.Array:
+    """Log-softmax along ``axis`` on a dask array (chunking and dtypes as :func:`softmax`).
+
+    Examples
+    --------
+    >>> import dask.array as da, numpy as np, mlmath_native.dask as mnd
+    >>> x = da.from_array(np.zeros((4, 2)), chunks=2)
+    >>> print(mnd.log_softmax(x, axis=1).compute()[0])
+    [-0.69314718 -0.69314718]
+    """
+    return _softmax_like(x, axis, log=True)
+
+
+# --- cross-entropy --------------------------------------------------------------------------
+
+
+def _ce_block(
+    logits: NDArray[Any],
+    target: NDArray[Any],
+    weight: NDArray[Any],
+    *starts: NDArray[Any],
+    axis: int,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    index_target: bool,
+) -> NDArray[Any]:
+    """One block: per-element losses ("none"), or [loss sum, denominator] in float64 shaped
+    (1, ..., 1, 2) for the partial sums of "sum"/"mean"."""
+    num_classes = logits.shape[axis]
+    if index_target:
+        with np.errstate(invalid="ignore"):
+            bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+        if bad.any():  # name the position in the whole array, not in this block
+            flat = int(np.flatnonzero(bad.ravel())[0])
+            local = np.unravel_index(flat, target.shape)
+            position = tuple(int(i) + int(s[0]) for i, s in zip(local, starts, strict=True))
+            raise ValueError(
+                f"dask.cross_entropy: target holds {target.ravel()[flat]} at position "
+                f"{position} but there are {num_classes} classes (expected 0 <= target < "
+                f"{num_classes} or target == ignore_index {ignore_index})"
+            )
+    loss = _cross_entropy_np(
+        logits,
+        target,
+        axis=axis,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    if reduction == "none":
+        return loss
+    total = loss.sum(dtype=np.float64)
+    if index_target:
+        valid = target != ignore_index
+        denominator = weight.astype(np.float64)[target[valid]].sum()
+    else:
+        denominator = float(loss.size)
+    part = np.empty((1,) * loss.ndim + (2,), np.float64)
+    part[..., 0], part[..., 1] = total, denominator
+    return part
+
+
+def _ce_finish(totals: NDArray[Any], mean: bool, out_dtype: np.dtype[Any]) -> NDArray[Any]:
+    """[loss sum, denominator] -> the loss, as a 0-d array in the logits' dtype."""
+    total, denominator = float(totals[0]), float(totals[1])
+    if mean:
+        total = total / denominator if denominator != 0 else math.nan
+    return np.asarray(total, dtype=out_dtype)
+
+
+def cross_entropy(
+    logits: ArrayLike | da.Array,
+    target: ArrayLike | da.Array,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | da.Array | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> da.Array:
+    """Cross-entropy on dask arrays: :func:`mlmath_native.cross_entropy` block by block, with
+    the reduction taken over all blocks.
+
+    Same definition and options as the in-memory function (``axis=1`` is PyTorch's
+    (N, C, d1, ...) layout; index or probability targets; ``weight``; ``ignore_index``;
+    ``label_smoothing``), without ``return_grad``.  ``reduction="mean"`` divides the sum of all
+    blocks' losses by the sum over **all** blocks of the weights w_t of the targets that are not
+    ignored (index targets) or by the element count (probability targets), exactly as PyTorch;
+    if every target is ignored the mean is NaN.  Partial sums are float64 (one per block), added
+    with Dask's ``sum``.
+
+    The class axis is rechunked to one chunk; the targets are aligned with the logits' other
+    chunks.  ``weight`` may be a NumPy or dask array.  Returns a lazy array: the per-element
+    losses (``"none"``, the logits' chunks without the class axis) or a 0-d array in the
+    logits' dtype (``.compute()`` gives a 0-d NumPy array).
+
+    Raises
+    ------
+    TypeError, ValueError
+        At once, naming the argument: dtypes, shapes, axis, reduction, label_smoothing,
+        ignore_index (as the in-memory function).  A label outside [0, C) that is neither
+        ``ignore_index`` raises ``ValueError`` (naming its position in the whole array) when
+        the graph is computed, since the labels are only known then.
+
+    Examples
+    --------
+    >>> import dask.array as da, numpy as np, mlmath_native.dask as mnd
+    >>> logits = da.from_array(np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), chunks=(1, 2))
+    >>> target = da.from_array(np.array([0, 2]), chunks=1)
+    >>> loss = mnd.cross_entropy(logits, target)
+    >>> round(float(loss.compute()), 6)
+    0.669079
+    >>> mnd.cross_entropy(logits, target, reduction="none").chunks
+    ((1, 1),)
+    """
+    fn = "dask.cross_entropy"
+    logits = _as_dask(logits, fn, "logits")
+    dtype = logits.dtype
+    axis = normalize_axis(axis, logits.ndim, fn)
+    if logits.ndim == 0:
+        raise ValueError(f"{fn}: logits must have a class axis (got a 0-d array)")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"{fn}: reduction is invalid (got {reduction!r}, expected one of {_REDUCTIONS})"
+        )
+    try:
+        label_smoothing = float(label_smoothing)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{fn}: label_smoothing must be a real number (got {label_smoothing!r})"
+        ) from None
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(
+            f"{fn}: label_smoothing is out of range (got {label_smoothing}, expected 0 <= "
+            "label_smoothing <= 1)"
+        )
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"{fn}: ignore_index must be an integer (got {ignore_index!r})") from None
+
+    num_classes = logits.shape[axis]
+    elem_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
+    logits = logits.rechunk({axis: -1})
+    elem_chunks = logits.chunks[:axis] + logits.chunks[axis + 1 :]
+    ind = tuple(range(logits.ndim))
+    elem_ind = ind[:axis] + ind[axis + 1 :]
+
+    if not isinstance(target, da.Array):
+        target = np.asarray(target)
+        kind = target.dtype.kind
+        chunks = elem_chunks if kind in "iu" and target.shape == elem_shape else "auto"
+        if kind == "f" and target.shape == logits.shape:
+            chunks = logits.chunks
+        target = da.from_array(target, chunks=chunks)
+    target = _as_dask(target, fn, "target", real=False)
+    kind = target.dtype.kind
+    if kind in "iu":
+        if target.shape != elem_shape:
+            raise ValueError(
+                f"{fn}: target has shape {target.shape} (expected {elem_shape}: the logits' "
+                f"shape {logits.shape} without axis {axis})"
+            )
+        target_ind = elem_ind
+        index_target = True
+    elif kind == "f":
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"{fn}: target has shape {target.shape} (expected the logits' shape "
+                f"{logits.shape} for class probabilities)"
+            )
+        if ignore_index >= 0:
+            raise ValueError(
+                f"{fn}: ignore_index is not supported for probability targets (got "
+                f"{ignore_index}, expected a negative value such as the default -100, as in "
+                "PyTorch)"
+            )
+        target = target.astype(dtype).rechunk({axis: -1})
+        target_ind = ind
+        index_target = False
+    else:
+        raise TypeError(
+            f"{fn}: target has dtype {target.dtype} (expected integer class indices or "
+            "floating class probabilities)"
+        )
+
+    if weight is None:
+        weight = da.ones(num_classes, dtype=dtype, chunks=-1)
+    else:
+        weight = _as_dask(weight, fn, "weight")
+        if weight.shape != (num_classes,):
+            raise ValueError(
+                f"{fn}: weight has shape {weight.shape} (expected ({num_classes},): one "
+                "weight per class)"
+            )
+        weight = weight.astype(dtype).rechunk(-1)
+
+    # the first global index of each block along each target axis (for error messages)
+    starts = []
+    if index_target:
+        for i, n, c in zip(elem_ind, elem_shape, elem_chunks, strict=True):
+            starts += [da.arange(n, chunks=(c,)), (i,)]
+
+    options = dict(
+        axis=axis,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+        index_target=index_target,
+    )
+    args = (logits, ind, target, target_ind, weight, (axis,), *starts)
+    if reduction == "none":
+        return da.blockwise(
+            _ce_block,
+            elem_ind,
+            *args,
+            concatenate=True,
+            dtype=dtype,
+            meta=_meta(len(elem_ind), dtype),
+            **options,
+        )
+    new = logits.ndim  # an index that no input uses
+    parts = da.blockwise(
+        _ce_block,
+        elem_ind + (new,),
+        *args,
+        new_axes={new: 2},
+        adjust_chunks={i: 1 for i in elem_ind},
+        concatenate=True,
+        dtype=np.float64,
+        meta=_meta(len(elem_ind) + 1, np.float64),
+        **options,
+    )
+    totals = parts.sum(axis=tuple(range(len(elem_ind))), dtype=np.float64).rechunk(-1)
+    return totals.map_blocks(
+        _ce_finish,
+        mean=reduction == "mean",
+        out_dtype=dtype,
+        dtype=dtype,
+        drop_axis=0,
+        meta=_meta(0, dtype),
+    )
+
+
+# --- attention ------------------------------------------------------------------------------
+
+
+def _native_dtype(a: NDArray[Any]) -> NDArray[Any]:
+    """``a`` viewed with NumPy's own dtype instance.  Arrays that crossed a process boundary
+    (pickled, as dask.distributed sends them) carry an equal but distinct dtype object, and the
+    compiled attention binding compares a mask's dtype by identity (``py::dtype::is``)."""
+    native = np.dtype(a.dtype.char)
+    return a if a.dtype is native or native != a.dtype else a.view(native)
+
+
+def _kv_heads(
+    k: NDArray[Any], v: NDArray[Any], heads: NDArray[Any], group: int
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """k and v holding every kv head (one chunk on the head axis): the kv heads that the query
+    heads ``heads`` (global indices) read, laid out so that the in-memory GQA rule (local query
+    head h reads local kv head h // (hq / hkv)) holds."""
+    if heads.size == 0:
+        return k[..., :0, :, :], v[..., :0, :, :]
+    first, last = int(heads[0]), int(heads[-1])
+    lo, hi = first // group, last // group + 1
+    if hi - lo == 1 or (first % group == 0 and (last + 1) % group == 0):
+        return k[..., lo:hi, :, :], v[..., lo:hi, :, :]  # views
+    index = heads // group  # one kv head per query head (a copy)
+    return np.take(k, index, axis=-3), np.take(v, index, axis=-3)
+
+
+def _attention_block(
+    q: NDArray[Any],
+    k: NDArray[Any],
+    v: NDArray[Any],
+    mask: NDArray[Any] | None,
+    *positions: NDArray[Any],
+    causal: Any,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    num_heads: int,
+    group: int,
+    kv_whole: bool,
+    batch_shape: tuple[int, ...],
+) -> NDArray[Any]:
+    """One block of (batch..., query heads) with whole sequences.
+
+    ``positions`` are the blocks of ``arange`` along each batch axis (with dropout) and along
+    the query heads (with dropout, or when k and v hold every kv head: ``kv_whole``).
+
+    Without dropout: one kernel call.  With dropout, one call per (batch, head) pair with the
+    seed moved to that pair's flat index in the whole array (Note [dropout hash]: key =
+    mix(seed ^ (bh * C)), and a single-head call has bh = 0), so that every block draws exactly
+    the weights that one in-memory call over the whole array draws.
+    """
+    q, k, v = _native_dtype(q), _native_dtype(k), _native_dtype(v)
+    mask = None if mask is None else _native_dtype(mask)
+    heads = positions[-1] if positions else None
+    if kv_whole:
+        k, v = _kv_heads(k, v, heads, group)
+    if dropout_p == 0.0:
+        return _attention_np(q, k, v, mask=mask, causal=causal, scale=scale)
+    nb = len(batch_shape)
+    block_batch = tuple(len(p) for p in positions[:nb])
+    hq, lq, dv = q.shape[-3], q.shape[-2], v.shape[-1]
+    g = hq // k.shape[-3] if k.shape[-3] else 1
+    qb = np.broadcast_to(q, block_batch + q.shape[-3:])
+    kb = np.broadcast_to(k, block_batch + k.shape[-3:])
+    vb = np.broadcast_to(v, block_batch + v.shape[-3:])
+    mb = None if mask is None else np.broadcast_to(mask, block_batch + (hq,) + mask.shape[-2:])
+    out = np.empty(block_batch + (hq, lq, dv), np.result_type(q, k, v))
+    for b in np.ndindex(*block_batch):
+        index = tuple(int(p[i]) for p, i in zip(positions[:nb], b, strict=True))
+        b_global = int(np.ravel_multi_index(index, batch_shape)) if nb else 0
+        for h in range(hq):
+            bh = b_global * num_heads + int(heads[h])
+            out[b + (h,)] = _attention_np(
+                qb[b + (h,)],
+                kb[b + (h // g,)],
+                vb[b + (h // g,)],
+                mask=None if mb is None else mb[b + (h,)],
+                causal=causal,
+                scale=scale,
+                dropout_p=dropout_p,
+                seed=seed ^ ((bh * _BH_MUL) & _U64),
+            )
+    return out
+
+
+def attention(
+    q: ArrayLike | da.Array,
+    k: ArrayLike | da.Array,
+    v: ArrayLike | da.Array,
+    *,
+    mask: ArrayLike | da.Array | None = None,
+    causal: Any = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> da.Array:
+    """Scaled dot-product attention on dask arrays chunked along batch and head axes:
+    :func:`mlmath_native.attention` on each block.
+
+    Shapes, broadcasting, grouped-query heads, ``mask``, ``causal`` and ``scale`` as the
+    in-memory function: q (..., Hq, Lq, D), k (..., Hkv, Lk, D), v (..., Hkv, Lk, Dv), Hq a
+    multiple of Hkv.  Lq, Lk, D and Dv are rechunked to one chunk; batch and head chunks are
+    aligned between q, k, v and the mask (see the module docstring for GQA).  ``mask`` may be
+    a NumPy or dask array.
+
+    ``dropout_p > 0`` (with ``seed``) is reproducible: every block draws the weights that one
+    in-memory ``mlmath_native.attention`` call over the whole arrays draws (the same seed gives
+    the same result for any chunking).  With dropout each block makes one kernel call per
+    (batch, head) pair instead of one call per block.  The logsumexp (``return_lse``) is not
+    offered here.
+
+    Returns
+    -------
+    dask.array.Array
+        (..., Hq, Lq, Dv), lazy; float32 when q, k and v are float32, else float64.
+
+    Examples
+    --------
+    >>> import dask.array as da, numpy as np, mlmath_native as mn, mlmath_native.dask as mnd
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 4, 5, 8))   # (batch, heads, L, D)
+    >>> kv = rng.standard_normal((2, 2, 5, 8))  # 2 kv heads: 2 query heads each
+    >>> out = mnd.attention(da.from_array(q, chunks=(1, 2, 5, 8)), kv, kv, causal=True)
+    >>> out.chunks
+    ((1, 1), (2, 2), (5,), (8,))
+    >>> np.allclose(out.compute(), mn.attention(q, kv, kv, causal=True))
+    True
+    """
+    fn = "dask.attention"
+    q = _as_dask(q, fn, "q")
+    k = _as_dask(k, fn, "k")
+    v = _as_dask(v, fn, "v")
+    for name, arr in (("q", q), ("k", k), ("v", v)):
+        if arr.ndim < 2:
+            raise ValueError(
+                f"{fn}: {name} has {arr.ndim} dimensions (expected (..., L, D), at least 2)"
+            )
+    dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    two_d = q.ndim == k.ndim == v.ndim == 2  # else a 2-D input is one head
+    q, k, v = (a if a.ndim >= 3 else a[None] for a in (q, k, v))
+    hq, lq, d = q.shape[-3:]
+    hkv, lk, dk = k.shape[-3:]
+    if dk != d:
+        raise ValueError(f"{fn}: k has feature size {dk} (expected q's, {d})")
+    if v.shape[-2] != lk:
+        raise ValueError(f"{fn}: v has {v.shape[-2]} rows (expected k's length, {lk})")
+    if v.shape[-3] != hkv:
+        raise ValueError(f"{fn}: v has {v.shape[-3]} heads (expected k's, {hkv})")
+    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
+        raise ValueError(
+            f"{fn}: q's {hq} heads are not a multiple of k's and v's {hkv} (grouped-query "
+            "attention needs Hq = g * Hkv)"
+        )
+    try:
+        batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except ValueError:
+        raise ValueError(
+            f"{fn}: the leading dimensions of q {q.shape}, k {k.shape} and v {v.shape} do not "
+            "broadcast"
+        ) from None
+    nb = len(batch)
+    _attention._causal_code(causal, fn)
+    if scale is not None:
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"{fn}: scale must be a number (got {scale!r})") from None
+        if not math.isfinite(scale):
+            raise ValueError(f"{fn}: scale must be finite (got {scale})")
+    else:
+        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    dropout_p, seed_value = _attention._dropout(dropout_p, seed, fn)
+
+    def full_rank(a: da.Array) -> da.Array:  # prepend broadcast (size-1) batch axes
+        return a[(None,) * (nb + 3 - a.ndim)] if a.ndim < nb + 3 else a
+
+    q, k, v = (full_rank(a).astype(dtype) for a in (q, k, v))
+    m = None
+    if mask is not None:
+        m = mask if isinstance(mask, da.Array) else da.from_array(np.asarray(mask), chunks=-1)
+        if m.dtype != np.bool_:
+            if m.dtype.kind not in "biuf":
+                raise TypeError(
+                    f"{fn}: mask has unsupported dtype {m.dtype} (expected bool, or a real "
+                    "number added to the scores)"
+                )
+            m = m.astype(dtype)
+        full = batch + (hq, lq, lk)
+        try:
+            broadcasts = np.broadcast_shapes(m.shape, full) == full
+        except ValueError:
+            broadcasts = False
+        if not broadcasts:
+            raise ValueError(
+                f"{fn}: mask has shape {m.shape} (expected a shape that broadcasts to {full})"
+            )
+        m = m[(None,) * (len(full) - m.ndim)]
+
+    # batch axes: the chunks of the first array with the full size there; size-1 axes broadcast
+    arrays = [q, k, v] + ([m] if m is not None else [])
+    plans: list[dict[int, Any]] = [{} for _ in arrays]
+    out_chunks: dict[int, tuple[int, ...]] = {}
+    for i, n in enumerate(batch):
+        owners = [a for a in arrays if a.shape[i] == n]
+        chunks = owners[0].chunks[i] if n != 1 else (1,)
+        out_chunks[i] = chunks
+        for a, plan in zip(arrays, plans, strict=True):
+            if a.shape[i] == n:
+                plan[i] = chunks
+    # heads: q keeps its chunks; k and v follow them when every block holds whole groups of g
+    # query heads, else they are one chunk that every block reads its kv heads from
+    h = nb
+    g = hq // hkv if hkv else 1
+    q_heads = q.chunks[h]
+    kv_whole = not all(c % g == 0 for c in q_heads)
+    kv_heads = (hkv,) if kv_whole else tuple(c // g for c in q_heads)
+    plans[0][h], plans[1][h], plans[2][h] = q_heads, kv_heads, kv_heads
+    if m is not None and m.shape[h] == hq:
+        plans[3][h] = q_heads
+    for plan in plans:  # whole sequences and features in every block
+        plan.update({nb + 1: -1, nb + 2: -1})
+    arrays = [a.rechunk(plan) for a, plan in zip(arrays, plans, strict=True)]
+    q, k, v = arrays[:3]
+    m = arrays[3] if m is not None else None
+
+    b_ind = tuple(range(nb))
+    H, LQ, LK, D, DV = (nb + i for i in range(5))  # noqa: N806
+    positions: list[Any] = []
+    if dropout_p > 0.0:
+        for i, n in enumerate(batch):
+            positions += [da.arange(n, chunks=(out_chunks[i],)), (i,)]
+    if dropout_p > 0.0 or kv_whole:
+        positions += [da.arange(hq, chunks=(q_heads,)), (H,)]
+    out = da.blockwise(
+        _attention_block,
+        b_ind + (H, LQ, DV),
+        q,
+        b_ind + (H, LQ, D),
+        k,
+        b_ind + (H, LK, D),
+        v,
+        b_ind + (H, LK, DV),
+        *((m, b_ind + (H, LQ, LK)) if m is not None else (None, None)),
+        *positions,
+        align_arrays=False,
+        concatenate=True,
+        adjust_chunks={**out_chunks, H: q_heads, LQ: (lq,), DV: (v.shape[-1],)},
+        dtype=dtype,
+        meta=_meta(nb + 3, dtype),
+        causal=causal,
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=seed_value,
+        num_heads=hq,
+        group=g,
+        kv_whole=kv_whole,
+        batch_shape=batch,
+    )
+    return out[..., 0, :, :] if two_d else out
