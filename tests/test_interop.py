@@ -162,3 +162,44 @@ def test_non_contiguous_torch_input_is_read_correctly():
     np.testing.assert_allclose(mn.softmax(x), torch.softmax(x, -1).numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="must be C-contiguous"):
         mn.SGD([torch.zeros(4, 4)[:, ::2]], lr=0.1)
+
+
+def _torch_args(args):
+    return {
+        key: torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
+        for key, value in args.items()
+    }
+
+
+def _same(a, b, what):
+    if isinstance(a, tuple | list):
+        assert len(a) == len(b), what
+        for x, y in zip(a, b, strict=True):
+            _same(x, y, what)
+    elif isinstance(a, np.ndarray) or np.isscalar(a):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=what)
+    elif hasattr(a, "__dict__"):  # StepResult, GradientDescentResult, an optimizer
+        for key, value in vars(a).items():
+            if isinstance(value, np.ndarray | tuple | list | float | int):
+                _same(value, vars(b)[key], f"{what}.{key}")
+
+
+def _specs():
+    from test_bad_input_matrix import SPECS
+
+    return [s for s in SPECS if not s.name.endswith(".step")]  # steps: tested above
+
+
+@pytest.mark.parametrize("spec", _specs(), ids=lambda s: s.name)
+def test_every_function_takes_torch_tensors(spec):
+    """Every public function (the valid calls of the bad-input matrix), with every array argument
+    a PyTorch tensor: the same results, bit for bit, as with NumPy arrays, and the tensors that
+    a call updates in place (optimizer params, sgd_step/adam_step state) see the update."""
+    args_np = spec.make()
+    args_t = _torch_args(args_np)
+    want = spec.call(args_np)
+    got = spec.call(args_t)
+    _same(want, got, spec.name)
+    for key, value in args_np.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(args_t[key].numpy(), value, err_msg=f"{key} after")
