@@ -32,6 +32,54 @@ def _causal_code(causal: _Causal, fn: str) -> int:
     )
 
 
+def check_shapes(fn: str, q: Any, k: Any, v: Any) -> tuple[bool, Any, Any, Any, tuple[int, ...]]:
+    """Checks that q (..., Hq, Lq, D), k (..., Hkv, Lk, D) and v (..., Hkv, Lk, Dv) fit together
+    (NumPy or Dask arrays: only .ndim, .shape and a[None] are used).  Returns (two_d, q4, k4,
+    v4, batch): whether all three are 2-D, the arrays with a head axis (a missing one is one
+    head) and the broadcast batch shape."""
+    for name, arr in (("q", q), ("k", k), ("v", v)):
+        if arr.ndim < 2:
+            raise ValueError(
+                f"{fn}: {name} has {arr.ndim} dimensions (expected (..., L, D), at least 2)"
+            )
+    two_d = q.ndim == k.ndim == v.ndim == 2  # else a 2-D input is one head
+    q4, k4, v4 = (a if a.ndim >= 3 else a[None] for a in (q, k, v))
+    hq, _, d = q4.shape[-3:]
+    hkv, lk, dk = k4.shape[-3:]
+    if dk != d:
+        raise ValueError(f"{fn}: k has feature size {dk} (expected q's, {d})")
+    if v4.shape[-2] != lk:
+        raise ValueError(f"{fn}: v has {v4.shape[-2]} rows (expected k's length, {lk})")
+    if v4.shape[-3] != hkv:
+        raise ValueError(f"{fn}: v has {v4.shape[-3]} heads (expected k's, {hkv})")
+    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
+        raise ValueError(
+            f"{fn}: q's {hq} heads are not a multiple of k's and v's {hkv} (grouped-query "
+            "attention needs Hq = g * Hkv)"
+        )
+    try:
+        batch = np.broadcast_shapes(q4.shape[:-3], k4.shape[:-3], v4.shape[:-3])
+    except ValueError:
+        raise ValueError(
+            f"{fn}: the leading dimensions of q {q.shape}, k {k.shape} and v {v.shape} do not "
+            "broadcast"
+        ) from None
+    return two_d, q4, k4, v4, batch
+
+
+def check_scale(fn: str, scale: object, d: int) -> float:
+    """The score scale: 1/sqrt(D) by default (1 when D = 0), else a finite number."""
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d > 0 else 1.0
+    try:
+        value = float(scale)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: scale must be a number (got {scale!r})") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: scale must be finite (got {value})")
+    return value
+
+
 def _dropout(dropout_p: float, seed: int | None, fn: str) -> tuple[float, int]:
     try:
         p = float(dropout_p)
@@ -109,35 +157,10 @@ def _plan(
     q = as_float_array(q, fn, "q")
     k = as_float_array(k, fn, "k")
     v = as_float_array(v, fn, "v")
-    for name, arr in (("q", q), ("k", k), ("v", v)):
-        if arr.ndim < 2:
-            raise ValueError(
-                f"{fn}: {name} has {arr.ndim} dimensions (expected (..., L, D), at least 2)"
-            )
+    two_d, q4, k4, v4, batch = check_shapes(fn, q, k, v)
     dtype = np.result_type(q.dtype, k.dtype, v.dtype)
-    two_d = q.ndim == k.ndim == v.ndim == 2  # else a 2-D input is one head
-    # a missing head axis is one head
-    q4, k4, v4 = (a if a.ndim >= 3 else a[None] for a in (q, k, v))
     hq, lq, d = q4.shape[-3:]
-    hkv, lk, dk = k4.shape[-3:]
-    if dk != d:
-        raise ValueError(f"{fn}: k has feature size {dk} (expected q's, {d})")
-    if v4.shape[-2] != lk:
-        raise ValueError(f"{fn}: v has {v4.shape[-2]} rows (expected k's length, {lk})")
-    if v4.shape[-3] != hkv:
-        raise ValueError(f"{fn}: v has {v4.shape[-3]} heads (expected k's, {hkv})")
-    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
-        raise ValueError(
-            f"{fn}: q's {hq} heads are not a multiple of k's and v's {hkv} (grouped-query "
-            "attention needs Hq = g * Hkv)"
-        )
-    try:
-        batch = np.broadcast_shapes(q4.shape[:-3], k4.shape[:-3], v4.shape[:-3])
-    except ValueError:
-        raise ValueError(
-            f"{fn}: the leading dimensions of q {q.shape}, k {k.shape} and v {v.shape} do not "
-            "broadcast"
-        ) from None
+    lk = k4.shape[-2]
     b = math.prod(batch)
     itemsize = np.dtype(dtype).itemsize
     for name, shape in (("q", q4.shape[-3:]), ("k", k4.shape[-3:]), ("v", v4.shape[-3:])):
@@ -145,15 +168,7 @@ def _plan(
     check_size(fn, "the output", (*batch, hq, lq, v4.shape[-1]), itemsize)
     check_size(fn, "the work (multiply-adds)", (*batch, hq, lq, lk, d + v4.shape[-1]))
     code = _causal_code(causal, fn)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    else:
-        try:
-            scale = float(scale)
-        except (TypeError, ValueError):
-            raise TypeError(f"{fn}: scale must be a number (got {scale!r})") from None
-        if not math.isfinite(scale):
-            raise ValueError(f"{fn}: scale must be finite (got {scale})")
+    scale = check_scale(fn, scale, d)
     p, s = _dropout(dropout_p, seed, fn)
     m4 = None
     if mask is not None:

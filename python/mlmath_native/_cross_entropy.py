@@ -33,11 +33,35 @@ def _check_labels(target: NDArray[Any], num_classes: int, ignore_index: int) -> 
         )
 
 
-def _scalar(value: Any, name: str) -> float:
+def _scalar(value: Any, name: str, fn: str = _FN) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{_FN}: {name} must be a real number (got {value!r})") from None
+        raise TypeError(f"{fn}: {name} must be a real number (got {value!r})") from None
+
+
+def check_options(
+    fn: str, reduction: object, label_smoothing: object, ignore_index: object
+) -> tuple[float, int]:
+    """Checks the reduction, label_smoothing in [0, 1] and an int64 ignore_index; returns the
+    last two as numbers."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"{fn}: reduction is invalid (got {reduction!r}, expected one of {_REDUCTIONS})"
+        )
+    smoothing = _scalar(label_smoothing, "label_smoothing", fn)
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(
+            f"{fn}: label_smoothing is out of range (got {smoothing}, expected 0 <= "
+            "label_smoothing <= 1)"
+        )
+    try:
+        index = operator.index(ignore_index)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{fn}: ignore_index must be an integer (got {ignore_index!r})") from None
+    if not -(2**63) <= index < 2**63:
+        raise ValueError(f"{fn}: ignore_index must fit in int64 (got {index})")
+    return smoothing, index
 
 
 @overload
@@ -198,22 +222,7 @@ def cross_entropy(
         raise ValueError(f"{_FN}: logits must have a class axis (got a 0-d array)")
     num_classes = logits.shape[axis]
     elem_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
-    if reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"{_FN}: reduction is invalid (got {reduction!r}, expected one of {_REDUCTIONS})"
-        )
-    label_smoothing = _scalar(label_smoothing, "label_smoothing")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(
-            f"{_FN}: label_smoothing is out of range (got {label_smoothing}, expected 0 <= "
-            "label_smoothing <= 1)"
-        )
-    try:
-        ignore_index = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"{_FN}: ignore_index must be an integer (got {ignore_index!r})") from None
-    if not -(2**63) <= ignore_index < 2**63:
-        raise ValueError(f"{_FN}: ignore_index must fit in int64 (got {ignore_index})")
+    label_smoothing, ignore_index = check_options(_FN, reduction, label_smoothing, ignore_index)
 
     # target: class indices (integer dtype) or probabilities (floating dtype)
     target = as_array(target, _FN, "target")

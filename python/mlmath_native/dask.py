@@ -30,7 +30,6 @@ not import it.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import numpy as np
@@ -44,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         f'(or pip install "dask[array]"); the import failed with: {exc}'
     ) from exc
 
-from . import _attention
+from . import _attention, _cross_entropy
 from . import attention as _attention_np
 from . import cross_entropy as _cross_entropy_np
 from . import log_softmax as _log_softmax_np
@@ -256,25 +255,9 @@ def cross_entropy(
     axis = normalize_axis(axis, logits.ndim, fn)
     if logits.ndim == 0:
         raise ValueError(f"{fn}: logits must have a class axis (got a 0-d array)")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"{fn}: reduction is invalid (got {reduction!r}, expected one of {_REDUCTIONS})"
-        )
-    try:
-        label_smoothing = float(label_smoothing)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{fn}: label_smoothing must be a real number (got {label_smoothing!r})"
-        ) from None
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(
-            f"{fn}: label_smoothing is out of range (got {label_smoothing}, expected 0 <= "
-            "label_smoothing <= 1)"
-        )
-    try:
-        ignore_index = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"{fn}: ignore_index must be an integer (got {ignore_index!r})") from None
+    label_smoothing, ignore_index = _cross_entropy.check_options(
+        fn, reduction, label_smoothing, ignore_index
+    )
 
     num_classes = logits.shape[axis]
     elem_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
@@ -512,45 +495,13 @@ def attention(
     q = _as_dask(q, fn, "q")
     k = _as_dask(k, fn, "k")
     v = _as_dask(v, fn, "v")
-    for name, arr in (("q", q), ("k", k), ("v", v)):
-        if arr.ndim < 2:
-            raise ValueError(
-                f"{fn}: {name} has {arr.ndim} dimensions (expected (..., L, D), at least 2)"
-            )
     dtype = np.result_type(q.dtype, k.dtype, v.dtype)
-    two_d = q.ndim == k.ndim == v.ndim == 2  # else a 2-D input is one head
-    q, k, v = (a if a.ndim >= 3 else a[None] for a in (q, k, v))
+    two_d, q, k, v, batch = _attention.check_shapes(fn, q, k, v)
     hq, lq, d = q.shape[-3:]
-    hkv, lk, dk = k.shape[-3:]
-    if dk != d:
-        raise ValueError(f"{fn}: k has feature size {dk} (expected q's, {d})")
-    if v.shape[-2] != lk:
-        raise ValueError(f"{fn}: v has {v.shape[-2]} rows (expected k's length, {lk})")
-    if v.shape[-3] != hkv:
-        raise ValueError(f"{fn}: v has {v.shape[-3]} heads (expected k's, {hkv})")
-    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
-        raise ValueError(
-            f"{fn}: q's {hq} heads are not a multiple of k's and v's {hkv} (grouped-query "
-            "attention needs Hq = g * Hkv)"
-        )
-    try:
-        batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
-    except ValueError:
-        raise ValueError(
-            f"{fn}: the leading dimensions of q {q.shape}, k {k.shape} and v {v.shape} do not "
-            "broadcast"
-        ) from None
+    hkv, lk = k.shape[-3:-1]
     nb = len(batch)
     _attention._causal_code(causal, fn)
-    if scale is not None:
-        try:
-            scale = float(scale)
-        except (TypeError, ValueError):
-            raise TypeError(f"{fn}: scale must be a number (got {scale!r})") from None
-        if not math.isfinite(scale):
-            raise ValueError(f"{fn}: scale must be finite (got {scale})")
-    else:
-        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    scale = _attention.check_scale(fn, scale, d)
     dropout_p, seed_value = _attention._dropout(dropout_p, seed, fn)
 
     def full_rank(a: da.Array) -> da.Array:  # prepend broadcast (size-1) batch axes
