@@ -17,6 +17,16 @@ namespace py = pybind11;
 
 enum class DType { f32, f64 };
 
+// Calls fn(float{}) or fn(double{}): the one place a binding turns a DType into a type.
+template <class Fn>
+void with_dtype(DType dt, const Fn& fn) {
+  if (dt == DType::f32) {
+    fn(float{});
+  } else {
+    fn(double{});
+  }
+}
+
 inline std::string shape_str(const py::array& a) {
   std::string s = "(";
   for (py::ssize_t i = 0; i < a.ndim(); ++i) {

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -47,68 +48,101 @@ void check_mask(const py::object& mask, const py::array& q, std::int64_t B, std:
   mp = m.data();
 }
 
-// out (B, Hq, Lq, Dv) [and lse (B, Hq, Lq)] = attention of q (B, Hq, Lq, D) over k (Bk, Hkv, Lk,
-// D) and v (Bv, Hkv, Lk, Dv), Bk and Bv either B or 1; mask None or a (B, Hq, Lq, Lk) view of any
-// strides, bool or of q's dtype.
+// What attention_into and attention_backward_into share, checked: q (B, Hq, Lq, D), k (Bk, Hkv,
+// Lk, D) and v (Bv, Hkv, Lk, Dv) with Bk and Bv either B or 1 and Hq a multiple of Hkv, the
+// options, and the mask (None or a (B, Hq, Lq, Lk) view of any strides, bool or q's dtype).
+struct AttentionCall {
+  DType dtype;
+  std::int64_t B, hq, lq, d, hkv, lk, dv;
+  bool k_shared, v_shared;  // one batch of k (of v) for all: Bk == 1 (Bv == 1)
+  const void* mask = nullptr;
+  bool mask_is_bool = false;
+  std::int64_t mask_stride[4] = {0, 0, 0, 0};
+  int causal;
+  double scale, dropout_p;
+  std::uint64_t seed;
+};
+
+AttentionCall check_call(const char* fn, const py::array& q, const py::array& k, const py::array& v,
+                         const py::object& mask, int causal, double scale, double dropout_p,
+                         std::uint64_t seed) {
+  AttentionCall c{};
+  c.dtype = float_dtype(q, fn, "q");
+  require_same_dtype(k, c.dtype, fn, "k");
+  require_same_dtype(v, c.dtype, fn, "v");
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) {
+    throw std::invalid_argument(std::string(fn) + ": q, k and v must be 4-D");
+  }
+  c.B = q.shape(0), c.hq = q.shape(1), c.lq = q.shape(2), c.d = q.shape(3);
+  c.hkv = k.shape(1), c.lk = k.shape(2), c.dv = v.shape(3);
+  if (k.shape(3) != c.d || v.shape(1) != c.hkv || v.shape(2) != c.lk ||
+      (k.shape(0) != c.B && k.shape(0) != 1) || (v.shape(0) != c.B && v.shape(0) != 1) ||
+      c.hkv < 1 || c.hq % c.hkv != 0) {
+    throw std::invalid_argument(std::string(fn) + ": inconsistent shapes of q, k and v");
+  }
+  c.k_shared = k.shape(0) == 1;
+  c.v_shared = v.shape(0) == 1;
+  if (causal < 0 || causal > 2 || !(dropout_p >= 0.0 && dropout_p < 1.0) || !std::isfinite(scale)) {
+    throw std::invalid_argument(std::string(fn) + ": bad causal, dropout_p or scale");
+  }
+  c.causal = causal, c.scale = scale, c.dropout_p = dropout_p, c.seed = seed;
+  check_mask(mask, q, c.B, c.hq, c.lq, c.lk, fn, c.mask, c.mask_is_bool, c.mask_stride);
+  return c;
+}
+
+bool has_shape(const py::array& x, std::initializer_list<std::int64_t> shape) {
+  if (x.ndim() != static_cast<py::ssize_t>(shape.size())) return false;
+  py::ssize_t i = 0;
+  for (std::int64_t s : shape)
+    if (x.shape(i++) != s) return false;
+  return true;
+}
+
+// The kernel's arguments for a checked call (out and lse left null).
+template <class T>
+AttentionArgs<T> kernel_args(const AttentionCall& c, const py::array& q, const py::array& k,
+                             const py::array& v) {
+  AttentionArgs<T> a{};
+  a.q = static_cast<const T*>(q.data());
+  a.k = static_cast<const T*>(k.data());
+  a.v = static_cast<const T*>(v.data());
+  a.batch = c.B, a.hq = c.hq, a.hkv = c.hkv, a.lq = c.lq, a.lk = c.lk, a.d = c.d, a.dv = c.dv;
+  a.k_batch_stride = c.k_shared ? 0 : c.hkv * c.lk * c.d;
+  a.v_batch_stride = c.v_shared ? 0 : c.hkv * c.lk * c.dv;
+  a.mask = c.mask;
+  a.mask_is_bool = c.mask_is_bool;
+  for (int i = 0; i < 4; ++i) a.mask_stride[i] = c.mask_stride[i];
+  a.causal = c.causal;
+  a.scale = static_cast<T>(c.scale);
+  a.dropout_p = c.dropout_p;
+  a.seed = c.seed;
+  return a;
+}
+
+// out (B, Hq, Lq, Dv) [and lse (B, Hq, Lq)] = attention of q over k and v (check_call).
 void attention_into(const py::array& q, const py::array& k, const py::array& v,
                     const py::object& mask, int causal, double scale, double dropout_p,
                     std::uint64_t seed, py::array& out, const py::object& lse) {
   const char* fn = "attention";
-  const DType dt = float_dtype(q, fn, "q");
-  require_same_dtype(k, dt, fn, "k");
-  require_same_dtype(v, dt, fn, "v");
-  require_same_dtype(out, dt, fn, "out");
+  const AttentionCall c = check_call(fn, q, k, v, mask, causal, scale, dropout_p, seed);
+  require_same_dtype(out, c.dtype, fn, "out");
   require_writeable(out, fn, "out");
-  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || out.ndim() != 4) {
-    throw std::invalid_argument("attention: q, k, v and out must be 4-D");
+  if (!has_shape(out, {c.B, c.hq, c.lq, c.dv})) {
+    throw std::invalid_argument("attention: out must be (B, Hq, Lq, Dv)");
   }
-  const std::int64_t B = q.shape(0), hq = q.shape(1), lq = q.shape(2), d = q.shape(3);
-  const std::int64_t hkv = k.shape(1), lk = k.shape(2), dv = v.shape(3);
-  if (k.shape(3) != d || v.shape(1) != hkv || v.shape(2) != lk ||
-      (k.shape(0) != B && k.shape(0) != 1) || (v.shape(0) != B && v.shape(0) != 1) || hkv < 1 ||
-      hq % hkv != 0 || out.shape(0) != B || out.shape(1) != hq || out.shape(2) != lq ||
-      out.shape(3) != dv) {
-    throw std::invalid_argument("attention: inconsistent shapes");
-  }
-  if (causal < 0 || causal > 2 || !(dropout_p >= 0.0 && dropout_p < 1.0) || !std::isfinite(scale)) {
-    throw std::invalid_argument("attention: bad causal, dropout_p or scale");
-  }
-  const void* mp = nullptr;
-  bool mask_is_bool = false;
-  std::int64_t ms[4] = {0, 0, 0, 0};
-  check_mask(mask, q, B, hq, lq, lk, fn, mp, mask_is_bool, ms);
   void* lp = nullptr;
   if (!lse.is_none()) {
     py::array l = lse.cast<py::array>();
-    require_same_dtype(l, dt, fn, "lse");
+    require_same_dtype(l, c.dtype, fn, "lse");
     require_writeable(l, fn, "lse");
-    if (l.ndim() != 3 || l.shape(0) != B || l.shape(1) != hq || l.shape(2) != lq) {
+    if (!has_shape(l, {c.B, c.hq, c.lq})) {
       throw std::invalid_argument("attention: lse must be (B, Hq, Lq)");
     }
     lp = l.mutable_data();
   }
-  auto run = [&](auto tag) {
+  with_dtype(c.dtype, [&](auto tag) {
     using T = decltype(tag);
-    AttentionArgs<T> a{};
-    a.q = static_cast<const T*>(q.data());
-    a.k = static_cast<const T*>(k.data());
-    a.v = static_cast<const T*>(v.data());
-    a.batch = B;
-    a.hq = hq;
-    a.hkv = hkv;
-    a.lq = lq;
-    a.lk = lk;
-    a.d = d;
-    a.dv = dv;
-    a.k_batch_stride = k.shape(0) == 1 ? 0 : hkv * lk * d;
-    a.v_batch_stride = v.shape(0) == 1 ? 0 : hkv * lk * dv;
-    a.mask = mp;
-    a.mask_is_bool = mask_is_bool;
-    for (int i = 0; i < 4; ++i) a.mask_stride[i] = ms[i];
-    a.causal = causal;
-    a.scale = static_cast<T>(scale);
-    a.dropout_p = dropout_p;
-    a.seed = seed;
+    AttentionArgs<T> a = kernel_args<T>(c, q, k, v);
     a.out = static_cast<T*>(out.mutable_data());
     a.lse = static_cast<T*>(lp);
     const KernelTable& kt = kernels();
@@ -118,12 +152,7 @@ void attention_into(const py::array& q, const py::array& k, const py::array& v,
     } else {
       kt.attention_f64(a);
     }
-  };
-  if (dt == DType::f32) {
-    run(float{});
-  } else {
-    run(double{});
-  }
+  });
 }
 
 // dq, dk, dv = the gradients of attention (q, k, v as for attention_into; k and v both shared
@@ -133,71 +162,31 @@ void attention_backward_into(const py::array& q, const py::array& k, const py::a
                              const py::object& mask, int causal, double scale, double dropout_p,
                              std::uint64_t seed, py::array& dq, py::array& dk, py::array& dv) {
   const char* fn = "attention_backward";
-  const DType dt = float_dtype(q, fn, "q");
-  for (const auto& [arr, name] : {std::pair<const py::array*, const char*>{&k, "k"},
-                                  {&v, "v"},
-                                  {&out, "out"},
+  const AttentionCall c = check_call(fn, q, k, v, mask, causal, scale, dropout_p, seed);
+  for (const auto& [arr, name] : {std::pair<const py::array*, const char*>{&out, "out"},
                                   {&lse, "lse"},
                                   {&grad_out, "grad_out"},
                                   {&dq, "dq"},
                                   {&dk, "dk"},
                                   {&dv, "dv"}}) {
-    require_same_dtype(*arr, dt, fn, name);
+    require_same_dtype(*arr, c.dtype, fn, name);
   }
   require_writeable(dq, fn, "dq");
   require_writeable(dk, fn, "dk");
   require_writeable(dv, fn, "dv");
-  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || out.ndim() != 4 || lse.ndim() != 3 ||
-      grad_out.ndim() != 4 || dq.ndim() != 4 || dk.ndim() != 4 || dv.ndim() != 4) {
-    throw std::invalid_argument("attention_backward: bad array dimensions");
-  }
-  const std::int64_t B = q.shape(0), hq = q.shape(1), lq = q.shape(2), d = q.shape(3);
-  const std::int64_t hkv = k.shape(1), lk = k.shape(2), dvs = v.shape(3);
-  auto same = [](const py::array& x, std::initializer_list<std::int64_t> shape) {
-    std::int64_t i = 0;
-    for (std::int64_t s : shape)
-      if (x.shape(i++) != s) return false;
-    return true;
-  };
-  if (!same(k, {k.shape(0), hkv, lk, d}) || !same(v, {k.shape(0), hkv, lk, dvs}) ||
-      (k.shape(0) != B && k.shape(0) != 1) || hkv < 1 || hq % hkv != 0 ||
-      !same(out, {B, hq, lq, dvs}) || !same(grad_out, {B, hq, lq, dvs}) ||
-      !same(lse, {B, hq, lq}) || !same(dq, {B, hq, lq, d}) || !same(dk, {k.shape(0), hkv, lk, d}) ||
-      !same(dv, {k.shape(0), hkv, lk, dvs})) {
+  const std::int64_t bkv = k.shape(0);
+  if (c.k_shared != c.v_shared || !has_shape(out, {c.B, c.hq, c.lq, c.dv}) ||
+      !has_shape(grad_out, {c.B, c.hq, c.lq, c.dv}) || !has_shape(lse, {c.B, c.hq, c.lq}) ||
+      !has_shape(dq, {c.B, c.hq, c.lq, c.d}) || !has_shape(dk, {bkv, c.hkv, c.lk, c.d}) ||
+      !has_shape(dv, {bkv, c.hkv, c.lk, c.dv})) {
     throw std::invalid_argument("attention_backward: inconsistent shapes");
   }
-  if (causal < 0 || causal > 2 || !(dropout_p >= 0.0 && dropout_p < 1.0) || !std::isfinite(scale)) {
-    throw std::invalid_argument("attention_backward: bad causal, dropout_p or scale");
-  }
-  const void* mp = nullptr;
-  bool mask_is_bool = false;
-  std::int64_t ms[4] = {0, 0, 0, 0};
-  check_mask(mask, q, B, hq, lq, lk, fn, mp, mask_is_bool, ms);
-  auto run = [&](auto tag) {
+  with_dtype(c.dtype, [&](auto tag) {
     using T = decltype(tag);
     AttentionBackwardArgs<T> g{};
-    AttentionArgs<T>& a = g.fwd;
-    a.q = static_cast<const T*>(q.data());
-    a.k = static_cast<const T*>(k.data());
-    a.v = static_cast<const T*>(v.data());
-    a.batch = B;
-    a.hq = hq;
-    a.hkv = hkv;
-    a.lq = lq;
-    a.lk = lk;
-    a.d = d;
-    a.dv = dvs;
-    a.k_batch_stride = k.shape(0) == 1 ? 0 : hkv * lk * d;
-    a.v_batch_stride = k.shape(0) == 1 ? 0 : hkv * lk * dvs;
-    a.mask = mp;
-    a.mask_is_bool = mask_is_bool;
-    for (int i = 0; i < 4; ++i) a.mask_stride[i] = ms[i];
-    a.causal = causal;
-    a.scale = static_cast<T>(scale);
-    a.dropout_p = dropout_p;
-    a.seed = seed;
-    a.out = const_cast<T*>(static_cast<const T*>(out.data()));
-    a.lse = const_cast<T*>(static_cast<const T*>(lse.data()));
+    g.fwd = kernel_args<T>(c, q, k, v);
+    g.fwd.out = const_cast<T*>(static_cast<const T*>(out.data()));
+    g.fwd.lse = const_cast<T*>(static_cast<const T*>(lse.data()));
     g.grad_out = static_cast<const T*>(grad_out.data());
     g.dq = static_cast<T*>(dq.mutable_data());
     g.dk = static_cast<T*>(dk.mutable_data());
@@ -209,12 +198,7 @@ void attention_backward_into(const py::array& q, const py::array& k, const py::a
     } else {
       kt.attention_backward_f64(g);
     }
-  };
-  if (dt == DType::f32) {
-    run(float{});
-  } else {
-    run(double{});
-  }
+  });
 }
 
 }  // namespace

@@ -89,11 +89,7 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
                        : kt.conv2d_f64)(a);
     }
   };
-  if (dt == DType::f32) {
-    run(float{});
-  } else {
-    run(double{});
-  }
+  with_dtype(dt, run);
 }
 
 // grad_weight = the weight gradient of conv2d(x, w) with zero padding (x, grad_out given).
@@ -148,11 +144,7 @@ void conv2d_grad_weight_into(const py::array& x, const py::array& grad_out, py::
       kt.conv2d_grad_weight_f64(a);
     }
   };
-  if (dt == DType::f32) {
-    run(float{});
-  } else {
-    run(double{});
-  }
+  with_dtype(dt, run);
 }
 
 // grad_input = the gradient of the zero-padded input of conv2d (every element written).
@@ -204,11 +196,7 @@ void conv2d_grad_input_into(const py::array& grad_out, const py::array& w, py::a
       kt.conv2d_grad_input_f64(a);
     }
   };
-  if (dt == DType::f32) {
-    run(float{});
-  } else {
-    run(double{});
-  }
+  with_dtype(dt, run);
 }
 
 }  // namespace

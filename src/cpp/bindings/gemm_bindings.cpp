@@ -84,11 +84,7 @@ void gemm_into(const py::array& a, const py::array& b, py::array& c, std::int64_
       kt.gemm_f64(g);
     }
   };
-  if (dt == DType::f32) {
-    run(float{});
-  } else {
-    run(double{});
-  }
+  with_dtype(dt, run);
 }
 
 }  // namespace
