@@ -365,14 +365,6 @@ def cross_entropy(
 # --- attention ------------------------------------------------------------------------------
 
 
-def _native_dtype(a: NDArray[Any]) -> NDArray[Any]:
-    """``a`` viewed with NumPy's own dtype instance.  Arrays that crossed a process boundary
-    (pickled, as dask.distributed sends them) carry an equal but distinct dtype object, and the
-    compiled attention binding compares a mask's dtype by identity (``py::dtype::is``)."""
-    native = np.dtype(a.dtype.char)
-    return a if a.dtype is native or native != a.dtype else a.view(native)
-
-
 def _kv_heads(
     k: NDArray[Any], v: NDArray[Any], heads: NDArray[Any], group: int
 ) -> tuple[NDArray[Any], NDArray[Any]]:
@@ -414,8 +406,6 @@ def _attention_block(
     mix(seed ^ (bh * C)), and a single-head call has bh = 0), so that every block draws exactly
     the weights that one in-memory call over the whole array draws.
     """
-    q, k, v = _native_dtype(q), _native_dtype(k), _native_dtype(v)
-    mask = None if mask is None else _native_dtype(mask)
     heads = positions[-1] if positions else None
     if kv_whole:
         k, v = _kv_heads(k, v, heads, group)
