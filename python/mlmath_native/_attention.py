@@ -12,7 +12,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import as_array, as_float_array, check_size
+from ._checks import as_float_array, as_input, check_size
 
 #: False (no mask), True or "upper_left" (j <= i), "lower_right" (j <= i + Lk - Lq).  None is
 #: refused, as by the reference and by PyTorch's ``is_causal``: it could mean either.
@@ -172,7 +172,7 @@ def _plan(
     p, s = _dropout(dropout_p, seed, fn)
     m4 = None
     if mask is not None:
-        m = as_array(mask, fn, "mask")
+        m = as_input(mask, fn, "mask")
         if m.dtype != np.bool_:
             if m.dtype.kind not in "biuf":
                 raise TypeError(

@@ -42,6 +42,14 @@ def as_array(x: object, fn: str, name: str) -> NDArray[Any]:
         raise TypeError(f"{fn}: {name} could not be converted to an array ({exc})") from None
 
 
+def as_input(x: object, fn: str, name: str) -> NDArray[Any]:
+    """``as_array(x)`` for an array the kernels only read, copied if its data are not aligned
+    to its item size: an array that crossed a process boundary (unpickled, as dask.distributed
+    sends them) may start at any byte, and the kernels load whole items (UBSan's finding)."""
+    arr = as_array(x, fn, name)
+    return arr if arr.flags.aligned else arr.copy()
+
+
 def as_float_array(x: ArrayLike, fn: str, name: str) -> NDArray[Any]:
     """``x`` as an ndarray of float32 or float64.
 
@@ -49,7 +57,7 @@ def as_float_array(x: ArrayLike, fn: str, name: str) -> NDArray[Any]:
     longdouble) and nested sequences compute in float64.  Complex, object, string, bytes,
     datetime and void arrays raise TypeError.
     """
-    arr = as_array(x, fn, name)
+    arr = as_input(x, fn, name)
     kind = arr.dtype.kind
     if kind == "f" and arr.dtype in FLOAT_DTYPES:
         return arr
@@ -126,11 +134,11 @@ def writable_target(
 ) -> tuple[NDArray[Any], bool]:
     """Where a kernel may write its result for ``out``.
 
-    Returns ``(target, copy_back)``: ``out`` itself when it is C-contiguous and either shares no
-    memory with the (contiguous) inputs or aliases one of them exactly; otherwise a fresh
-    contiguous buffer whose contents the caller copies into ``out`` afterwards.
+    Returns ``(target, copy_back)``: ``out`` itself when it is C-contiguous, aligned and either
+    shares no memory with the (contiguous) inputs or aliases one of them exactly; otherwise a
+    fresh contiguous buffer whose contents the caller copies into ``out`` afterwards.
     """
-    if out.flags.c_contiguous:
+    if out.flags.c_contiguous and out.flags.aligned:
         overlapping = [a for a in inputs if np.may_share_memory(out, a)]
         if all(same_layout(out, a) for a in overlapping):
             return out, False

@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import as_array, as_float_array, normalize_axis
+from ._checks import as_float_array, as_input, normalize_axis
 
 _REDUCTIONS = ("none", "mean", "sum")
 _Reduction = Literal["none", "mean", "sum"]
@@ -225,7 +225,7 @@ def cross_entropy(
     label_smoothing, ignore_index = check_options(_FN, reduction, label_smoothing, ignore_index)
 
     # target: class indices (integer dtype) or probabilities (floating dtype)
-    target = as_array(target, _FN, "target")
+    target = as_input(target, _FN, "target")
     kind = target.dtype.kind
     if kind in "iu":
         if target.shape != elem_shape:

@@ -89,8 +89,10 @@ def matmul(a: ArrayLike, b: ArrayLike, *, out: NDArray[Any] | None = None) -> ND
         target = _core.empty(shape, dtype)
     else:
         out = check_out(out, result_shape, dtype, _FN)
-        direct = out.flags.c_contiguous and not (
-            np.may_share_memory(out, a) or np.may_share_memory(out, b)
+        direct = (
+            out.flags.c_contiguous
+            and out.flags.aligned
+            and not (np.may_share_memory(out, a) or np.may_share_memory(out, b))
         )
         target = out.reshape(shape) if direct else np.empty(shape, dtype)
 

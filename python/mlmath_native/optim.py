@@ -91,6 +91,11 @@ def _param_array(fn: str, name: str, p: object) -> NDArray[Any]:
         raise ValueError(
             f"{fn}: {name} must be C-contiguous (an in-place update of a copy would be lost)"
         )
+    if not p.flags.aligned:
+        raise ValueError(
+            f"{fn}: {name} is not aligned to its item size (an in-place update of a copy would "
+            "be lost; np.require(a, requirements='A') makes an aligned copy)"
+        )
     if not p.flags.writeable:
         raise ValueError(f"{fn}: {name} is not writeable")
     return p
@@ -124,6 +129,8 @@ def _grad_array(fn: str, name: str, g: object, param: NDArray[Any]) -> NDArray[A
                 f"CPU tensor (got {type(g).__name__})"
             )
         g = as_array(g, fn, name)
+    if not g.flags.aligned:
+        g = g.copy()
     if g.dtype != param.dtype:
         raise TypeError(f"{fn}: {name} has dtype {g.dtype} (expected the param's {param.dtype})")
     if g.shape != param.shape:

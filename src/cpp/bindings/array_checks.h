@@ -46,12 +46,21 @@ inline DType float_dtype_any_layout(const py::array& a, const char* fn, const ch
   return dt.itemsize() == 4 ? DType::f32 : DType::f64;
 }
 
-// float32 or float64, C-contiguous; returns which.
+// Data aligned to the item size: the kernels load whole items (an unpickled array may start at
+// any byte; the Python layer copies such inputs).
+inline void require_aligned(const py::array& a, const char* fn, const char* name) {
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
+    throw std::invalid_argument(std::string(fn) + ": " + name + " is not aligned");
+  }
+}
+
+// float32 or float64, C-contiguous, aligned; returns which.
 inline DType float_dtype(const py::array& a, const char* fn, const char* name) {
   const DType dt = float_dtype_any_layout(a, fn, name);
   if (!(a.flags() & py::array::c_style)) {
     throw std::invalid_argument(std::string(fn) + ": " + name + " must be C-contiguous");
   }
+  require_aligned(a, fn, name);
   return dt;
 }
 

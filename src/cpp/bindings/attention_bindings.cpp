@@ -34,6 +34,7 @@ void check_mask(const py::object& mask, const py::array& q, std::int64_t B, std:
       throw py::type_error(std::string(fn) + ": mask must be bool or q's dtype");
     }
   }
+  require_aligned(m, fn, "mask");
   if (m.ndim() != 4 || m.shape(0) != B || m.shape(1) != hq || m.shape(2) != lq ||
       m.shape(3) != lk) {
     throw std::invalid_argument(std::string(fn) + ": mask must be a (B, Hq, Lq, Lk) view");

@@ -68,6 +68,7 @@ void cross_entropy_into(const py::array& logits, const py::array& target, int ax
         !(target.flags() & py::array::c_style)) {
       throw py::type_error("cross_entropy: target must be a C-contiguous int64 or float array");
     }
+    require_aligned(target, fn, "target");
     if (target.size() != elements) {
       throw std::invalid_argument("cross_entropy: target has " + std::to_string(target.size()) +
                                   " elements (expected " + std::to_string(elements) + ")");

@@ -49,6 +49,8 @@ void gemm_into(const py::array& a, const py::array& b, py::array& c, std::int64_
   if (float_dtype_any_layout(b, "matmul", "b") != dt) {
     throw py::type_error("matmul: a and b have different dtypes");
   }
+  require_aligned(a, "matmul", "a");
+  require_aligned(b, "matmul", "b");
   require_same_dtype(c, dt, "matmul", "out");
   require_writeable(c, "matmul", "out");
   const std::int64_t batch = a_off.size();
