@@ -30,8 +30,9 @@
 # `vptr` and `function` checks need the C++ UBSan runtime and are left out.  python/mlmath_native itself is
 # never touched: the package is copied to a temporary directory around the instrumented build.
 #
-# Environment: PYTHON (default python3; needs numpy), FUZZ_SECONDS, FUZZ_SEED and FUZZ_RUNS (a
-# repeatable run: libFuzzer's -seed and -runs), FUZZ_JOBS (default 1), FUZZ_ISAS,
+# Environment: PYTHON (default python3; needs numpy), FUZZ_SECONDS, FUZZ_SEED and FUZZ_RUNS
+# (libFuzzer's -seed and -runs), FUZZ_MISMATCHES (fail, the default, or report), FUZZ_JOBS
+# (default 1), FUZZ_ISAS,
 # FUZZ_CORPUS, FUZZ_ARTIFACTS (default build/fuzz-artifacts), MLMATH_FUZZ_BUILD_DIR
 # (default build/fuzz), MLMATH_FUZZ_ISA (forces MLMATH_NATIVE_ISA in the fuzzed process).
 set -euo pipefail
@@ -127,6 +128,11 @@ SEEDS=()
 [ -d tests/fuzz_corpus ] && SEEDS+=(tests/fuzz_corpus)
 
 echo "== fuzzing for ${FUZZ_SECONDS}s (0 = unbounded); corpus $CORPUS, findings in $ARTIFACTS"
+# FUZZ_MISMATCHES=report: disagreements with the reference are saved and listed, not fatal
+# (crashes and sanitizer reports still are); see MISMATCH_DIR in tests/fuzz_harness.py.
+if [ "${FUZZ_MISMATCHES:-fail}" = report ]; then
+  export MLMATH_FUZZ_MISMATCH_DIR="$ARTIFACTS"
+fi
 status=0
 LD_PRELOAD="$ASAN_RT" "$PY" tests/fuzz_harness.py "${ARGS[@]}" "$@" "$CORPUS" "${SEEDS[@]}" ||
   status=$?
@@ -135,4 +141,9 @@ if [ "$status" -ne 0 ]; then
   ls -1 "$ARTIFACTS" >&2 || true
   exit "$status"
 fi
-echo "fuzz.sh: no finding"
+if [ -s "$ARTIFACTS/mismatches.txt" ]; then
+  echo "fuzz.sh: no crash; disagreements with the reference (replay: bash .ci/fuzz.sh FILE):"
+  cat "$ARTIFACTS/mismatches.txt"
+else
+  echo "fuzz.sh: no finding"
+fi
