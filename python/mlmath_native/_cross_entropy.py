@@ -40,6 +40,45 @@ def _scalar(value: Any, name: str, fn: str = _FN) -> float:
         raise TypeError(f"{fn}: {name} must be a real number (got {value!r})") from None
 
 
+def check_target(
+    fn: str,
+    target: Any,
+    logits_shape: tuple[int, ...],
+    axis: int,
+    ignore_index: int,
+) -> bool:
+    """Checks a target (NumPy or Dask array) against the logits: class indices (an integer
+    dtype) of the logits' shape without ``axis``, or class probabilities (a floating dtype) of
+    the logits' shape, where ``ignore_index`` must be negative (as in PyTorch).  Returns whether
+    the target holds indices."""
+    kind = target.dtype.kind
+    elem_shape = logits_shape[:axis] + logits_shape[axis + 1 :]
+    if kind in "iu":
+        if target.shape != elem_shape:
+            raise ValueError(
+                f"{fn}: target has shape {target.shape} (expected {elem_shape}: the logits' "
+                f"shape {logits_shape} without axis {axis})"
+            )
+        return True
+    if kind == "f":
+        if target.shape != logits_shape:
+            raise ValueError(
+                f"{fn}: target has shape {target.shape} (expected the logits' shape "
+                f"{logits_shape} for class probabilities)"
+            )
+        if ignore_index >= 0:
+            raise ValueError(
+                f"{fn}: ignore_index is not supported for probability targets (got "
+                f"{ignore_index}, expected a negative value such as the default -100, as in "
+                "PyTorch)"
+            )
+        return False
+    raise TypeError(
+        f"{fn}: target has dtype {target.dtype} (expected integer class indices or "
+        "floating class probabilities)"
+    )
+
+
 def check_options(
     fn: str, reduction: object, label_smoothing: object, ignore_index: object
 ) -> tuple[float, int]:
@@ -226,35 +265,13 @@ def cross_entropy(
 
     # target: class indices (integer dtype) or probabilities (floating dtype)
     target = as_input(target, _FN, "target")
-    kind = target.dtype.kind
-    if kind in "iu":
-        if target.shape != elem_shape:
-            raise ValueError(
-                f"{_FN}: target has shape {target.shape} (expected {elem_shape}: the logits' "
-                f"shape {logits.shape} without axis {axis})"
-            )
+    if check_target(_FN, target, logits.shape, axis, ignore_index):
         _check_labels(target, num_classes, ignore_index)
         target = np.asarray(target, dtype=np.int64, order="C")
         valid = target != ignore_index
-    elif kind == "f":
-        if target.shape != logits.shape:
-            raise ValueError(
-                f"{_FN}: target has shape {target.shape} (expected the logits' shape "
-                f"{logits.shape} for class probabilities)"
-            )
-        if ignore_index >= 0:
-            raise ValueError(
-                f"{_FN}: ignore_index is not supported for probability targets (got "
-                f"{ignore_index}, expected a negative value such as the default -100, as in "
-                "PyTorch)"
-            )
+    else:
         target = np.asarray(target, dtype=dtype, order="C")
         valid = None
-    else:
-        raise TypeError(
-            f"{_FN}: target has dtype {target.dtype} (expected integer class indices or "
-            "floating class probabilities)"
-        )
 
     if weight is None:
         weight = np.ones(num_classes, dtype)

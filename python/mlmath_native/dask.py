@@ -274,35 +274,12 @@ def cross_entropy(
             chunks = logits.chunks
         target = da.from_array(target, chunks=chunks)
     target = _as_dask(target, fn, "target", real=False)
-    kind = target.dtype.kind
-    if kind in "iu":
-        if target.shape != elem_shape:
-            raise ValueError(
-                f"{fn}: target has shape {target.shape} (expected {elem_shape}: the logits' "
-                f"shape {logits.shape} without axis {axis})"
-            )
+    index_target = _cross_entropy.check_target(fn, target, logits.shape, axis, ignore_index)
+    if index_target:
         target_ind = elem_ind
-        index_target = True
-    elif kind == "f":
-        if target.shape != logits.shape:
-            raise ValueError(
-                f"{fn}: target has shape {target.shape} (expected the logits' shape "
-                f"{logits.shape} for class probabilities)"
-            )
-        if ignore_index >= 0:
-            raise ValueError(
-                f"{fn}: ignore_index is not supported for probability targets (got "
-                f"{ignore_index}, expected a negative value such as the default -100, as in "
-                "PyTorch)"
-            )
+    else:
         target = target.astype(dtype).rechunk({axis: -1})
         target_ind = ind
-        index_target = False
-    else:
-        raise TypeError(
-            f"{fn}: target has dtype {target.dtype} (expected integer class indices or "
-            "floating class probabilities)"
-        )
 
     if weight is None:
         weight = da.ones(num_classes, dtype=dtype, chunks=-1)
