@@ -257,3 +257,82 @@ def test_hypothesis(num_classes, seed, kind, layout, dtype, reduction, eps):
     rng = np.random.default_rng(seed)
     logits, target, axis = make_case(rng, num_classes, layout, kind, dtype)
     check(logits, target, axis, reduction=reduction, label_smoothing=eps)
+
+
+# -- issue 17 regressions -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_large_common_offset(kind, layout, dtype, rng):
+    """lse - x was formed as (m + log s) - x: with logits 1e8 + small the loss was 0 (exact:
+    log C); every term must be a difference of shifted logits (Note [shifted logits])."""
+    offsets = [1e8, -1e8, 3e38, -3e38] if dtype == np.float32 else [1e17, 1e300, -1e300]
+    for offset in offsets:
+        for num_classes in [2, 7, 9, 33]:
+            logits, target, axis = make_case(rng, num_classes, layout, kind, dtype)
+            offset = float(dtype(offset))  # representable
+            ulp = float(np.spacing(np.abs(dtype(offset))))
+            k = rng.integers(0, 4, logits.shape)
+            logits = (np.float64(offset) + k * ulp).astype(dtype)
+            for eps in [0.0, 0.2]:
+                weight = (rng.random(num_classes) + 0.5).astype(dtype)
+                loss, grad = mn.cross_entropy(
+                    logits,
+                    target,
+                    axis=axis,
+                    weight=weight,
+                    label_smoothing=eps,
+                    reduction="none",
+                    return_grad=True,
+                )
+                ref_opts = dict(axis=axis, weight=weight, label_smoothing=eps, reduction="none")
+                x64 = logits.astype(np.float64)
+                want = ref.cross_entropy(x64, _ref_target(target), **ref_opts)
+                want_grad = ref.cross_entropy_grad(x64, _ref_target(target), **ref_opts)
+                # x - m is exact here, so the error scales with the logits' spread (k * ulp),
+                # not with their magnitude
+                spread = 1.0 + 4 * ulp
+                assert_close(loss, want, dtype, num_classes, atol_scale=spread)
+                assert_close(grad, want_grad, dtype, num_classes, atol_scale=1.0)
+
+
+def test_large_offset_reproducer():
+    x = np.full((2, 3), 1e8, np.float32)
+    np.testing.assert_allclose(
+        mn.cross_entropy(x, np.array([0, 1]), reduction="none"), [np.log(3)] * 2, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_nonfinite_class_weight_stays_in_its_rows(reduction, layout, bad, rng):
+    """A NaN/Inf weight of class 1 made every row's gradient NaN (0 * W with W = sum of the
+    weights); as in PyTorch, only rows whose target is that class may see it."""
+    torch = pytest.importorskip("torch")
+    num_classes = 9
+    logits, target, axis = make_case(rng, num_classes, layout, "index", np.float32)
+    target[target == 1] = 0
+    target.flat[3] = 1  # exactly one row of class 1
+    weight = (rng.random(num_classes) + 0.5).astype(np.float32)
+    weight[1] = bad
+    if reduction == "mean":  # PyTorch divides by the summed target weights: the bad row is out
+        target.flat[3] = -100
+    loss, grad = mn.cross_entropy(
+        logits, target, axis=axis, weight=weight, reduction=reduction, return_grad=True
+    )
+    xt = torch.tensor(logits, requires_grad=True)
+    lt = torch.nn.functional.cross_entropy(
+        xt, torch.tensor(target), weight=torch.tensor(weight), reduction=reduction
+    )
+    lt.sum().backward()
+    want = xt.grad.numpy()
+    np.testing.assert_array_equal(np.isfinite(grad), np.isfinite(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(grad[fin], want[fin], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, lt.detach().numpy(), rtol=1e-5, atol=1e-6, equal_nan=True)
+    # and only the rows of class 1 are non-finite
+    bad_rows = np.moveaxis(~np.isfinite(grad), axis, -1).any(axis=-1)
+    np.testing.assert_array_equal(bad_rows, target == 1)

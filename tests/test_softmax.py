@@ -379,3 +379,51 @@ def test_hypothesis_backward(x_axis, log):
 
 def test_tolerance_grows_with_length():
     assert tolerance(np.float32, 4096) > tolerance(np.float32, 16) > tolerance(np.float64, 16)
+
+
+# -- large common offsets (issue 17: log_softmax formed x - (m + log s) and lost log s) ----------
+
+
+def _offset_rows(dtype, offset, n, rows=3):
+    """Rows offset + k * ulp(offset), k = 0..n-1 mixed: exact in dtype, spread of a few ulp, so
+    the exact log_softmax is that of k * ulp (small numbers) whatever the offset."""
+    offset = float(dtype(offset))  # representable
+    ulp = float(np.spacing(np.abs(dtype(offset))))
+    k = np.arange(rows * n).reshape(rows, n) % 5
+    x = (np.float64(offset) + k * ulp).astype(dtype)
+    assert np.array_equal(x.astype(np.float64) - np.float64(offset), k * ulp)  # exact
+    return x
+
+
+OFFSETS = {
+    np.float32: [1e8, -1e8, 3e38, -3e38, 1e20, 4096.0],
+    np.float64: [1e17, -1e17, 1e300, -1e300, 1e200],
+}
+
+
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", FORWARD + ["logsumexp"])
+def test_large_common_offset(name, dtype, layout):
+    for offset in OFFSETS[dtype]:
+        for n in [1, 2, 3, 7, 8, 9, 17, 33]:
+            x = _offset_rows(dtype, offset, n)
+            axis = -1
+            if layout == "cols":
+                x, axis = np.ascontiguousarray(x.T), 0
+            got = getattr(mn, name)(x, axis=axis)
+            want = getattr(ref, name)(x.astype(np.float64), axis=axis)
+            # error relative to the result's own scale: the spread of the row (a few ulp of
+            # the offset), not the offset itself
+            spread = 1.0 + float(np.ptp(x.astype(np.float64)))
+            scale = abs(offset) if name == "logsumexp" else spread
+            assert_close(got, want, dtype, n, atol_scale=scale)
+
+
+def test_log_softmax_issue_reproducers():
+    np.testing.assert_allclose(
+        mn.log_softmax(np.array([1e8, 1e8], np.float32)), [-np.log(2)] * 2, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        mn.log_softmax(np.full(5, -3e38, np.float32)), [-np.log(5)] * 5, rtol=1e-6
+    )

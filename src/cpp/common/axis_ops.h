@@ -73,7 +73,7 @@ T row_exp_sum(const T* x, T* y, std::int64_t n, T shift) {
   return reduce_add(add(s0, s1));
 }
 
-// y_i = a * x_i + b  (used for the scale pass and for log_softmax's shift).
+// y_i = a * x_i + b  (softmax's scale pass).
 template <class T>
 void row_affine(const T* x, T* y, std::int64_t n, T a, T b) {
   using V = Vec<T>;
@@ -82,6 +82,18 @@ void row_affine(const T* x, T* y, std::int64_t n, T a, T b) {
   std::int64_t i = 0;
   for (; i + W <= n; i += W) fma(va, V::load(x + i), vb).store(y + i);
   if (i < n) fma(va, V::load_partial(x + i, n - i, 0), vb).store_partial(y + i, n - i);
+}
+
+// y_i = (x_i - m) - c, in that order: log_softmax's  (x_i - m) - log s.  Forming m + log s
+// first would lose log s next to a large m (x = [1e8, 1e8] gave [0, 0], not -log 2).
+template <class T>
+void row_shift2(const T* x, T* y, std::int64_t n, T m, T c) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  const V vm = V::set1(m), vc = V::set1(c);
+  std::int64_t i = 0;
+  for (; i + W <= n; i += W) sub(sub(V::load(x + i), vm), vc).store(y + i);
+  if (i < n) sub(sub(V::load_partial(x + i, n - i, 0), vm), vc).store_partial(y + i, n - i);
 }
 
 // y_i = value.

@@ -12,6 +12,15 @@
 //                     L = lse sum_c w_c y'_c - sum_c w_c y'_c x_c   (terms with y'_c = 0 dropped)
 //                     dL/dx_c = p_c sum_c' w_c' y'_c' - w_c y'_c
 //
+// Note [shifted logits]: every lse - x is evaluated as log s - (x - m) (m replaced by 0 when it
+// is infinite, as logsumexp does): with a large common offset (x = [1e8, 1e8]) m + log s rounds
+// to m and the loss would be 0 instead of log 2.  So the weighted sums over x are sums over
+// x - m, taken once m is known.
+//
+// Note [weights of other classes]: without smoothing, a row's loss and gradient involve only
+// w_t of its own target, never W or other classes' weights, so a NaN/Inf weight stays in the
+// rows of that class (as in PyTorch); terms with eps / C are added only when eps > 0.
+//
 // The gradient is multiplied by the element's scale (grad_output, or 1/denominator for a mean).
 // No softmax or log-probability array is formed: per element, pass 1 finds m (and the sums
 // over w x or w y'), pass 2 sums exp(x - m), storing it into the gradient row when there is one,
@@ -30,17 +39,18 @@ namespace {
 
 // -- contiguous rows ---------------------------------------------------------------------------
 
-// sum_c keep(y'_c, w_c y'_c x_c) and sum_c w_c y'_c with y' = a y + b.
+// sum_c keep(y'_c, w_c y'_c (x_c - shift)) and sum_c w_c y'_c with y' = a y + b.
 template <class T>
-void row_prob_sums(const T* x, const T* y, const T* w, std::int64_t n, T a, T b, T* wyx, T* wy) {
+void row_prob_sums(const T* x, const T* y, const T* w, std::int64_t n, T a, T b, T shift, T* wyx,
+                   T* wy) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
-  const V va = V::set1(a), vb = V::set1(b);
+  const V va = V::set1(a), vb = V::set1(b), vshift = V::set1(shift);
   V s_wyx0 = V::set1(0), s_wyx1 = s_wyx0, s_wy0 = s_wyx0, s_wy1 = s_wyx0;
   auto step = [&](V xv, V yv, V wv, V& acc_wyx, V& acc_wy) {
     const V yp = fma(va, yv, vb);
     const V wyp = mul(wv, yp);
-    acc_wyx = add(acc_wyx, keep_where_nonzero(yp, mul(wyp, xv)));
+    acc_wyx = add(acc_wyx, keep_where_nonzero(yp, mul(wyp, sub(xv, vshift))));
     acc_wy = add(acc_wy, wyp);
   };
   std::int64_t i = 0;
@@ -50,7 +60,7 @@ void row_prob_sums(const T* x, const T* y, const T* w, std::int64_t n, T a, T b,
   }
   for (; i + W <= n; i += W) step(V::load(x + i), V::load(y + i), V::load(w + i), s_wyx0, s_wy0);
   if (i < n) {
-    // Padding lanes: w = 0 makes both terms 0 (y' = b may be non-zero).
+    // Padding lanes: w = 0 makes both terms 0 (y' = b may be non-zero; shift is finite).
     step(V::load_partial(x + i, n - i, 0), V::load_partial(y + i, n - i, 0),
          V::load_partial(w + i, n - i, 0), s_wyx1, s_wy1);
   }
@@ -74,6 +84,26 @@ void row_prob_grad(T* g, const T* y, const T* w, std::int64_t n, T a, T scale, T
         mul(V::load_partial(w + i, n - i, 0), fma(va2, V::load_partial(y + i, n - i, 0), vb2));
     fma(V::load_partial(g + i, n - i, 0), va, mul(vscale, wy)).store_partial(g + i, n - i);
   }
+}
+
+// sum_c w_c (x_c - shift)  (shift finite: padding lanes give 0).
+template <class T>
+T row_shifted_dot(const T* x, const T* w, std::int64_t n, T shift) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  const V vshift = V::set1(shift);
+  V s0 = V::set1(0), s1 = s0;
+  std::int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    s0 = fma(V::load(w + i), sub(V::load(x + i), vshift), s0);
+    s1 = fma(V::load(w + i + W), sub(V::load(x + i + W), vshift), s1);
+  }
+  for (; i + W <= n; i += W) s0 = fma(V::load(w + i), sub(V::load(x + i), vshift), s0);
+  if (i < n) {
+    const V xv = V::load_partial(x + i, n - i, 0), wv = V::load_partial(w + i, n - i, 0);
+    s1 = fma(wv, sub(xv, vshift), s1);
+  }
+  return reduce_add(add(s0, s1));
 }
 
 // g_c = e_c * a - b * w_c.
@@ -107,13 +137,17 @@ void row_element(const CrossEntropyArgs<T>& a, std::int64_t r) {
     }
     const T m = row_max(x, C);
     const T s = g ? row_exp_sum<true>(x, g, C, m) : row_exp_sum<false>(x, g, C, m);
-    const T lse = m + std::log(s);
+    // lse - shift, every lse - x as lse_shifted - (x - shift): Note [shifted logits]
+    const T shift = finite_or_zero(m), lse_shifted = (m - shift) + std::log(s);
     const T wt = a.weight[t];
-    T loss = keep * wt * (lse - x[t]);
-    if (eps > 0) loss += eps_c * (a.weight_sum * lse - row_dot(x, a.weight, C));
+    T loss = keep * wt * (lse_shifted - (x[t] - shift));
+    if (eps > 0) {
+      loss += eps_c * (a.weight_sum * lse_shifted - row_shifted_dot(x, a.weight, C, shift));
+    }
     a.loss[r] = loss;
     if (g) {
-      const T coef = scale * (keep * wt + eps_c * a.weight_sum) / s;
+      const T coef =  // Note [weights of other classes]
+          scale * (eps > 0 ? keep * wt + eps_c * a.weight_sum : wt) / s;
       if (eps > 0) {
         row_weighted_affine(g, a.weight, C, coef, scale * eps_c);
       } else {
@@ -123,12 +157,12 @@ void row_element(const CrossEntropyArgs<T>& a, std::int64_t r) {
     }
   } else {
     const T* y = a.target_prob + r * C;
-    T wyx, wy;
-    row_prob_sums(x, y, a.weight, C, keep, eps_c, &wyx, &wy);
     const T m = row_max(x, C);
+    const T shift = finite_or_zero(m);  // Note [shifted logits]
+    T wyx, wy;
+    row_prob_sums(x, y, a.weight, C, keep, eps_c, shift, &wyx, &wy);
     const T s = g ? row_exp_sum<true>(x, g, C, m) : row_exp_sum<false>(x, g, C, m);
-    const T lse = m + std::log(s);
-    a.loss[r] = lse * wy - wyx;
+    a.loss[r] = ((m - shift) + std::log(s)) * wy - wyx;
     if (g) row_prob_grad(g, y, a.weight, C, scale * wy / s, scale, keep, eps_c);
   }
 }
@@ -149,38 +183,37 @@ void cols_block(const CrossEntropyArgs<T>& a, std::int64_t o, std::int64_t j, st
   const T eps = a.label_smoothing, keep = T(1) - eps, eps_c = eps / T(C);
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
-  // pass 1: max, and the weighted sums the loss needs
-  C_ m = C_::set1(neg_inf), wx = C_::set1(0), wyx = C_::set1(0), wy = C_::set1(0);
+  // pass 1: the max
+  C_ m = C_::set1(neg_inf);
+  for (std::int64_t c = 0; c < C; ++c) m = zip(m, C_::load(x + c * inner, count, neg_inf), vmax);
+  // pass 2: s = sum exp(x - m), exp stored into the gradient, and the weighted sums the loss
+  // needs, over x - shift (Note [shifted logits])
+  const C_ shift = m.per_lane(finite_or_zero<T>);
+  C_ s = C_::set1(0), wx = C_::set1(0), wyx = C_::set1(0), wy = C_::set1(0);
   for (std::int64_t c = 0; c < C; ++c) {
-    const C_ xv = C_::load(x + c * inner, count, neg_inf);
-    m = zip(m, xv, vmax);
+    const C_ xz = C_::load(x + c * inner, count, T(0));
+    const C_ e = zip(xz, m, [](V xv, V mv) { return exp<true>(sub(xv, mv)); });
+    if (g) e.store(g + c * inner, count);
+    s = zip(s, e, vadd);
     const V wc = V::set1(a.weight[c]);
+    const C_ xs = zip(xz, shift, vsub);
     if (y) {
       const C_ yp = C_::load(y + c * inner, count, T(0)).map([&](V yv) {
         return fma(V::set1(keep), yv, V::set1(eps_c));  // y' = (1 - eps) y + eps / C
       });
-      const C_ xz = C_::load(x + c * inner, count, T(0));
       wyx = zip(wyx,
-                zip(yp, xz,
+                zip(yp, xs,
                     [&](V ypv, V xv2) { return keep_where_nonzero(ypv, mul(mul(wc, ypv), xv2)); }),
                 vadd);
       wy = zip(wy, yp, [&](V acc, V ypv) { return fma(wc, ypv, acc); });
     } else if (eps > 0) {
-      wx = zip(wx, C_::load(x + c * inner, count, T(0)),
-               [&](V acc, V xv2) { return fma(wc, xv2, acc); });
+      wx = zip(wx, xs, [&](V acc, V xv2) { return fma(wc, xv2, acc); });
     }
   }
-  // pass 2: s = sum exp(x - m), exp stored into the gradient
-  C_ s = C_::set1(0);
-  for (std::int64_t c = 0; c < C; ++c) {
-    const C_ e = zip(C_::load(x + c * inner, count, T(0)), m,
-                     [](V xv, V mv) { return exp<true>(sub(xv, mv)); });
-    if (g) e.store(g + c * inner, count);
-    s = zip(s, e, vadd);
-  }
   // per element: loss and the gradient coefficients
-  T m_l[L], s_l[L], wx_l[L], wyx_l[L], wy_l[L], coef[L], wscale[L];
+  T m_l[L], shift_l[L], s_l[L], wx_l[L], wyx_l[L], wy_l[L], coef[L], wscale[L];
   m.to_array(m_l);
+  shift.to_array(shift_l);
   s.to_array(s_l);
   wx.to_array(wx_l);
   wyx.to_array(wyx_l);
@@ -189,9 +222,9 @@ void cols_block(const CrossEntropyArgs<T>& a, std::int64_t o, std::int64_t j, st
   for (std::int64_t l = 0; l < count; ++l) {
     const std::int64_t e = e0 + l;
     const T scale = a.grad_scale ? a.grad_scale[e] : a.grad_scale_all;
-    const T lse = m_l[l] + std::log(s_l[l]);
+    const T lse_shifted = (m_l[l] - shift_l[l]) + std::log(s_l[l]);
     if (y) {
-      a.loss[e] = lse * wy_l[l] - wyx_l[l];
+      a.loss[e] = lse_shifted * wy_l[l] - wyx_l[l];
       coef[l] = scale * wy_l[l] / s_l[l];
       wscale[l] = scale;
       continue;
@@ -202,16 +235,21 @@ void cols_block(const CrossEntropyArgs<T>& a, std::int64_t o, std::int64_t j, st
       continue;
     }
     const T wt = a.weight[t];
-    T loss = keep * wt * (lse - x[t * inner + l]);
-    if (eps > 0) loss += eps_c * (a.weight_sum * lse - wx_l[l]);
+    T loss = keep * wt * (lse_shifted - (x[t * inner + l] - shift_l[l]));
+    if (eps > 0) loss += eps_c * (a.weight_sum * lse_shifted - wx_l[l]);
     a.loss[e] = loss;
-    coef[l] = scale * (keep * wt + eps_c * a.weight_sum) / s_l[l];
+    // Note [weights of other classes]
+    coef[l] = scale * (eps > 0 ? keep * wt + eps_c * a.weight_sum : wt) / s_l[l];
     wscale[l] = scale * eps_c;
   }
   if (!g) return;
   // pass 3: the gradient
   const C_ vcoef = C_::from_array(coef), vscale = C_::from_array(wscale);
   for (std::int64_t c = 0; c < C; ++c) {
+    if (!y && eps == 0) {  // g = p * coef: no other class's weight (Note [weights of other ...])
+      zip(C_::load(g + c * inner, count, T(0)), vcoef, vmul).store(g + c * inner, count);
+      continue;
+    }
     const V wc = V::set1(a.weight[c]);
     C_ b = vscale.map([&](V sv) { return mul(sv, wc); });  // scale * w_c (* eps / C)
     if (y) {

@@ -1,7 +1,7 @@
 // Softmax family along one axis of a C-contiguous array seen as [outer][n][inner]:
 //
 //   softmax      y_i = exp(x_i - m) / s,          m = max_j x_j,  s = sum_j exp(x_j - m)
-//   log_softmax  y_i = x_i - m - log s
+//   log_softmax  y_i = (x_i - m) - log s          (in that order: m + log s would lose log s)
 //   logsumexp    out = m + log s                  (m replaced by 0 when it is +-inf)
 //   softmax_backward      dx_i = y_i (dy_i - sum_j y_j dy_j)      y = softmax(x)
 //   log_softmax_backward  dx_i = dy_i - exp(y_i) sum_j dy_j       y = log_softmax(x)
@@ -46,7 +46,7 @@ void rows_forward(const T* x, T* y, std::int64_t n) {
     row_affine(y, y, n, T(1) / s, T(0));
   } else {
     const T s = row_exp_sum<false>(x, y, n, m);
-    row_affine(x, y, n, T(1), -(m + std::log(s)));
+    row_shift2(x, y, n, m, std::log(s));
   }
 }
 
@@ -94,9 +94,10 @@ void cols_forward(const T* x, T* y, std::int64_t n, std::int64_t inner, std::int
     for (std::int64_t i = 0; i < n; ++i)
       zip(C::load(y + i * inner, count, T(0)), inv, vmul).store(y + i * inner, count);
   } else {
-    const C c = zip(m, s.per_lane(log_of<T>), vadd);
+    const C log_s = s.per_lane(log_of<T>);
     for (std::int64_t i = 0; i < n; ++i)
-      zip(C::load(x + i * inner, count, T(0)), c, vsub).store(y + i * inner, count);
+      zip(zip(C::load(x + i * inner, count, T(0)), m, vsub), log_s, vsub)
+          .store(y + i * inner, count);
   }
 }
 
