@@ -697,3 +697,53 @@ def test_backward_checks_its_arrays(rng):
         mn.attention_backward(q, k, v, out, lse[..., :4], np.ones_like(out))
     with pytest.raises(ValueError, match="dropout_p > 0 needs an explicit seed"):
         mn.attention_backward(q, k, v, out, lse, np.ones_like(out), dropout_p=0.5)
+
+
+# -- empty axes: the backward accepts what the forward accepts (issue 17) ------------------------
+
+EMPTY_AXES = [
+    # (q_lead, kv_lead, hq, hkv, lq, lk, d, dv): each axis empty in turn
+    ((0,), (0,), 2, 1, 4, 3, 8, 8),  # B = 0
+    ((1,), (1,), 0, 0, 4, 3, 8, 8),  # H = 0
+    ((2,), (2,), 2, 1, 0, 3, 8, 8),  # Lq = 0
+    ((2,), (2,), 2, 1, 4, 0, 8, 8),  # Lk = 0
+    ((2,), (2,), 2, 1, 4, 3, 0, 8),  # D = 0: equal scores
+    ((2,), (2,), 2, 1, 4, 3, 8, 0),  # Dv = 0
+    ((2,), (2,), 2, 1, 4, 3, 0, 0),  # D = Dv = 0
+    ((), (), 1, 1, 0, 5, 4, 4),  # 3-d inputs, Lq = 0
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, "lower_right"])
+@pytest.mark.parametrize("case", EMPTY_AXES, ids=str)
+def test_backward_on_empty_axes(case, causal, dtype, rng):
+    q_lead, kv_lead, hq, hkv, lq, lk, d, dv = case
+    q, k, v = _inputs(rng, dtype, q_lead, kv_lead, hq, hkv, lq, lk, d, dv)
+    out, lse = mn.attention(q, k, v, causal=causal, return_lse=True)
+    want_out, want_lse = ref.attention(q, k, v, causal=causal, return_lse=True)
+    np.testing.assert_allclose(out, want_out, atol=1e-6)
+    np.testing.assert_array_equal(lse.shape, np.shape(want_lse))
+    go = np.ones_like(out)
+    got = mn.attention_backward(q, k, v, out, lse, go, causal=causal)
+    want = ref.attention_backward(q, k, v, out, lse, go, causal=causal)
+    for g, w, x in zip(got, want, (q, k, v), strict=True):
+        assert g.shape == np.shape(x) and g.dtype == dtype
+        np.testing.assert_allclose(g, w, atol=1e-6)
+
+
+def test_empty_output_runs_no_kernel(monkeypatch, rng):
+    """Dv = 0 without return_lse has an empty result: no O(Lq Lk) pass over the scores."""
+    from mlmath_native import _core
+
+    def no_kernel(*args):
+        raise AssertionError("the kernel ran for an empty result")
+
+    monkeypatch.setattr(_core, "attention_into", no_kernel)
+    monkeypatch.setattr(_core, "attention_backward_into", no_kernel)
+    q = np.zeros((1, 1, 20000, 0), np.float32)
+    assert mn.attention(q, q, q).shape == (1, 1, 20000, 0)
+    out = np.zeros((1, 1, 20000, 0), np.float32)
+    lse = np.zeros((1, 1, 20000), np.float32)
+    for g in mn.attention_backward(q, q, q, out, lse, out):
+        assert g.shape == q.shape

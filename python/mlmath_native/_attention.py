@@ -328,7 +328,7 @@ def attention(
     p = _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed)
     out = _core.empty((p.b, p.hq, p.lq, p.dv), p.dtype)
     lse = _core.empty((p.b, p.hq, p.lq), p.dtype) if return_lse else None
-    if p.hq:  # (Hq = Hkv = 0: nothing to compute)
+    if out.size or (lse is not None and lse.size):  # (Dv = 0 without lse: nothing to compute)
         args = (p.mask, p.causal, p.scale, p.dropout_p, p.seed)
         _core.attention_into(p.q, p.k, p.v, *args, out, lse)
     out = out.reshape(p.batch + out.shape[1:])
@@ -396,22 +396,24 @@ def attention_backward(
     want_out = p.batch + (p.hq, p.lq, p.dv)
     if p.two_d:
         want_out = want_out[:-3] + want_out[-2:]
+    out4_shape = (p.b, p.hq, p.lq, p.dv)
     arrays = []
-    for name, arr, shape in (
-        ("out", out, want_out),
-        ("grad_out", grad_out, want_out),
-        ("lse", lse, want_out[:-1]),
+    for name, arr, shape, kernel_shape in (
+        ("out", out, want_out, out4_shape),
+        ("grad_out", grad_out, want_out, out4_shape),
+        ("lse", lse, want_out[:-1], out4_shape[:-1]),
     ):
         arr = as_float_array(arr, fn, name)
         if arr.shape != shape:
             raise ValueError(f"{fn}: {name} has shape {arr.shape} (expected {shape})")
-        arrays.append(np.ascontiguousarray(arr, dtype=p.dtype).reshape((p.b, p.hq, p.lq, -1)))
-    out4, grad4, lse4 = arrays
-    lse3 = lse4.reshape(p.b, p.hq, p.lq)
+        arrays.append(np.ascontiguousarray(arr, dtype=p.dtype).reshape(kernel_shape))
+    out4, grad4, lse3 = arrays
     dq = np.empty(p.q.shape, p.dtype)
     dk = np.empty(p.k.shape, p.dtype)
     dv = np.empty(p.v.shape, p.dtype)
-    if p.hq:
+    # Without queries, keys or value features every gradient is 0 (Dv = 0: dP = dO V^T and
+    # delta = rowsum(dO * O) are empty sums), so the kernel runs only when all are present.
+    if grad4.size and p.k.shape[2]:
         args = (p.mask, p.causal, p.scale, p.dropout_p, p.seed)
         _core.attention_backward_into(p.q, p.k, p.v, out4, lse3, grad4, *args, dq, dk, dv)
     else:
