@@ -135,3 +135,48 @@ def test_threads_do_not_change_results(rng, threads):
         results.append(mn.matmul(a, b))
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
+
+
+# -- dot-like shapes: few outputs, long K (issue 17: two barriers per K block made a length-10^7
+# inner product 12x slower on two threads than on one) -------------------------------------------
+
+DOT_K = [1, 7, 8191, 8192, 8193, 3 * 8192 + 5]  # around the K chunk of Note [dot-like shapes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mn_", [(1, 1), (1, 16), (16, 1), (4, 4), (3, 5), (2, 9)])
+def test_dot_like_shapes(mn_, dtype, rng):
+    m, n = mn_
+    for k in DOT_K:
+        a = rng.standard_normal((m, k)).astype(dtype)
+        b = rng.standard_normal((k, n)).astype(dtype)
+        check(a, b)
+        check(np.asfortranarray(a), np.asfortranarray(b))  # strided rows of A, columns of B
+        check(a[:, ::-1], b[::-1])  # negative strides
+        check(a[None].repeat(3, 0), b)  # batched
+    v = rng.standard_normal(20000).astype(dtype)
+    np.testing.assert_allclose(
+        mn.matmul(v, v), v.astype(np.float64) @ v, rtol=tolerance(dtype, 20000)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dot_like_results_do_not_depend_on_threads(dtype, rng, threads):
+    a = rng.standard_normal((2, 5 * 8192 + 3)).astype(dtype)
+    b = rng.standard_normal((5 * 8192 + 3, 3)).astype(dtype)
+    results = []
+    for t in (1, 2, 3):
+        mn.set_num_threads(t)
+        results.append(mn.matmul(a, b))
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_dot_like_nan_and_inf_propagate(rng):
+    a = rng.standard_normal((1, 20000))
+    b = rng.standard_normal((20000, 2))
+    a[0, 12345] = np.inf
+    b[12345, 1] = -1.0
+    b[19000, 0] = np.nan
+    got = mn.matmul(a, b)
+    assert np.isnan(got[0, 0]) and got[0, 1] == -np.inf
