@@ -27,6 +27,8 @@ def small_shape(case):
         return (1000, case.shape[1])
     if case.name == "matmul":
         return (9, 17, 5)
+    if case.name == "matmul dot-like":
+        return (1, 20001, 1)
     if case.name.startswith("conv2d"):
         n, c, hw, k, r = case.shape
         return (1, c, 2 * r + 3, k, r)
@@ -70,3 +72,38 @@ def test_numpy_formulas_match_ours():
         np.testing.assert_allclose(
             suite.np_attention(q, k, v, causal), mn.attention(q, k, v, causal=causal), atol=1e-6
         )
+
+
+def test_allocating_rows_show_the_cache_off_time():
+    """Rows whose results come from the output cache are timed again with it off (NumPy and
+    PyTorch have no such cache); in-place rows say the cache plays no part."""
+    import mlmath_native as mn
+
+    limit = mn.output_cache_info()["limit_bytes"]
+    alloc = [c for c in suite.CASES if c.name == "softmax"][0]
+    inplace = [c for c in suite.CASES if c.name == "softmax out="][0]
+    shape = (512, 1024)  # 2 MiB of float32 results: above the cache's 1 MiB threshold
+    rows = [
+        bench.run_case(
+            dataclasses.replace(c, shape=shape), MACHINE, repeats=2, quick=False, with_torch=False
+        )
+        for c in (alloc, inplace)
+    ]
+    assert rows[0]["output_cache"] and rows[0]["ours_nocache_ms"] > 0
+    assert not rows[1]["output_cache"] and rows[1]["ours_nocache_ms"] is None
+    assert mn.output_cache_info()["limit_bytes"] == limit  # restored
+    lines = bench.format_table(rows).splitlines()
+    assert "no-cache ms" in lines[0]
+    assert lines[3].split()[4] == "-"  # softmax out=: no cache-off time
+
+
+def test_machine_line_says_the_calibration_is_a_best_of():
+    info = {
+        **MACHINE,
+        "copy_gbs_1thread": 15.0,
+        "copy_bytes": 64 << 20,
+        "gemm_n": 1024,
+        "numpy": "2",
+        "calibration_repeats": 7,
+    }
+    assert "best of 7 runs" in bench.format_machine(info, 2, None)

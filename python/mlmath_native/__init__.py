@@ -155,9 +155,11 @@ def set_output_cache(max_bytes: int) -> None:
     New result arrays of 1 MiB or more are taken from blocks that earlier results of the same
     byte size gave back when their last reference died, so a loop that calls a kernel and drops
     the result does not pay for fresh pages each time (the OS zeroes every new page: about 3 ms
-    per 64 MB here).  The default limit is 256 MiB, or ``MLMATH_NATIVE_OUTPUT_CACHE_MB``.
-    Arrays from the cache are ordinary writeable NumPy arrays whose memory is owned by a
-    capsule (``arr.base``), so ``arr.flags.owndata`` is False.
+    per 64 MB here).  The default limit is 256 MiB, or ``MLMATH_NATIVE_OUTPUT_CACHE_MB``.  When
+    a released block takes the total past the limit, the least recently released blocks are
+    freed first (LRU by bytes), so sizes no longer in use age out.  Arrays from the cache are
+    ordinary writeable NumPy arrays whose memory is owned by a capsule (``arr.base``), so
+    ``arr.flags.owndata`` is False.
     """
     import operator
 
@@ -174,5 +176,5 @@ def set_output_cache(max_bytes: int) -> None:
 
 def output_cache_info() -> dict[str, int]:
     """The output cache's state: ``limit_bytes``, ``cached_bytes``, ``cached_blocks``, ``hits``,
-    ``misses`` (see :func:`set_output_cache`)."""
+    ``misses``, ``evictions`` (see :func:`set_output_cache`)."""
     return dict(_core.output_cache_info())

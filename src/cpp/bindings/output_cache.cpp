@@ -8,7 +8,7 @@
 #include <cstdlib>
 #include <iterator>
 #include <limits>
-#include <map>
+#include <list>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -61,18 +61,23 @@ std::size_t default_limit() {
   return std::size_t{256} << 20;
 }
 
+// Idle blocks in the order they were given back, most recent first; a release that takes the
+// total past the limit evicts the least recently released blocks (LRU by bytes), so sizes no
+// longer in use age out instead of pinning the budget.  The list holds at most limit / 1 MiB
+// blocks (256 by default): a linear search costs far less than the allocation it saves.
 class OutputCache {
  public:
   void* acquire(std::size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(bytes);
-      if (it != free_.end()) {
-        void* p = it->second;
-        free_.erase(it);
-        cached_bytes_ -= bytes;
-        ++hits_;
-        return p;
+      for (auto it = idle_.begin(); it != idle_.end(); ++it) {
+        if (it->bytes == bytes) {
+          void* p = it->data;
+          idle_.erase(it);
+          cached_bytes_ -= bytes;
+          ++hits_;
+          return p;
+        }
       }
       ++misses_;
     }
@@ -80,27 +85,28 @@ class OutputCache {
   }
 
   void release(void* p, std::size_t bytes) {
+    std::list<Idle> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_bytes_ + bytes <= limit_) {
-        free_.emplace(bytes, p);
+      if (bytes > limit_) {
+        evicted.push_back({p, bytes});
+      } else {
+        idle_.push_front({p, bytes});
         cached_bytes_ += bytes;
-        return;
+        evict_to_limit(evicted);
       }
     }
-    free_block(p);
+    for (const Idle& b : evicted) free_block(b.data);  // outside the lock
   }
 
   void set_limit(std::size_t limit) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    limit_ = limit;
-    // Drop the largest blocks first until the rest fits.
-    while (cached_bytes_ > limit_ && !free_.empty()) {
-      auto last = std::prev(free_.end());
-      cached_bytes_ -= last->first;
-      free_block(last->second);
-      free_.erase(last);
+    std::list<Idle> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      limit_ = limit;
+      evict_to_limit(evicted);
     }
+    for (const Idle& b : evicted) free_block(b.data);
   }
 
   py::dict info() {
@@ -108,18 +114,33 @@ class OutputCache {
     py::dict d;
     d["limit_bytes"] = limit_;
     d["cached_bytes"] = cached_bytes_;
-    d["cached_blocks"] = free_.size();
+    d["cached_blocks"] = idle_.size();
     d["hits"] = hits_;
     d["misses"] = misses_;
+    d["evictions"] = evictions_;
     return d;
   }
 
  private:
+  struct Idle {
+    void* data;
+    std::size_t bytes;
+  };
+
+  // Moves the least recently released blocks into `evicted` until the rest fits the limit.
+  void evict_to_limit(std::list<Idle>& evicted) {
+    while (cached_bytes_ > limit_ && !idle_.empty()) {
+      cached_bytes_ -= idle_.back().bytes;
+      evicted.splice(evicted.end(), idle_, std::prev(idle_.end()));
+      ++evictions_;
+    }
+  }
+
   std::mutex mutex_;
-  std::multimap<std::size_t, void*> free_;  // byte size -> idle block
+  std::list<Idle> idle_;  // most recently released first
   std::size_t cached_bytes_ = 0;
   std::size_t limit_ = default_limit();
-  std::uint64_t hits_ = 0, misses_ = 0;
+  std::uint64_t hits_ = 0, misses_ = 0, evictions_ = 0;
 };
 
 // Never destroyed: blocks may be given back by arrays that outlive module teardown.

@@ -8,8 +8,9 @@
 // reference died, so a loop that calls a kernel and drops the result reuses warm pages.
 // Blocks are 2 MiB aligned and advised for transparent huge pages (as NumPy does).  At most
 // `limit` bytes are kept (default 256 MiB, MLMATH_NATIVE_OUTPUT_CACHE_MB, or
-// set_output_cache_limit); a block that does not fit is freed at once.  Smaller outputs come
-// from NumPy.
+// set_output_cache_limit; 0 turns the cache off), least recently released blocks evicted first
+// (LRU by bytes); a block larger than the limit is freed at once.  Smaller outputs come from
+// NumPy.
 #pragma once
 
 #include <pybind11/numpy.h>
