@@ -9,14 +9,15 @@ import os
 import subprocess
 import sys
 
-import dask
-import dask.array as da
-import distributed
 import numpy as np
 import pytest
 
 import mlmath_native as mn
-import mlmath_native.dask as mnd
+
+# dask is an optional extra (`.[dask]`): without it this file is skipped, not an error
+dask = pytest.importorskip("dask")
+da = pytest.importorskip("dask.array")
+mnd = pytest.importorskip("mlmath_native.dask")
 from mlmath_native.reference import cross_entropy as ref_ce
 from mlmath_native.reference import softmax as ref_softmax
 
@@ -379,6 +380,7 @@ def test_threaded_scheduler(rng, threads):
 @pytest.fixture(scope="module")
 def client():
     """A two-process local cluster (spawned workers, one thread each), closed at the end."""
+    distributed = pytest.importorskip("distributed")
 
     def start():
         cluster = distributed.LocalCluster(

@@ -21,7 +21,8 @@ _Causal = bool | Literal["upper_left", "lower_right"]
 _CAUSAL: dict[object, int] = {False: 0, True: 1, "upper_left": 1, "lower_right": 2}
 
 
-def _causal_code(causal: _Causal, fn: str) -> int:
+def check_causal(fn: str, causal: _Causal) -> int:
+    """The kernel's code for ``causal``: 0 none, 1 upper-left aligned, 2 lower-right."""
     if isinstance(causal, (bool, np.bool_)):
         return _CAUSAL[bool(causal)]
     if isinstance(causal, str) and causal in _CAUSAL:
@@ -80,7 +81,8 @@ def check_scale(fn: str, scale: object, d: int) -> float:
     return value
 
 
-def _dropout(dropout_p: float, seed: int | None, fn: str) -> tuple[float, int]:
+def check_dropout(fn: str, dropout_p: float, seed: int | None) -> tuple[float, int]:
+    """dropout_p in [0, 1) and the seed (required when dropout_p > 0) as (p, seed)."""
     try:
         p = float(dropout_p)
     except (TypeError, ValueError):
@@ -143,6 +145,38 @@ def _batch_view(a: NDArray[Any], batch: tuple[int, ...], b: int) -> NDArray[Any]
     return np.ascontiguousarray(a).reshape((b,) + a.shape[-3:])
 
 
+def check_options(
+    fn: str, causal: _Causal, scale: object, d: int, dropout_p: float, seed: int | None
+) -> tuple[int, float, float, int]:
+    """Every option of attention and attention_backward, checked (the in-memory functions and
+    mlmath_native.dask share this): (causal code, scale, dropout_p, seed)."""
+    code = check_causal(fn, causal)
+    value = check_scale(fn, scale, d)
+    p, s = check_dropout(fn, dropout_p, seed)
+    return code, value, p, s
+
+
+def check_mask(fn: str, mask: Any, dtype: np.dtype[Any], full: tuple[int, ...]) -> Any:
+    """A bool mask, or a real one cast to ``dtype`` (added to the scores), whose shape
+    broadcasts to ``full`` = (..., Hq, Lq, Lk); NumPy or Dask arrays."""
+    if mask.dtype != np.bool_:
+        if mask.dtype.kind not in "biuf":
+            raise TypeError(
+                f"{fn}: mask has unsupported dtype {mask.dtype} (expected bool, or a real "
+                "number added to the scores)"
+            )
+        mask = mask.astype(dtype, copy=False)
+    try:
+        broadcasts = np.broadcast_shapes(mask.shape, full) == full
+    except ValueError:
+        broadcasts = False
+    if not broadcasts:
+        raise ValueError(
+            f"{fn}: mask has shape {mask.shape} (expected a shape that broadcasts to {full})"
+        )
+    return mask
+
+
 def _plan(
     fn: str,
     q: ArrayLike,
@@ -167,26 +201,11 @@ def _plan(
         check_size(fn, f"{name} broadcast over the batch", (*batch, *shape), itemsize)
     check_size(fn, "the output", (*batch, hq, lq, v4.shape[-1]), itemsize)
     check_size(fn, "the work (multiply-adds)", (*batch, hq, lq, lk, d + v4.shape[-1]))
-    code = _causal_code(causal, fn)
-    scale = check_scale(fn, scale, d)
-    p, s = _dropout(dropout_p, seed, fn)
+    code, scale, p, s = check_options(fn, causal, scale, d, dropout_p, seed)
     m4 = None
     if mask is not None:
-        m = as_input(mask, fn, "mask")
-        if m.dtype != np.bool_:
-            if m.dtype.kind not in "biuf":
-                raise TypeError(
-                    f"{fn}: mask has unsupported dtype {m.dtype} (expected bool, or a real "
-                    "number added to the scores)"
-                )
-            m = m.astype(dtype, copy=False)
         full = batch + (hq, lq, lk)
-        try:
-            mb = np.broadcast_to(m, full)
-        except ValueError:
-            raise ValueError(
-                f"{fn}: mask has shape {m.shape} (expected a shape that broadcasts to {full})"
-            ) from None
+        mb = np.broadcast_to(check_mask(fn, as_input(mask, fn, "mask"), dtype, full), full)
         m4 = mb.view()
         try:  # one stride for the flattened batch (a view), else a copy
             m4.shape = (b, hq, lq, lk)

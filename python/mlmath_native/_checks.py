@@ -50,23 +50,28 @@ def as_input(x: object, fn: str, name: str) -> NDArray[Any]:
     return arr if arr.flags.aligned else arr.copy()
 
 
-def as_float_array(x: ArrayLike, fn: str, name: str) -> NDArray[Any]:
-    """``x`` as an ndarray of float32 or float64.
+def compute_dtype(fn: str, name: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The dtype an input of ``dtype`` computes in (the dtype policy, for NumPy and Dask inputs).
 
     float32 and float64 are kept; bool, integer and other real floating dtypes (float16,
-    longdouble) and nested sequences compute in float64.  Complex, object, string, bytes,
-    datetime and void arrays raise TypeError.
+    longdouble) compute in float64.  Complex, object, string, bytes, datetime and void dtypes
+    raise TypeError.
     """
-    arr = as_input(x, fn, name)
-    kind = arr.dtype.kind
-    if kind == "f" and arr.dtype in FLOAT_DTYPES:
-        return arr
-    if kind in "biuf":
-        return arr.astype(np.float64)
+    if dtype in FLOAT_DTYPES:
+        return dtype
+    if dtype.kind in "biuf":
+        return np.dtype(np.float64)
     raise TypeError(
-        f"{fn}: {name} has unsupported dtype {arr.dtype} (expected a real floating, integer "
+        f"{fn}: {name} has unsupported dtype {dtype} (expected a real floating, integer "
         "or bool array)"
     )
+
+
+def as_float_array(x: ArrayLike, fn: str, name: str) -> NDArray[Any]:
+    """``x`` as an ndarray of float32 or float64 (:func:`compute_dtype`); nested sequences
+    compute in float64."""
+    arr = as_input(x, fn, name)
+    return arr.astype(compute_dtype(fn, name, arr.dtype), copy=False)
 
 
 #: The largest byte count (or element count, or multiply-add count) a call may imply: every size

@@ -79,6 +79,22 @@ def check_target(
     )
 
 
+def check_logits(fn: str, shape: tuple[int, ...], axis: int) -> int:
+    """The class axis of logits of this shape, normalised (a 0-d array has none)."""
+    axis = normalize_axis(axis, len(shape), fn)
+    if not shape:
+        raise ValueError(f"{fn}: logits must have a class axis (got a 0-d array)")
+    return axis
+
+
+def check_weight(fn: str, shape: tuple[int, ...], num_classes: int) -> None:
+    """A class weight vector has one entry per class."""
+    if shape != (num_classes,):
+        raise ValueError(
+            f"{fn}: weight has shape {shape} (expected ({num_classes},): one weight per class)"
+        )
+
+
 def check_options(
     fn: str, reduction: object, label_smoothing: object, ignore_index: object
 ) -> tuple[float, int]:
@@ -256,9 +272,7 @@ def cross_entropy(
     """
     logits = as_float_array(logits, _FN, "logits")
     dtype = logits.dtype
-    axis = normalize_axis(axis, logits.ndim, _FN)
-    if logits.ndim == 0:
-        raise ValueError(f"{_FN}: logits must have a class axis (got a 0-d array)")
+    axis = check_logits(_FN, logits.shape, axis)
     num_classes = logits.shape[axis]
     elem_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
     label_smoothing, ignore_index = check_options(_FN, reduction, label_smoothing, ignore_index)
@@ -277,11 +291,7 @@ def cross_entropy(
         weight = np.ones(num_classes, dtype)
     else:
         weight = as_float_array(weight, _FN, "weight")
-        if weight.shape != (num_classes,):
-            raise ValueError(
-                f"{_FN}: weight has shape {weight.shape} (expected ({num_classes},): one "
-                "weight per class)"
-            )
+        check_weight(_FN, weight.shape, num_classes)
         weight = np.asarray(weight, dtype=dtype, order="C")
 
     # the reduction's denominator, needed before the kernel for the gradient's scale

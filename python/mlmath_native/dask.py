@@ -48,7 +48,7 @@ from . import attention as _attention_np
 from . import cross_entropy as _cross_entropy_np
 from . import log_softmax as _log_softmax_np
 from . import softmax as _softmax_np
-from ._checks import normalize_axis
+from ._checks import compute_dtype, normalize_axis
 
 __all__ = ["attention", "cross_entropy", "log_softmax", "softmax"]
 
@@ -76,14 +76,7 @@ def _as_dask(x: Any, fn: str, name: str, *, real: bool = True) -> da.Array:
             f"{name}.compute_chunk_sizes() first"
         )
     if real:
-        kind = x.dtype.kind
-        if kind not in "biuf":
-            raise TypeError(
-                f"{fn}: {name} has unsupported dtype {x.dtype} (expected a real floating, "
-                "integer or bool array)"
-            )
-        if x.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            x = x.astype(np.float64)
+        x = x.astype(compute_dtype(fn, name, x.dtype), copy=False)
     return x
 
 
@@ -252,9 +245,7 @@ def cross_entropy(
     fn = "dask.cross_entropy"
     logits = _as_dask(logits, fn, "logits")
     dtype = logits.dtype
-    axis = normalize_axis(axis, logits.ndim, fn)
-    if logits.ndim == 0:
-        raise ValueError(f"{fn}: logits must have a class axis (got a 0-d array)")
+    axis = _cross_entropy.check_logits(fn, logits.shape, axis)
     label_smoothing, ignore_index = _cross_entropy.check_options(
         fn, reduction, label_smoothing, ignore_index
     )
@@ -285,11 +276,7 @@ def cross_entropy(
         weight = da.ones(num_classes, dtype=dtype, chunks=-1)
     else:
         weight = _as_dask(weight, fn, "weight")
-        if weight.shape != (num_classes,):
-            raise ValueError(
-                f"{fn}: weight has shape {weight.shape} (expected ({num_classes},): one "
-                "weight per class)"
-            )
+        _cross_entropy.check_weight(fn, weight.shape, num_classes)
         weight = weight.astype(dtype).rechunk(-1)
 
     # the first global index of each block along each target axis (for error messages)
@@ -467,9 +454,9 @@ def attention(
     hq, lq, d = q.shape[-3:]
     hkv, lk = k.shape[-3:-1]
     nb = len(batch)
-    _attention._causal_code(causal, fn)
-    scale = _attention.check_scale(fn, scale, d)
-    dropout_p, seed_value = _attention._dropout(dropout_p, seed, fn)
+    _, scale, dropout_p, seed_value = _attention.check_options(
+        fn, causal, scale, d, dropout_p, seed
+    )
 
     def full_rank(a: da.Array) -> da.Array:  # prepend broadcast (size-1) batch axes
         return a[(None,) * (nb + 3 - a.ndim)] if a.ndim < nb + 3 else a
@@ -478,22 +465,8 @@ def attention(
     m = None
     if mask is not None:
         m = mask if isinstance(mask, da.Array) else da.from_array(np.asarray(mask), chunks=-1)
-        if m.dtype != np.bool_:
-            if m.dtype.kind not in "biuf":
-                raise TypeError(
-                    f"{fn}: mask has unsupported dtype {m.dtype} (expected bool, or a real "
-                    "number added to the scores)"
-                )
-            m = m.astype(dtype)
         full = batch + (hq, lq, lk)
-        try:
-            broadcasts = np.broadcast_shapes(m.shape, full) == full
-        except ValueError:
-            broadcasts = False
-        if not broadcasts:
-            raise ValueError(
-                f"{fn}: mask has shape {m.shape} (expected a shape that broadcasts to {full})"
-            )
+        m = _attention.check_mask(fn, m, dtype, full)
         m = m[(None,) * (len(full) - m.ndim)]
 
     # batch axes: the chunks of the first array with the full size there; size-1 axes broadcast
