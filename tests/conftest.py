@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
 import mlmath_native as mn
+
+#: package modules whose import needs an optional extra: (file name, the module it needs)
+_EXTRA_MODULES = {"dask.py": "dask"}
+
+
+class _DoctestsOfMissingExtras:
+    """Leaves out of ``--doctest-modules`` a package module whose optional extra is not installed
+    (``mlmath_native.dask`` without Dask), as tests/test_dask.py skips itself: the suite runs
+    without the extras.  A plugin object, not a conftest hook: conftest hooks apply only below
+    tests/, and the package's doctests are collected from site-packages (``--pyargs``)."""
+
+    def pytest_ignore_collect(self, collection_path, config):
+        needs = _EXTRA_MODULES.get(collection_path.name)
+        if needs is None or collection_path.parent.name != "mlmath_native":
+            return None
+        return True if importlib.util.find_spec(needs) is None else None
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_DoctestsOfMissingExtras(), "mlmath_native-missing-extras")
 
 
 def tolerance(dtype, n: int = 1) -> float:

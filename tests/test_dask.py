@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 import mlmath_native as mn
+from mlmath_native.reference import cross_entropy as ref_ce
+from mlmath_native.reference import softmax as ref_softmax
+
+from conftest import assert_close
 
 # dask is an optional extra (`.[dask]`): without it this file is skipped, not an error
 dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 mnd = pytest.importorskip("mlmath_native.dask")
-from mlmath_native.reference import cross_entropy as ref_ce
-from mlmath_native.reference import softmax as ref_softmax
-
-from conftest import assert_close
 
 RTOL = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-13}
 

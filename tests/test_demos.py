@@ -36,6 +36,8 @@ def one_thread(threads):
 
 
 def test_digits_quick_learns_and_writes_png(tmp_path, one_thread):
+    pytest.importorskip("sklearn")  # the demo extra
+    pytest.importorskip("matplotlib")
     out = tmp_path / "digits.png"
     res = demo.run_digits(quick=True, out=str(out), progress=False, verbose=False)
     loss = res.history["loss"]
@@ -62,6 +64,7 @@ def test_transformer_quick_beats_unigram_entropy(one_thread):
 
 
 def test_regression_quick_matches_closed_forms():
+    pytest.importorskip("sklearn")  # the demo extra
     res = demo.run_regression(quick=True, verbose=False)
     lin, logi = res["linear"], res["logistic"]
     assert lin["param_rel_diff"] < 1e-4  # vs np.linalg.lstsq, after 5000 Nesterov steps
@@ -105,6 +108,7 @@ def test_kernel_timer_counts_calls_inside_steps():
 
 
 def test_cli_help_and_regression(capsys):
+    pytest.importorskip("sklearn")  # the demo extra
     with pytest.raises(SystemExit) as exc:
         demo.main(["--help"])
     assert exc.value.code == 0
@@ -146,6 +150,7 @@ def _check_grads(loss_fn, params, grads, rng, per_param=3, rtol=1e-5):
 
 
 def test_digits_backward_matches_finite_differences(rng):
+    pytest.importorskip("sklearn")  # the demo extra: the digits data set
     x_tr, y_tr, _, _ = digits.load_data(dtype="float64")
     params = digits.init_params(3, (4, 6), "float64")
     xb, yb = x_tr[:16], y_tr[:16]
