@@ -148,8 +148,8 @@ def attention_backward_into(
 
 # -- optimizers -----------------------------------------------------------------------------------
 
-def grad_sumsq(grads: Sequence[NDArray[Any]]) -> float:
-    """sum of squares over all arrays (fixed order)"""
+def grad_norm(grads: Sequence[NDArray[Any]]) -> float:
+    """the global L2 norm of all arrays (fixed order, scaled: no overflow)"""
 
 def sgd_step(
     params: Sequence[NDArray[Any]],
