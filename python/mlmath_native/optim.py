@@ -1,14 +1,17 @@
 """Fused, multi-tensor optimizers that update NumPy arrays in place, torch.optim's semantics.
 
-``SGD``, ``Adam`` and ``AdamW`` hold a list of parameter arrays and their state; ``step(grads)``
+``SGD``, ``Adam`` and ``AdamW`` hold a list of parameters (NumPy arrays or PyTorch CPU tensors,
+the caller's objects: Note [fresh views]) and their state; ``step(grads)``
 updates every parameter in one pass over memory (all tensors in one parallel region), after
 optionally clipping all gradients together by their global L2 norm (``max_grad_norm``) and
 skipping the whole step when a gradient holds NaN or Inf (``skip_nonfinite``).  The functional
 kernels ``sgd_step`` and ``adam_step`` update single arrays for embedding in other code, and
 ``gradient_descent`` minimises a user function with them.
 
-Every argument of a step is validated before anything is written: a step that raises leaves
-every parameter and every state buffer bitwise unchanged.
+Every argument of a step is validated before anything is written, for params of both dtypes:
+a step that raises leaves every parameter, every state buffer and the step count bitwise
+unchanged.  ``state_dict()`` records the optimizer's kind and every setting;
+``load_state_dict`` checks all of it before writing.
 """
 
 from __future__ import annotations
@@ -520,8 +523,11 @@ class SGD(_Optimizer):
 
     Parameters
     ----------
-    params : ndarray or list of ndarray
-        float32/float64, C-contiguous, writeable; updated in place.
+    params : ndarray or list of ndarray (or PyTorch CPU tensors)
+        float32/float64, C-contiguous, writeable; updated in place.  ``opt.params`` is this
+        list of the caller's objects; each step updates the memory a param has at that step
+        (a tensor whose ``.data`` was replaced is followed) and refuses a param whose shape or
+        dtype changed since the optimizer was made.
     lr, momentum, dampening, weight_decay, nesterov, maximize
         As in torch.optim.SGD; attributes of the same names may be changed between steps.
     max_grad_norm : float, optional
@@ -995,7 +1001,8 @@ def gradient_descent(
     Parameters
     ----------
     grad_fn : callable
-        ``grad_fn(x)`` returns grad J(x), or ``(J(x), grad J(x))``.
+        ``grad_fn(x)`` returns grad J(x), or ``(J(x), grad J(x))``; the gradient must have
+        exactly x0's shape (it is neither reshaped nor broadcast).
     x0 : array_like
         The start; copied (float32 stays float32, other dtypes become float64).
     lr : float

@@ -235,10 +235,12 @@ void grad_norm(const OptimTensor<T>* tensors, std::int64_t count, double* out) {
       partial[i] = chunk_sumsq(tensors[c.tensor].grad + c.begin, c.end - c.begin);
     }
   });
-  double scale = 1, ssq = 0, nonfinite = 0;  // the norm is scale * sqrt(ssq)
+  double scale = 0, ssq = 0, nonfinite = 0;  // the norm is scale * sqrt(ssq)
   for (const PartialSum& p : partial) {      // chunk order: the same for any thread count
     if (!std::isfinite(p.ssq)) {
       nonfinite += p.ssq;  // Inf + NaN = NaN
+    } else if (p.ssq == 0) {
+      continue;  // zeros (a scale of 1 would swamp tiny scaled chunks)
     } else if (p.scale > scale) {
       ssq = ssq * (scale / p.scale) * (scale / p.scale) + p.ssq;
       scale = p.scale;
