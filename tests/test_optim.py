@@ -542,9 +542,8 @@ def test_float64_grad_over_a_float32_param_is_read_before_the_update(cls, opts):
         p64 = np.linspace(-1, 1, 6)
         g64 = p32.view(np.float64)
         opt = cls([p32, p64], max_grad_norm=100.0, **opts)
-        grads = [np.ones(12, np.float32), g64.copy() if copy else g64]
         for _ in range(2):
-            opt.step(grads)
+            opt.step([np.ones(12, np.float32), g64.copy() if copy else g64])
         return p32, p64
 
     for got, want in zip(run(copy=False), run(copy=True), strict=True):

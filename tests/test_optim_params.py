@@ -104,8 +104,8 @@ def test_replaced_tensor_is_updated_where_it_lives_or_refused(ours, theirs, opts
         state, count = opt.state_dict(), opt.step_count
         with pytest.raises(error[0], match=error[1]):
             opt.step(_grads(params, 30))
-        for p, b in zip(params, before, strict=True):
-            assert p.dtype == b.dtype and p.shape == b.shape and torch.equal(p, b)
+        for p, b in zip(params, before, strict=True):  # bytes: a resized tail may hold NaN
+            assert p.dtype == b.dtype and p.numpy().tobytes() == b.numpy().tobytes()
         assert opt.step_count == count
         for k, v in opt.state_dict().items():
             np.testing.assert_array_equal(v, state[k], err_msg=k)
