@@ -810,3 +810,14 @@ def test_constructor_validates_clipping_and_flags(cls, kwargs, exc, text):
     """max_grad_norm=-1 used to be accepted and fail only at the first step."""
     with pytest.raises(exc, match=f"^{cls.__name__}: {text}"):
         cls(np.zeros(3), lr=0.1, **kwargs)
+
+
+def test_find_overlaps_edges():
+    """The byte-range sweep behind the overlap policy: adjacent ranges do not overlap, empty
+    arrays never do, a read range is found whichever written range it meets."""
+    buf = np.zeros(20, np.float32)
+    written = [buf[10:15], buf[0:5], buf[5:10]]  # adjacent, given out of order
+    reads = [buf[15:20], buf[4:6], buf[:0], buf[14:16], np.zeros(3, np.float32), buf[9:10]]
+    assert _core.find_overlaps(written, reads) == (None, [1, 3, 5])
+    assert _core.find_overlaps([buf[12:16], *written], []) == ((0, 1), [])
+    assert _core.find_overlaps([buf[:0], buf[:0]], [buf]) == (None, [])

@@ -16,7 +16,6 @@ unchanged.  ``state_dict()`` records the optimizer's kind and every setting;
 
 from __future__ import annotations
 
-import bisect
 import inspect
 import math
 import operator
@@ -123,12 +122,6 @@ def _param_array(fn: str, name: str, p: object) -> NDArray[Any]:
     return p
 
 
-def _span(a: NDArray[Any]) -> tuple[int, int]:
-    """The byte range [start, end) of a C-contiguous array."""
-    start = int(a.__array_interface__["data"][0])
-    return start, start + a.nbytes
-
-
 def _reads_apart_from_writes(
     fn: str, written: Sequence[tuple[str, NDArray[Any]]], grads: list[NDArray[Any]]
 ) -> list[NDArray[Any]]:
@@ -136,31 +129,18 @@ def _reads_apart_from_writes(
     group) may share memory: which update would win is undefined, so ValueError names both.
     Grads are only read: a grad that shares memory with a written array (a grad_fn returning x
     itself, a float64 grad viewing a float32 param) is replaced by a copy taken before any
-    update, as NumPy reads an input that overlaps its output.  Returns the grads to read.
-
-    All arrays are C-contiguous, so each is one byte range.  Sorted by start, a range overlaps
-    an earlier one exactly when it starts before the furthest end seen so far; the written
-    ranges are then disjoint and sorted, and bisection finds whether a grad meets one.  The
-    binding asserts the result (optim_bindings.cpp, check_disjoint)."""
-    spans = sorted((*_span(a), k) for k, (_, a) in enumerate(written) if a.nbytes)
-    reach, holder = -1, -1
-    for start, end, k in spans:
-        if start < reach:
-            first, second = sorted((holder, k))  # named in the order they were given
-            raise ValueError(
-                f"{fn}: {written[second][0]} shares memory with {written[first][0]} (each param "
-                "and state buffer must be its own array)"
-            )
-        if end > reach:
-            reach, holder = end, k
-    starts = [s for s, _, _ in spans]
-    out = []
-    for g in grads:
-        start, end = _span(g)
-        k = bisect.bisect_right(starts, start) - 1  # the last written range starting <= start
-        hit = (k >= 0 and spans[k][1] > start) or (k + 1 < len(spans) and starts[k + 1] < end)
-        out.append(g.copy() if g.nbytes and hit else g)
-    return out
+    update, as NumPy reads an input that overlaps its output.  Returns the grads to read.  The
+    byte-range sweep is ``_core.find_overlaps`` (all arrays here are C-contiguous); the binding
+    asserts its result before every kernel call."""
+    pair, hits = _core.find_overlaps([a for _, a in written], grads)
+    if pair is not None:
+        first, second = pair  # named in the order they were given
+        raise ValueError(
+            f"{fn}: {written[second][0]} shares memory with {written[first][0]} (each param "
+            "and state buffer must be its own array)"
+        )
+    copied = set(hits)
+    return [g.copy() if k in copied else g for k, g in enumerate(grads)]
 
 
 def _grad_array(fn: str, name: str, g: object, param: NDArray[Any]) -> NDArray[Any]:

@@ -29,40 +29,71 @@ struct StepTensors {
   std::vector<OptimTensor<double>> f64;
 };
 
+// Which arrays of a step share memory (Note [overlap policy] in optim.py: the policy and its
+// messages live in Python; this is the mechanism, also the binding's own assertion).
+struct Overlaps {
+  bool written_overlap = false;       // two written arrays share memory: the first pair found,
+  std::size_t first = 0, second = 0;  // first < second (indices into `written`)
+  std::vector<std::size_t> reads;     // indices of read arrays that share memory with a written one
+};
+
+// All arrays are C-contiguous, so each is one byte range [begin, end).  Sorted by begin, a
+// written range overlaps an earlier one exactly when it begins before the furthest end so far;
+// once they are known to be disjoint, their ends are sorted too, and a binary search finds the
+// first written range that ends after a read range begins: they overlap when it begins before the
+// read range ends.  O((w + r) log w).
+Overlaps find_overlaps(const ArrayList& written, const ArrayList& read) {
+  struct Span {
+    std::uintptr_t begin, end;
+    std::size_t index;
+  };
+  auto span = [](const py::array& a, std::size_t index) {
+    const auto begin = reinterpret_cast<std::uintptr_t>(a.data());
+    return Span{begin, begin + static_cast<std::uintptr_t>(a.nbytes()), index};
+  };
+  std::vector<Span> spans;
+  for (std::size_t i = 0; i < written.size(); ++i) {
+    if (written[i].nbytes() > 0) spans.push_back(span(written[i], i));
+  }
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  Overlaps out;
+  std::uintptr_t reach = 0;  // the furthest end so far, and whose it is
+  std::size_t holder = 0;
+  for (const Span& s : spans) {
+    if (s.begin < reach) {
+      out.written_overlap = true;
+      out.first = std::min(holder, s.index);
+      out.second = std::max(holder, s.index);
+      return out;
+    }
+    if (s.end > reach) {
+      reach = s.end;
+      holder = s.index;
+    }
+  }
+  for (std::size_t j = 0; j < read.size(); ++j) {
+    if (read[j].nbytes() == 0) continue;
+    const Span r = span(read[j], j);
+    const auto it = std::upper_bound(spans.begin(), spans.end(), r.begin,
+                                     [](std::uintptr_t v, const Span& s) { return v < s.end; });
+    if (it != spans.end() && it->begin < r.end) out.reads.push_back(j);
+  }
+  return out;
+}
+
 // The memory-safety invariant the kernels rely on: no array the step writes (params, state
 // buffers) shares a byte with any other array of the step, written or read (grads may overlap
-// each other).  Policy (which overlaps are refused with a message, and which grads are read
-// from a copy) lives in Python (optim.py, Note [overlap policy]), which only calls with disjoint
-// arrays; this is an assertion with a plain message.  All arrays are C-contiguous, so each is
-// one byte range [begin, end); sorted by begin, a range overlaps an earlier one exactly when it
-// begins before the furthest end so far (of any range, or of a written one).
+// each other).  Python only calls with such arrays (it refuses or copies the others), so this is
+// an assertion with a plain message.
 void check_disjoint(const char* fn, const ArrayList& params, const ArrayList& grads,
                     const std::vector<const ArrayList*>& states) {
-  struct Range {
-    std::uintptr_t begin, end;
-    bool written;
-  };
-  std::vector<Range> ranges;
-  auto add = [&](const py::array& a, bool written) {
-    if (a.nbytes() == 0) return;
-    const auto begin = reinterpret_cast<std::uintptr_t>(a.data());
-    ranges.push_back({begin, begin + static_cast<std::uintptr_t>(a.nbytes()), written});
-  };
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    add(params[i], true);
-    add(grads[i], false);
-    for (const ArrayList* state : states) add((*state)[i], true);
-  }
-  std::sort(ranges.begin(), ranges.end(),
-            [](const Range& a, const Range& b) { return a.begin < b.begin; });
-  std::uintptr_t reach_any = 0, reach_written = 0;  // furthest ends so far
-  for (const Range& r : ranges) {
-    if (r.begin < reach_written || (r.written && r.begin < reach_any)) {
-      throw std::invalid_argument(std::string(fn) +
-                                  ": an array the step writes overlaps another array of the step");
-    }
-    reach_any = std::max(reach_any, r.end);
-    if (r.written) reach_written = std::max(reach_written, r.end);
+  ArrayList written = params;
+  for (const ArrayList* state : states) written.insert(written.end(), state->begin(), state->end());
+  const Overlaps o = find_overlaps(written, grads);
+  if (o.written_overlap || !o.reads.empty()) {
+    throw std::invalid_argument(std::string(fn) +
+                                ": an array the step writes overlaps another array of the step");
   }
 }
 
@@ -229,6 +260,14 @@ double grad_norm(const ArrayList& grads) {
   return std::hypot(a, b);
 }
 
+// find_overlaps for Python: (None or (first, second), [read indices]).
+py::tuple find_overlaps_py(const ArrayList& written, const ArrayList& read) {
+  const Overlaps o = find_overlaps(written, read);
+  py::object pair = py::none();
+  if (o.written_overlap) pair = py::make_tuple(o.first, o.second);
+  return py::make_tuple(pair, py::cast(o.reads));
+}
+
 }  // namespace
 
 void bind_optim(py::module_& m) {
@@ -239,6 +278,8 @@ void bind_optim(py::module_& m) {
   m.def("adam_step", &adam_step, "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a,
         "max_exp_avg_sqs"_a, "step"_a, "lr"_a, "beta1"_a, "beta2"_a, "eps"_a, "weight_decay"_a,
         "decoupled"_a, "grad_scale"_a, "One fused Adam/AdamW step over lists of arrays, in place");
+  m.def("find_overlaps", &find_overlaps_py, "written"_a, "read"_a,
+        "(None or (i, j) written arrays sharing memory, read indices overlapping a written one)");
   m.def("grad_norm", &grad_norm, "grads"_a,
         "the global L2 norm of all arrays (fixed order, scaled: no overflow)");
 }
