@@ -738,6 +738,7 @@ BAD_STATE_ENTRIES = [
     ("step", "x", TypeError, "step must be an integer"),
     ("step", 1.5, TypeError, "step must be an integer"),
     ("step", np.array([1, 2]), TypeError, "step must be an integer"),
+    ("step", [[1], [2, 3]], TypeError, "step could not be converted to an array"),
     ("step", -1, ValueError, "step must be >= 0"),
     ("lr", -1.0, ValueError, "lr is invalid"),
     ("lr", "fast", TypeError, "lr must be a real number"),

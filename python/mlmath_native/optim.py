@@ -43,7 +43,7 @@ __all__ = [
 
 #: parameters or gradients: one array or a sequence of arrays
 _Arrays = NDArray[Any] | Sequence[NDArray[Any]]
-#: a state dict: the step count and the hyper-parameters and state buffers as arrays
+#: a state dict: the optimizer's kind, the step count, the settings and state buffers (NumPy)
 _StateDict = dict[str, NDArray[Any] | np.generic]
 
 
@@ -181,9 +181,17 @@ def _check_state(fn: str, name: str, buf: object, param: NDArray[Any]) -> NDArra
     return buf
 
 
+def _state_array(fn: str, name: str, value: object) -> NDArray[Any]:
+    """An entry of a state dict as an array, or TypeError naming it."""
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{fn}: {name} could not be converted to an array ({exc})") from None
+
+
 def _state_int(fn: str, name: str, value: object) -> int:
     """An integer entry of a state dict (a Python or NumPy integer, or a 0-d integer array)."""
-    arr = np.asarray(value) if not isinstance(value, np.ndarray) else value
+    arr = _state_array(fn, name, value)
     if arr.ndim != 0 or arr.dtype.kind not in "iu":
         raise TypeError(f"{fn}: {name} must be an integer (got {value!r})")
     return int(arr)
@@ -191,7 +199,7 @@ def _state_int(fn: str, name: str, value: object) -> int:
 
 def _state_scalar(fn: str, name: str, value: object) -> Any:
     """A 0-d entry of a state dict as a Python scalar (betas: a pair)."""
-    arr = np.asarray(value)
+    arr = _state_array(fn, name, value)
     if arr.dtype.kind not in "biuf" or arr.shape != ((2,) if name == "betas" else ()):
         raise TypeError(
             f"{fn}: {name} must be {'a pair of' if name == 'betas' else 'a'} real "
@@ -428,7 +436,7 @@ class _Optimizer:
             raise TypeError(f"{fn}: the state must be a mapping (got {type(d).__name__})")
         d = dict(d)
         if "optimizer" in d:
-            kind = np.asarray(d["optimizer"])
+            kind = _state_array(fn, "optimizer", d["optimizer"])
             if kind.dtype.kind != "U" or kind.ndim or str(kind) != self._name:
                 raise ValueError(
                     f"{fn}: the state is another optimizer's (got optimizer "
@@ -465,7 +473,7 @@ class _Optimizer:
                 key = f"{name}.{i}"
                 if key not in d:
                     continue
-                value = np.asarray(d[key])
+                value = _state_array(fn, key, d[key])
                 if value.shape != shape:
                     raise ValueError(f"{fn}: {key} has shape {value.shape} (expected {shape})")
                 if value.dtype != dtype:
