@@ -5,11 +5,13 @@ round trips, clipping, skipping, and the all-or-nothing validation; run once per
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
 
 import mlmath_native as mn
+from mlmath_native import _core
 from mlmath_native.reference import adam_optimizer as ref_adam
 from mlmath_native.reference import gradient_descent as ref_gd
 
@@ -425,3 +427,398 @@ def test_one_million_and_three(dtype, rng):
             max_exp_avg_sq=vmax,
         )
     assert_params_close([p_sgd, p_adam], [want_sgd, want_adam], dtype)
+
+
+# -- mixed float32/float64 steps: all or nothing over every dtype group --------------------------
+
+MIXED_SIZES = [(9, np.float32), (7, np.float64), (33, np.float32), (1000, np.float64)]
+MIXED_OPTIMIZERS = [
+    (mn.SGD, dict(lr=0.1, momentum=0.9)),
+    (mn.Adam, dict(lr=0.1, amsgrad=True)),
+    (mn.AdamW, dict(lr=0.1)),
+]
+
+
+def _mixed(cls, opts, rng):
+    params = [rng.standard_normal(n).astype(dtype) for n, dtype in MIXED_SIZES]
+    opt = cls(params, max_grad_norm=100.0, **opts)
+    opt.step(grads_for(rng, params))
+    return params, opt
+
+
+def _first_state(opt):
+    return next(iter(opt.state))
+
+
+def _bad_grad_dtype(i):
+    def make(params, grads, opt):
+        grads[i] = grads[i].astype(np.float64 if grads[i].dtype == np.float32 else np.float32)
+
+    return make
+
+
+def _bad_grad_shape(i):
+    def make(params, grads, opt):
+        grads[i] = np.zeros(grads[i].size + 1, grads[i].dtype)
+
+    return make
+
+
+def _read_only_state(i):
+    def make(params, grads, opt):
+        opt.state[_first_state(opt)][i].flags.writeable = False
+
+    return make
+
+
+def _read_only_param(params, grads, opt):
+    params[3].flags.writeable = False
+
+
+def _state_over_param_same_group(params, grads, opt):
+    opt.state[_first_state(opt)][1] = params[3][:7]  # both float64
+
+
+def _state_over_param_across_groups(params, grads, opt):
+    opt.state[_first_state(opt)][0] = params[3][:5].view(np.float32)[:9]  # float32 over float64
+
+
+def _param_of_another_dtype(params, grads, opt):
+    opt.params[3] = params[3].astype(np.float32)
+
+
+def _invalid_lr(params, grads, opt):
+    opt.lr = -1.0
+
+
+MIXED_FAILURES = [  # name, how the step is spoiled, the error, its text
+    ("grad dtype in group f32", _bad_grad_dtype(2), TypeError, r"grads\[2\] has dtype"),
+    ("grad dtype in group f64", _bad_grad_dtype(3), TypeError, r"grads\[3\] has dtype"),
+    ("grad shape in group f32", _bad_grad_shape(2), ValueError, r"grads\[2\] has shape"),
+    ("grad shape in group f64", _bad_grad_shape(3), ValueError, r"grads\[3\] has shape"),
+    ("read-only state f64", _read_only_state(3), ValueError, r"\[3\] is not writeable"),
+    ("read-only param f64", _read_only_param, ValueError, r"params\[3\] is not writeable"),
+    ("state over param", _state_over_param_same_group, ValueError, r"\[1\] shares memory with"),
+    ("state over other group", _state_over_param_across_groups, ValueError, r"\[0\] shares"),
+    ("param changed dtype", _param_of_another_dtype, TypeError, r"params\[3\] changed dtype"),
+    ("invalid lr", _invalid_lr, ValueError, "lr is invalid"),
+    ("grad count", lambda p, g, o: g.pop(), ValueError, "got 3 grads for 4 params"),
+]
+
+
+@pytest.mark.parametrize("name,spoil,exc,text", MIXED_FAILURES, ids=[f[0] for f in MIXED_FAILURES])
+@pytest.mark.parametrize(
+    "cls,opts", MIXED_OPTIMIZERS, ids=[o[0].__name__ for o in MIXED_OPTIMIZERS]
+)
+def test_mixed_dtype_step_is_all_or_nothing(cls, opts, name, spoil, exc, text, rng):
+    """Every way a step over float32 and float64 params can fail, in either dtype group: the
+    error names the index in params (not within a dtype group) and params, state and step_count
+    stay bitwise unchanged (the float32 group was updated before the float64 group failed)."""
+    params, opt = _mixed(cls, opts, rng)
+    grads = grads_for(rng, params)
+    spoil(params, grads, opt)
+    snapshot = [p.tobytes() for p in params]
+    state = {k: np.array(v, copy=True) for k, v in opt.state_dict().items()}
+    with pytest.raises(exc, match=f"{cls.__name__}.step: .*{text}"):
+        opt.step(grads)
+    assert [p.tobytes() for p in params] == snapshot
+    assert opt.step_count == 1
+    after = opt.state_dict()
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        assert np.asarray(after[k]).tobytes() == v.tobytes(), k
+
+
+@pytest.mark.parametrize(
+    "cls,opts", MIXED_OPTIMIZERS, ids=[o[0].__name__ for o in MIXED_OPTIMIZERS]
+)
+def test_float64_grad_over_a_float32_param_is_read_before_the_update(cls, opts):
+    """A float64 grad viewing a float32 param's memory: the float32 group is updated first, and
+    the float64 group read the updated bytes; the result must be that of a separate copy."""
+    values = np.array([1.5, -2.25, 0.75, 3.0, -0.5, 1.25])  # float32 halves are finite numbers
+
+    def run(copy):
+        p32 = values.view(np.float32).copy()
+        p64 = np.linspace(-1, 1, 6)
+        g64 = p32.view(np.float64)
+        opt = cls([p32, p64], max_grad_norm=100.0, **opts)
+        for _ in range(2):
+            opt.step([np.ones(12, np.float32), g64.copy() if copy else g64])
+        return p32, p64
+
+    for got, want in zip(run(copy=False), run(copy=True), strict=True):
+        assert got.tobytes() == want.tobytes()
+
+
+def test_mixed_dtype_regression():
+    """The issue's reproducer: a state buffer of the float64 group aliasing a float64 param was
+    refused by the binding after the float32 group had been updated, naming the local index."""
+    p32, p64, q64 = np.zeros(4, np.float32), np.zeros(6), np.zeros(6)
+    opt = mn.SGD([p32, p64, q64], lr=1.0, momentum=0.9)
+    opt.state["momentum_buffer"][2] = p64
+    with pytest.raises(ValueError, match=r"momentum_buffer\[2\] shares memory with params\[1\]"):
+        opt.step([np.ones(4, np.float32), np.ones(6), np.ones(6)])
+    assert (p32 == 0).all() and opt.step_count == 0
+
+
+def test_binding_asserts_disjoint_arrays():
+    """The binding's memory-safety assertion (the policy and its messages live in Python)."""
+    p = np.zeros(8, np.float32)
+    for params, grads in (([p[:4], p[2:6]], [np.ones(4, np.float32)] * 2), ([p], [p])):
+        with pytest.raises(ValueError, match="sgd_step: an array the step writes overlaps"):
+            _core.sgd_step(params, grads, None, 0.1, 0.0, 0.0, 0.0, False, False, 1.0)
+    assert (p == 0).all()
+
+
+# -- the global grad norm: scaled, no overflow ---------------------------------------------------
+
+NORM_SCALES = {np.float32: [1e-30, 1.0, 1e30], np.float64: [1e-200, 1e-30, 1.0, 1e30, 1e200]}
+
+
+def _exact_norm(grads, scale):
+    """sqrt(sum g^2) computed on g / scale in float64 (no overflow or underflow)."""
+    return scale * np.sqrt(sum(np.sum((g.astype(np.float64) / scale) ** 2) for g in grads))
+
+
+@pytest.mark.parametrize("sizes", [[7], [1, 70000, 9]], ids=str)
+@pytest.mark.parametrize(
+    "dtype,scale", [(d, s) for d, scales in NORM_SCALES.items() for s in scales], ids=str
+)
+def test_grad_norm_of_huge_and_tiny_grads(dtype, scale, sizes, rng):
+    params = make_params(rng, sizes, dtype)
+    grads = [(rng.standard_normal(n) * scale).astype(dtype) for n in sizes]
+    opt = mn.SGD(params, lr=1e-3, skip_nonfinite=True)
+    result = opt.step(grads)
+    assert result.applied
+    np.testing.assert_allclose(result.grad_norm, _exact_norm(grads, scale), rtol=1e-5)
+
+
+def test_grad_norm_of_float64_1e200_regression():
+    """The issue's reproducer: the sum of squares overflowed, so a finite step was skipped."""
+    opt = mn.SGD(np.zeros(1000), lr=1e-300, skip_nonfinite=True)
+    result = opt.step(np.full(1000, 1e200))
+    assert result.applied
+    np.testing.assert_allclose(result.grad_norm, 1e200 * np.sqrt(1000), rtol=1e-14)
+
+
+def test_grad_norm_mixes_scales_and_dtypes(rng):
+    grads = [
+        rng.standard_normal(70005) * 1e200,
+        rng.standard_normal(9),
+        (rng.standard_normal(300) * 1e30).astype(np.float32),
+        np.zeros(70000),
+    ]
+    opt = mn.SGD([np.zeros_like(g) for g in grads], lr=1e-3, skip_nonfinite=True)
+    result = opt.step(grads)
+    assert result.applied
+    np.testing.assert_allclose(result.grad_norm, _exact_norm(grads, 1e200), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clipping_huge_grads(dtype, rng):
+    scale = 1e30 if dtype == np.float32 else 1e200
+    params = make_params(rng, [5, 70000], dtype)
+    start = [p.astype(np.float64) for p in params]
+    grads = [(rng.standard_normal(p.size) * scale).astype(dtype) for p in params]
+    opt = mn.SGD(params, lr=0.1, max_grad_norm=1.0)
+    result = opt.step(grads)
+    norm = _exact_norm(grads, scale)
+    assert result.applied and np.isclose(result.grad_norm, norm, rtol=1e-5)
+    np.testing.assert_allclose(result.clip_coef, 1.0 / norm, rtol=1e-5)
+    step = np.sqrt(sum(np.sum((p - s) ** 2) for p, s in zip(params, start, strict=True)))
+    assert np.isclose(step, 0.1, rtol=1e-3)  # lr times the clipped norm 1
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_nonfinite_grads_beside_huge_ones_are_skipped(bad, where, rng):
+    grads = [rng.standard_normal(70005) * 1e200, rng.standard_normal(9).astype(np.float32)]
+    grads.append(np.full(3, 1e-300))
+    grads[where][-1] = bad
+    params = [np.zeros_like(g) for g in grads]
+    result = mn.Adam(params, skip_nonfinite=True).step(grads)
+    assert not result.applied
+    assert np.isnan(result.grad_norm) if np.isnan(bad) else result.grad_norm == np.inf
+    assert all((p == 0).all() for p in params)
+
+
+# -- gradient_descent: exact gradient shapes, errors that name it -------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (6,), (), (1, 2, 3)], ids=str)
+def test_gradient_descent_refuses_a_gradient_of_another_shape(shape):
+    """Regression: a (3, 2) or (6,) gradient for x0 of shape (2, 3) was silently reshaped.  Only
+    x0's exact shape is accepted (no reshaping, no broadcasting of a scalar)."""
+    x0 = np.ones((2, 3))
+    expected = rf"gradient_descent: grad_fn returned a gradient of shape {re.escape(str(shape))}"
+    with pytest.raises(ValueError, match=expected + r" \(expected x0's shape \(2, 3\)\)"):
+        mn.gradient_descent(lambda x: np.ones(shape), x0, lr=0.1, steps=3)
+    np.testing.assert_array_equal(x0, 1.0)
+
+
+GD_ERRORS = [
+    (
+        "tuple of 3",
+        dict(grad_fn=lambda x: (1.0, x, x)),
+        ValueError,
+        "grad_fn returned a tuple of 3 items",
+    ),
+    (
+        "value not a number",
+        dict(grad_fn=lambda x: ("loss", x)),
+        TypeError,
+        "grad_fn returned a value that is not a real number",
+    ),
+    ("unknown option", dict(momentun=0.9), TypeError, "options has momentun, which SGD"),
+    ("invalid option", dict(momentum=-1.0), ValueError, "momentum is invalid"),
+    ("invalid lr", dict(lr=-1.0), ValueError, "lr is invalid"),
+    ("invalid max_grad_norm", dict(max_grad_norm=-1.0), ValueError, "max_grad_norm is invalid"),
+    ("adam betas", dict(optimizer="adam", betas=(2, 0.5)), ValueError, r"betas\[0\] is invalid"),
+    ("callback", dict(callback=3), TypeError, "callback must be callable"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,exc,text", GD_ERRORS, ids=[e[0] for e in GD_ERRORS])
+def test_gradient_descent_errors_name_it(name, kwargs, exc, text):
+    args = dict(grad_fn=lambda x: 2 * x, lr=0.1, steps=3) | kwargs
+    with pytest.raises(exc, match=f"^gradient_descent: {text}"):
+        mn.gradient_descent(args.pop("grad_fn"), np.ones(3), **args)
+
+
+# -- state dicts: the optimizer's kind, every setting, checked before writing -------------------
+
+
+def _trained(cls, rng, **opts):
+    params = make_params(rng, [4, 9], np.float64)
+    opt = cls(params, lr=0.01, **opts)
+    for _ in range(2):
+        opt.step(grads_for(rng, params))
+    return params, opt
+
+
+def _assert_unchanged(opt, state):
+    after = opt.state_dict()
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        assert np.asarray(after[k]).tobytes() == np.asarray(v).tobytes(), k
+
+
+@pytest.mark.parametrize(
+    "source,target",
+    [(mn.SGD, mn.Adam), (mn.Adam, mn.SGD), (mn.Adam, mn.AdamW), (mn.AdamW, mn.Adam)],
+    ids=lambda c: c.__name__,
+)
+def test_load_state_dict_refuses_another_optimizers_state(source, target, rng, tmp_path):
+    _, src = _trained(source, rng, **({"momentum": 0.9} if source is mn.SGD else {}))
+    np.savez(tmp_path / "s.npz", **src.state_dict())
+    _, opt = _trained(target, rng)
+    before = opt.state_dict()
+    with np.load(tmp_path / "s.npz") as f:
+        with pytest.raises(ValueError, match=f"{target.__name__}.load_state_dict: the state is"):
+            opt.load_state_dict(dict(f))
+    _assert_unchanged(opt, before)
+
+
+def test_load_state_dict_without_the_optimizer_entry(rng):
+    """Older saves have no "optimizer" entry: accepted when every entry fits, else refused."""
+    _, adam = _trained(mn.Adam, rng)
+    old = {k: v for k, v in adam.state_dict().items() if k != "optimizer"}
+    _, twin = _trained(mn.AdamW, rng)
+    twin.load_state_dict(old)  # Adam and AdamW have the same entries: cannot be told apart
+    assert twin.step_count == 2
+    _, sgd = _trained(mn.SGD, rng, momentum=0.9)
+    old_sgd = {k: v for k, v in sgd.state_dict().items() if k != "optimizer"}
+    before = adam.state_dict()
+    with pytest.raises(ValueError, match="the state has entries that Adam does not have"):
+        adam.load_state_dict(old_sgd)
+    _assert_unchanged(adam, before)
+
+
+BAD_STATE_ENTRIES = [
+    ("step", "x", TypeError, "step must be an integer"),
+    ("step", 1.5, TypeError, "step must be an integer"),
+    ("step", np.array([1, 2]), TypeError, "step must be an integer"),
+    ("step", [[1], [2, 3]], TypeError, "step could not be converted to an array"),
+    ("step", -1, ValueError, "step must be >= 0"),
+    ("lr", -1.0, ValueError, "lr is invalid"),
+    ("lr", "fast", TypeError, "lr must be a real number"),
+    ("betas", np.array([2.0, 0.5]), ValueError, r"betas\[0\] is invalid"),
+    ("betas", 0.9, TypeError, "betas must be a pair"),
+    ("eps", 0.0, ValueError, "eps is invalid"),
+    ("amsgrad", np.int64(2), TypeError, "amsgrad must be a bool"),
+    ("amsgrad", True, ValueError, r"the state lacks max_exp_avg_sq.0"),  # amsgrad needs its buffers
+    ("max_grad_norm", -1.0, ValueError, "max_grad_norm is invalid"),
+    ("max_grad_norm", np.inf, ValueError, "max_grad_norm is invalid"),
+    ("skip_nonfinite", 3, TypeError, "skip_nonfinite must be a bool"),
+    ("optimizer", 7, ValueError, "the state is another optimizer's"),
+    ("exp_avg.1", np.zeros(8), ValueError, "exp_avg.1 has shape"),
+    ("exp_avg.1", np.zeros(9, np.float32), TypeError, "exp_avg.1 has dtype"),
+]
+
+
+@pytest.mark.parametrize(
+    "key,value,exc,text", BAD_STATE_ENTRIES, ids=[f"{b[0]}={b[1]!r}" for b in BAD_STATE_ENTRIES]
+)
+def test_load_state_dict_checks_every_entry_before_writing(key, value, exc, text, rng):
+    """Invalid hyper-parameters used to be accepted and fail only at the next step; bad step
+    entries were bare Python errors."""
+    params, opt = _trained(mn.Adam, rng, max_grad_norm=5.0)
+    state = opt.state_dict() | {key: value}
+    before = opt.state_dict()
+    snapshot = [p.copy() for p in params]
+    with pytest.raises(exc, match=f"^Adam.load_state_dict: {text}"):
+        opt.load_state_dict(state)
+    _assert_unchanged(opt, before)
+    assert opt.lr == 0.01 and opt.max_grad_norm == 5.0
+    opt.step(grads_for(rng, params))  # still works
+    assert not all((p == s).all() for p, s in zip(params, snapshot, strict=True))
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 2.5])
+@pytest.mark.parametrize("cls", [mn.SGD, mn.Adam, mn.AdamW])
+def test_state_dict_keeps_clipping_and_skipping(cls, max_grad_norm, rng, tmp_path):
+    """state_dict() used to drop max_grad_norm and skip_nonfinite.  None is saved as NaN (so that
+    it survives np.savez) and restored as None."""
+    _, opt = _trained(cls, rng, max_grad_norm=max_grad_norm, skip_nonfinite=True)
+    np.savez(tmp_path / "s.npz", **opt.state_dict())
+    _, twin = _trained(cls, rng, max_grad_norm=7.0, skip_nonfinite=False)
+    with np.load(tmp_path / "s.npz") as f:
+        state = dict(f)
+    assert str(state["optimizer"]) == cls.__name__
+    twin.load_state_dict(state)
+    assert twin.max_grad_norm == max_grad_norm and twin.skip_nonfinite is True
+    # an older save without them keeps the current settings
+    _, old = _trained(cls, rng, max_grad_norm=7.0)
+    old.load_state_dict({k: v for k, v in state.items() if k not in ("max_grad_norm", "optimizer")})
+    assert old.max_grad_norm == 7.0
+
+
+CONSTRUCTOR_ERRORS = [
+    (dict(max_grad_norm=-1.0), ValueError, "max_grad_norm is invalid"),
+    (dict(max_grad_norm=float("nan")), ValueError, "max_grad_norm is invalid"),
+    (dict(max_grad_norm=0), ValueError, "max_grad_norm is invalid"),
+    (dict(max_grad_norm="1"), TypeError, "max_grad_norm must be a real number"),
+    (dict(skip_nonfinite="yes"), TypeError, "skip_nonfinite must be a bool"),
+    (dict(maximize="no"), TypeError, "maximize must be a bool"),
+]
+
+
+@pytest.mark.parametrize("cls", [mn.SGD, mn.Adam, mn.AdamW])
+@pytest.mark.parametrize(
+    "kwargs,exc,text", CONSTRUCTOR_ERRORS, ids=[str(c[0]) for c in CONSTRUCTOR_ERRORS]
+)
+def test_constructor_validates_clipping_and_flags(cls, kwargs, exc, text):
+    """max_grad_norm=-1 used to be accepted and fail only at the first step."""
+    with pytest.raises(exc, match=f"^{cls.__name__}: {text}"):
+        cls(np.zeros(3), lr=0.1, **kwargs)
+
+
+def test_find_overlaps_edges():
+    """The byte-range sweep behind the overlap policy: adjacent ranges do not overlap, empty
+    arrays never do, a read range is found whichever written range it meets."""
+    buf = np.zeros(20, np.float32)
+    written = [buf[10:15], buf[0:5], buf[5:10]]  # adjacent, given out of order
+    reads = [buf[15:20], buf[4:6], buf[:0], buf[14:16], np.zeros(3, np.float32), buf[9:10]]
+    assert _core.find_overlaps(written, reads) == (None, [1, 3, 5])
+    assert _core.find_overlaps([buf[12:16], *written], []) == ((0, 1), [])
+    assert _core.find_overlaps([buf[:0], buf[:0]], [buf]) == (None, [])

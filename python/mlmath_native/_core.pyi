@@ -148,8 +148,13 @@ def attention_backward_into(
 
 # -- optimizers -----------------------------------------------------------------------------------
 
-def grad_sumsq(grads: Sequence[NDArray[Any]]) -> float:
-    """sum of squares over all arrays (fixed order)"""
+def find_overlaps(
+    written: Sequence[NDArray[Any]], read: Sequence[NDArray[Any]]
+) -> tuple[tuple[int, int] | None, list[int]]:
+    """(None or (i, j) written arrays sharing memory, read indices overlapping a written one)"""
+
+def grad_norm(grads: Sequence[NDArray[Any]]) -> float:
+    """the global L2 norm of all arrays (fixed order, scaled: no overflow)"""
 
 def sgd_step(
     params: Sequence[NDArray[Any]],

@@ -1,18 +1,22 @@
 """Fused, multi-tensor optimizers that update NumPy arrays in place, torch.optim's semantics.
 
-``SGD``, ``Adam`` and ``AdamW`` hold a list of parameter arrays and their state; ``step(grads)``
+``SGD``, ``Adam`` and ``AdamW`` hold a list of parameters (NumPy arrays or PyTorch CPU tensors,
+the caller's objects: Note [fresh views]) and their state; ``step(grads)``
 updates every parameter in one pass over memory (all tensors in one parallel region), after
 optionally clipping all gradients together by their global L2 norm (``max_grad_norm``) and
 skipping the whole step when a gradient holds NaN or Inf (``skip_nonfinite``).  The functional
 kernels ``sgd_step`` and ``adam_step`` update single arrays for embedding in other code, and
 ``gradient_descent`` minimises a user function with them.
 
-Every argument of a step is validated before anything is written: a step that raises leaves
-every parameter and every state buffer bitwise unchanged.
+Every argument of a step is validated before anything is written, for params of both dtypes:
+a step that raises leaves every parameter, every state buffer and the step count bitwise
+unchanged.  ``state_dict()`` records the optimizer's kind and every setting;
+``load_state_dict`` checks all of it before writing.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import sys
@@ -39,8 +43,8 @@ __all__ = [
 
 #: parameters or gradients: one array or a sequence of arrays
 _Arrays = NDArray[Any] | Sequence[NDArray[Any]]
-#: a state dict: the step count and the hyper-parameters and state buffers as arrays
-_StateDict = dict[str, NDArray[Any] | np.int64]
+#: a state dict: the optimizer's kind, the step count, the settings and state buffers (NumPy)
+_StateDict = dict[str, NDArray[Any] | np.generic]
 
 
 # -- argument checks ---------------------------------------------------------------------------
@@ -75,9 +79,26 @@ def _real(
     return value
 
 
+def _flag(fn: str, name: str, value: object) -> bool:
+    """A bool (or NumPy bool, or the integer 0 or 1), else TypeError naming it."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{fn}: {name} must be a bool (got {value!r})")
+
+
+def _max_grad_norm(fn: str, value: object) -> float | None:
+    """None (no clipping) or a finite max_grad_norm > 0."""
+    if value is None:
+        return None
+    return _real(fn, "max_grad_norm", cast("float", value), low=0, low_open=True)
+
+
 def _param_array(fn: str, name: str, p: object) -> NDArray[Any]:
     """A parameter (or state) array that can be updated in place: never a silent copy.  A DLPack
-    exporter (a PyTorch CPU tensor) is used through a view of its memory (Note [zero copy])."""
+    exporter (a PyTorch CPU tensor) is used through a view of its memory (Note [zero copy]),
+    taken anew by every call (Note [fresh views])."""
     if not isinstance(p, np.ndarray):
         if not hasattr(p, "__dlpack__"):
             raise TypeError(
@@ -101,23 +122,25 @@ def _param_array(fn: str, name: str, p: object) -> NDArray[Any]:
     return p
 
 
-def _require_disjoint(fn: str, params: list[NDArray[Any]]) -> None:
-    """ValueError when two params share memory: each would be updated twice per step, from one
-    gradient and then the other.  Params are C-contiguous, so each is one byte range; sorted by
-    start, an overlap is a range that starts before the furthest end seen so far."""
-    spans = sorted(
-        (p.__array_interface__["data"][0], p.nbytes, i) for i, p in enumerate(params) if p.nbytes
-    )
-    reach, holder = -1, -1
-    for start, nbytes, i in spans:
-        if start < reach:
-            first, second = sorted((holder, i))
-            raise ValueError(
-                f"{fn}: params[{second}] shares memory with params[{first}] (each param must be "
-                "its own array)"
-            )
-        if start + nbytes > reach:
-            reach, holder = start + nbytes, i
+def _reads_apart_from_writes(
+    fn: str, written: Sequence[tuple[str, NDArray[Any]]], grads: list[NDArray[Any]]
+) -> list[NDArray[Any]]:
+    """Note [overlap policy]: no two arrays a step writes (params, state buffers, of every dtype
+    group) may share memory: which update would win is undefined, so ValueError names both.
+    Grads are only read: a grad that shares memory with a written array (a grad_fn returning x
+    itself, a float64 grad viewing a float32 param) is replaced by a copy taken before any
+    update, as NumPy reads an input that overlaps its output.  Returns the grads to read.  The
+    byte-range sweep is ``_core.find_overlaps`` (all arrays here are C-contiguous); the binding
+    asserts its result before every kernel call."""
+    pair, hits = _core.find_overlaps([a for _, a in written], grads)
+    if pair is not None:
+        first, second = pair  # named in the order they were given
+        raise ValueError(
+            f"{fn}: {written[second][0]} shares memory with {written[first][0]} (each param "
+            "and state buffer must be its own array)"
+        )
+    copied = set(hits)
+    return [g.copy() if k in copied else g for k, g in enumerate(grads)]
 
 
 def _grad_array(fn: str, name: str, g: object, param: NDArray[Any]) -> NDArray[Any]:
@@ -158,6 +181,33 @@ def _check_state(fn: str, name: str, buf: object, param: NDArray[Any]) -> NDArra
     return buf
 
 
+def _state_array(fn: str, name: str, value: object) -> NDArray[Any]:
+    """An entry of a state dict as an array, or TypeError naming it."""
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{fn}: {name} could not be converted to an array ({exc})") from None
+
+
+def _state_int(fn: str, name: str, value: object) -> int:
+    """An integer entry of a state dict (a Python or NumPy integer, or a 0-d integer array)."""
+    arr = _state_array(fn, name, value)
+    if arr.ndim != 0 or arr.dtype.kind not in "iu":
+        raise TypeError(f"{fn}: {name} must be an integer (got {value!r})")
+    return int(arr)
+
+
+def _state_scalar(fn: str, name: str, value: object) -> Any:
+    """A 0-d entry of a state dict as a Python scalar (betas: a pair)."""
+    arr = _state_array(fn, name, value)
+    if arr.dtype.kind not in "biuf" or arr.shape != ((2,) if name == "betas" else ()):
+        raise TypeError(
+            f"{fn}: {name} must be {'a pair of' if name == 'betas' else 'a'} real "
+            f"number{'s' if name == 'betas' else ''} (got {value!r})"
+        )
+    return tuple(arr.tolist()) if name == "betas" else arr[()].item()
+
+
 # -- results -----------------------------------------------------------------------------------
 
 
@@ -183,8 +233,17 @@ class StepResult:
 
 
 class _Optimizer:
-    """Shared machinery: params, grads, clipping, state dicts.  Subclasses define _hyper(),
-    _state_names() and _update(groups, scale)."""
+    """Shared machinery: params, grads, clipping, state dicts.  Subclasses define the names of
+    their hyper-parameters and state, _check_hyper(fn, values) and _update (one dtype group).
+
+    Note [fresh views]: the optimizer keeps the caller's objects (``params``: NumPy arrays or
+    PyTorch tensors, as given) and the shape and dtype its state was made for, never a view of
+    their memory.  Every step takes a fresh view of each param's *current* memory, so a tensor
+    whose storage was replaced (``w.data = ...``, ``w.set_(...)``) is updated where it lives
+    now; a param whose shape or dtype no longer fits the state (``w.resize_(...)``,
+    ``module.double()``, ``a.resize(...)``) is refused with an error naming it, changing
+    nothing.  The views live only as long as the call that took them.
+    """
 
     _name = "optimizer"
 
@@ -195,17 +254,21 @@ class _Optimizer:
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
-        fn = f"{self._name}"
-        params = _as_list(fn, "params", params)
-        if not params:
+        fn = self._name
+        objects = _as_list(fn, "params", params)
+        if not objects:
             raise ValueError(f"{fn}: params is empty (expected at least one array)")
-        self.params = [_param_array(fn, f"params[{i}]", p) for i, p in enumerate(params)]
-        _require_disjoint(fn, self.params)
-        self.max_grad_norm = max_grad_norm
-        self.skip_nonfinite = bool(skip_nonfinite)
+        views = [_param_array(fn, f"params[{i}]", p) for i, p in enumerate(objects)]
+        _reads_apart_from_writes(fn, [(f"params[{i}]", v) for i, v in enumerate(views)], [])
+        #: the caller's arrays or tensors, as given (Note [fresh views])
+        self.params: list[Any] = objects
+        self._layout = [(v.shape, v.dtype) for v in views]  # what the state was made for
+        self.max_grad_norm = _max_grad_norm(fn, max_grad_norm)
+        self.skip_nonfinite = _flag(fn, "skip_nonfinite", skip_nonfinite)
         self.step_count = 0
         self.state: dict[str, list[NDArray[Any] | None]] = {
-            name: [np.zeros_like(p) for p in self.params] for name in self._state_names()
+            name: [np.zeros(shape, dtype) for shape, dtype in self._layout]
+            for name in self._state_names()
         }
 
     # what a subclass defines ---------------------------------------------------------------------
@@ -215,54 +278,124 @@ class _Optimizer:
     def _hyper_names(self) -> list[str]:
         raise NotImplementedError
 
-    def _check_hyper(self) -> dict[str, Any]:
+    @classmethod
+    def _check_hyper(cls, fn: str, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The hyper-parameters ``values`` (by name) checked and normalised, or an error."""
+        raise NotImplementedError
+
+    def _step_state(self, hyper: dict[str, Any]) -> list[str]:
+        """The state buffers a step with ``hyper`` reads and writes."""
+        raise NotImplementedError
+
+    def _required_state(self, step: int, hyper: dict[str, Any]) -> list[str]:
+        """The state buffers a state dict at ``step`` with ``hyper`` must hold."""
         raise NotImplementedError
 
     def _update(
-        self, idx: list[int], grads: list[NDArray[Any]], hyper: dict[str, Any], scale: float
+        self,
+        params: list[NDArray[Any]],
+        grads: list[NDArray[Any]],
+        states: dict[str, list[NDArray[Any]]],
+        hyper: dict[str, Any],
+        scale: float,
     ) -> None:
+        """One fused kernel call over params of one dtype."""
         raise NotImplementedError
 
     # the step ------------------------------------------------------------------------------------
+    def _hyper_values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._hyper_names()}
+
+    def _views(self, fn: str) -> list[NDArray[Any]]:
+        """Fresh views of the params' current memory, checked against the state's layout
+        (Note [fresh views])."""
+        if len(self.params) != len(self._layout):
+            raise ValueError(
+                f"{fn}: params has {len(self.params)} arrays (expected the "
+                f"{len(self._layout)} the optimizer was made with)"
+            )
+        views = []
+        for i, (p, (shape, dtype)) in enumerate(zip(self.params, self._layout, strict=True)):
+            v = _param_array(fn, f"params[{i}]", p)
+            if v.dtype != dtype:
+                raise TypeError(
+                    f"{fn}: params[{i}] changed dtype after the optimizer was made (got "
+                    f"{v.dtype}, expected {dtype}, the dtype of its state; make a new optimizer "
+                    "for converted params)"
+                )
+            if v.shape != shape:
+                raise ValueError(
+                    f"{fn}: params[{i}] changed shape after the optimizer was made (got "
+                    f"{v.shape}, expected {shape}, the shape of its state)"
+                )
+            views.append(v)
+        return views
+
+    def _state_views(
+        self, fn: str, params: list[NDArray[Any]], hyper: dict[str, Any]
+    ) -> dict[str, list[NDArray[Any]]]:
+        """The state buffers the step writes, checked; a missing one (max_exp_avg_sq when
+        amsgrad was just turned on) is a new zero array, kept only if the step succeeds."""
+        states: dict[str, list[NDArray[Any]]] = {}
+        for name in self._step_state(hyper):
+            bufs = self.state[name]
+            states[name] = [
+                np.zeros_like(p) if b is None else _check_state(fn, f"{name}[{i}]", b, p)
+                for i, (b, p) in enumerate(zip(bufs, params, strict=True))
+            ]
+        return states
+
     def step(self, grads: _Arrays) -> StepResult:
         """Update every param in place from ``grads`` (an array or a list matching params).
 
         Returns a :class:`StepResult`.  Raises ValueError/TypeError, changing nothing, for
-        mismatched or non-writable arrays and invalid hyper-parameters.
+        mismatched or non-writable arrays, params whose shape or dtype changed since the
+        optimizer was made, and invalid hyper-parameters.
         """
         fn = f"{self._name}.step"
-        hyper = self._check_hyper()
-        max_norm = self.max_grad_norm
-        if max_norm is not None:
-            max_norm = _real(fn, "max_grad_norm", max_norm, low=0, low_open=True)
+        hyper = self._check_hyper(fn, self._hyper_values())
+        max_norm = _max_grad_norm(fn, self.max_grad_norm)
+        skip = _flag(fn, "skip_nonfinite", self.skip_nonfinite)
         grads = _as_list(fn, "grads", grads)
-        if len(grads) != len(self.params):
+        params = self._views(fn)
+        if len(grads) != len(params):
             raise ValueError(
-                f"{fn}: got {len(grads)} grads for {len(self.params)} params (expected one each)"
+                f"{fn}: got {len(grads)} grads for {len(params)} params (expected one each)"
             )
-        for i, p in enumerate(self.params):
-            _param_array(fn, f"params[{i}]", p)
-            for name, bufs in self.state.items():
-                if bufs[i] is not None:
-                    _check_state(fn, f"{name}[{i}]", bufs[i], p)
+        states = self._state_views(fn, params, hyper)
         grads = [
             _grad_array(fn, f"grads[{i}]", g, p)
-            for i, (g, p) in enumerate(zip(grads, self.params, strict=True))
+            for i, (g, p) in enumerate(zip(grads, params, strict=True))
         ]
+        written = [(f"params[{i}]", p) for i, p in enumerate(params)] + [
+            (f"{name}[{i}]", b) for name, bufs in states.items() for i, b in enumerate(bufs)
+        ]
+        grads = _reads_apart_from_writes(fn, written, grads)
+        # everything is checked: from here on nothing raises (all or nothing)
 
         grad_norm, coef = None, 1.0
-        if max_norm is not None or self.skip_nonfinite:
-            grad_norm = math.sqrt(_core.grad_sumsq(grads))
-            if self.skip_nonfinite and not math.isfinite(grad_norm):
+        if max_norm is not None or skip:
+            grad_norm = _core.grad_norm(grads)
+            if skip and not math.isfinite(grad_norm):
                 return StepResult(applied=False, grad_norm=grad_norm)
             if max_norm is not None:
                 coef = min(1.0, max_norm / (grad_norm + 1e-6))  # as torch's clip_grad_norm_
         scale = -coef if hyper.get("maximize") else coef
         # one fused call per dtype (float32 and float64 params may be mixed)
         for dtype in FLOAT_DTYPES:
-            idx = [i for i, p in enumerate(self.params) if p.dtype == dtype]
+            idx = [i for i, p in enumerate(params) if p.dtype == dtype]
             if idx:
-                self._update(idx, [grads[i] for i in idx], hyper, scale)
+                self._update(
+                    [params[i] for i in idx],
+                    [grads[i] for i in idx],
+                    {name: [bufs[i] for i in idx] for name, bufs in states.items()},
+                    hyper,
+                    scale,
+                )
+        for name, bufs in states.items():  # keep the buffers this step created
+            for i, b in enumerate(bufs):
+                if self.state[name][i] is None:
+                    self.state[name][i] = b
         self.step_count += 1
         self._after_step(hyper)
         return StepResult(applied=True, grad_norm=grad_norm, clip_coef=coef)
@@ -272,62 +405,94 @@ class _Optimizer:
 
     # state ---------------------------------------------------------------------------------------
     def state_dict(self) -> _StateDict:
-        """A flat dict of NumPy values (``np.savez(f, **opt.state_dict())`` saves it): the step
-        count, the hyper-parameters, and copies of every state buffer as ``"<name>.<index>"``."""
-        d: _StateDict = {"step": np.int64(self.step_count)}
+        """A flat dict of NumPy values (``np.savez(f, **opt.state_dict())`` saves it): the
+        optimizer's kind (``"optimizer"``: ``"SGD"``, ``"Adam"`` or ``"AdamW"``), the step count,
+        the hyper-parameters, ``max_grad_norm`` (NaN standing for None, so that it survives
+        ``np.savez``), ``skip_nonfinite``, and copies of every state buffer as
+        ``"<name>.<index>"``."""
+        d: _StateDict = {"optimizer": np.str_(self._name), "step": np.int64(self.step_count)}
         for name in self._hyper_names():
             d[name] = np.asarray(getattr(self, name))
+        norm = self.max_grad_norm
+        d["max_grad_norm"] = np.float64(np.nan if norm is None else norm)
+        d["skip_nonfinite"] = np.bool_(self.skip_nonfinite)
         for name, bufs in self.state.items():
             for i, b in enumerate(bufs):
                 if b is not None:
-                    d[f"{name}.{i}"] = b.copy()
+                    d[f"{name}.{i}"] = np.array(b, copy=True)
         return d
+
+    def _state_keys(self) -> set[str]:
+        keys = {"optimizer", "step", "max_grad_norm", "skip_nonfinite", *self._hyper_names()}
+        return keys | {f"{n}.{i}" for n in self.state for i in range(len(self._layout))}
 
     def load_state_dict(self, d: Mapping[str, ArrayLike]) -> None:
         """Restore what :meth:`state_dict` returned (or ``dict(np.load(file))``); every entry is
-        checked before anything is changed."""
+        checked before anything is changed.  A state saved by another kind of optimizer (its
+        ``"optimizer"`` entry, or entries this optimizer does not have) is refused; a state
+        without ``max_grad_norm``/``skip_nonfinite`` (older saves) keeps the current ones."""
         fn = f"{self._name}.load_state_dict"
         if not isinstance(d, Mapping):
             raise TypeError(f"{fn}: the state must be a mapping (got {type(d).__name__})")
         d = dict(d)
+        if "optimizer" in d:
+            kind = _state_array(fn, "optimizer", d["optimizer"])
+            if kind.dtype.kind != "U" or kind.ndim or str(kind) != self._name:
+                raise ValueError(
+                    f"{fn}: the state is another optimizer's (got optimizer "
+                    f"{d['optimizer']!r}, expected {self._name!r})"
+                )
+        unknown = sorted(set(d) - self._state_keys())
+        if unknown:
+            raise ValueError(
+                f"{fn}: the state has entries that {self._name} does not have (got "
+                f"{', '.join(unknown[:3])}; is it another optimizer's state?)"
+            )
         if "step" not in d:
             raise ValueError(f"{fn}: the state has no 'step' entry")
-        step = int(np.asarray(d["step"]))
+        step = _state_int(fn, "step", d["step"])
         if step < 0:
             raise ValueError(f"{fn}: step must be >= 0 (got {step})")
+        values = self._hyper_values()
+        values.update(
+            {name: _state_scalar(fn, name, d[name]) for name in self._hyper_names() if name in d}
+        )
+        hyper = self._check_hyper(fn, values)
+        max_norm = self.max_grad_norm
+        if "max_grad_norm" in d:
+            norm = _state_scalar(fn, "max_grad_norm", d["max_grad_norm"])
+            max_norm = None if isinstance(norm, float) and math.isnan(norm) else norm
+        max_norm = _max_grad_norm(fn, max_norm)
+        skip = self.skip_nonfinite
+        if "skip_nonfinite" in d:
+            skip = _state_scalar(fn, "skip_nonfinite", d["skip_nonfinite"])
+        skip = _flag(fn, "skip_nonfinite", skip)
         buffers: dict[tuple[str, int], NDArray[Any]] = {}
         for name in self.state:
-            for i, p in enumerate(self.params):
+            for i, (shape, dtype) in enumerate(self._layout):
                 key = f"{name}.{i}"
                 if key not in d:
                     continue
-                value = np.asarray(d[key])
-                if value.shape != p.shape:
-                    raise ValueError(f"{fn}: {key} has shape {value.shape} (expected {p.shape})")
-                if value.dtype != p.dtype:
-                    raise TypeError(f"{fn}: {key} has dtype {value.dtype} (expected {p.dtype})")
+                value = _state_array(fn, key, d[key])
+                if value.shape != shape:
+                    raise ValueError(f"{fn}: {key} has shape {value.shape} (expected {shape})")
+                if value.dtype != dtype:
+                    raise TypeError(f"{fn}: {key} has dtype {value.dtype} (expected {dtype})")
                 buffers[(name, i)] = value
-        required = self._required_state(step)
+        required = self._required_state(step, hyper)
         missing = [
-            f"{n}.{i}" for n in required for i in range(len(self.params)) if (n, i) not in buffers
+            f"{n}.{i}" for n in required for i in range(len(self._layout)) if (n, i) not in buffers
         ]
         if missing:
             raise ValueError(f"{fn}: the state lacks {', '.join(missing[:3])}")
-        hyper = {name: np.asarray(d[name]).tolist() for name in self._hyper_names() if name in d}
         # all checked: now write
         for name in self._hyper_names():
-            if name in hyper:
-                value = hyper[name]
-                setattr(self, name, tuple(value) if isinstance(value, list) else value)
+            setattr(self, name, values[name])
+        self.max_grad_norm, self.skip_nonfinite = max_norm, skip
         for (name, i), value in buffers.items():
-            if self.state[name][i] is None:
-                self.state[name][i] = np.zeros_like(self.params[i])
-            np.copyto(cast("NDArray[Any]", self.state[name][i]), value)  # not None: just set
+            self.state[name][i] = np.array(value, order="C", copy=True)  # checked above
         self.step_count = step
         self._after_load(buffers)
-
-    def _required_state(self, step: int) -> list[str]:
-        return list(self.state) if step > 0 else []
 
     def _after_load(self, buffers: dict[tuple[str, int], NDArray[Any]]) -> None:
         pass
@@ -346,8 +511,11 @@ class SGD(_Optimizer):
 
     Parameters
     ----------
-    params : ndarray or list of ndarray
-        float32/float64, C-contiguous, writeable; updated in place.
+    params : ndarray or list of ndarray (or PyTorch CPU tensors)
+        float32/float64, C-contiguous, writeable; updated in place.  ``opt.params`` is this
+        list of the caller's objects; each step updates the memory a param has at that step
+        (a tensor whose ``.data`` was replaced is followed) and refuses a param whose shape or
+        dtype changed since the optimizer was made.
     lr, momentum, dampening, weight_decay, nesterov, maximize
         As in torch.optim.SGD; attributes of the same names may be changed between steps.
     max_grad_norm : float, optional
@@ -384,7 +552,7 @@ class SGD(_Optimizer):
     ) -> None:
         self.lr, self.momentum, self.dampening = lr, momentum, dampening
         self.nesterov, self.weight_decay, self.maximize = nesterov, weight_decay, maximize
-        self._check_hyper()
+        self._check_hyper(self._name, self._hyper_values())
         super().__init__(params, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
         self._momentum_started = False
 
@@ -394,15 +562,15 @@ class SGD(_Optimizer):
     def _hyper_names(self) -> list[str]:
         return ["lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"]
 
-    def _check_hyper(self) -> dict[str, Any]:
-        fn = "SGD"
+    @classmethod
+    def _check_hyper(cls, fn: str, values: Mapping[str, Any]) -> dict[str, Any]:
         h = dict(
-            lr=_real(fn, "lr", self.lr, low=0, low_open=True),
-            momentum=_real(fn, "momentum", self.momentum, low=0),
-            dampening=_real(fn, "dampening", self.dampening),
-            weight_decay=_real(fn, "weight_decay", self.weight_decay, low=0),
-            nesterov=bool(self.nesterov),
-            maximize=bool(self.maximize),
+            lr=_real(fn, "lr", values["lr"], low=0, low_open=True),
+            momentum=_real(fn, "momentum", values["momentum"], low=0),
+            dampening=_real(fn, "dampening", values["dampening"]),
+            weight_decay=_real(fn, "weight_decay", values["weight_decay"], low=0),
+            nesterov=_flag(fn, "nesterov", values["nesterov"]),
+            maximize=_flag(fn, "maximize", values["maximize"]),
         )
         if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
             raise ValueError(
@@ -411,7 +579,10 @@ class SGD(_Optimizer):
             )
         return h
 
-    def _required_state(self, step: int) -> list[str]:
+    def _step_state(self, hyper: dict[str, Any]) -> list[str]:
+        return ["momentum_buffer"] if hyper["momentum"] != 0 else []
+
+    def _required_state(self, step: int, hyper: dict[str, Any]) -> list[str]:
         return []  # a momentum buffer exists only after a step with momentum
 
     def _after_load(self, buffers: dict[tuple[str, int], NDArray[Any]]) -> None:
@@ -424,13 +595,17 @@ class SGD(_Optimizer):
         return d
 
     def _update(
-        self, idx: list[int], grads: list[NDArray[Any]], h: dict[str, Any], scale: float
+        self,
+        params: list[NDArray[Any]],
+        grads: list[NDArray[Any]],
+        states: dict[str, list[NDArray[Any]]],
+        h: dict[str, Any],
+        scale: float,
     ) -> None:
-        bufs = [self.state["momentum_buffer"][i] for i in idx] if h["momentum"] != 0 else None
         _core.sgd_step(
-            [self.params[i] for i in idx],
+            params,
             grads,
-            cast("list[NDArray[Any]] | None", bufs),  # momentum buffers are never None
+            states.get("momentum_buffer"),  # there when momentum != 0
             h["lr"],
             h["momentum"],
             h["dampening"],
@@ -484,7 +659,7 @@ class Adam(_Optimizer):
     ) -> None:
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.amsgrad, self.maximize = weight_decay, amsgrad, maximize
-        self._check_hyper()
+        self._check_hyper(self._name, self._hyper_values())
         super().__init__(params, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
         if not amsgrad:
             self.state["max_exp_avg_sq"] = [None] * len(self.params)
@@ -495,41 +670,43 @@ class Adam(_Optimizer):
     def _hyper_names(self) -> list[str]:
         return ["lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"]
 
-    def _check_hyper(self) -> dict[str, Any]:
-        fn = self._name
+    @classmethod
+    def _check_hyper(cls, fn: str, values: Mapping[str, Any]) -> dict[str, Any]:
+        betas = values["betas"]
         try:
-            beta1, beta2 = self.betas
+            beta1, beta2 = betas
         except (TypeError, ValueError):
-            raise TypeError(f"{fn}: betas must be a pair (got {self.betas!r})") from None
+            raise TypeError(f"{fn}: betas must be a pair (got {betas!r})") from None
         return dict(
-            lr=_real(fn, "lr", self.lr, low=0, low_open=True),
+            lr=_real(fn, "lr", values["lr"], low=0, low_open=True),
             beta1=_real(fn, "betas[0]", beta1, low=0, high=1, high_open=True),
             beta2=_real(fn, "betas[1]", beta2, low=0, high=1, high_open=True),
-            eps=_real(fn, "eps", self.eps, low=0, low_open=True),
-            weight_decay=_real(fn, "weight_decay", self.weight_decay, low=0),
-            amsgrad=bool(self.amsgrad),
-            maximize=bool(self.maximize),
+            eps=_real(fn, "eps", values["eps"], low=0, low_open=True),
+            weight_decay=_real(fn, "weight_decay", values["weight_decay"], low=0),
+            amsgrad=_flag(fn, "amsgrad", values["amsgrad"]),
+            maximize=_flag(fn, "maximize", values["maximize"]),
         )
 
-    def _required_state(self, step: int) -> list[str]:
-        names = ["exp_avg", "exp_avg_sq"] if step > 0 else []
-        return names + (["max_exp_avg_sq"] if step > 0 and self.amsgrad else [])
+    def _step_state(self, hyper: dict[str, Any]) -> list[str]:
+        return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hyper["amsgrad"] else [])
+
+    def _required_state(self, step: int, hyper: dict[str, Any]) -> list[str]:
+        return self._step_state(hyper) if step > 0 else []
 
     def _update(
-        self, idx: list[int], grads: list[NDArray[Any]], h: dict[str, Any], scale: float
+        self,
+        params: list[NDArray[Any]],
+        grads: list[NDArray[Any]],
+        states: dict[str, list[NDArray[Any]]],
+        h: dict[str, Any],
+        scale: float,
     ) -> None:
-        maxes = self.state["max_exp_avg_sq"]
-        if h["amsgrad"]:
-            for i in idx:
-                if maxes[i] is None:
-                    maxes[i] = np.zeros_like(self.params[i])
         _core.adam_step(
-            [self.params[i] for i in idx],
+            params,
             grads,
-            # none of these is None here (max_exp_avg_sq: created above when amsgrad)
-            cast("list[NDArray[Any]]", [self.state["exp_avg"][i] for i in idx]),
-            cast("list[NDArray[Any]]", [self.state["exp_avg_sq"][i] for i in idx]),
-            cast("list[NDArray[Any]] | None", [maxes[i] for i in idx] if h["amsgrad"] else None),
+            states["exp_avg"],
+            states["exp_avg_sq"],
+            states.get("max_exp_avg_sq"),  # there when amsgrad
             self.step_count + 1,
             h["lr"],
             h["beta1"],
@@ -614,27 +791,27 @@ def sgd_step(
     array([0.])
     """
     fn = "sgd_step"
-    param = _param_array(fn, "param", param)
-    grad = _grad_array(fn, "grad", grad, param)
-    opt = SGD.__new__(SGD)
-    opt.lr, opt.momentum, opt.dampening = lr, momentum, dampening
-    opt.nesterov, opt.weight_decay, opt.maximize = nesterov, weight_decay, maximize
-    h = SGD._check_hyper(opt)
-    bufs = None
+    p = _param_array(fn, "param", param)
+    g = _grad_array(fn, "grad", grad, p)
+    values = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
+    h = SGD._check_hyper(fn, values | dict(weight_decay=weight_decay, maximize=maximize))
+    first_step = _flag(fn, "first_step", first_step)
+    written = [("param", p)]
     if h["momentum"] != 0:
         if momentum_buffer is None:
             raise ValueError(f"{fn}: momentum_buffer is required when momentum != 0")
-        bufs = [_check_state(fn, "momentum_buffer", momentum_buffer, param)]
+        written.append(("momentum_buffer", _check_state(fn, "momentum_buffer", momentum_buffer, p)))
+    (g,) = _reads_apart_from_writes(fn, written, [g])
     _core.sgd_step(
-        [param],
-        [grad],
-        bufs,
+        [p],
+        [g],
+        [written[1][1]] if len(written) > 1 else None,
         h["lr"],
         h["momentum"],
         h["dampening"],
         h["weight_decay"],
         h["nesterov"],
-        bool(first_step),
+        first_step,
         -1.0 if h["maximize"] else 1.0,
     )
     return param
@@ -669,36 +846,40 @@ def adam_step(
     array([-0.01,  0.01])
     """
     fn = "adam_step"
-    param = _param_array(fn, "param", param)
-    grad = _grad_array(fn, "grad", grad, param)
-    exp_avg = _check_state(fn, "exp_avg", exp_avg, param)
-    exp_avg_sq = _check_state(fn, "exp_avg_sq", exp_avg_sq, param)
-    if max_exp_avg_sq is not None:
-        max_exp_avg_sq = _check_state(fn, "max_exp_avg_sq", max_exp_avg_sq, param)
+    p = _param_array(fn, "param", param)
+    g = _grad_array(fn, "grad", grad, p)
+    written = [("param", p)] + [
+        (name, _check_state(fn, name, buf, p))
+        for name, buf in (
+            ("exp_avg", exp_avg),
+            ("exp_avg_sq", exp_avg_sq),
+            ("max_exp_avg_sq", max_exp_avg_sq),
+        )
+        if buf is not None or name != "max_exp_avg_sq"
+    ]
     try:
         step = operator.index(step)
     except TypeError:
         raise TypeError(f"{fn}: step must be an integer (got {step!r})") from None
     if step < 1:
         raise ValueError(f"{fn}: step must be >= 1 (got {step})")
-    opt = Adam.__new__(Adam)
-    opt._name = fn
-    opt.lr, opt.betas, opt.eps = lr, betas, eps
-    opt.weight_decay, opt.amsgrad, opt.maximize = weight_decay, False, maximize
-    h = Adam._check_hyper(opt)
+    values = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    h = Adam._check_hyper(fn, values | dict(amsgrad=False))
+    decoupled_weight_decay = _flag(fn, "decoupled_weight_decay", decoupled_weight_decay)
+    (g,) = _reads_apart_from_writes(fn, written, [g])
     _core.adam_step(
-        [param],
-        [grad],
-        [exp_avg],
-        [exp_avg_sq],
-        None if max_exp_avg_sq is None else [max_exp_avg_sq],
+        [p],
+        [g],
+        [written[1][1]],
+        [written[2][1]],
+        [written[3][1]] if len(written) > 3 else None,
         step,
         h["lr"],
         h["beta1"],
         h["beta2"],
         h["eps"],
         h["weight_decay"],
-        bool(decoupled_weight_decay),
+        decoupled_weight_decay,
         -1.0 if h["maximize"] else 1.0,
     )
     return param
@@ -732,12 +913,63 @@ def _returned_gradient(grad: object, x: NDArray[Any]) -> NDArray[Any]:
         raise TypeError(
             f"{fn}: grad_fn returned a gradient of dtype {arr.dtype} (expected real numbers)"
         )
-    if arr.size != x.size:
+    if arr.shape != x.shape:  # exactly: no reshaping, no broadcasting
         raise ValueError(
             f"{fn}: grad_fn returned a gradient of shape {arr.shape} (expected x0's shape "
             f"{x.shape})"
         )
-    return arr.astype(x.dtype, copy=False).reshape(x.shape)
+    return arr.astype(x.dtype, copy=False)
+
+
+def _returned_value(value: object) -> float:
+    """The objective value grad_fn returned beside the gradient, as a float."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError):
+        arr = np.asarray(None)
+    if arr.dtype.kind not in "biuf" or arr.size != 1:
+        raise TypeError(
+            f"gradient_descent: grad_fn returned a value that is not a real number (got "
+            f"{value!r}, expected grad_fn(x) to return a gradient or a pair (value, gradient))"
+        )
+    return float(arr.reshape(()))
+
+
+def _evaluate(grad_fn: Callable[..., Any], x: NDArray[Any]) -> tuple[float | None, NDArray[Any]]:
+    """grad_fn(x) as (value or None, gradient), or a clear error."""
+    out = grad_fn(x)
+    if not isinstance(out, tuple):
+        return None, _returned_gradient(out, x)
+    if len(out) != 2:
+        raise ValueError(
+            f"gradient_descent: grad_fn returned a tuple of {len(out)} items (expected a "
+            "gradient or a pair (value, gradient))"
+        )
+    return _returned_value(out[0]), _returned_gradient(out[1], x)
+
+
+def _make_optimizer(
+    cls: type[_Optimizer], x: NDArray[Any], lr: float, options: dict[str, Any]
+) -> _Optimizer:
+    """cls(x, lr=lr, **options), its errors told as gradient_descent's."""
+    fn = "gradient_descent"
+    signature = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in signature.values()):
+        accepted = [n for n in signature if n not in ("params", "lr")]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise TypeError(
+                f"{fn}: options has {', '.join(unknown)}, which {cls.__name__} does not take "
+                f"(expected some of {', '.join(accepted)})"
+            )
+    try:
+        return cast("Callable[..., _Optimizer]", cls)(x, lr=lr, **options)
+    except (TypeError, ValueError) as exc:
+        prefix = f"{cls._name}: "
+        message = str(exc)
+        if not message.startswith(prefix):
+            raise
+        raise type(exc)(f"{fn}: {message[len(prefix) :]}") from None
 
 
 def gradient_descent(
@@ -757,7 +989,8 @@ def gradient_descent(
     Parameters
     ----------
     grad_fn : callable
-        ``grad_fn(x)`` returns grad J(x), or ``(J(x), grad J(x))``.
+        ``grad_fn(x)`` returns grad J(x), or ``(J(x), grad J(x))``; the gradient must have
+        exactly x0's shape (it is neither reshaped nor broadcast).
     x0 : array_like
         The start; copied (float32 stays float32, other dtypes become float64).
     lr : float
@@ -802,14 +1035,15 @@ def gradient_descent(
             f"{fn}: optimizer is invalid (got {optimizer!r}, expected one of "
             f"{sorted(_OPTIMIZERS)} or an optimizer class)"
         )
+    if callback is not None and not callable(callback):
+        raise TypeError(f"{fn}: callback must be callable or None (got {callback!r})")
+    progress = _flag(fn, "progress", progress)
     x0 = as_float_array(x0, "gradient_descent", "x0")
     x = np.array(x0, order="C")
-    opt = cls(x, lr=lr, **options)
+    opt = _make_optimizer(cls, x, lr, options)
     history, converged, done = [], False, 0
     for t in range(steps):
-        out = grad_fn(x)
-        value, grad = out if isinstance(out, tuple) else (None, out)
-        grad = _returned_gradient(grad, x)
+        value, grad = _evaluate(grad_fn, x)
         norm = float(np.linalg.norm(grad))
         if tol is not None and norm <= tol:
             converged = True
@@ -826,7 +1060,6 @@ def gradient_descent(
             break
     else:
         if tol is not None and steps:
-            out = grad_fn(x)
-            grad = out[1] if isinstance(out, tuple) else out
-            converged = float(np.linalg.norm(np.asarray(grad, dtype=np.float64))) <= tol
+            grad = _evaluate(grad_fn, x)[1]
+            converged = float(np.linalg.norm(grad.astype(np.float64, copy=False))) <= tol
     return GradientDescentResult(x=x, steps=done, history=np.asarray(history), converged=converged)

@@ -1,6 +1,7 @@
 // Bindings of the fused optimizer steps.  The Python layer (python/mlmath_native/optim.py) owns
-// hyper-parameter checks, clipping and state; this layer checks every array of the step (dtype,
-// contiguity, writability, sizes) before the kernel touches any of them.
+// hyper-parameter checks, clipping, state and the overlap policy; this layer asserts what memory
+// safety needs of every array of the step (dtype, contiguity, writability, sizes, no overlap
+// with a written array) before the kernel touches any of them.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -8,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -27,65 +27,74 @@ struct StepTensors {
   DType dtype = DType::f32;
   std::vector<OptimTensor<float>> f32;
   std::vector<OptimTensor<double>> f64;
-  ArrayList grad_copies;  // grads that overlapped a written array, copied (keeps them alive)
 };
 
-// No two arrays the step writes (params, state buffers) may share memory: which update would
-// win is undefined.  Grads are only read: they may overlap each other, and a grad that overlaps
-// a written array (a grad_fn returning x itself) is read from a copy, as NumPy reads an input
-// that overlaps its output.  Returns whether such a copy is needed.  All arrays are
-// C-contiguous, so each is one byte range [begin, end).  Sorted by begin, a range overlaps an
-// earlier one exactly when it begins before the furthest end so far: one sweep keeps the
-// furthest-reaching written range and the furthest-reaching range of any kind (O(n log n) per
-// step, not n^2).
-bool grads_overlap_writes(const char* fn, const ArrayList& params, const ArrayList& grads,
-                          const std::vector<const ArrayList*>& states,
-                          const std::vector<const char*>& state_names) {
-  struct Range {
+// Which arrays of a step share memory (Note [overlap policy] in optim.py: the policy and its
+// messages live in Python; this is the mechanism, also the binding's own assertion).
+struct Overlaps {
+  bool written_overlap = false;       // two written arrays share memory: the first pair found,
+  std::size_t first = 0, second = 0;  // first < second (indices into `written`)
+  std::vector<std::size_t> reads;     // indices of read arrays that share memory with a written one
+};
+
+// All arrays are C-contiguous, so each is one byte range [begin, end).  Sorted by begin, a
+// written range overlaps an earlier one exactly when it begins before the furthest end so far;
+// once they are known to be disjoint, their ends are sorted too, and a binary search finds the
+// first written range that ends after a read range begins: they overlap when it begins before the
+// read range ends.  O((w + r) log w).
+Overlaps find_overlaps(const ArrayList& written, const ArrayList& read) {
+  struct Span {
     std::uintptr_t begin, end;
-    bool written;
-    std::string name;
+    std::size_t index;
   };
-  std::vector<Range> ranges;
-  auto add = [&](const py::array& a, bool written, const std::string& name) {
-    if (a.nbytes() == 0) return;
+  auto span = [](const py::array& a, std::size_t index) {
     const auto begin = reinterpret_cast<std::uintptr_t>(a.data());
-    ranges.push_back({begin, begin + static_cast<std::uintptr_t>(a.nbytes()), written, name});
+    return Span{begin, begin + static_cast<std::uintptr_t>(a.nbytes()), index};
   };
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    const std::string idx = "[" + std::to_string(i) + "]";
-    add(params[i], true, "params" + idx);
-    add(grads[i], false, "grads" + idx);
-    for (std::size_t s = 0; s < states.size(); ++s) {
-      add((*states[s])[i], true, state_names[s] + idx);
+  std::vector<Span> spans;
+  for (std::size_t i = 0; i < written.size(); ++i) {
+    if (written[i].nbytes() > 0) spans.push_back(span(written[i], i));
+  }
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  Overlaps out;
+  std::uintptr_t reach = 0;  // the furthest end so far, and whose it is
+  std::size_t holder = 0;
+  for (const Span& s : spans) {
+    if (s.begin < reach) {
+      out.written_overlap = true;
+      out.first = std::min(holder, s.index);
+      out.second = std::max(holder, s.index);
+      return out;
+    }
+    if (s.end > reach) {
+      reach = s.end;
+      holder = s.index;
     }
   }
-  std::sort(ranges.begin(), ranges.end(),
-            [](const Range& a, const Range& b) { return a.begin < b.begin; });
-  const Range* reach_any = nullptr;      // the range with the furthest end so far
-  const Range* reach_written = nullptr;  // the written range with the furthest end so far
-  bool grad_overlap = false;
-  for (const Range& r : ranges) {
-    if (reach_written && r.begin < reach_written->end) {
-      if (!r.written) {
-        grad_overlap = true;
-      } else {
-        throw std::invalid_argument(std::string(fn) + ": " + r.name + " shares memory with " +
-                                    reach_written->name +
-                                    " (arrays the step writes must not overlap)");
-      }
-    }
-    if (r.written && reach_any && r.begin < reach_any->end) {
-      if (reach_any->written) {
-        throw std::invalid_argument(std::string(fn) + ": " + r.name + " shares memory with " +
-                                    reach_any->name + " (arrays the step writes must not overlap)");
-      }
-      grad_overlap = true;  // r may still overlap another written array: keep sweeping
-    }
-    if (!reach_any || r.end > reach_any->end) reach_any = &r;
-    if (r.written && (!reach_written || r.end > reach_written->end)) reach_written = &r;
+  for (std::size_t j = 0; j < read.size(); ++j) {
+    if (read[j].nbytes() == 0) continue;
+    const Span r = span(read[j], j);
+    const auto it = std::upper_bound(spans.begin(), spans.end(), r.begin,
+                                     [](std::uintptr_t v, const Span& s) { return v < s.end; });
+    if (it != spans.end() && it->begin < r.end) out.reads.push_back(j);
   }
-  return grad_overlap;
+  return out;
+}
+
+// The memory-safety invariant the kernels rely on: no array the step writes (params, state
+// buffers) shares a byte with any other array of the step, written or read (grads may overlap
+// each other).  Python only calls with such arrays (it refuses or copies the others), so this is
+// an assertion with a plain message.
+void check_disjoint(const char* fn, const ArrayList& params, const ArrayList& grads,
+                    const std::vector<const ArrayList*>& states) {
+  ArrayList written = params;
+  for (const ArrayList* state : states) written.insert(written.end(), state->begin(), state->end());
+  const Overlaps o = find_overlaps(written, grads);
+  if (o.written_overlap || !o.reads.empty()) {
+    throw std::invalid_argument(std::string(fn) +
+                                ": an array the step writes overlaps another array of the step");
+  }
 }
 
 StepTensors check_step(const char* fn, const ArrayList& params, const ArrayList& grads,
@@ -117,22 +126,14 @@ StepTensors check_step(const char* fn, const ArrayList& params, const ArrayList&
       require_writeable((*states[s])[i], fn, sname.c_str());
     }
   }
-  const ArrayList* read_grads = &grads;
-  if (grads_overlap_writes(fn, params, grads, states, state_names)) {
-    for (const py::array& g : grads) {
-      py::array copy(g.dtype(), std::vector<py::ssize_t>(g.shape(), g.shape() + g.ndim()));
-      if (g.nbytes() > 0) std::memcpy(copy.mutable_data(), g.data(), g.nbytes());
-      out.grad_copies.push_back(copy);
-    }
-    read_grads = &out.grad_copies;
-  }
+  check_disjoint(fn, params, grads, states);
   // Only now take pointers (mutable_data would throw for read-only arrays, but all are checked).
   for (std::size_t i = 0; i < params.size(); ++i) {
     auto fill = [&](auto& list, auto tag) {
       using T = decltype(tag);
       OptimTensor<T> t{};
       t.param = static_cast<T*>(const_cast<py::array&>(params[i]).mutable_data());
-      t.grad = static_cast<const T*>((*read_grads)[i].data());
+      t.grad = static_cast<const T*>(grads[i].data());
       T** slots[3] = {&t.state1, &t.state2, &t.state3};
       for (std::size_t s = 0; s < states.size(); ++s) {
         *slots[s] = static_cast<T*>(const_cast<py::array&>((*states[s])[i]).mutable_data());
@@ -235,13 +236,14 @@ void adam_step(const ArrayList& params, const ArrayList& grads, const ArrayList&
   }
 }
 
-// sum of squares of every element of every grad (float32 or float64 arrays, any mix).
-double grad_sumsq(const ArrayList& grads) {
+// sqrt(sum of squares) of every element of every grad (float32 or float64 arrays, any mix),
+// scaled so that huge finite grads give a finite norm (Note [scaled norm] in kernels/optim.cpp).
+double grad_norm(const ArrayList& grads) {
   std::vector<OptimTensor<float>> f32;
   std::vector<OptimTensor<double>> f64;
   for (std::size_t i = 0; i < grads.size(); ++i) {
     const std::string name = "grads[" + std::to_string(i) + "]";
-    if (float_dtype(grads[i], "grad_sumsq", name.c_str()) == DType::f32) {
+    if (float_dtype(grads[i], "grad_norm", name.c_str()) == DType::f32) {
       f32.push_back(OptimTensor<float>{nullptr, static_cast<const float*>(grads[i].data()), nullptr,
                                        nullptr, nullptr, grads[i].size()});
     } else {
@@ -252,9 +254,18 @@ double grad_sumsq(const ArrayList& grads) {
   double a = 0, b = 0;
   const KernelTable& k = kernels();
   py::gil_scoped_release release;
-  k.grad_sumsq_f32(f32.data(), static_cast<std::int64_t>(f32.size()), &a);
-  k.grad_sumsq_f64(f64.data(), static_cast<std::int64_t>(f64.size()), &b);
-  return a + b;
+  k.grad_norm_f32(f32.data(), static_cast<std::int64_t>(f32.size()), &a);
+  k.grad_norm_f64(f64.data(), static_cast<std::int64_t>(f64.size()), &b);
+  if (std::isnan(a) || std::isnan(b)) return a + b;  // NaN (std::hypot(Inf, NaN) is Inf)
+  return std::hypot(a, b);
+}
+
+// find_overlaps for Python: (None or (first, second), [read indices]).
+py::tuple find_overlaps_py(const ArrayList& written, const ArrayList& read) {
+  const Overlaps o = find_overlaps(written, read);
+  py::object pair = py::none();
+  if (o.written_overlap) pair = py::make_tuple(o.first, o.second);
+  return py::make_tuple(pair, py::cast(o.reads));
 }
 
 }  // namespace
@@ -267,7 +278,10 @@ void bind_optim(py::module_& m) {
   m.def("adam_step", &adam_step, "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a,
         "max_exp_avg_sqs"_a, "step"_a, "lr"_a, "beta1"_a, "beta2"_a, "eps"_a, "weight_decay"_a,
         "decoupled"_a, "grad_scale"_a, "One fused Adam/AdamW step over lists of arrays, in place");
-  m.def("grad_sumsq", &grad_sumsq, "grads"_a, "sum of squares over all arrays (fixed order)");
+  m.def("find_overlaps", &find_overlaps_py, "written"_a, "read"_a,
+        "(None or (i, j) written arrays sharing memory, read indices overlapping a written one)");
+  m.def("grad_norm", &grad_norm, "grads"_a,
+        "the global L2 norm of all arrays (fixed order, scaled: no overflow)");
 }
 
 }  // namespace mlmath::bindings

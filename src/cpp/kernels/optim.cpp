@@ -14,7 +14,7 @@
 // are cut into chunks of at most kChunk elements and the chunks of all tensors are split over
 // the threads in one parallel region, so a hundred small tensors cost what one large one does.
 // Each element depends only on itself, so results do not depend on the number of threads;
-// grad_sumsq adds per-chunk partial sums in chunk order for the same reason.
+// grad_norm adds per-chunk partial sums in chunk order for the same reason.
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -33,8 +33,8 @@ constexpr std::int64_t kChunk = std::int64_t{1} << 16;
 struct Chunk {
   std::int64_t tensor, begin, end;
 };
-struct PartialSum {  // a local type, so that std::vector<PartialSum> is this ISA's own code
-  double value;
+struct PartialSum {   // a local type, so that std::vector<PartialSum> is this ISA's own code
+  double scale, ssq;  // a chunk's sum of squares is scale^2 * ssq (Note [scaled norm])
 };
 
 // The chunks of all tensors, in tensor order.
@@ -170,11 +170,29 @@ void adam_step(const AdamArgs<T>& a) {
   });
 }
 
-// sum of g^2 over one chunk: float lanes are exact enough for a norm, but a square can
-// overflow float, so a chunk whose sum is not finite is summed again in double, element by
-// element (inf or NaN grads stay inf or NaN there; large finite ones do not overflow).
+// Note [scaled norm]
+// The global norm sqrt(sum g^2) of finite grads is finite (up to sqrt(n) times the largest
+// |g|), but the sum of squares overflows once |g| passes ~1e19 (float32 squares) or ~1e154
+// (float64), and squares of tiny grads underflow.  As LAPACK's nrm2, each chunk's share is kept
+// as  scale^2 * ssq:  the fast pass sums g^2 in the grad's own type (one read, vector lanes) and
+// is kept with scale 1 when the sum lies in [kLow, kHigh]; otherwise (overflow, underflow,
+// NaN/Inf) the chunk is summed again as (g / max|g|)^2 in double with scale max|g|.  Chunks are
+// combined in chunk order (the same for any thread count), rescaling to the largest scale.
+// A NaN or Inf grad makes the norm NaN or Inf.
 template <class T>
-double chunk_sumsq(const T* g, std::int64_t n) {
+struct SumBounds;
+template <>
+struct SumBounds<float> {  // a float sum >= 2^-60 of <= 2^16 squares lost nothing to underflow
+  static constexpr double low = 0x1p-60, high = 0x1p+127;
+};
+template <>
+struct SumBounds<double> {  // 2^900: sums of up to 2^100 chunks of it stay finite
+  static constexpr double low = 0x1p-500, high = 0x1p+900;
+};
+
+// One chunk's share of the norm: scale^2 * ssq (Note [scaled norm]).
+template <class T>
+PartialSum chunk_sumsq(const T* g, std::int64_t n) {
   using V = Vec<T>;
   V s0 = V::set1(0), s1 = V::set1(0);
   constexpr std::int64_t W = V::width;
@@ -189,27 +207,48 @@ double chunk_sumsq(const T* g, std::int64_t n) {
     s0 = fma(a, a, s0);
   }
   const double sum = static_cast<double>(reduce_add(add(s0, s1)));
-  if (std::isfinite(sum)) return sum;
-  double exact = 0;
-  for (std::int64_t k = 0; k < n; ++k) exact += static_cast<double>(g[k]) * g[k];
-  return exact;
+  // squares are >= 0: the sum is NaN exactly when a grad is NaN
+  if (std::isnan(sum) || (sum >= SumBounds<T>::low && sum <= SumBounds<T>::high)) return {1, sum};
+  V m = V::set1(0);  // max |g| (no NaN here)
+  for (i = 0; i < n; i += W) {
+    const V a = load_n(g + i, n - i < W ? n - i : W);
+    m = max(m, max(a, sub(V::set1(0), a)));
+  }
+  const double amax = static_cast<double>(reduce_max(m));
+  if (amax == 0 || !std::isfinite(amax)) return {1, amax};  // zeros, or an Inf
+  double ssq = 0;
+  for (std::int64_t k = 0; k < n; ++k) {
+    const double r = static_cast<double>(g[k]) / amax;
+    ssq += r * r;
+  }
+  return {amax, ssq};
 }
 
 template <class T>
-void grad_sumsq(const OptimTensor<T>* tensors, std::int64_t count, double* out) {
+void grad_norm(const OptimTensor<T>* tensors, std::int64_t count, double* out) {
   const std::vector<Chunk> chunks = make_chunks(tensors, count);
-  std::vector<PartialSum> partial(chunks.size(), PartialSum{0.0});
+  std::vector<PartialSum> partial(chunks.size(), PartialSum{1.0, 0.0});
   const std::int64_t num = static_cast<std::int64_t>(chunks.size());
   parallel_for(num, kChunk, [&](std::int64_t b, std::int64_t e) {
     for (std::int64_t i = b; i < e; ++i) {
       const Chunk& c = chunks[i];
-      partial[i].value = chunk_sumsq(tensors[c.tensor].grad + c.begin, c.end - c.begin);
+      partial[i] = chunk_sumsq(tensors[c.tensor].grad + c.begin, c.end - c.begin);
     }
   });
-  double total = 0;
-  for (const PartialSum& p : partial)
-    total += p.value;  // chunk order: the same for any thread count
-  *out = total;
+  double scale = 0, ssq = 0, nonfinite = 0;  // the norm is scale * sqrt(ssq)
+  for (const PartialSum& p : partial) {      // chunk order: the same for any thread count
+    if (!std::isfinite(p.ssq)) {
+      nonfinite += p.ssq;  // Inf + NaN = NaN
+    } else if (p.ssq == 0) {
+      continue;  // zeros (a scale of 1 would swamp tiny scaled chunks)
+    } else if (p.scale > scale) {
+      ssq = ssq * (scale / p.scale) * (scale / p.scale) + p.ssq;
+      scale = p.scale;
+    } else {
+      ssq += p.ssq * (p.scale / scale) * (p.scale / scale);
+    }
+  }
+  *out = nonfinite != 0 ? nonfinite : scale * std::sqrt(ssq);
 }
 
 }  // namespace
@@ -218,11 +257,11 @@ void sgd_step_f32(const SgdArgs<float>& args) { sgd_step(args); }
 void sgd_step_f64(const SgdArgs<double>& args) { sgd_step(args); }
 void adam_step_f32(const AdamArgs<float>& args) { adam_step(args); }
 void adam_step_f64(const AdamArgs<double>& args) { adam_step(args); }
-void grad_sumsq_f32(const OptimTensor<float>* tensors, std::int64_t count, double* out) {
-  grad_sumsq(tensors, count, out);
+void grad_norm_f32(const OptimTensor<float>* tensors, std::int64_t count, double* out) {
+  grad_norm(tensors, count, out);
 }
-void grad_sumsq_f64(const OptimTensor<double>* tensors, std::int64_t count, double* out) {
-  grad_sumsq(tensors, count, out);
+void grad_norm_f64(const OptimTensor<double>* tensors, std::int64_t count, double* out) {
+  grad_norm(tensors, count, out);
 }
 
 MLMATH_ISA_END
