@@ -212,6 +212,10 @@ def _plan(
             f"{fn}: x has an empty spatial dimension (got shape {x.shape}, expected every "
             "spatial size >= 1)"
         )
+    if min(kernel) < 1:  # as PyTorch: no output size (and nothing to sum) without taps
+        raise ValueError(
+            f"{fn}: w has an empty kernel (got shape {w.shape}, expected every kernel size >= 1)"
+        )
     pads = _padding(fn, padding, spatial, kernel, stride, dilation)
     if padding_mode not in _MODES:
         raise ValueError(
@@ -301,18 +305,13 @@ def _conv_nd(
 ) -> NDArray[Any]:
     """conv1d (dims=1) and conv2d (dims=2) on the 2-D kernel."""
     p = _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims, algorithm)
+    if _pad_copy_too_large(p):
+        out = _conv_gathered(p)
+        return out[0] if p.unbatched else out
     x, w, bias, pads, stride, dilation = p.x, p.w, p.bias, p.pads, p.stride, p.dilation
     n, c, k, dtype, groups = p.n, p.c, p.k, p.dtype, p.groups
     kernel, winograd, out_size = p.kernel, p.winograd, list(p.out_size)
-    if p.padding_mode != "zeros" and any(b or a for b, a in pads):
-        x = np.pad(x, [(0, 0), (0, 0), *pads], mode=_MODES[p.padding_mode])
-        pads = [(0, 0)] * dims
-    if dims == 1:  # a 1-D convolution is a 2-D one over a height of 1
-        x, w = x[:, :, None, :], w[:, :, None, :]
-        stride, dilation = (1, *stride), (1, *dilation)
-        pads = [(0, 0), *pads]
-        out_size = [1, *out_size]
-    if (
+    space_to_depth = (
         algorithm == "auto"
         and dims == 2
         and groups == 1
@@ -322,7 +321,18 @@ def _conv_nd(
         and k <= 64
         and kernel[0] >= stride[0]
         and kernel[1] >= stride[1]
-    ):
+    )
+    if (winograd or space_to_depth) and not _all_finite(x, w):
+        winograd, space_to_depth = 0, False  # Note [non-finite inputs] (kernels/conv.cpp)
+    if p.padding_mode != "zeros" and any(b or a for b, a in pads):
+        x = np.pad(x, [(0, 0), (0, 0), *pads], mode=_MODES[p.padding_mode])
+        pads = [(0, 0)] * dims
+    if dims == 1:  # a 1-D convolution is a 2-D one over a height of 1
+        x, w = x[:, :, None, :], w[:, :, None, :]
+        stride, dilation = (1, *stride), (1, *dilation)
+        pads = [(0, 0), *pads]
+        out_size = [1, *out_size]
+    if space_to_depth:
         x, w, pads, stride = _space_to_depth(x, w, pads, stride, out_size)
     out = _core.empty((n, k, *out_size), dtype)
     _core.conv2d_into(
@@ -342,6 +352,144 @@ def _conv_nd(
     if dims == 1:
         out = out[:, :, 0, :]
     return out[0] if p.unbatched else out
+
+
+def _all_finite(*arrays: NDArray[Any]) -> bool:
+    """No NaN or +-inf in any of the (C-contiguous float) arrays: one vectorised read each
+    (Note [non-finite inputs] in kernels/conv.cpp)."""
+    return all(_core.all_finite(a) for a in arrays)
+
+
+# Note [large padding]
+# The kernels hold a padded copy of the input (the stride-1 paths all of N*C*(H + pt + pb) *
+# (W + pl + pr) values, the depthwise path one padded plane per thread, the weight gradient all
+# of it), and so do np.pad for the other padding modes and the space-to-depth copy.  Where the
+# padding dwarfs the input (conv2d with dilation=12000, padding="same" on an 8x8 image pads it to
+# 24008 x 24008: 4.3 GiB of float64) the convolution runs tap by tap instead: for tap (r, s) the
+# positions it reads for every output, x_pad[n, c, i*sh + r*dh, j*sw + s*dw], are gathered
+# through the padding mode's index map (_tap_sources; zero padding reads a zero row and column
+# appended to x) into an (N, C, Ho, Wo) patch, and y += w[:, :, r, s] . patch is a 1x1
+# convolution (the backward: the 1x1 weight gradient, and the 1x1 input gradient added back
+# onto the gathered positions).  Extra memory: x once more, one patch and one output,
+# O(N*C*(H*W + Ho*W) + N*K*Ho*Wo); the price is R*S passes over the output.  Every sum has the
+# definition's terms (padding zeros included), so NaN and inf land where they do there.
+# Used past _PAD_COPY_RATIO times the input and output and _PAD_COPY_MIN_BYTES.
+_PAD_COPY_RATIO = 4
+_PAD_COPY_MIN_BYTES = 16 << 20
+
+
+def _pad_copy_too_large(p: _ConvPlan) -> bool:
+    """Whether the padded input would dwarf the input and output (Note [large padding])."""
+    itemsize = p.dtype.itemsize
+    padded = p.n * p.c * itemsize
+    for size, (before, after) in zip(p.spatial, p.pads, strict=True):
+        padded *= size + before + after
+    output = p.n * p.k * itemsize
+    for size in p.out_size:
+        output *= size
+    return padded > max(_PAD_COPY_MIN_BYTES, _PAD_COPY_RATIO * (p.x.nbytes + output))
+
+
+def _tap_sources(
+    size: int, before: int, tap: int, stride: int, dilation: int, out: int, mode: str
+) -> NDArray[np.intp]:
+    """The input position that kernel tap `tap` reads for each of the `out` outputs along one
+    axis: padded position q = i*stride + tap*dilation - before mapped by the padding mode (for
+    zero padding, `size`: the appended zero)."""
+    q = np.arange(out, dtype=np.intp) * stride + (tap * dilation - before)
+    if mode == "zeros":
+        return np.where((q >= 0) & (q < size), q, size)
+    if mode == "replicate":
+        return np.clip(q, 0, size - 1)
+    if mode == "circular":  # padding <= size (checked)
+        return q % size
+    q = np.abs(q)  # reflect: padding < size, so one reflection at each end
+    return np.where(q >= size, 2 * (size - 1) - q, q)
+
+
+def _as_2d(p: _ConvPlan) -> SimpleNamespace:
+    """The plan's arrays and sizes with a 1-D convolution seen as a 2-D one of height 1."""
+    lead = 2 - p.dims
+    return SimpleNamespace(
+        x=p.x.reshape(p.x.shape[:2] + (1,) * lead + p.x.shape[2:]),
+        w=p.w.reshape(p.w.shape[:2] + (1,) * lead + p.w.shape[2:]),
+        spatial=(1,) * lead + tuple(p.spatial),
+        pads=[(0, 0)] * lead + list(p.pads),
+        stride=(1,) * lead + tuple(p.stride),
+        dilation=(1,) * lead + tuple(p.dilation),
+        out_size=[1] * lead + list(p.out_size),
+    )
+
+
+def _gather_input(p: _ConvPlan, x: NDArray[Any]) -> NDArray[Any]:
+    """x with a zero row and column appended for zero padding (Note [large padding])."""
+    if p.padding_mode != "zeros":
+        return x
+    xe = np.zeros(x.shape[:2] + (x.shape[2] + 1, x.shape[3] + 1), p.dtype)
+    xe[:, :, :-1, :-1] = x
+    return xe
+
+
+def _taps(p: _ConvPlan, q: SimpleNamespace) -> Any:
+    """(r, s, rows, cols) per kernel tap: the input rows and columns it reads per output."""
+    (h, wd), ((top, _), (left, _)) = q.spatial, q.pads
+    (sh, sw), (dh, dw), (ho, wo) = q.stride, q.dilation, q.out_size
+    for r in range(q.w.shape[2]):
+        rows = _tap_sources(h, top, r, sh, dh, ho, p.padding_mode)
+        for s in range(q.w.shape[3]):
+            yield r, s, rows, _tap_sources(wd, left, s, sw, dw, wo, p.padding_mode)
+
+
+def _conv_gathered(p: _ConvPlan) -> NDArray[Any]:
+    """conv1d/conv2d tap by tap on gathered patches (Note [large padding])."""
+    q = _as_2d(p)
+    xe = _gather_input(p, q.x)
+    out = np.zeros((p.n, p.k, *q.out_size), p.dtype)
+    part = np.empty_like(out)
+    for r, s, rows, cols in _taps(p, q):
+        patch = np.ascontiguousarray(xe[:, :, rows[:, None], cols[None, :]])  # (N, C, Ho, Wo)
+        tap = np.ascontiguousarray(q.w[:, :, r : r + 1, s : s + 1])
+        _core.conv2d_into(patch, tap, None, part, 1, 1, 0, 0, 1, 1, p.groups)
+        out += part
+    if p.bias is not None:
+        out += p.bias[:, None, None]
+    return out[:, :, 0, :] if p.dims == 1 else out
+
+
+def _conv_backward_gathered(
+    p: _ConvPlan, g: NDArray[Any], needs: set[str]
+) -> tuple[NDArray[Any] | None, NDArray[Any] | None]:
+    """(grad_input, grad_weight) tap by tap (Note [large padding]); g is (N, K, Ho, Wo)."""
+    q = _as_2d(p)
+    dtype = g.dtype
+    x, w = q.x.astype(dtype, copy=False), q.w.astype(dtype, copy=False)
+    g = g.reshape(g.shape[:2] + tuple(q.out_size))
+    kg, cg = p.k // p.groups, p.c // p.groups
+    xe = _gather_input(p, x).astype(dtype, copy=False)
+    grad_w = np.empty(w.shape, dtype) if "weight" in needs else None
+    grad_xe = np.zeros(xe.shape, dtype) if "input" in needs else None
+    gw_tap = np.empty((p.k, cg, 1, 1), dtype)
+    gx_tap = np.empty((p.n, p.c, *q.out_size), dtype)
+    for r, s, rows, cols in _taps(p, q):
+        index = (slice(None), slice(None), rows[:, None], cols[None, :])
+        if grad_w is not None:
+            patch = np.ascontiguousarray(xe[index])
+            _core.conv2d_grad_weight_into(patch, g, gw_tap, 1, 1, 0, 0, 1, 1, p.groups)
+            grad_w[:, :, r, s] = gw_tap[:, :, 0, 0]
+        if grad_xe is not None:
+            # the 1x1 input gradient: each group's channels transposed, (C, K/G, 1, 1)
+            wt = w[:, :, r, s].reshape(p.groups, kg, cg).transpose(0, 2, 1)
+            wt = np.ascontiguousarray(wt).reshape(p.c, kg, 1, 1)
+            _core.conv2d_into(g, wt, None, gx_tap, 1, 1, 0, 0, 1, 1, p.groups)
+            np.add.at(grad_xe, index, gx_tap)  # type: ignore[arg-type]
+    grad_x = None
+    if grad_xe is not None:
+        h, wd = q.spatial
+        grad_x = grad_xe[:, :, :h, :wd]
+        grad_x = grad_x.reshape(grad_x.shape[:2] + tuple(p.spatial))
+    if grad_w is not None:
+        grad_w = grad_w.reshape(p.w.shape)
+    return grad_x, grad_w
 
 
 def _space_to_depth(
@@ -668,6 +816,12 @@ def _conv_backward(
     x, w = p.x.astype(dtype, copy=False), p.w.astype(dtype, copy=False)
     if p.unbatched:
         g = g[None]
+    if _pad_copy_too_large(p):
+        gx, gw = _conv_backward_gathered(p, g, needs)
+        if gx is not None:
+            gx = np.ascontiguousarray(gx[0] if p.unbatched else gx)
+        gb = g.sum(axis=(0, *range(2, g.ndim)), dtype=np.float64).astype(dtype)
+        return gx, gw, gb if "bias" in needs else None
     if dims == 1:  # as 2-D with a height of 1
         x, w, g = x[:, :, None, :], w[:, :, None, :], g[:, :, None, :]
         pads, stride, dilation = [(0, 0), *p.pads], (1, *p.stride), (1, *p.dilation)
@@ -702,10 +856,13 @@ def _conv_backward(
         )
     if "input" in needs:
         (pt, _), (pl, _) = pads
-        direct_crop = (
-            (sh, sw) == (1, 1) and mode == "zeros" and pt <= dh * (r - 1) and pl <= dw * (s - 1)
-        )
-        if (sh, sw) == (1, 1):  # both stride-1 forms below use the transposed kernel
+        # Note [non-finite inputs] (kernels/conv.cpp): the stride-1 forms run a transposed
+        # convolution, which multiplies g's zero padding by w (0 * inf where the definition has
+        # no product) and may use Winograd; with a NaN or inf in g or w, col2im (the
+        # definition's products only) serves stride 1 too
+        transposed = (sh, sw) == (1, 1) and _all_finite(g, w)
+        direct_crop = transposed and mode == "zeros" and pt <= dh * (r - 1) and pl <= dw * (s - 1)
+        if transposed:  # both stride-1 forms below use the transposed kernel
             wt = w.reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
             wt = np.ascontiguousarray(wt).reshape(groups * cg, kg, r, s)
         if direct_crop:
@@ -732,7 +889,7 @@ def _conv_backward(
                 winograd,
             )
         else:
-            if (sh, sw) == (1, 1):
+            if transposed:
                 grad_xp = np.zeros((n, c, hp, wp), dtype)
                 # the transposed convolution: g fully padded by the dilated kernel size, correlated
                 # with the flipped, channel-transposed kernel (groups keep their channels)
@@ -742,8 +899,9 @@ def _conv_backward(
                 _core.conv2d_into(g, wt, None, part, 1, 1, pad_h, pad_w, dh, dw, groups, 0)
                 grad_xp[:, :, :full_h, :full_w] = part  # rows/cols past the last window: 0
             else:
-                # strided: dCol = W^T g (a GEMM), each (c, r, s) row of dCol added onto its
-                # strided window of grad_xp (col2im), in C++ (conv_grad_input in conv.cpp)
+                # strided (or non-finite): dCol = W^T g (a GEMM), each (c, r, s) row of dCol
+                # added onto its strided window of grad_xp (col2im), in C++ (conv_grad_input in
+                # conv.cpp)
                 grad_xp = _core.empty((n, c, hp, wp), dtype)  # every element written
                 _core.conv2d_grad_input_into(g, w, grad_xp, sh, sw, dh, dw, groups)
             grad_input = _pad_adjoint(grad_xp, pads, mode, spatial)
