@@ -3,8 +3,10 @@
 All of them run on one compiled kernel (src/cpp/kernels/conv.cpp): implicit GEMM on the packed
 core, 1x1 convolutions as plain GEMM, and a direct vectorised kernel for depthwise and
 single-channel correlations.  Zero padding is applied inside the kernel; the other padding
-modes (and SciPy's boundaries) pad a copy of the input first, which costs the input's size,
-never an im2col matrix.
+modes (and SciPy's boundaries) pad a copy of the input first, which costs the padded input's
+size, never an im2col matrix; where that copy would dwarf the input and output, the convolution
+runs tap by tap instead (Note [large padding]).  Inputs holding NaN or inf run direct
+convolution (Note [non-finite inputs] in conv.cpp).
 """
 
 from __future__ import annotations
@@ -446,6 +448,15 @@ def _conv_gathered(p: _ConvPlan) -> NDArray[Any]:
     xe = _gather_input(p, q.x)
     out = np.zeros((p.n, p.k, *q.out_size), p.dtype)
     part = np.empty_like(out)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass on, as in the kernels
+        _add_taps(p, q, xe, out, part)
+    return out[:, :, 0, :] if p.dims == 1 else out
+
+
+def _add_taps(
+    p: _ConvPlan, q: SimpleNamespace, xe: NDArray[Any], out: NDArray[Any], part: NDArray[Any]
+) -> None:
+    """out += each tap's 1x1 convolution of its gathered patch (+ bias)."""
     for r, s, rows, cols in _taps(p, q):
         patch = np.ascontiguousarray(xe[:, :, rows[:, None], cols[None, :]])  # (N, C, Ho, Wo)
         tap = np.ascontiguousarray(q.w[:, :, r : r + 1, s : s + 1])
@@ -453,7 +464,6 @@ def _conv_gathered(p: _ConvPlan) -> NDArray[Any]:
         out += part
     if p.bias is not None:
         out += p.bias[:, None, None]
-    return out[:, :, 0, :] if p.dims == 1 else out
 
 
 def _conv_backward_gathered(
@@ -464,10 +474,33 @@ def _conv_backward_gathered(
     dtype = g.dtype
     x, w = q.x.astype(dtype, copy=False), q.w.astype(dtype, copy=False)
     g = g.reshape(g.shape[:2] + tuple(q.out_size))
-    kg, cg = p.k // p.groups, p.c // p.groups
     xe = _gather_input(p, x).astype(dtype, copy=False)
     grad_w = np.empty(w.shape, dtype) if "weight" in needs else None
     grad_xe = np.zeros(xe.shape, dtype) if "input" in needs else None
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass on, as in the kernels
+        _backward_taps(p, q, g, w, xe, grad_w, grad_xe)
+    grad_x = None
+    if grad_xe is not None:
+        h, wd = q.spatial
+        grad_x = grad_xe[:, :, :h, :wd]
+        grad_x = grad_x.reshape(grad_x.shape[:2] + tuple(p.spatial))
+    if grad_w is not None:
+        grad_w = grad_w.reshape(p.w.shape)
+    return grad_x, grad_w
+
+
+def _backward_taps(
+    p: _ConvPlan,
+    q: SimpleNamespace,
+    g: NDArray[Any],
+    w: NDArray[Any],
+    xe: NDArray[Any],
+    grad_w: NDArray[Any] | None,
+    grad_xe: NDArray[Any] | None,
+) -> None:
+    """Each tap's 1x1 weight gradient into grad_w and 1x1 input gradient onto its gathered
+    positions of grad_xe."""
+    dtype, kg, cg = g.dtype, p.k // p.groups, p.c // p.groups
     gw_tap = np.empty((p.k, cg, 1, 1), dtype)
     gx_tap = np.empty((p.n, p.c, *q.out_size), dtype)
     for r, s, rows, cols in _taps(p, q):
@@ -482,14 +515,6 @@ def _conv_backward_gathered(
             wt = np.ascontiguousarray(wt).reshape(p.c, kg, 1, 1)
             _core.conv2d_into(g, wt, None, gx_tap, 1, 1, 0, 0, 1, 1, p.groups)
             np.add.at(grad_xe, index, gx_tap)  # type: ignore[arg-type]
-    grad_x = None
-    if grad_xe is not None:
-        h, wd = q.spatial
-        grad_x = grad_xe[:, :, :h, :wd]
-        grad_x = grad_x.reshape(grad_x.shape[:2] + tuple(p.spatial))
-    if grad_w is not None:
-        grad_w = grad_w.reshape(p.w.shape)
-    return grad_x, grad_w
 
 
 def _space_to_depth(
@@ -568,7 +593,13 @@ def conv2d(
         float32 results within 4x direct convolution's tolerance), "winograd_f4" is F(4x4, 3x3)
         (36 instead of 144 per 4x4 tile; within 16x), both tested at magnitudes 1 and 100;
         "winograd" picks the tile by shape.  "auto" picks between the three where they are
-        measured faster (see the README), "direct" forces direct convolution.
+        measured faster (see the README), "direct" forces direct convolution.  When x or w
+        holds a NaN or an infinity, direct convolution runs whatever ``algorithm`` says
+        (Winograd's transforms and the strided space-to-depth path would spread it to outputs
+        whose window does not hold it); a scan of x and w decides, one read of each.  Where
+        the padding dwarfs the input (the padded copy over 4x the input and output and over
+        16 MiB, e.g. a large dilation with "same"), the convolution runs tap by tap on
+        gathered patches instead of padding a copy.
 
     Returns
     -------
@@ -649,6 +680,15 @@ def _correlate(
     in2 = as_float_array(in2, fn, "in2")
     if in1.ndim != 2 or in2.ndim != 2:
         raise ValueError(f"{fn}: in1 and in2 must be 2-D (got {in1.ndim}-D and {in2.ndim}-D)")
+    # Note [empty correlation]: SciPy answers an empty in1 or in2 with artefacts of its loops
+    # rather than a rule ("valid" with a (0, 0) kernel on a 4x5 image gives 5x6 zeros, "full"
+    # 3x4; an empty image gives fillvalue * sum(in2) in "full" but zeros in "valid"; some pairs
+    # fail with "negative dimensions"), so, as the reference, both must hold data
+    for name, arr in (("in1", in1), ("in2", in2)):
+        if arr.size == 0:
+            raise ValueError(
+                f"{fn}: {name} is empty (got shape {arr.shape}, expected both sizes >= 1)"
+            )
     if mode not in _SCIPY_MODES:
         raise ValueError(f"{fn}: mode is invalid (got {mode!r}, expected one of {_SCIPY_MODES})")
     if boundary not in _BOUNDARIES:
@@ -675,8 +715,6 @@ def _correlate(
                 )
     kernel = in2[::-1, ::-1] if flip else in2
     (m, n), (p, q) = in1.shape, in2.shape
-    if 0 in (m, n, p, q):
-        raise ValueError(f"{fn}: in1 and in2 must not be empty")
     if mode == "valid":
         padded = in1
     else:
@@ -785,7 +823,8 @@ def _pad_adjoint(
         source = np.pad(np.arange(size), (before, after), mode=_MODES[mode])
         folded = np.zeros(out.shape[:ax] + (size,) + out.shape[ax + 1 :], out.dtype)
         # numpy's stub of ufunc.at admits integer indices only, not a tuple with slices
-        np.add.at(folded, (slice(None),) * ax + (source,), out)  # type: ignore[arg-type]
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass on
+            np.add.at(folded, (slice(None),) * ax + (source,), out)  # type: ignore[arg-type]
         out = folded
     return out
 
