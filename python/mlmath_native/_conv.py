@@ -532,24 +532,43 @@ def _space_to_depth(
     give the same sums as a stride-1 convolution of x2 with w2 (kernel ceil(R/sh) x ceil(S/sw)):
     up to sh*ceil(R/sh)*sw*ceil(S/sw) / (R*S) more multiply-adds (1.31x for 7x7 stride 2), but
     the stride-1 kernel reads its B rows in place (gemm_rows) instead of gathering them.  Costs
-    a copy of the input; "auto" uses it for C * sh * sw <= 64 and K <= 64.
+    one copy of the rows and columns of xp the phases use, (Ho - 1 + ceil(R/sh)) * sh by
+    (Wo - 1 + ceil(S/sw)) * sw per channel, written phase by phase straight from x (and the
+    kernel's copy of x2, Note [shifted rows]); "auto" uses it for C * sh * sw <= 64 and K <= 64.
     """
     (sh, sw), (ho, wo) = stride, out_size
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     r2, s2 = -(-r // sh), -(-s // sw)
-    hx, wx = (ho - 1 + r2) * sh, (wo - 1 + s2) * sw  # the rows and columns of xp the phases use
+    hq, wq = ho - 1 + r2, wo - 1 + s2  # x2's rows and columns: xp's used ones / the strides
     (top, _), (left, _) = pads
-    xp = np.zeros((n, c, max(hx, h + top), max(wx, wd + left)), x.dtype)
-    xp[:, :, top : top + h, left : left + wd] = x
-    xp = xp[:, :, :hx, :wx]
-    x2 = xp.reshape(n, c, hx // sh, sh, wx // sw, sw).transpose(0, 1, 3, 5, 2, 4)
-    x2 = np.ascontiguousarray(x2).reshape(n, c * sh * sw, hx // sh, wx // sw)
+    x2 = np.zeros((n, c, sh, sw, hq, wq), x.dtype)
+    for dy in range(sh):
+        i0, rows = _phase(top, dy, sh, h, hq)
+        for dx in range(sw):
+            j0, cols = _phase(left, dx, sw, wd, wq)
+            if not (rows and cols):
+                continue
+            y0, x0 = i0 * sh + dy - top, j0 * sw + dx - left  # x's first row and column there
+            x2[:, :, dy, dx, i0 : i0 + rows, j0 : j0 + cols] = x[
+                :, :, y0 : y0 + (rows - 1) * sh + 1 : sh, x0 : x0 + (cols - 1) * sw + 1 : sw
+            ]
+    x2 = x2.reshape(n, c * sh * sw, hq, wq)
     wp = np.zeros((k, c, r2 * sh, s2 * sw), w.dtype)
     wp[:, :, :r, :s] = w
     w2 = wp.reshape(k, c, r2, sh, s2, sw).transpose(0, 1, 3, 5, 2, 4)
     w2 = np.ascontiguousarray(w2).reshape(k, c * sh * sw, r2, s2)
     return x2, w2, [(0, 0), (0, 0)], (1, 1)
+
+
+def _phase(before: int, d: int, stride: int, size: int, count: int) -> tuple[int, int]:
+    """Along one axis of Note [space to depth]: the first phase-d index i whose padded position
+    i*stride + d lies in x (at or past `before`), and how many of the `count` do (0 if none)."""
+    i0 = max(0, -(-(before - d) // stride))
+    if i0 >= count or i0 * stride + d - before >= size:
+        return 0, 0
+    last = min(count - 1, (before + size - 1 - d) // stride)  # the last one inside x
+    return i0, last - i0 + 1
 
 
 def conv2d(
