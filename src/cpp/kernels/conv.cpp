@@ -619,33 +619,38 @@ void conv_grad_input(const Conv2dInputGradArgs<T>& a) {
 // all_finite: *out = no x[i] is NaN or +-inf.  x - x is 0 for a finite x and NaN otherwise; the
 // sums of those differences are tested once per block of kFiniteBlock elements.
 constexpr std::int64_t kFiniteBlock = std::int64_t{1} << 14;
+// A block's cost for parallel_for (in multiply-adds): one cheap read per element, so the scan
+// wakes a second thread only from 256 blocks (4M elements): below that one thread reads it in
+// well under a millisecond, and a parallel region can cost more than that on a busy machine.
+constexpr std::int64_t kFiniteBlockCost = kFiniteBlock / 64;
 
 template <class T>
 void all_finite(const T* x, std::int64_t n, bool* out) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   std::atomic<bool> finite{true};
-  parallel_for(
-      (n + kFiniteBlock - 1) / kFiniteBlock, kFiniteBlock, [&](std::int64_t b0, std::int64_t b1) {
-        for (std::int64_t b = b0; b < b1 && finite.load(std::memory_order_relaxed); ++b) {
-          const std::int64_t i0 = b * kFiniteBlock;
-          const std::int64_t i1 = n - i0 < kFiniteBlock ? n : i0 + kFiniteBlock;
-          V acc0 = V::set1(T(0)), acc1 = V::set1(T(0));  // two chains of adds
-          std::int64_t i = i0;
-          for (; i + 2 * W <= i1; i += 2 * W) {
-            const V u = V::load(x + i), v = V::load(x + i + W);
-            acc0 = add(acc0, sub(u, u));
-            acc1 = add(acc1, sub(v, v));
-          }
-          for (; i < i1; i += W) {
-            const V u = i + W <= i1 ? V::load(x + i) : V::load_partial(x + i, i1 - i, T(0));
-            acc0 = add(acc0, sub(u, u));
-          }
-          if (!(reduce_add(add(acc0, acc1)) == T(0))) {
-            finite.store(false, std::memory_order_relaxed);
-          }
-        }
-      });
+  parallel_for((n + kFiniteBlock - 1) / kFiniteBlock, kFiniteBlockCost,
+               [&](std::int64_t b0, std::int64_t b1) {
+                 for (std::int64_t b = b0; b < b1 && finite.load(std::memory_order_relaxed); ++b) {
+                   const std::int64_t i0 = b * kFiniteBlock;
+                   const std::int64_t i1 = n - i0 < kFiniteBlock ? n : i0 + kFiniteBlock;
+                   V acc0 = V::set1(T(0)), acc1 = V::set1(T(0));  // two chains of adds
+                   std::int64_t i = i0;
+                   for (; i + 2 * W <= i1; i += 2 * W) {
+                     const V u = V::load(x + i), v = V::load(x + i + W);
+                     acc0 = add(acc0, sub(u, u));
+                     acc1 = add(acc1, sub(v, v));
+                   }
+                   for (; i < i1; i += W) {
+                     const V u =
+                         i + W <= i1 ? V::load(x + i) : V::load_partial(x + i, i1 - i, T(0));
+                     acc0 = add(acc0, sub(u, u));
+                   }
+                   if (!(reduce_add(add(acc0, acc1)) == T(0))) {
+                     finite.store(false, std::memory_order_relaxed);
+                   }
+                 }
+               });
   *out = finite.load();
 }
 
