@@ -258,3 +258,9 @@ def test_all_finite_kernel():
                     y = x.copy()
                     y[i] = value
                     assert not _core.all_finite(y), (dtype, n, i, value)
+    big = np.ones(2**22 + 5, np.float32)  # past 256 blocks: the threads split the scan
+    assert _core.all_finite(big)
+    for i in (0, 2**21 + 7, big.size - 1):
+        big[i] = np.nan
+        assert not _core.all_finite(big)
+        big[i] = 1.0
