@@ -511,8 +511,8 @@ def _backward_taps(
             grad_w[:, :, r, s] = gw_tap[:, :, 0, 0]
         if grad_xe is not None:
             # the 1x1 input gradient: each group's channels transposed, (C, K/G, 1, 1)
-            wt = w[:, :, r, s].reshape(p.groups, kg, cg).transpose(0, 2, 1)
-            wt = np.ascontiguousarray(wt).reshape(p.c, kg, 1, 1)
+            per_group = w[:, :, r, s].reshape(p.groups, kg, cg).transpose(0, 2, 1)
+            wt = np.ascontiguousarray(per_group).reshape(p.c, kg, 1, 1)
             _core.conv2d_into(g, wt, None, gx_tap, 1, 1, 0, 0, 1, 1, p.groups)
             np.add.at(grad_xe, index, gx_tap)  # type: ignore[arg-type]
 
