@@ -264,3 +264,17 @@ def test_all_finite_kernel():
         big[i] = np.nan
         assert not _core.all_finite(big)
         big[i] = 1.0
+
+
+def test_winograd_overflow_falls_back_to_direct():
+    """Finite float32 inputs whose F4 transforms overflow (its factors reach 100 per value; it
+    returned no finite output) while the direct sums do not: the non-finite outputs send the
+    layer to direct convolution (Note [winograd non-finite])."""
+    algorithm = "winograd_f4"
+    x = np.full((1, 1, 8, 8), 1.5e37, np.float32)
+    x[0, 0, ::2] *= -1  # alternating rows: the transforms' differences grow
+    w = np.ones((1, 1, 3, 3), np.float32)
+    got = mn.conv2d(x, w, padding=1, algorithm=algorithm)
+    want = mn.conv2d(x, w, padding=1, algorithm="direct")
+    assert np.isfinite(want).all()
+    np.testing.assert_array_equal(got, want)

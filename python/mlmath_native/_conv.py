@@ -324,8 +324,9 @@ def _conv_nd(
         and kernel[0] >= stride[0]
         and kernel[1] >= stride[1]
     )
-    if (winograd or space_to_depth) and not _all_finite(x, w):
-        winograd, space_to_depth = 0, False  # Note [non-finite inputs] (kernels/conv.cpp)
+    if space_to_depth and not _all_finite(x, w):
+        space_to_depth = False  # Note [non-finite inputs] (kernels/conv.cpp); Winograd checks
+        # its own outputs (Note [winograd non-finite])
     if p.padding_mode != "zeros" and any(b or a for b, a in pads):
         x = np.pad(x, [(0, 0), (0, 0), *pads], mode=_MODES[p.padding_mode])
         pads = [(0, 0)] * dims
@@ -612,10 +613,11 @@ def conv2d(
         float32 results within 4x direct convolution's tolerance), "winograd_f4" is F(4x4, 3x3)
         (36 instead of 144 per 4x4 tile; within 16x), both tested at magnitudes 1 and 100;
         "winograd" picks the tile by shape.  "auto" picks between the three where they are
-        measured faster (see the README), "direct" forces direct convolution.  When x or w
-        holds a NaN or an infinity, direct convolution runs whatever ``algorithm`` says
-        (Winograd's transforms and the strided space-to-depth path would spread it to outputs
-        whose window does not hold it); a scan of x and w decides, one read of each.  Where
+        measured faster (see the README), "direct" forces direct convolution.  NaN and inf
+        reach exactly the outputs whose window holds them, whatever ``algorithm`` says:
+        Winograd (whose transforms would spread them over whole tiles) checks its outputs and
+        computes the layer again by direct convolution if one is not finite, and the strided
+        space-to-depth path is not used when x or w holds one (one read of each).  Where
         the padding dwarfs the input (the padded copy over 4x the input and output and over
         16 MiB, e.g. a large dilation with "same"), the convolution runs tap by tap on
         gathered patches instead of padding a copy.
@@ -916,9 +918,9 @@ def _conv_backward(
         (pt, _), (pl, _) = pads
         # Note [non-finite inputs] (kernels/conv.cpp): the stride-1 forms run a transposed
         # convolution, which multiplies g's zero padding by w (0 * inf where the definition has
-        # no product) and may use Winograd; with a NaN or inf in g or w, col2im (the
-        # definition's products only) serves stride 1 too
-        transposed = (sh, sw) == (1, 1) and _all_finite(g, w)
+        # no product); with a NaN or inf in w, col2im (the definition's products only) serves
+        # stride 1 too.  (A non-finite g is exact there: Winograd checks its own outputs.)
+        transposed = (sh, sw) == (1, 1) and _all_finite(w)
         direct_crop = transposed and mode == "zeros" and pt <= dh * (r - 1) and pl <= dw * (s - 1)
         if transposed:  # both stride-1 forms below use the transposed kernel
             wt = w.reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]

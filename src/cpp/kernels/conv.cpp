@@ -614,8 +614,10 @@ void conv_grad_input(const Conv2dInputGradArgs<T>& a) {
 // inf - inf or 0 * inf).  The fast paths do not: Winograd's transforms mix a tile's inputs and a
 // filter's taps before the products (one inf becomes inf - inf = NaN across its tiles), and the
 // strided space-to-depth path multiplies inputs outside a window by the zero taps it adds
-// (0 * NaN).  So the dispatcher (python/mlmath_native/_conv.py) asks all_finite about x and w
-// first and runs these kernels when either holds a NaN or an infinity.
+// (0 * NaN).  Winograd checks its own outputs and runs these kernels again when one is not
+// finite (Note [winograd non-finite] in winograd.cpp); for space to depth the dispatcher
+// (python/mlmath_native/_conv.py) asks all_finite about x and w first.  The backward's
+// transposed convolution multiplies grad_out's zero padding by w, so it asks about w too.
 // all_finite: *out = no x[i] is NaN or +-inf.  x - x is 0 for a finite x and NaN otherwise; the
 // sums of those differences are tested once per block of kFiniteBlock elements.
 constexpr std::int64_t kFiniteBlock = std::int64_t{1} << 14;
