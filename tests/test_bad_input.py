@@ -613,6 +613,101 @@ BAD_CALLS = [
         ValueError,
         "needs is invalid",
     ),
+    # an empty kernel has no output size: refused as PyTorch does (it used to return
+    # uninitialised memory of shape (1, 1, 5, 5) for a 4x4 input)
+    (
+        "conv2d empty kernel",
+        lambda a: mn.conv2d(np.ones((1, 1, 4, 4)), np.ones((1, 1, 0, 0))),
+        ValueError,
+        "conv2d: w has an empty kernel (got shape (1, 1, 0, 0)",
+    ),
+    (
+        "conv2d zero-width kernel",
+        lambda a: mn.conv2d(np.ones((1, 1, 4, 4)), np.ones((1, 1, 3, 0)), padding=1),
+        ValueError,
+        "conv2d: w has an empty kernel (got shape (1, 1, 3, 0)",
+    ),
+    (
+        "conv2d zero-height kernel winograd",
+        lambda a: mn.conv2d(np.ones((1, 1, 4, 4)), np.ones((1, 1, 0, 3)), algorithm="winograd"),
+        ValueError,
+        "conv2d: w has an empty kernel",
+    ),
+    (
+        "conv1d empty kernel",
+        lambda a: mn.conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 0)), padding="same"),
+        ValueError,
+        "conv1d: w has an empty kernel (got shape (1, 1, 0)",
+    ),
+    (
+        "conv2d_backward empty kernel",
+        lambda a: mn.conv2d_backward(
+            np.ones((1, 1, 4, 4)), np.ones((1, 1, 0, 0)), np.ones((1, 1, 5, 5))
+        ),
+        ValueError,
+        "conv2d_backward: w has an empty kernel",
+    ),
+    (
+        "conv1d_backward empty kernel",
+        lambda a: mn.conv1d_backward(np.ones((1, 1, 4)), np.ones((1, 1, 0)), np.ones((1, 1, 5))),
+        ValueError,
+        "conv1d_backward: w has an empty kernel",
+    ),
+    (
+        "correlate2d empty in2",
+        lambda a: mn.correlate2d(np.ones((4, 5)), np.ones((0, 0)), mode="valid"),
+        ValueError,
+        "correlate2d: in2 is empty (got shape (0, 0)",
+    ),
+    (
+        "convolve2d empty in1",
+        lambda a: mn.convolve2d(np.ones((0, 3)), np.ones((2, 2))),
+        ValueError,
+        "convolve2d: in1 is empty (got shape (0, 3)",
+    ),
+    (
+        "core conv empty kernel",
+        lambda a: _core.conv2d_into(
+            np.ones((1, 1, 4, 4)),
+            np.ones((1, 1, 0, 0)),
+            None,
+            a["out64"][None, None],
+            1,
+            1,
+            0,
+            0,
+            1,
+            1,
+            1,
+        ),
+        ValueError,
+        "conv2d: w has an empty kernel",
+    ),
+    (
+        "core grad input empty kernel",
+        lambda a: _core.conv2d_grad_input_into(
+            np.ones((1, 1, 5, 5)), np.ones((1, 1, 0, 0)), a["out64"][None, None], 1, 1, 1, 1, 1
+        ),
+        ValueError,
+        "conv2d_backward: w has an empty kernel",
+    ),
+    (
+        "core grad weight empty kernel",
+        lambda a: _core.conv2d_grad_weight_into(
+            np.ones((1, 1, 4, 4)),
+            np.ones((1, 1, 5, 5)),
+            np.zeros((1, 1, 0, 0)),
+            1,
+            1,
+            0,
+            0,
+            1,
+            1,
+            1,
+        ),
+        ValueError,
+        "conv2d_backward: grad_weight has an empty kernel",
+    ),
     (
         "core grad weight shapes",
         lambda a: _core.conv2d_grad_weight_into(

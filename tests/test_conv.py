@@ -275,6 +275,25 @@ def test_strided_layers_with_few_channels_match_direct(rng):
         np.testing.assert_allclose(auto, direct, rtol=1e-5, atol=1e-5)
 
 
+def test_space_to_depth_phases_against_reference(rng):
+    """The phase-split copy (Note [space to depth]) for random strides, kernels smaller and
+    larger than the stride multiples, and paddings up to past the kernel (rows and columns of
+    a phase wholly in the padding), against the float64 reference."""
+    for _ in range(40):
+        sh, sw = (int(v) for v in rng.integers(2, 4, size=2))
+        r, s = int(rng.integers(sh, 8)), int(rng.integers(sw, 8))
+        h, w_ = int(rng.integers(1, 14)), int(rng.integers(1, 14))
+        pads = tuple(int(v) for v in rng.integers(0, 6, size=4))
+        if h + pads[0] + pads[1] < r or w_ + pads[2] + pads[3] < s:
+            continue
+        c, k = int(rng.integers(1, 4)), int(rng.integers(1, 9))
+        x = rng.standard_normal((2, c, h, w_))
+        w = rng.standard_normal((k, c, r, s))
+        got = mn.conv2d(x, w, stride=(sh, sw), padding=pads)
+        want = ref.conv2d(x, w, stride=(sh, sw), padding=pads)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 # -- backward ------------------------------------------------------------------------------------
 
 # torch's Conv2d has neither "same" with a stride nor 4-tuple padding: those forms are checked

@@ -3,8 +3,10 @@
 All of them run on one compiled kernel (src/cpp/kernels/conv.cpp): implicit GEMM on the packed
 core, 1x1 convolutions as plain GEMM, and a direct vectorised kernel for depthwise and
 single-channel correlations.  Zero padding is applied inside the kernel; the other padding
-modes (and SciPy's boundaries) pad a copy of the input first, which costs the input's size,
-never an im2col matrix.
+modes (and SciPy's boundaries) pad a copy of the input first, which costs the padded input's
+size, never an im2col matrix; where that copy would dwarf the input and output, the convolution
+runs tap by tap instead (Note [large padding]).  Inputs holding NaN or inf run direct
+convolution (Note [non-finite inputs] in conv.cpp).
 """
 
 from __future__ import annotations
@@ -212,6 +214,10 @@ def _plan(
             f"{fn}: x has an empty spatial dimension (got shape {x.shape}, expected every "
             "spatial size >= 1)"
         )
+    if min(kernel) < 1:  # as PyTorch: no output size (and nothing to sum) without taps
+        raise ValueError(
+            f"{fn}: w has an empty kernel (got shape {w.shape}, expected every kernel size >= 1)"
+        )
     pads = _padding(fn, padding, spatial, kernel, stride, dilation)
     if padding_mode not in _MODES:
         raise ValueError(
@@ -301,18 +307,13 @@ def _conv_nd(
 ) -> NDArray[Any]:
     """conv1d (dims=1) and conv2d (dims=2) on the 2-D kernel."""
     p = _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims, algorithm)
+    if _pad_copy_too_large(p):
+        out = _conv_gathered(p)
+        return out[0] if p.unbatched else out
     x, w, bias, pads, stride, dilation = p.x, p.w, p.bias, p.pads, p.stride, p.dilation
     n, c, k, dtype, groups = p.n, p.c, p.k, p.dtype, p.groups
     kernel, winograd, out_size = p.kernel, p.winograd, list(p.out_size)
-    if p.padding_mode != "zeros" and any(b or a for b, a in pads):
-        x = np.pad(x, [(0, 0), (0, 0), *pads], mode=_MODES[p.padding_mode])
-        pads = [(0, 0)] * dims
-    if dims == 1:  # a 1-D convolution is a 2-D one over a height of 1
-        x, w = x[:, :, None, :], w[:, :, None, :]
-        stride, dilation = (1, *stride), (1, *dilation)
-        pads = [(0, 0), *pads]
-        out_size = [1, *out_size]
-    if (
+    space_to_depth = (
         algorithm == "auto"
         and dims == 2
         and groups == 1
@@ -322,7 +323,19 @@ def _conv_nd(
         and k <= 64
         and kernel[0] >= stride[0]
         and kernel[1] >= stride[1]
-    ):
+    )
+    if space_to_depth and not _all_finite(x, w):
+        space_to_depth = False  # Note [non-finite inputs] (kernels/conv.cpp); Winograd checks
+        # its own outputs (Note [winograd non-finite])
+    if p.padding_mode != "zeros" and any(b or a for b, a in pads):
+        x = np.pad(x, [(0, 0), (0, 0), *pads], mode=_MODES[p.padding_mode])
+        pads = [(0, 0)] * dims
+    if dims == 1:  # a 1-D convolution is a 2-D one over a height of 1
+        x, w = x[:, :, None, :], w[:, :, None, :]
+        stride, dilation = (1, *stride), (1, *dilation)
+        pads = [(0, 0), *pads]
+        out_size = [1, *out_size]
+    if space_to_depth:
         x, w, pads, stride = _space_to_depth(x, w, pads, stride, out_size)
     out = _core.empty((n, k, *out_size), dtype)
     _core.conv2d_into(
@@ -344,6 +357,167 @@ def _conv_nd(
     return out[0] if p.unbatched else out
 
 
+def _all_finite(*arrays: NDArray[Any]) -> bool:
+    """No NaN or +-inf in any of the (C-contiguous float) arrays: one vectorised read each
+    (Note [non-finite inputs] in kernels/conv.cpp)."""
+    return all(_core.all_finite(a) for a in arrays)
+
+
+# Note [large padding]
+# The kernels hold a padded copy of the input (the stride-1 paths all of N*C*(H + pt + pb) *
+# (W + pl + pr) values, the depthwise path one padded plane per thread, the weight gradient all
+# of it), and so do np.pad for the other padding modes and the space-to-depth copy.  Where the
+# padding dwarfs the input (conv2d with dilation=12000, padding="same" on an 8x8 image pads it to
+# 24008 x 24008: 4.3 GiB of float64) the convolution runs tap by tap instead: for tap (r, s) the
+# positions it reads for every output, x_pad[n, c, i*sh + r*dh, j*sw + s*dw], are gathered
+# through the padding mode's index map (_tap_sources; zero padding reads a zero row and column
+# appended to x) into an (N, C, Ho, Wo) patch, and y += w[:, :, r, s] . patch is a 1x1
+# convolution (the backward: the 1x1 weight gradient, and the 1x1 input gradient added back
+# onto the gathered positions).  Extra memory: x once more, one patch and one output,
+# O(N*C*(H*W + Ho*W) + N*K*Ho*Wo); the price is R*S passes over the output.  Every sum has the
+# definition's terms (padding zeros included), so NaN and inf land where they do there.
+# Used past _PAD_COPY_RATIO times the input and output and _PAD_COPY_MIN_BYTES.
+_PAD_COPY_RATIO = 4
+_PAD_COPY_MIN_BYTES = 16 << 20
+
+
+def _pad_copy_too_large(p: _ConvPlan) -> bool:
+    """Whether the padded input would dwarf the input and output (Note [large padding])."""
+    itemsize = p.dtype.itemsize
+    padded = p.n * p.c * itemsize
+    for size, (before, after) in zip(p.spatial, p.pads, strict=True):
+        padded *= size + before + after
+    output = p.n * p.k * itemsize
+    for size in p.out_size:
+        output *= size
+    return padded > max(_PAD_COPY_MIN_BYTES, _PAD_COPY_RATIO * (p.x.nbytes + output))
+
+
+def _tap_sources(
+    size: int, before: int, tap: int, stride: int, dilation: int, out: int, mode: str
+) -> NDArray[np.intp]:
+    """The input position that kernel tap `tap` reads for each of the `out` outputs along one
+    axis: padded position q = i*stride + tap*dilation - before mapped by the padding mode (for
+    zero padding, `size`: the appended zero)."""
+    q = np.arange(out, dtype=np.intp) * stride + (tap * dilation - before)
+    if mode == "zeros":
+        return np.where((q >= 0) & (q < size), q, size)
+    if mode == "replicate":
+        return np.clip(q, 0, size - 1)
+    if mode == "circular":  # padding <= size (checked)
+        return q % size
+    q = np.abs(q)  # reflect: padding < size, so one reflection at each end
+    return np.where(q >= size, 2 * (size - 1) - q, q)
+
+
+def _as_2d(p: _ConvPlan) -> SimpleNamespace:
+    """The plan's arrays and sizes with a 1-D convolution seen as a 2-D one of height 1."""
+    lead = 2 - p.dims
+    return SimpleNamespace(
+        x=p.x.reshape(p.x.shape[:2] + (1,) * lead + p.x.shape[2:]),
+        w=p.w.reshape(p.w.shape[:2] + (1,) * lead + p.w.shape[2:]),
+        spatial=(1,) * lead + tuple(p.spatial),
+        pads=[(0, 0)] * lead + list(p.pads),
+        stride=(1,) * lead + tuple(p.stride),
+        dilation=(1,) * lead + tuple(p.dilation),
+        out_size=[1] * lead + list(p.out_size),
+    )
+
+
+def _gather_input(p: _ConvPlan, x: NDArray[Any]) -> NDArray[Any]:
+    """x with a zero row and column appended for zero padding (Note [large padding])."""
+    if p.padding_mode != "zeros":
+        return x
+    xe = np.zeros(x.shape[:2] + (x.shape[2] + 1, x.shape[3] + 1), p.dtype)
+    xe[:, :, :-1, :-1] = x
+    return xe
+
+
+def _taps(p: _ConvPlan, q: SimpleNamespace) -> Any:
+    """(r, s, rows, cols) per kernel tap: the input rows and columns it reads per output."""
+    (h, wd), ((top, _), (left, _)) = q.spatial, q.pads
+    (sh, sw), (dh, dw), (ho, wo) = q.stride, q.dilation, q.out_size
+    for r in range(q.w.shape[2]):
+        rows = _tap_sources(h, top, r, sh, dh, ho, p.padding_mode)
+        for s in range(q.w.shape[3]):
+            yield r, s, rows, _tap_sources(wd, left, s, sw, dw, wo, p.padding_mode)
+
+
+def _conv_gathered(p: _ConvPlan) -> NDArray[Any]:
+    """conv1d/conv2d tap by tap on gathered patches (Note [large padding])."""
+    q = _as_2d(p)
+    xe = _gather_input(p, q.x)
+    out = np.zeros((p.n, p.k, *q.out_size), p.dtype)
+    part = np.empty_like(out)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass on, as in the kernels
+        _add_taps(p, q, xe, out, part)
+    return out[:, :, 0, :] if p.dims == 1 else out
+
+
+def _add_taps(
+    p: _ConvPlan, q: SimpleNamespace, xe: NDArray[Any], out: NDArray[Any], part: NDArray[Any]
+) -> None:
+    """out += each tap's 1x1 convolution of its gathered patch (+ bias)."""
+    for r, s, rows, cols in _taps(p, q):
+        patch = np.ascontiguousarray(xe[:, :, rows[:, None], cols[None, :]])  # (N, C, Ho, Wo)
+        tap = np.ascontiguousarray(q.w[:, :, r : r + 1, s : s + 1])
+        _core.conv2d_into(patch, tap, None, part, 1, 1, 0, 0, 1, 1, p.groups)
+        out += part
+    if p.bias is not None:
+        out += p.bias[:, None, None]
+
+
+def _conv_backward_gathered(
+    p: _ConvPlan, g: NDArray[Any], needs: set[str]
+) -> tuple[NDArray[Any] | None, NDArray[Any] | None]:
+    """(grad_input, grad_weight) tap by tap (Note [large padding]); g is (N, K, Ho, Wo)."""
+    q = _as_2d(p)
+    dtype = g.dtype
+    x, w = q.x.astype(dtype, copy=False), q.w.astype(dtype, copy=False)
+    g = g.reshape(g.shape[:2] + tuple(q.out_size))
+    xe = _gather_input(p, x).astype(dtype, copy=False)
+    grad_w = np.empty(w.shape, dtype) if "weight" in needs else None
+    grad_xe = np.zeros(xe.shape, dtype) if "input" in needs else None
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass on, as in the kernels
+        _backward_taps(p, q, g, w, xe, grad_w, grad_xe)
+    grad_x = None
+    if grad_xe is not None:
+        h, wd = q.spatial
+        grad_x = grad_xe[:, :, :h, :wd]
+        grad_x = grad_x.reshape(grad_x.shape[:2] + tuple(p.spatial))
+    if grad_w is not None:
+        grad_w = grad_w.reshape(p.w.shape)
+    return grad_x, grad_w
+
+
+def _backward_taps(
+    p: _ConvPlan,
+    q: SimpleNamespace,
+    g: NDArray[Any],
+    w: NDArray[Any],
+    xe: NDArray[Any],
+    grad_w: NDArray[Any] | None,
+    grad_xe: NDArray[Any] | None,
+) -> None:
+    """Each tap's 1x1 weight gradient into grad_w and 1x1 input gradient onto its gathered
+    positions of grad_xe."""
+    dtype, kg, cg = g.dtype, p.k // p.groups, p.c // p.groups
+    gw_tap = np.empty((p.k, cg, 1, 1), dtype)
+    gx_tap = np.empty((p.n, p.c, *q.out_size), dtype)
+    for r, s, rows, cols in _taps(p, q):
+        index = (slice(None), slice(None), rows[:, None], cols[None, :])
+        if grad_w is not None:
+            patch = np.ascontiguousarray(xe[index])
+            _core.conv2d_grad_weight_into(patch, g, gw_tap, 1, 1, 0, 0, 1, 1, p.groups)
+            grad_w[:, :, r, s] = gw_tap[:, :, 0, 0]
+        if grad_xe is not None:
+            # the 1x1 input gradient: each group's channels transposed, (C, K/G, 1, 1)
+            per_group = w[:, :, r, s].reshape(p.groups, kg, cg).transpose(0, 2, 1)
+            wt = np.ascontiguousarray(per_group).reshape(p.c, kg, 1, 1)
+            _core.conv2d_into(g, wt, None, gx_tap, 1, 1, 0, 0, 1, 1, p.groups)
+            np.add.at(grad_xe, index, gx_tap)  # type: ignore[arg-type]
+
+
 def _space_to_depth(
     x: NDArray[Any],
     w: NDArray[Any],
@@ -359,24 +533,43 @@ def _space_to_depth(
     give the same sums as a stride-1 convolution of x2 with w2 (kernel ceil(R/sh) x ceil(S/sw)):
     up to sh*ceil(R/sh)*sw*ceil(S/sw) / (R*S) more multiply-adds (1.31x for 7x7 stride 2), but
     the stride-1 kernel reads its B rows in place (gemm_rows) instead of gathering them.  Costs
-    a copy of the input; "auto" uses it for C * sh * sw <= 64 and K <= 64.
+    one copy of the rows and columns of xp the phases use, (Ho - 1 + ceil(R/sh)) * sh by
+    (Wo - 1 + ceil(S/sw)) * sw per channel, written phase by phase straight from x (and the
+    kernel's copy of x2, Note [shifted rows]); "auto" uses it for C * sh * sw <= 64 and K <= 64.
     """
     (sh, sw), (ho, wo) = stride, out_size
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     r2, s2 = -(-r // sh), -(-s // sw)
-    hx, wx = (ho - 1 + r2) * sh, (wo - 1 + s2) * sw  # the rows and columns of xp the phases use
+    hq, wq = ho - 1 + r2, wo - 1 + s2  # x2's rows and columns: xp's used ones / the strides
     (top, _), (left, _) = pads
-    xp = np.zeros((n, c, max(hx, h + top), max(wx, wd + left)), x.dtype)
-    xp[:, :, top : top + h, left : left + wd] = x
-    xp = xp[:, :, :hx, :wx]
-    x2 = xp.reshape(n, c, hx // sh, sh, wx // sw, sw).transpose(0, 1, 3, 5, 2, 4)
-    x2 = np.ascontiguousarray(x2).reshape(n, c * sh * sw, hx // sh, wx // sw)
+    x2 = np.zeros((n, c, sh, sw, hq, wq), x.dtype)
+    for dy in range(sh):
+        i0, rows = _phase(top, dy, sh, h, hq)
+        for dx in range(sw):
+            j0, cols = _phase(left, dx, sw, wd, wq)
+            if not (rows and cols):
+                continue
+            y0, x0 = i0 * sh + dy - top, j0 * sw + dx - left  # x's first row and column there
+            x2[:, :, dy, dx, i0 : i0 + rows, j0 : j0 + cols] = x[
+                :, :, y0 : y0 + (rows - 1) * sh + 1 : sh, x0 : x0 + (cols - 1) * sw + 1 : sw
+            ]
+    x2 = x2.reshape(n, c * sh * sw, hq, wq)
     wp = np.zeros((k, c, r2 * sh, s2 * sw), w.dtype)
     wp[:, :, :r, :s] = w
     w2 = wp.reshape(k, c, r2, sh, s2, sw).transpose(0, 1, 3, 5, 2, 4)
     w2 = np.ascontiguousarray(w2).reshape(k, c * sh * sw, r2, s2)
     return x2, w2, [(0, 0), (0, 0)], (1, 1)
+
+
+def _phase(before: int, d: int, stride: int, size: int, count: int) -> tuple[int, int]:
+    """Along one axis of Note [space to depth]: the first phase-d index i whose padded position
+    i*stride + d lies in x (at or past `before`), and how many of the `count` do (0 if none)."""
+    i0 = max(0, -(-(before - d) // stride))
+    if i0 >= count or i0 * stride + d - before >= size:
+        return 0, 0
+    last = min(count - 1, (before + size - 1 - d) // stride)  # the last one inside x
+    return i0, last - i0 + 1
 
 
 def conv2d(
@@ -420,7 +613,14 @@ def conv2d(
         float32 results within 4x direct convolution's tolerance), "winograd_f4" is F(4x4, 3x3)
         (36 instead of 144 per 4x4 tile; within 16x), both tested at magnitudes 1 and 100;
         "winograd" picks the tile by shape.  "auto" picks between the three where they are
-        measured faster (see the README), "direct" forces direct convolution.
+        measured faster (see the README), "direct" forces direct convolution.  NaN and inf
+        reach exactly the outputs whose window holds them, whatever ``algorithm`` says:
+        Winograd (whose transforms would spread them over whole tiles) checks its outputs and
+        computes the layer again by direct convolution if one is not finite, and the strided
+        space-to-depth path is not used when x or w holds one (one read of each).  Where
+        the padding dwarfs the input (the padded copy over 4x the input and output and over
+        16 MiB, e.g. a large dilation with "same"), the convolution runs tap by tap on
+        gathered patches instead of padding a copy.
 
     Returns
     -------
@@ -501,6 +701,15 @@ def _correlate(
     in2 = as_float_array(in2, fn, "in2")
     if in1.ndim != 2 or in2.ndim != 2:
         raise ValueError(f"{fn}: in1 and in2 must be 2-D (got {in1.ndim}-D and {in2.ndim}-D)")
+    # Note [empty correlation]: SciPy answers an empty in1 or in2 with artefacts of its loops
+    # rather than a rule ("valid" with a (0, 0) kernel on a 4x5 image gives 5x6 zeros, "full"
+    # 3x4; an empty image gives fillvalue * sum(in2) in "full" but zeros in "valid"; some pairs
+    # fail with "negative dimensions"), so, as the reference, both must hold data
+    for name, arr in (("in1", in1), ("in2", in2)):
+        if arr.size == 0:
+            raise ValueError(
+                f"{fn}: {name} is empty (got shape {arr.shape}, expected both sizes >= 1)"
+            )
     if mode not in _SCIPY_MODES:
         raise ValueError(f"{fn}: mode is invalid (got {mode!r}, expected one of {_SCIPY_MODES})")
     if boundary not in _BOUNDARIES:
@@ -527,8 +736,6 @@ def _correlate(
                 )
     kernel = in2[::-1, ::-1] if flip else in2
     (m, n), (p, q) = in1.shape, in2.shape
-    if 0 in (m, n, p, q):
-        raise ValueError(f"{fn}: in1 and in2 must not be empty")
     if mode == "valid":
         padded = in1
     else:
@@ -637,7 +844,8 @@ def _pad_adjoint(
         source = np.pad(np.arange(size), (before, after), mode=_MODES[mode])
         folded = np.zeros(out.shape[:ax] + (size,) + out.shape[ax + 1 :], out.dtype)
         # numpy's stub of ufunc.at admits integer indices only, not a tuple with slices
-        np.add.at(folded, (slice(None),) * ax + (source,), out)  # type: ignore[arg-type]
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass on
+            np.add.at(folded, (slice(None),) * ax + (source,), out)  # type: ignore[arg-type]
         out = folded
     return out
 
@@ -668,6 +876,12 @@ def _conv_backward(
     x, w = p.x.astype(dtype, copy=False), p.w.astype(dtype, copy=False)
     if p.unbatched:
         g = g[None]
+    if _pad_copy_too_large(p):
+        gx, gw = _conv_backward_gathered(p, g, needs)
+        if gx is not None:
+            gx = np.ascontiguousarray(gx[0] if p.unbatched else gx)
+        gb = g.sum(axis=(0, *range(2, g.ndim)), dtype=np.float64).astype(dtype)
+        return gx, gw, gb if "bias" in needs else None
     if dims == 1:  # as 2-D with a height of 1
         x, w, g = x[:, :, None, :], w[:, :, None, :], g[:, :, None, :]
         pads, stride, dilation = [(0, 0), *p.pads], (1, *p.stride), (1, *p.dilation)
@@ -702,10 +916,13 @@ def _conv_backward(
         )
     if "input" in needs:
         (pt, _), (pl, _) = pads
-        direct_crop = (
-            (sh, sw) == (1, 1) and mode == "zeros" and pt <= dh * (r - 1) and pl <= dw * (s - 1)
-        )
-        if (sh, sw) == (1, 1):  # both stride-1 forms below use the transposed kernel
+        # Note [non-finite inputs] (kernels/conv.cpp): the stride-1 forms run a transposed
+        # convolution, which multiplies g's zero padding by w (0 * inf where the definition has
+        # no product); with a NaN or inf in w, col2im (the definition's products only) serves
+        # stride 1 too.  (A non-finite g is exact there: Winograd checks its own outputs.)
+        transposed = (sh, sw) == (1, 1) and _all_finite(w)
+        direct_crop = transposed and mode == "zeros" and pt <= dh * (r - 1) and pl <= dw * (s - 1)
+        if transposed:  # both stride-1 forms below use the transposed kernel
             wt = w.reshape(groups, kg, cg, r, s).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
             wt = np.ascontiguousarray(wt).reshape(groups * cg, kg, r, s)
         if direct_crop:
@@ -732,7 +949,7 @@ def _conv_backward(
                 winograd,
             )
         else:
-            if (sh, sw) == (1, 1):
+            if transposed:
                 grad_xp = np.zeros((n, c, hp, wp), dtype)
                 # the transposed convolution: g fully padded by the dilated kernel size, correlated
                 # with the flipped, channel-transposed kernel (groups keep their channels)
@@ -742,8 +959,9 @@ def _conv_backward(
                 _core.conv2d_into(g, wt, None, part, 1, 1, pad_h, pad_w, dh, dw, groups, 0)
                 grad_xp[:, :, :full_h, :full_w] = part  # rows/cols past the last window: 0
             else:
-                # strided: dCol = W^T g (a GEMM), each (c, r, s) row of dCol added onto its
-                # strided window of grad_xp (col2im), in C++ (conv_grad_input in conv.cpp)
+                # strided (or non-finite): dCol = W^T g (a GEMM), each (c, r, s) row of dCol
+                # added onto its strided window of grad_xp (col2im), in C++ (conv_grad_input in
+                # conv.cpp)
                 grad_xp = _core.empty((n, c, hp, wp), dtype)  # every element written
                 _core.conv2d_grad_input_into(g, w, grad_xp, sh, sw, dh, dw, groups)
             grad_input = _pad_adjoint(grad_xp, pads, mode, spatial)

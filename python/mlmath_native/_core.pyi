@@ -98,6 +98,9 @@ def conv2d_grad_input_into(
 ) -> None:
     """grad_input = the gradient of conv2d's padded input (GEMM + col2im)"""
 
+def all_finite(x: NDArray[Any]) -> bool:
+    """True when no element of x (float32/float64, C-contiguous) is NaN or +-inf"""
+
 def conv2d_grad_weight_into(
     x: NDArray[Any],
     grad_out: NDArray[Any],

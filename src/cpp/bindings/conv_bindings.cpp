@@ -30,6 +30,9 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
     throw std::invalid_argument("conv2d: groups, strides and dilations must be >= 1");
   }
   const std::int64_t n = x.shape(0), c = x.shape(1), k = w.shape(0);
+  if (w.shape(2) < 1 || w.shape(3) < 1) {  // nothing would write out
+    throw std::invalid_argument("conv2d: w has an empty kernel (shape " + shape_str(w) + ")");
+  }
   if (w.shape(1) * groups != c || k % groups != 0) {
     throw std::invalid_argument("conv2d: w has shape " + shape_str(w) + " for " +
                                 std::to_string(c) + " input channels in " + std::to_string(groups) +
@@ -109,6 +112,9 @@ void conv2d_grad_weight_into(const py::array& x, const py::array& grad_out, py::
   const std::int64_t n = x.shape(0), c = x.shape(1), k = grad_out.shape(1);
   const std::int64_t r = grad_w.shape(2), s = grad_w.shape(3);
   const std::int64_t ho = grad_out.shape(2), wo = grad_out.shape(3);
+  if (r < 1 || s < 1) {
+    throw std::invalid_argument("conv2d_backward: grad_weight has an empty kernel");
+  }
   // every window must start inside the padded input (its far side may reach past x: zeros)
   if (grad_out.shape(0) != n || grad_w.shape(0) != k || grad_w.shape(1) * groups != c ||
       k % groups != 0 || (ho > 0 && (ho - 1) * stride_h > x.shape(2) + 2 * pad_top) ||
@@ -163,6 +169,9 @@ void conv2d_grad_input_into(const py::array& grad_out, const py::array& w, py::a
   const std::int64_t n = grad_out.shape(0), k = grad_out.shape(1), ho = grad_out.shape(2),
                      wo = grad_out.shape(3), c = grad_input.shape(1), r = w.shape(2),
                      s = w.shape(3);
+  if (r < 1 || s < 1) {
+    throw std::invalid_argument("conv2d_backward: w has an empty kernel");
+  }
   // every window must lie inside the padded input
   if (grad_input.shape(0) != n || w.shape(0) != k || w.shape(1) * groups != c || k % groups != 0 ||
       (ho > 0 && (ho - 1) * stride_h + dil_h * (r - 1) + 1 > grad_input.shape(2)) ||
@@ -199,6 +208,26 @@ void conv2d_grad_input_into(const py::array& grad_out, const py::array& w, py::a
   with_dtype(dt, run);
 }
 
+// True when no element of x is NaN or +-inf (Note [non-finite inputs] in kernels/conv.cpp).
+bool all_finite(const py::array& x) {
+  const DType dt = float_dtype(x, "all_finite", "x");
+  bool finite = true;
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const KernelTable& kt = kernels();
+    const T* data = static_cast<const T*>(x.data());
+    const std::int64_t n = x.size();
+    py::gil_scoped_release release;
+    if constexpr (sizeof(T) == 4) {
+      kt.all_finite_f32(data, n, &finite);
+    } else {
+      kt.all_finite_f64(data, n, &finite);
+    }
+  };
+  with_dtype(dt, run);
+  return finite;
+}
+
 }  // namespace
 
 void bind_conv(py::module_& m) {
@@ -212,6 +241,8 @@ void bind_conv(py::module_& m) {
   m.def("conv2d_grad_input_into", &conv2d_grad_input_into, "grad_out"_a, "w"_a, "grad_input"_a,
         "stride_h"_a, "stride_w"_a, "dil_h"_a, "dil_w"_a, "groups"_a,
         "grad_input = the gradient of conv2d's padded input (GEMM + col2im)");
+  m.def("all_finite", &all_finite, "x"_a,
+        "True when no element of x (float32/float64, C-contiguous) is NaN or +-inf");
 }
 
 }  // namespace mlmath::bindings

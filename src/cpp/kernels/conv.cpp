@@ -12,6 +12,7 @@
 // Work is split over images and groups when there are enough of them (each GEMM then runs on
 // one thread), else inside each GEMM; either way every output element is computed by one
 // thread in a fixed order, so results do not depend on the number of threads.
+#include <atomic>
 #include <cstdint>
 
 #include "common/gemm_core.h"
@@ -606,8 +607,59 @@ void conv_grad_input(const Conv2dInputGradArgs<T>& a) {
   });
 }
 
+// Note [non-finite inputs]
+// Every kernel in this file sums each output's own taps only (padding and the dropped columns of
+// Note [shifted rows] included), so a NaN or an infinity reaches exactly the outputs whose
+// window holds it, with the NaN/Inf pattern of the definition (inf * w + finite = inf, NaN from
+// inf - inf or 0 * inf).  The fast paths do not: Winograd's transforms mix a tile's inputs and a
+// filter's taps before the products (one inf becomes inf - inf = NaN across its tiles), and the
+// strided space-to-depth path multiplies inputs outside a window by the zero taps it adds
+// (0 * NaN).  Winograd checks its own outputs and runs these kernels again when one is not
+// finite (Note [winograd non-finite] in winograd.cpp); for space to depth the dispatcher
+// (python/mlmath_native/_conv.py) asks all_finite about x and w first.  The backward's
+// transposed convolution multiplies grad_out's zero padding by w, so it asks about w too.
+// all_finite: *out = no x[i] is NaN or +-inf.  x - x is 0 for a finite x and NaN otherwise; the
+// sums of those differences are tested once per block of kFiniteBlock elements.
+constexpr std::int64_t kFiniteBlock = std::int64_t{1} << 14;
+// A block's cost for parallel_for (in multiply-adds): one cheap read per element, so the scan
+// wakes a second thread only from 256 blocks (4M elements): below that one thread reads it in
+// well under a millisecond, and a parallel region can cost more than that on a busy machine.
+constexpr std::int64_t kFiniteBlockCost = kFiniteBlock / 64;
+
+template <class T>
+void all_finite(const T* x, std::int64_t n, bool* out) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  std::atomic<bool> finite{true};
+  parallel_for((n + kFiniteBlock - 1) / kFiniteBlock, kFiniteBlockCost,
+               [&](std::int64_t b0, std::int64_t b1) {
+                 for (std::int64_t b = b0; b < b1 && finite.load(std::memory_order_relaxed); ++b) {
+                   const std::int64_t i0 = b * kFiniteBlock;
+                   const std::int64_t i1 = n - i0 < kFiniteBlock ? n : i0 + kFiniteBlock;
+                   V acc0 = V::set1(T(0)), acc1 = V::set1(T(0));  // two chains of adds
+                   std::int64_t i = i0;
+                   for (; i + 2 * W <= i1; i += 2 * W) {
+                     const V u = V::load(x + i), v = V::load(x + i + W);
+                     acc0 = add(acc0, sub(u, u));
+                     acc1 = add(acc1, sub(v, v));
+                   }
+                   for (; i < i1; i += W) {
+                     const V u =
+                         i + W <= i1 ? V::load(x + i) : V::load_partial(x + i, i1 - i, T(0));
+                     acc0 = add(acc0, sub(u, u));
+                   }
+                   if (!(reduce_add(add(acc0, acc1)) == T(0))) {
+                     finite.store(false, std::memory_order_relaxed);
+                   }
+                 }
+               });
+  *out = finite.load();
+}
+
 }  // namespace
 
+void all_finite_f32(const float* x, std::int64_t n, bool* out) { all_finite(x, n, out); }
+void all_finite_f64(const double* x, std::int64_t n, bool* out) { all_finite(x, n, out); }
 void conv2d_f32(const Conv2dArgs<float>& args) { conv2d(args); }
 void conv2d_f64(const Conv2dArgs<double>& args) { conv2d(args); }
 void conv2d_grad_weight_f32(const Conv2dWeightGradArgs<float>& args) { conv_grad_weight(args); }

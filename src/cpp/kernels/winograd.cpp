@@ -20,6 +20,7 @@
 // Accuracy: F2's transforms only add and halve, so its float32 error stays within a small
 // multiple of direct convolution's; F4's use factors up to 8 (A) and 5 (B), about 10x more
 // rounding error (tests/test_conv.py states both tolerances).
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -28,6 +29,9 @@
 #include "mlmath/mlmath.h"
 
 MLMATH_ISA_BEGIN
+
+void conv2d_f32(const Conv2dArgs<float>& args);  // direct convolution (kernels/conv.cpp)
+void conv2d_f64(const Conv2dArgs<double>& args);
 
 namespace {
 
@@ -134,9 +138,11 @@ void input_rows(const T* const in[Tile::a], T* const out[Tile::a], std::int64_t 
   }
 }
 
-// out[b][x] = (A^T in)[b][x] + bias for x < n
+// out[b][x] = (A^T in)[b][x] + bias for x < n; check += out - out (0 while every out is finite,
+// Note [winograd non-finite])
 template <class Tile, class T>
-void output_rows(const T* const in[Tile::a], T* const out[Tile::m], std::int64_t n, T bias) {
+void output_rows(const T* const in[Tile::a], T* const out[Tile::m], std::int64_t n, T bias,
+                 Vec<T>& check) {
   using V = Vec<T>;
   constexpr int al = Tile::a, m = Tile::m;
   constexpr std::int64_t W = V::width;
@@ -146,13 +152,21 @@ void output_rows(const T* const in[Tile::a], T* const out[Tile::m], std::int64_t
     V d[al], y[m];
     for (int i = 0; i < al; ++i) d[i] = V::load(in[i] + x);
     Tile::template output<T>(d, y);
-    for (int b = 0; b < m; ++b) add(y[b], vb).store(out[b] + x);
+    for (int b = 0; b < m; ++b) {
+      const V yb = add(y[b], vb);
+      check = add(check, sub(yb, yb));
+      yb.store(out[b] + x);
+    }
   }
-  if (x < n) {
+  if (x < n) {  // lanes past n come from zeros: finite
     V d[al], y[m];
     for (int i = 0; i < al; ++i) d[i] = V::load_partial(in[i] + x, n - x, T(0));
     Tile::template output<T>(d, y);
-    for (int b = 0; b < m; ++b) add(y[b], vb).store_partial(out[b] + x, n - x);
+    for (int b = 0; b < m; ++b) {
+      const V yb = add(y[b], vb);
+      check = add(check, sub(yb, yb));
+      yb.store_partial(out[b] + x, n - x);
+    }
   }
 }
 
@@ -165,8 +179,19 @@ constexpr std::int64_t kTilesPerBlock = 1024;
 // Output channels up to which the GEMMs read V in place instead of packing it (gemm_rows).
 constexpr std::int64_t kFewOutputs = 256;
 
+// Note [winograd non-finite]
+// Winograd's transforms mix a tile's inputs and a filter's taps before the products, so a NaN or
+// an infinity in x or w spreads over whole tiles (inf - inf = NaN) where direct convolution
+// keeps it in the windows that hold it.  The reverse holds exactly: an output that direct
+// convolution makes non-finite is non-finite here too (the transforms reproduce each of its
+// products x[p] w[t] along a path of nonzero factors, and NaN and inf do not turn finite under
+// + - and nonzero scaling), so when every output here is finite no non-finite value took part
+// and the outputs are right.  So the output transform checks its results (out - out is 0 for
+// finite values), and if any is NaN or inf (or overflowed) direct convolution computes the
+// layer again (Note [non-finite inputs] in conv.cpp).  Finite inputs pay one add and one
+// subtract per output vector.
 template <class Tile, class T>
-void winograd(const Conv2dArgs<T>& a) {
+void winograd_tiles(const Conv2dArgs<T>& a, std::atomic<bool>& finite) {
   constexpr int m = Tile::m, al = Tile::a, npos = al * al;
   const std::int64_t C = a.c, K = a.k, H = a.h, W = a.w;
   const std::int64_t th = (a.ho + m - 1) / m, tw = (a.wo + m - 1) / m;  // tiles per column / row
@@ -230,6 +255,7 @@ void winograd(const Conv2dArgs<T>& a) {
     // column phases of the input, the m*al half-transformed and m*m transformed outputs
     Scratch<T> v(npos * vplane), mm(npos * mplane), rowbuf(al * wpad), tr(al * wpad),
         phase(npos * ld), orow(m * al * ld), yrow(m * m * ld);
+    Vec<T> check = Vec<T>::set1(T(0)), unchecked = Vec<T>::set1(T(0));
     for (std::int64_t blk = b0; blk < b1; ++blk) {
       const std::int64_t row0 = blk * rows;
       const std::int64_t nrows = total_rows - row0 < rows ? total_rows - row0 : rows;
@@ -306,14 +332,14 @@ void winograd(const Conv2dArgs<T>& a) {
           T* dst[m];
           for (int i = 0; i < al; ++i) col[i] = mm.data + (i * al + j) * mplane + k * ld;
           for (int b = 0; b < m; ++b) dst[b] = orow.data + (b * al + j) * ld;
-          output_rows<Tile>(col, dst, tiles, T(0));
+          output_rows<Tile>(col, dst, tiles, T(0), unchecked);
         }
         for (int b = 0; b < m; ++b) {  // (A^T M A)[b][l] at yrow[(b * m + l) * ld + t]
           const T* t[al];
           T* y[m];
           for (int j = 0; j < al; ++j) t[j] = orow.data + (b * al + j) * ld;
           for (int l = 0; l < m; ++l) y[l] = yrow.data + (b * m + l) * ld;
-          output_rows<Tile>(t, y, tiles, bias);
+          output_rows<Tile>(t, y, tiles, bias, check);
         }
         const std::int64_t full = a.wo / m;  // tiles wholly inside a row
         for (std::int64_t r = 0; r < nrows; ++r) {
@@ -329,7 +355,22 @@ void winograd(const Conv2dArgs<T>& a) {
         }
       }
     }
+    if (!(reduce_add(check) == T(0))) finite.store(false, std::memory_order_relaxed);
   });
+}
+
+// Winograd, or direct convolution again where an output came out non-finite
+// (Note [winograd non-finite]).
+template <class Tile, class T>
+void winograd(const Conv2dArgs<T>& a) {
+  std::atomic<bool> finite{true};
+  winograd_tiles<Tile>(a, finite);
+  if (finite.load()) return;
+  if constexpr (sizeof(T) == 4) {
+    conv2d_f32(a);
+  } else {
+    conv2d_f64(a);
+  }
 }
 
 }  // namespace
