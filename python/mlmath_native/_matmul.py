@@ -12,6 +12,15 @@ from ._checks import as_float_array, check_out, check_size
 
 _FN = "matmul"
 
+# Note [interruptible matmul]
+# Ctrl-C stops a long product between blocks (Note [kernels without the GIL] in
+# src/cpp/bindings/without_gil.h), its output half written.  The result of a product of at least
+# this many multiply-adds (a fraction of a second and up) is therefore computed into a
+# temporary and copied into out= at the end, so that an interrupted call leaves out= as it was;
+# a smaller product writes out= directly and is not interrupted (it ends soon anyway).  The
+# copy costs one pass over the result: at most about 1-2% here for products with k >= 256.
+_INTERRUPTIBLE_WORK = 1 << 28
+
 
 def _element_strides(x: NDArray[Any]) -> tuple[NDArray[Any], tuple[int, ...]]:
     """``x`` (copied if its strides are not whole elements) and its strides in elements."""
@@ -85,16 +94,19 @@ def matmul(a: ArrayLike, b: ArrayLike, *, out: NDArray[Any] | None = None) -> ND
     check_size(_FN, "the result", shape, dtype.itemsize)
     check_size(_FN, "the work (multiply-adds)", shape + (k,))
     result_shape = batch + ((m,) if a.ndim > 1 else ()) + ((n,) if b.ndim > 1 else ())
+    work = int(np.prod(shape, dtype=np.int64)) * k
+    writes_out = False  # the kernel writes the caller's out= itself
     if out is None:
         target = _core.empty(shape, dtype)
     else:
         out = check_out(out, result_shape, dtype, _FN)
-        direct = (
+        writes_out = (
             out.flags.c_contiguous
             and out.flags.aligned
             and not (np.may_share_memory(out, a) or np.may_share_memory(out, b))
+            and work < _INTERRUPTIBLE_WORK
         )
-        target = out.reshape(shape) if direct else np.empty(shape, dtype)
+        target = out.reshape(shape) if writes_out else np.empty(shape, dtype)
 
     a_full = np.broadcast_to(a2, batch + (m, k))
     b_full = np.broadcast_to(b2, batch + (k, n))
@@ -117,6 +129,7 @@ def matmul(a: ArrayLike, b: ArrayLike, *, out: NDArray[Any] | None = None) -> ND
         _batch_offsets(batch, b_st[:nb]),
         np.arange(int(np.prod(batch, dtype=np.int64)), dtype=np.int64) * (m * n),
         False,
+        not writes_out,
     )
     if out is None:
         return target.reshape(result_shape)

@@ -206,7 +206,7 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
         // pack B: threads take contiguous runs of panels
         {
           const std::int64_t p0 = b_panels * tid / team, p1 = b_panels * (tid + 1) / team;
-          if (p0 < p1) {
+          if (p0 < p1 && !interrupted()) {  // Note [interrupts]: skip, but reach the barrier
             const std::int64_t j0 = jc + p0 * NR;
             const std::int64_t cols = (p1 * NR < nc ? p1 * NR : nc) - p0 * NR;
             pack_b(pc, kc, j0, cols, bpack.data + p0 * NR * kc);
@@ -219,6 +219,7 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
         const std::int64_t tasks = m_blocks * slices;
         const bool load_c = accumulate || pc > 0;
         for (std::int64_t t = tid; t < tasks; t += team) {
+          if (interrupted()) break;  // Note [interrupts]: to the barrier
           const std::int64_t ib = t / slices, s = t % slices;
           const std::int64_t ic = ib * S::MC;
           const std::int64_t mc = M - ic < S::MC ? M - ic : S::MC;

@@ -143,6 +143,7 @@ void attention(const AttentionArgs<T>& a) {
   parallel_for(tasks, BQ * Lk * (D + Dv) * 2, [&](std::int64_t t0, std::int64_t t1) {
     Scratch<T> qt(D * BQ + 1), st(BK * BQ), ot(Dv * BQ + 1), m(BQ), l(BQ), alpha(BQ);
     for (std::int64_t t = t0; t < t1; ++t) {
+      if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
       const std::int64_t bh = t / qblocks, i0 = t % qblocks * BQ;
       const std::int64_t b = bh / a.hq, h = bh % a.hq, hk = h / group;
       const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
@@ -372,6 +373,7 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
       const T* vth = vt.data + hh * Dv * lk_;
       const T* kh = a.k + hh * Lk * D;
       for (std::int64_t kb = kblocks * gi / groups; kb < kblocks * (gi + 1) / groups; ++kb) {
+        if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
         const std::int64_t j0 = kb * BK, nk = Lk - j0 < BK ? Lk - j0 : BK;
         for (std::int64_t e = 0; e < D * BK; ++e) dkt.data[e] = T(0);
         for (std::int64_t e = 0; e < Dv * BK; ++e) dvt.data[e] = T(0);
