@@ -32,9 +32,10 @@ thread_local int t_told_openmp = -1;
 // of its last parallel region, whose workers do not exist in the child, so the child's first
 // parallel region on that thread waits for them forever (libgomp 12: multiprocessing's "fork"
 // start method, or a raw os.fork, after a multi-threaded call hangs the child's next one).
-// The pool belongs to the thread, not to a library: PyTorch and this package load one libgomp
-// (the soname libgomp.so.1 is loaded once, whichever comes first), so a thread team that
-// PyTorch started (a threaded matmul) breaks our kernels in the child just as ours would.
+// The pool belongs to the thread, not to a library: PyTorch's wheel and this package both
+// link the soname libgomp.so.1, which a process loads once (whichever library comes first), so
+// a thread team that PyTorch started (a threaded matmul) breaks our kernels in the child just
+// as ours would.
 // Nothing tells whether a thread has a pool, so we release it instead: a pthread_atfork
 // "prepare" handler calls omp_pause_resource_all (OpenMP 5.0: libgomp joins the calling
 // thread's pool and forgets it; the next parallel region in the parent starts a new one, which
@@ -54,15 +55,17 @@ constexpr int kOmpPauseSoft = 1;  // omp_pause_soft (OpenMP 5.0's omp_pause_reso
 using PauseAll = int (*)(int);    // omp_pause_resource_all
 const PauseAll g_pause_all =
     reinterpret_cast<PauseAll>(dlsym(RTLD_DEFAULT, "omp_pause_resource_all"));
-std::atomic<bool> g_pool_released{false};  // set by the prepare handler, read by the child's
+// Set by the prepare handler, read by the child's: both run on the forking thread (whose
+// thread-locals the child inherits), so concurrent forks from two threads cannot mix them up.
+thread_local bool t_pool_released = false;
 
 void release_pool_before_fork() {
   const bool released = !g_forked_child.load(std::memory_order_relaxed) && g_pause_all != nullptr &&
                         g_pause_all(kOmpPauseSoft) == 0;
-  g_pool_released.store(released, std::memory_order_relaxed);
+  t_pool_released = released;
 }
 void mark_forked_child() {
-  if (!g_pool_released.load(std::memory_order_relaxed)) {
+  if (!t_pool_released) {
     g_forked_child.store(true, std::memory_order_relaxed);
   }
 }
