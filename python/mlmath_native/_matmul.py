@@ -14,12 +14,14 @@ _FN = "matmul"
 
 # Note [interruptible matmul]
 # Ctrl-C stops a long product between blocks (Note [kernels without the GIL] in
-# src/cpp/bindings/without_gil.h), its output half written.  The result of a product of at least
-# this many multiply-adds (a fraction of a second and up) is therefore computed into a
-# temporary and copied into out= at the end, so that an interrupted call leaves out= as it was;
-# a smaller product writes out= directly and is not interrupted (it ends soon anyway).  The
-# copy costs one pass over the result: at most about 1-2% here for products with k >= 256.
-_INTERRUPTIBLE_WORK = 1 << 28
+# src/cpp/bindings/without_gil.h), its output half written.  With out=, a long product (at
+# least _INTERRUPTIBLE_WORK multiply-adds, 0.1 s and up here) of depth k >= _INTERRUPTIBLE_DEPTH
+# is therefore computed into a temporary and copied into out at the end, so that an interrupted
+# call leaves out as it was; the copy costs about 1-3% at these sizes (measured: 2048 x 1024 x
+# 2048, +3%; at k = 64 it would be +90%).  Other products with out= write it directly and are
+# not interrupted: they end soon, or (a small k) are bound by writing the output anyway.
+_INTERRUPTIBLE_WORK = 1 << 30
+_INTERRUPTIBLE_DEPTH = 512
 
 
 def _element_strides(x: NDArray[Any]) -> tuple[NDArray[Any], tuple[int, ...]]:
@@ -104,7 +106,7 @@ def matmul(a: ArrayLike, b: ArrayLike, *, out: NDArray[Any] | None = None) -> ND
             out.flags.c_contiguous
             and out.flags.aligned
             and not (np.may_share_memory(out, a) or np.may_share_memory(out, b))
-            and work < _INTERRUPTIBLE_WORK
+            and (work < _INTERRUPTIBLE_WORK or k < _INTERRUPTIBLE_DEPTH)
         )
         target = out.reshape(shape) if writes_out else np.empty(shape, dtype)
 
