@@ -51,7 +51,9 @@ def matmul(a: ArrayLike, b: ArrayLike, *, out: NDArray[Any] | None = None) -> ND
         column vector (the added axis is removed from the result); leading (batch) dimensions
         broadcast.  Any strides; float32 @ float32 is float32, anything else computes in float64.
     out : ndarray, optional
-        Exactly the result's shape and dtype, writeable; may overlap the inputs.
+        Exactly the result's shape and dtype, writeable; may overlap the inputs.  Ctrl-C stops a
+        long product from the main thread with KeyboardInterrupt and leaves ``out`` unchanged
+        (Note [interruptible matmul]).
 
     Returns
     -------
