@@ -26,6 +26,7 @@
 // (Note [prepacked A]).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <new>
 #include <type_traits>
@@ -196,6 +197,7 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
   const int threads = threads_for(M * N * K / 64);
   // every allocation before the region: nothing in it may throw (parallel_region)
   Scratch<T> apack_all(threads * S::MC * kc_max);
+  std::atomic<bool> stop{false};  // Note [interrupts]: thread 0 decides for the team
   parallel_region(threads, [&](int tid, int team) {
     T* const apack = apack_all.data + tid * S::MC * kc_max;
     for (std::int64_t jc = 0; jc < N; jc += S::NC) {
@@ -206,7 +208,7 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
         // pack B: threads take contiguous runs of panels
         {
           const std::int64_t p0 = b_panels * tid / team, p1 = b_panels * (tid + 1) / team;
-          if (p0 < p1 && !interrupted()) {  // Note [interrupts]: skip, but reach the barrier
+          if (p0 < p1) {
             const std::int64_t j0 = jc + p0 * NR;
             const std::int64_t cols = (p1 * NR < nc ? p1 * NR : nc) - p0 * NR;
             pack_b(pc, kc, j0, cols, bpack.data + p0 * NR * kc);
@@ -235,7 +237,9 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
             }
           }
         }
+        if (tid == 0) stop.store(interrupted(), std::memory_order_relaxed);
         barrier(team);
+        if (stop.load(std::memory_order_relaxed)) return;  // all threads, after one barrier
       }
     }
   });

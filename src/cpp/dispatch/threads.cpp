@@ -117,16 +117,19 @@ int openmp_version() {
 // Note [interrupts]
 // A long kernel call (attention at L = 32768 takes seconds) can be stopped between blocks of
 // work.  An InterruptCheck names a poll function for the kernel calls its thread makes; kernels
-// call interrupted() at block boundaries (attention: per query block, and per key block in the
-// backward; the GEMM core: per task between its barriers; matmul: per batch item).  There:
+// call interrupted() at block boundaries (attention: per query block, and in the backward per
+// query block of each key block; the GEMM core: per task; matmul: per batch item; conv: per
+// task of the shifted-row and weight-gradient loops, the rest through the GEMM core).  There:
 //  * only the thread that created the check polls (in a team it is thread 0, the thread that
 //    called the kernel, e.g. the Python thread that released the GIL; worker threads never run
 //    the poll), and at most every kInterruptPollInterval, so a call shorter than that never
 //    polls and the poll's cost (the Python bindings take the GIL) stays out of the kernels;
 //  * once the poll returns true, a flag (atomic) makes interrupted() true on every thread of
-//    the call: each skips its remaining blocks but still reaches every barrier of its region
-//    (a thread that left early would leave the others waiting), so the call returns soon,
-//    with its outputs partly written.
+//    the call: each skips its remaining blocks, so the call returns soon, with its outputs
+//    partly written.  A region with barriers must not lose a thread before a barrier (the
+//    others would wait forever): there threads skip to the barrier, and thread 0 decides for
+//    the team before the barrier whether all leave after it (gemm_blocked: otherwise each of
+//    its many barriers would still be crossed, slow when the cores are oversubscribed).
 // parallel_for and parallel_region hand the caller's check to their team threads.
 namespace {
 constexpr std::chrono::milliseconds kInterruptPollInterval{50};  // Ctrl-C answered within ~0.1 s

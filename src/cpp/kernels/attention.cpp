@@ -373,7 +373,6 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
       const T* vth = vt.data + hh * Dv * lk_;
       const T* kh = a.k + hh * Lk * D;
       for (std::int64_t kb = kblocks * gi / groups; kb < kblocks * (gi + 1) / groups; ++kb) {
-        if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
         const std::int64_t j0 = kb * BK, nk = Lk - j0 < BK ? Lk - j0 : BK;
         for (std::int64_t e = 0; e < D * BK; ++e) dkt.data[e] = T(0);
         for (std::int64_t e = 0; e < Dv * BK; ++e) dvt.data[e] = T(0);
@@ -385,6 +384,7 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
             const std::int64_t bh = b * a.hq + h;
             T* part = dq_part.data + (bh * groups + gi) * Lq * D;
             for (std::int64_t i0 = first; i0 < Lq; i0 += BQ) {
+              if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
               const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
               // S (nq x nk) = (Q scale) K^T
               gemm_rows<T>(
