@@ -1,5 +1,5 @@
-"""Living with the rest of the ecosystem: threadpoolctl controls our OpenMP threads, PyTorch's
-own OpenMP runtime can be loaded beside ours (either order) with both libraries' threaded
+"""Living with the rest of the ecosystem: threadpoolctl controls our OpenMP threads, PyTorch
+and this package share one OpenMP runtime (either import order) with both libraries' threaded
 kernels running alternately, and the version has one source of truth."""
 
 from __future__ import annotations
@@ -55,14 +55,19 @@ for _ in range(3):  # threaded kernels of both libraries, alternately
     b = torch.nn.functional.scaled_dot_product_attention(
         *(torch.from_numpy(t) for t in (q, k, v)), is_causal=True)
     np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-5)
+gomp = set(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line)
+print(len(gomp), "libgomp")
 print("ok")
 """
 
 
 @pytest.mark.parametrize("torch_first", [True, False])
 def test_torch_and_us_in_one_process(torch_first):
-    """Two OpenMP runtimes in one process (PyTorch bundles its own): no crash, no deadlock, the
-    same results.  A subprocess, so that the import order is really the one tested."""
+    """PyTorch bundles a libgomp, but its soname is loaded once per process: whichever library
+    is imported first brings the libgomp that both use (checked below), and both libraries'
+    thread teams run from the same threads' pools: no crash, no deadlock, the same results.  A
+    subprocess, so that the import order is really the one tested.  (Forking after such calls:
+    test_reliability.py::test_fork_after_torch_used_threads.)"""
     pytest.importorskip("torch")
     lines = ["import torch", "import mlmath_native as mn"]
     if not torch_first:
@@ -71,3 +76,5 @@ def test_torch_and_us_in_one_process(torch_first):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+    if sys.platform.startswith("linux"):  # one OpenMP runtime, whichever import came first
+        assert "1 libgomp" in done.stdout, done.stdout

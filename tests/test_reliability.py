@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import mlmath_native as mn
+from mlmath_native.reference import transformer_attention
 
 THREAD_COUNTS = (1, 2, 3)
 
@@ -327,7 +328,7 @@ def test_pool_after_the_parent_used_threads(method, threads):
 
 FORK_SCRIPT = textwrap.dedent(
     """
-    import multiprocessing, os
+    import multiprocessing, os, time
     import numpy as np
     import mlmath_native as mn
 
@@ -338,65 +339,301 @@ FORK_SCRIPT = textwrap.dedent(
     w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
     mn.set_num_threads(2)
 
+    def same_results():
+        return (
+            all(np.array_equal(mn.softmax(x), y) for x, y in zip(xs, want))
+            and np.array_equal(mn.matmul(a, a), want_mm)
+            and np.array_equal(mn.conv2d(img, w, padding=1), want_conv)
+        )
+
+    def wait(pid, what):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.01)
+        raise AssertionError(what + ": hung")
+
     # a child forked before any thread team started keeps its threads
     pid = os.fork()
     if pid == 0:
         y = mn.softmax(xs[0])
         os._exit(0 if mn.get_num_threads() == 2 and np.array_equal(y, mn.softmax(xs[0])) else 3)
-    assert os.waitpid(pid, 0)[1] == 0, "a child forked before any thread team: lost its threads"
+    assert wait(pid, "early child") == 0, "a child forked before any thread team: lost its threads"
 
-    want = [mn.softmax(x) for x in xs]
+    want = [mn.softmax(x) for x in xs]  # thread teams in this process
     want_mm, want_conv = mn.matmul(a, a), mn.conv2d(img, w, padding=1)
 
-    # a raw fork after the parent's thread team: kernels run (on one thread), same bits
+    # a raw fork after the parent's thread teams: the child keeps its threads (Note [fork]:
+    # the parent's pool is released before the fork), same bits; and so does a grandchild
     pid = os.fork()
     if pid == 0:
-        same = (
-            all(np.array_equal(mn.softmax(x), y) for x, y in zip(xs, want))
-            and np.array_equal(mn.matmul(a, a), want_mm)
-            and np.array_equal(mn.conv2d(img, w, padding=1), want_conv)
-        )
-        one = mn.get_num_threads() == 1
-        mn.set_num_threads(2)  # cannot bring back the threads libgomp lost
-        one = one and mn.get_num_threads() == 1
-        os._exit(3 if not same else 4 if not one else 0)
-    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if not same_results():
+            os._exit(3)
+        if mn.get_num_threads() != 2:
+            os._exit(4)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if same_results() and mn.get_num_threads() == 2 else 5)
+        os._exit(wait(pid, "grandchild"))
+    status = wait(pid, "fork child")
     assert status != 3, "fork child: wrong results"
-    assert status != 4, "fork child: kernels not single-threaded"
+    assert status != 4, "fork child: lost its threads"
+    assert status != 5, "fork grandchild: wrong results or lost its threads"
     assert status == 0, f"fork child: exit status {status}"
+    assert same_results(), "the parent after forking"
 
     # a fork pool
     with multiprocessing.get_context("fork").Pool(2) as pool:
         got = pool.map_async(mn.softmax, xs).get(timeout=30)
         got_mm = pool.apply_async(mn.matmul, (a, a)).get(timeout=30)
+        child_threads = pool.apply_async(mn.get_num_threads).get(timeout=30)
     assert all(np.array_equal(g, y) for g, y in zip(got, want)), "fork pool: wrong results"
     assert np.array_equal(got_mm, want_mm), "fork pool: wrong matmul"
+    assert child_threads == 2, f"fork pool: {child_threads} threads"
     assert mn.get_num_threads() == 2  # the parent keeps its threads
     print("fork ok")
     """
 )
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
-def test_fork_after_the_parent_used_threads():
-    """GNU libgomp's thread pool does not survive fork: without Note [fork] the child's first
-    multi-threaded kernel waits forever.  Run in a process group of its own so that a hang
-    fails the test (and its forked children are killed) instead of blocking the suite."""
+def run_script_or_kill(script: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Runs ``python -c script`` in a process group of its own, so that a hang fails the test
+    (and kills every child it forked) instead of blocking the suite."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", FORK_SCRIPT],
+        [sys.executable, "-c", script],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
     try:
-        out, err = proc.communicate(timeout=60)
-        hung = False
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the script and every child it forked
         out, err = proc.communicate()
-        hung = True
-    if hung:
-        pytest.fail("a forked child hung calling kernels after the parent used OpenMP threads")
-    assert proc.returncode == 0, err
-    assert out.strip() == "fork ok"
+        pytest.fail(f"hung (killed after {timeout} s); stdout: {out[-1000:]} stderr: {err[-1000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_fork_after_the_parent_used_threads():
+    """GNU libgomp's thread pool does not survive fork: without Note [fork] the child's first
+    multi-threaded kernel waits forever."""
+    done = run_script_or_kill(FORK_SCRIPT, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "fork ok"
+
+
+# PyTorch and this package share one libgomp (its soname is loaded once, by whichever comes
+# first), so a thread team that PyTorch started breaks the forking thread's pool for our kernels
+# as well (issue 17: a fork after a threaded torch matmul hung the child's next kernel).
+TORCH_FORK_SCRIPT = """
+import multiprocessing, os, time
+{imports}
+import numpy as np
+
+x = np.random.default_rng(3).standard_normal((2000, 2000)).astype(np.float32)
+torch.set_num_threads(2)
+mn.set_num_threads(2)
+want = mn.softmax(x)
+t = torch.randn(1500, 1500)
+t @ t  # a threaded PyTorch matmul in the forking thread, last before the fork
+
+pid = os.fork()
+if pid == 0:
+    ok = np.array_equal(mn.softmax(x), want) and mn.get_num_threads() == 2
+    t @ t  # and PyTorch's own threads in the child
+    os._exit(0 if ok else 3)
+deadline = time.monotonic() + 30
+while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+    assert time.monotonic() < deadline, "os.fork child hung"
+    time.sleep(0.01)
+assert os.waitstatus_to_exitcode(done[1]) == 0, "os.fork child: wrong result or lost its threads"
+
+t @ t
+with multiprocessing.get_context("fork").Pool(2) as pool:
+    got = pool.map_async(mn.softmax, [x, x]).get(timeout=30)
+assert all(np.array_equal(g, want) for g in got), "fork pool: wrong results"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+@pytest.mark.parametrize("torch_first", [True, False], ids=["torch-first", "torch-second"])
+def test_fork_after_torch_used_threads(torch_first):
+    pytest.importorskip("torch")
+    imports = ["import torch", "import mlmath_native as mn"]
+    if not torch_first:
+        imports.reverse()
+    done = run_script_or_kill(TORCH_FORK_SCRIPT.format(imports="\n".join(imports)), timeout=90)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"
+
+
+# -- interpreter exit while daemon threads are inside kernels -------------------------------------
+
+# Issue 17: on Python 3.10-3.13 a daemon thread that wants the GIL back after finalization began
+# is ended by pthread_exit, a forced unwind that went through pybind11's gil_scoped_release
+# destructor (noexcept): "terminate called without an active exception", exit code 134, 8 runs
+# in 8 (Note [kernels without the GIL] in src/cpp/bindings/without_gil.h).
+EXIT_SCRIPT = """
+import threading, time
+import numpy as np
+import mlmath_native as mn
+
+rng = np.random.default_rng(0)
+q = rng.standard_normal((1, 4, 1024, 64)).astype(np.float32)
+x = rng.standard_normal((2000, 2000)).astype(np.float32)
+target = rng.integers(0, 2000, 2000)
+a = rng.standard_normal((400, 400)).astype(np.float32)
+img = rng.standard_normal((2, 16, 48, 48)).astype(np.float32)
+w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+params = [rng.standard_normal(200000).astype(np.float32)]
+opt = mn.Adam(params, lr=1e-3)
+grads = [np.ones_like(params[0])]
+out, lse = mn.attention(q, q, q, return_lse=True)
+calls = {
+    "attention": lambda: mn.attention(q, q, q),
+    "softmax": lambda: mn.softmax(x),
+    "attention_backward": lambda: mn.attention_backward(q, q, q, out, lse, out),
+    "cross_entropy": lambda: mn.cross_entropy(x, target, return_grad=True),
+    "matmul": lambda: mn.matmul(a, a),
+    "conv2d": lambda: mn.conv2d(img, w, padding=1),
+    "adam": lambda: opt.step(grads),
+}
+names = {names}
+
+def loop(name):
+    while True:
+        calls[name]()
+
+for name in names:
+    threading.Thread(target=loop, args=(name,), daemon=True).start()
+time.sleep(0.5)
+"""
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        pytest.param(["attention", "softmax"] * 2, id="regression-attention-softmax"),
+        pytest.param(
+            [
+                "attention",
+                "softmax",
+                "attention_backward",
+                "cross_entropy",
+                "matmul",
+                "conv2d",
+                "adam",
+            ],
+            id="every-family",
+        ),
+    ],
+)
+def test_exit_while_daemon_threads_run_kernels(names):
+    runs = 8 if len(names) == 4 else 4
+    for run in range(runs):
+        done = run_script_or_kill(EXIT_SCRIPT.replace("{names}", repr(names)), timeout=60)
+        assert "terminate" not in done.stderr, f"run {run}: {done.stderr[-2000:]}"
+        assert done.returncode == 0, f"run {run}: exit {done.returncode}: {done.stderr[-2000:]}"
+
+
+# -- Ctrl-C inside long kernels ------------------------------------------------------------------
+
+# Issue 17: attention at L = 32768 ignored Ctrl-C for its 8-20 s.  Now the main thread's kernel
+# polls for signals between blocks (Note [interrupts] in src/cpp/dispatch/threads.cpp) and raises
+# KeyboardInterrupt soon after SIGINT; out= is left as it was (Note [interruptible matmul]).
+SIGNAL_AFTER_S = 0.3
+ANSWER_WITHIN_S = 2.0  # generous: a poll every 50 ms, then the current block ends
+LONG_CALL_S = 6.0  # the interrupted call would take about this long
+
+
+def _scale_to_long_call(time_one) -> int:
+    """How many units (heads, batch items) make a call of about LONG_CALL_S, given the time of
+    one unit (a best of two), between 4 and 64."""
+    one = min(time_one() for _ in range(2))
+    return int(min(max(LONG_CALL_S / max(one, 1e-4), 4), 64))
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def _attention_case(rng, backward: bool):
+    lq, lk, d = 4096, 16384, 64
+    q1 = rng.standard_normal((1, 1, lq, d)).astype(np.float32)
+    k = rng.standard_normal((1, 1, lk, d)).astype(np.float32)  # one kv head for all query heads
+    v = rng.standard_normal((1, 1, lk, d)).astype(np.float32)
+
+    def run(heads):
+        q = np.broadcast_to(q1, (1, heads, lq, d))
+        if not backward:
+            return lambda: mn.attention(q, k, v)
+        out = np.zeros((1, heads, lq, d), np.float32)  # values do not matter for the timing
+        lse = np.full((1, heads, lq), np.log(lk), np.float32)
+        return lambda: mn.attention_backward(q, k, v, out, lse, out)
+
+    def check_small():  # a following call works and is right
+        q, kk, vv = (rng.standard_normal((1, 2, 100, 16)) for _ in range(3))
+        want = transformer_attention.attention(q, kk, vv, causal=True)
+        np.testing.assert_allclose(mn.attention(q, kk, vv, causal=True), want, rtol=1e-10)
+        out, lse = mn.attention(q, kk, vv, return_lse=True)
+        go = rng.standard_normal(out.shape)
+        got = mn.attention_backward(q, kk, vv, out, lse, go)
+        want = transformer_attention.attention_backward(q, kk, vv, out, lse, go)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
+
+    return run, check_small, None
+
+
+def _matmul_case(rng, _backward: bool):
+    m, k, n = 512, 32768, 512
+    a1 = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    holder = {}
+
+    def run(batch):
+        a = np.broadcast_to(a1, (batch, m, k))  # one matrix, read `batch` times
+        out = holder["out"] = np.full((batch, m, n), 7.0, np.float32)
+        return lambda: mn.matmul(a, b, out=out)
+
+    def check_small():
+        x, y = rng.standard_normal((70, 90)), rng.standard_normal((90, 50))
+        np.testing.assert_allclose(mn.matmul(x, y), x @ y, rtol=1e-10, atol=1e-10)
+
+    return run, check_small, holder
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="no SIGINT here")
+@pytest.mark.parametrize("case", ["attention", "attention_backward", "matmul"])
+def test_ctrl_c_stops_a_long_kernel(case, rng, threads):
+    mn.set_num_threads(2)  # a team: worker threads must stop too
+    make = _matmul_case if case == "matmul" else _attention_case
+    run, check_small, holder = make(rng, case == "attention_backward")
+    units = _scale_to_long_call(lambda: _timed(run(1)))
+    call = run(units)
+    timer = threading.Timer(SIGNAL_AFTER_S, os.kill, (os.getpid(), signal.SIGINT))
+    # Python's own SIGINT handler (a shell starts background jobs with SIGINT ignored, and then
+    # Python installs none)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    start = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            timer.start()
+            try:
+                call()
+            finally:
+                timer.join()  # the signal has been sent before leaving this block
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    answered = time.perf_counter() - start - SIGNAL_AFTER_S
+    assert answered < ANSWER_WITHIN_S, f"KeyboardInterrupt {answered:.2f} s after SIGINT"
+    if holder is not None:  # out= left bitwise as it was
+        assert (holder["out"] == 7.0).all(), "an interrupted matmul wrote into out="
+    check_small()

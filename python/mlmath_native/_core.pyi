@@ -67,8 +67,10 @@ def gemm_into(
     b_offsets: NDArray[np.int64],
     c_offsets: NDArray[np.int64],
     accumulate: bool,
+    interruptible: bool = True,
 ) -> None:
-    """Batched strided matrix product on the packed GEMM core"""
+    """Batched strided matrix product on the packed GEMM core; interruptible=False when out is
+    the caller's array (Ctrl-C would leave it half-written)"""
 
 def conv2d_into(
     x: NDArray[Any],

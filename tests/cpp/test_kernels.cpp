@@ -1,6 +1,7 @@
 // C++ unit tests of mlmath's kernel table against plain double-precision loops.  Usage:
 // test_kernels FAMILY (softmax, cross_entropy, optim, gemm, conv2d, attention, errors); each
 // family runs once per ISA this CPU supports, with 1 and 2 threads.  Exit status 1 on failure.
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -10,6 +11,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "mlmath/mlmath.h"
@@ -338,6 +340,61 @@ void test_errors() {
   }
 }
 
+// InterruptCheck (Note [interrupts]): a poll that says "stop" ends a long batched GEMM early,
+// polls run on the creating thread only, and a poll that never says stop changes nothing.
+struct PollLog {
+  std::atomic<int> calls{0};
+  std::atomic<bool> other_thread{false};
+  std::thread::id owner = std::this_thread::get_id();
+  bool answer = true;
+};
+
+bool poll_log(void* context) {
+  auto* log = static_cast<PollLog*>(context);
+  if (std::this_thread::get_id() != log->owner) log->other_thread = true;
+  ++log->calls;
+  return log->answer;
+}
+
+void test_interrupt() {
+  const mlmath::KernelTable& k = mlmath::kernels();
+  const std::int64_t M = 256, N = 256, K = 1024, batch = 400;  // about 50 GFLOP: seconds
+  const std::vector<float> a = random_floats(M * K, 1), b = random_floats(K * N, 2);
+  std::vector<float> c(batch * M * N, -1.f);
+  std::vector<std::int64_t> zero(batch, 0), c_off(batch);
+  for (std::int64_t i = 0; i < batch; ++i) c_off[i] = i * M * N;
+  mlmath::GemmArgs<float> g{M,        N,           K,           a.data(),    K, 1,
+                            b.data(), N,           1,           c.data(),    N, false,
+                            batch,    zero.data(), zero.data(), c_off.data()};
+  PollLog stop;
+  {
+    mlmath::InterruptCheck check(&poll_log, &stop);
+    k.gemm_f32(g);
+    if (!check.interrupted())
+      ++failures, std::printf("FAIL [%s] not interrupted\n", context.c_str());
+  }
+  if (stop.calls != 1) {
+    ++failures, std::printf("FAIL [%s] %d polls after stop\n", context.c_str(), stop.calls.load());
+  }
+  if (c.back() != -1.f) ++failures, std::printf("FAIL [%s] ran to the end\n", context.c_str());
+  PollLog go;
+  go.answer = false;
+  g.batch = 3;  // small: the result is checked
+  {
+    mlmath::InterruptCheck check(&poll_log, &go);
+    k.gemm_f32(g);
+    if (check.interrupted()) ++failures, std::printf("FAIL [%s] interrupted\n", context.c_str());
+  }
+  if (stop.other_thread || go.other_thread) {
+    ++failures, std::printf("FAIL [%s] polled on a worker thread\n", context.c_str());
+  }
+  for (std::int64_t j = 0; j < N; j += 37) {
+    double want = 0;
+    for (std::int64_t p = 0; p < K; ++p) want += double(a[5 * K + p]) * b[p * N + j];
+    check_close("gemm under a check", c[2 * M * N + 5 * N + j], want, 1e-5 * std::sqrt(double(K)));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -345,9 +402,11 @@ int main(int argc, char** argv) {
       {"softmax", test_softmax}, {"cross_entropy", test_cross_entropy},
       {"optim", test_optim},     {"gemm", test_gemm},
       {"conv2d", test_conv2d},   {"attention", test_attention},
-      {"errors", test_errors}};
+      {"errors", test_errors},   {"interrupt", test_interrupt}};
   if (argc != 2 || !families.count(argv[1])) {
-    std::printf("usage: test_kernels {softmax,cross_entropy,optim,gemm,conv2d,attention,errors}\n");
+    std::printf(
+        "usage: test_kernels "
+        "{softmax,cross_entropy,optim,gemm,conv2d,attention,errors,interrupt}\n");
     return 2;
   }
   const std::string isa_before = mlmath::selected_isa();

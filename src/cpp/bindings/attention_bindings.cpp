@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "bindings/array_checks.h"
+#include "bindings/without_gil.h"
 #include "mlmath/mlmath.h"
 
 namespace py = pybind11;
@@ -147,12 +148,13 @@ void attention_into(const py::array& q, const py::array& k, const py::array& v,
     a.out = static_cast<T*>(out.mutable_data());
     a.lse = static_cast<T*>(lp);
     const KernelTable& kt = kernels();
-    py::gil_scoped_release release;
+    WithoutGil nogil(Interruptible::yes);
     if constexpr (sizeof(T) == 4) {
       kt.attention_f32(a);
     } else {
       kt.attention_f64(a);
     }
+    nogil.finish();
   });
 }
 
@@ -193,12 +195,13 @@ void attention_backward_into(const py::array& q, const py::array& k, const py::a
     g.dk = static_cast<T*>(dk.mutable_data());
     g.dv = static_cast<T*>(dv.mutable_data());
     const KernelTable& kt = kernels();
-    py::gil_scoped_release release;
+    WithoutGil nogil(Interruptible::yes);
     if constexpr (sizeof(T) == 4) {
       kt.attention_backward_f32(g);
     } else {
       kt.attention_backward_f64(g);
     }
+    nogil.finish();
   });
 }
 

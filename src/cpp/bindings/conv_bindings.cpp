@@ -8,6 +8,7 @@
 #include <string>
 
 #include "bindings/array_checks.h"
+#include "bindings/without_gil.h"
 #include "mlmath/mlmath.h"
 
 namespace mlmath::bindings {
@@ -81,7 +82,7 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
                     dil_w,
                     groups};
     const KernelTable& kt = kernels();
-    py::gil_scoped_release release;
+    WithoutGil nogil(Interruptible::yes);
     if constexpr (sizeof(T) == 4) {
       (winograd == 4   ? kt.conv2d_winograd4_f32
        : winograd == 2 ? kt.conv2d_winograd_f32
@@ -91,6 +92,7 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
        : winograd == 2 ? kt.conv2d_winograd_f64
                        : kt.conv2d_f64)(a);
     }
+    nogil.finish();
   };
   with_dtype(dt, run);
 }
@@ -143,12 +145,13 @@ void conv2d_grad_weight_into(const py::array& x, const py::array& grad_out, py::
                               dil_w,
                               groups};
     const KernelTable& kt = kernels();
-    py::gil_scoped_release release;
+    WithoutGil nogil(Interruptible::yes);
     if constexpr (sizeof(T) == 4) {
       kt.conv2d_grad_weight_f32(a);
     } else {
       kt.conv2d_grad_weight_f64(a);
     }
+    nogil.finish();
   };
   with_dtype(dt, run);
 }
@@ -198,12 +201,13 @@ void conv2d_grad_input_into(const py::array& grad_out, const py::array& w, py::a
                              dil_w,
                              groups};
     const KernelTable& kt = kernels();
-    py::gil_scoped_release release;
+    WithoutGil nogil(Interruptible::yes);
     if constexpr (sizeof(T) == 4) {
       kt.conv2d_grad_input_f32(a);
     } else {
       kt.conv2d_grad_input_f64(a);
     }
+    nogil.finish();
   };
   with_dtype(dt, run);
 }
@@ -217,12 +221,13 @@ bool all_finite(const py::array& x) {
     const KernelTable& kt = kernels();
     const T* data = static_cast<const T*>(x.data());
     const std::int64_t n = x.size();
-    py::gil_scoped_release release;
+    WithoutGil nogil(Interruptible::no);
     if constexpr (sizeof(T) == 4) {
       kt.all_finite_f32(data, n, &finite);
     } else {
       kt.all_finite_f64(data, n, &finite);
     }
+    nogil.finish();
   };
   with_dtype(dt, run);
   return finite;

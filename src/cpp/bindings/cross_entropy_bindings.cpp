@@ -8,6 +8,7 @@
 #include <string>
 
 #include "bindings/array_checks.h"
+#include "bindings/without_gil.h"
 #include "mlmath/mlmath.h"
 
 namespace mlmath::bindings {
@@ -38,12 +39,13 @@ void run(const py::array& logits, const py::array& target, const py::array& weig
     a.grad_scale = static_cast<const T*>(grad_scale.cast<py::array>().data());
   a.grad_scale_all = static_cast<T>(grad_scale_all);
   const KernelTable& k = kernels();
-  py::gil_scoped_release release;
+  WithoutGil nogil(Interruptible::yes);
   if constexpr (sizeof(T) == 4) {
     k.cross_entropy_f32(a);
   } else {
     k.cross_entropy_f64(a);
   }
+  nogil.finish();
 }
 
 // loss[e] (and grad, when not None) of every element of logits along `axis`; see

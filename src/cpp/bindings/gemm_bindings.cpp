@@ -8,6 +8,7 @@
 #include <string>
 
 #include "bindings/array_checks.h"
+#include "bindings/without_gil.h"
 #include "mlmath/mlmath.h"
 
 namespace mlmath::bindings {
@@ -44,7 +45,8 @@ void gemm_into(const py::array& a, const py::array& b, py::array& c, std::int64_
                std::int64_t b_cs, std::int64_t c_rs,
                const py::array_t<std::int64_t, py::array::c_style>& a_off,
                const py::array_t<std::int64_t, py::array::c_style>& b_off,
-               const py::array_t<std::int64_t, py::array::c_style>& c_off, bool accumulate) {
+               const py::array_t<std::int64_t, py::array::c_style>& c_off, bool accumulate,
+               bool interruptible) {
   const DType dt = float_dtype_any_layout(a, "matmul", "a");
   if (float_dtype_any_layout(b, "matmul", "b") != dt) {
     throw py::type_error("matmul: a and b have different dtypes");
@@ -79,12 +81,13 @@ void gemm_into(const py::array& a, const py::array& b, py::array& c, std::int64_
                   b_off.data(),
                   c_off.data()};
     const KernelTable& kt = kernels();
-    py::gil_scoped_release release;
+    WithoutGil nogil(interruptible ? Interruptible::yes : Interruptible::no);
     if constexpr (sizeof(T) == 4) {
       kt.gemm_f32(g);
     } else {
       kt.gemm_f64(g);
     }
+    nogil.finish();
   };
   with_dtype(dt, run);
 }
@@ -95,7 +98,10 @@ void bind_gemm(py::module_& m) {
   using namespace pybind11::literals;
   m.def("gemm_into", &gemm_into, "a"_a, "b"_a, "out"_a, "m"_a, "n"_a, "k"_a, "a_rs"_a, "a_cs"_a,
         "b_rs"_a, "b_cs"_a, "c_rs"_a, "a_offsets"_a, "b_offsets"_a, "c_offsets"_a, "accumulate"_a,
-        "Batched strided matrix product on the packed GEMM core");
+        "interruptible"_a = true,
+        "Batched strided matrix product on the packed GEMM core; interruptible=False when out "
+        "is the caller's array (Ctrl-C would leave it half-written: Note [kernels without the "
+        "GIL])");
 }
 
 }  // namespace mlmath::bindings

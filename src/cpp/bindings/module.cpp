@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "bindings/without_gil.h"
 #include "mlmath/mlmath.h"
 
 namespace mlmath::bindings {
@@ -19,7 +20,8 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "mlmath_native compiled kernels (use the wrappers in mlmath_native instead)";
-  mlmath::kernels();  // pick the ISA now; throws for a bad MLMATH_NATIVE_ISA
+  mlmath::kernels();                         // pick the ISA now; throws for a bad MLMATH_NATIVE_ISA
+  mlmath::bindings::remember_main_thread();  // Ctrl-C polls there (Note [kernels without the GIL])
 
   m.attr("__version__") = mlmath::version();
   m.def("build_info", []() {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "bindings/array_checks.h"
+#include "bindings/without_gil.h"
 #include "mlmath/mlmath.h"
 
 namespace mlmath::bindings {
@@ -174,12 +175,13 @@ void sgd_step(const ArrayList& params, const ArrayList& grads, const py::object&
                  first_step,
                  static_cast<T>(grad_scale)};
     const KernelTable& k = kernels();
-    py::gil_scoped_release release;
+    WithoutGil nogil(Interruptible::no);
     if constexpr (sizeof(T) == 4) {
       k.sgd_step_f32(a);
     } else {
       k.sgd_step_f64(a);
     }
+    nogil.finish();
   };
   if (st.dtype == DType::f32) {
     run(st.f32, float{});
@@ -222,12 +224,13 @@ void adam_step(const ArrayList& params, const ArrayList& grads, const ArrayList&
                   static_cast<T>(1.0 / std::sqrt(bc2)),
                   static_cast<T>(grad_scale)};
     const KernelTable& k = kernels();
-    py::gil_scoped_release release;
+    WithoutGil nogil(Interruptible::no);
     if constexpr (sizeof(T) == 4) {
       k.adam_step_f32(a);
     } else {
       k.adam_step_f64(a);
     }
+    nogil.finish();
   };
   if (st.dtype == DType::f32) {
     run(st.f32, float{});
@@ -253,9 +256,10 @@ double grad_norm(const ArrayList& grads) {
   }
   double a = 0, b = 0;
   const KernelTable& k = kernels();
-  py::gil_scoped_release release;
+  WithoutGil nogil(Interruptible::no);
   k.grad_norm_f32(f32.data(), static_cast<std::int64_t>(f32.size()), &a);
   k.grad_norm_f64(f64.data(), static_cast<std::int64_t>(f64.size()), &b);
+  nogil.finish();
   if (std::isnan(a) || std::isnan(b)) return a + b;  // NaN (std::hypot(Inf, NaN) is Inf)
   return std::hypot(a, b);
 }

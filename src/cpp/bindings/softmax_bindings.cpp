@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "bindings/array_checks.h"
+#include "bindings/without_gil.h"
 #include "mlmath/mlmath.h"
 
 namespace mlmath::bindings {
@@ -21,7 +22,7 @@ void softmax_into(const py::array& x, py::array& y, int axis, bool log) {
   const KernelTable& k = kernels();
   const void* xp = x.data();
   void* yp = y.mutable_data();
-  py::gil_scoped_release release;
+  WithoutGil nogil(Interruptible::no);
   if (dt == DType::f32) {
     (log ? k.log_softmax_f32 : k.softmax_f32)(static_cast<const float*>(xp),
                                               static_cast<float*>(yp), s);
@@ -29,6 +30,7 @@ void softmax_into(const py::array& x, py::array& y, int axis, bool log) {
     (log ? k.log_softmax_f64 : k.softmax_f64)(static_cast<const double*>(xp),
                                               static_cast<double*>(yp), s);
   }
+  nogil.finish();
 }
 
 // out[...] = logsumexp(x) along axis; out has x's shape without that axis (any shape of that
@@ -46,12 +48,13 @@ void logsumexp_into(const py::array& x, py::array& out, int axis) {
   const KernelTable& k = kernels();
   const void* xp = x.data();
   void* op = out.mutable_data();
-  py::gil_scoped_release release;
+  WithoutGil nogil(Interruptible::no);
   if (dt == DType::f32) {
     k.logsumexp_f32(static_cast<const float*>(xp), static_cast<float*>(op), s);
   } else {
     k.logsumexp_f64(static_cast<const double*>(xp), static_cast<double*>(op), s);
   }
+  nogil.finish();
 }
 
 // dx = softmax_backward(y, dy) or log_softmax_backward(y, dy) along axis.
@@ -69,7 +72,7 @@ void softmax_backward_into(const py::array& y, const py::array& dy, py::array& d
   const void* yp = y.data();
   const void* dyp = dy.data();
   void* dxp = dx.mutable_data();
-  py::gil_scoped_release release;
+  WithoutGil nogil(Interruptible::no);
   if (dt == DType::f32) {
     (log ? k.log_softmax_backward_f32 : k.softmax_backward_f32)(
         static_cast<const float*>(yp), static_cast<const float*>(dyp), static_cast<float*>(dxp), s);
@@ -78,6 +81,7 @@ void softmax_backward_into(const py::array& y, const py::array& dy, py::array& d
                                                                 static_cast<const double*>(dyp),
                                                                 static_cast<double*>(dxp), s);
   }
+  nogil.finish();
 }
 
 // out = exp(x) elementwise with the vector exp (for accuracy tests of the vector layer).
@@ -90,12 +94,13 @@ void exp_into(const py::array& x, py::array& out) {
   const void* xp = x.data();
   void* op = out.mutable_data();
   const std::int64_t n = x.size();
-  py::gil_scoped_release release;
+  WithoutGil nogil(Interruptible::no);
   if (dt == DType::f32) {
     k.exp_f32(static_cast<const float*>(xp), static_cast<float*>(op), n);
   } else {
     k.exp_f64(static_cast<const double*>(xp), static_cast<double*>(op), n);
   }
+  nogil.finish();
 }
 
 }  // namespace

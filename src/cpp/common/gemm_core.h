@@ -26,6 +26,7 @@
 // (Note [prepacked A]).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <new>
 #include <type_traits>
@@ -196,6 +197,7 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
   const int threads = threads_for(M * N * K / 64);
   // every allocation before the region: nothing in it may throw (parallel_region)
   Scratch<T> apack_all(threads * S::MC * kc_max);
+  std::atomic<bool> stop{false};  // Note [interrupts]: thread 0 decides for the team
   parallel_region(threads, [&](int tid, int team) {
     T* const apack = apack_all.data + tid * S::MC * kc_max;
     for (std::int64_t jc = 0; jc < N; jc += S::NC) {
@@ -219,6 +221,7 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
         const std::int64_t tasks = m_blocks * slices;
         const bool load_c = accumulate || pc > 0;
         for (std::int64_t t = tid; t < tasks; t += team) {
+          if (interrupted()) break;  // Note [interrupts]: to the barrier
           const std::int64_t ib = t / slices, s = t % slices;
           const std::int64_t ic = ib * S::MC;
           const std::int64_t mc = M - ic < S::MC ? M - ic : S::MC;
@@ -234,7 +237,9 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
             }
           }
         }
+        if (tid == 0) stop.store(interrupted(), std::memory_order_relaxed);
         barrier(team);
+        if (stop.load(std::memory_order_relaxed)) return;  // all threads, after one barrier
       }
     }
   });

@@ -20,14 +20,31 @@
 #endif
 
 namespace mlmath {
-// Called before every thread team starts; a child forked after that runs kernels on one
-// thread (Note [fork] in dispatch/threads.cpp: GNU libgomp's pool does not survive fork).
-void note_thread_team_started();
+// A kernel's check point (Note [interrupts] in dispatch/threads.cpp): true once the call's
+// InterruptCheck has asked to stop; then every thread skips its remaining blocks (but still
+// reaches each barrier).  Cheap: a thread-local read, plus a clock read on the polling thread.
+bool interrupted();
+InterruptCheck* current_interrupt_check();
+void set_current_interrupt_check(InterruptCheck* check);
 }  // namespace mlmath
 
 MLMATH_ISA_BEGIN
 
 constexpr std::int64_t kMinParallelWork = std::int64_t{1} << 15;
+
+// Team threads work for the caller's InterruptCheck while in a region (Note [interrupts]).
+class WorkFor {
+ public:
+  explicit WorkFor(InterruptCheck* check) : previous_(::mlmath::current_interrupt_check()) {
+    ::mlmath::set_current_interrupt_check(check);
+  }
+  ~WorkFor() { ::mlmath::set_current_interrupt_check(previous_); }
+  WorkFor(const WorkFor&) = delete;
+  WorkFor& operator=(const WorkFor&) = delete;
+
+ private:
+  InterruptCheck* previous_;
+};
 
 // An exception must not leave an OpenMP region (that calls std::terminate): each thread runs
 // its share through run(), which keeps the first exception (a std::bad_alloc from a Scratch),
@@ -62,10 +79,11 @@ void parallel_for(std::int64_t num_tasks, std::int64_t cost_per_task, const Fn& 
   if (threads > work / kMinParallelWork) threads = work / kMinParallelWork;
 #if defined(_OPENMP)
   if (threads > 1) {
-    ::mlmath::note_thread_team_started();
+    InterruptCheck* const check = ::mlmath::current_interrupt_check();
     FirstException first;
 #pragma omp parallel num_threads(static_cast<int>(threads))
     {
+      const WorkFor work_for(check);
       const std::int64_t t = omp_get_thread_num();
       const std::int64_t team = omp_get_num_threads();
       const std::int64_t begin = num_tasks * t / team;
@@ -94,10 +112,13 @@ template <class Fn>
 void parallel_region(int threads, const Fn& fn) {
 #if defined(_OPENMP)
   if (threads > 1) {
-    ::mlmath::note_thread_team_started();
+    InterruptCheck* const check = ::mlmath::current_interrupt_check();
     FirstException first;
 #pragma omp parallel num_threads(threads)
-    first.run([&] { fn(omp_get_thread_num(), omp_get_num_threads()); });
+    {
+      const WorkFor work_for(check);
+      first.run([&] { fn(omp_get_thread_num(), omp_get_num_threads()); });
+    }
     first.rethrow();
     return;
   }

@@ -143,6 +143,7 @@ void attention(const AttentionArgs<T>& a) {
   parallel_for(tasks, BQ * Lk * (D + Dv) * 2, [&](std::int64_t t0, std::int64_t t1) {
     Scratch<T> qt(D * BQ + 1), st(BK * BQ), ot(Dv * BQ + 1), m(BQ), l(BQ), alpha(BQ);
     for (std::int64_t t = t0; t < t1; ++t) {
+      if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
       const std::int64_t bh = t / qblocks, i0 = t % qblocks * BQ;
       const std::int64_t b = bh / a.hq, h = bh % a.hq, hk = h / group;
       const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
@@ -383,6 +384,7 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
             const std::int64_t bh = b * a.hq + h;
             T* part = dq_part.data + (bh * groups + gi) * Lq * D;
             for (std::int64_t i0 = first; i0 < Lq; i0 += BQ) {
+              if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
               const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
               // S (nq x nk) = (Q scale) K^T
               gemm_rows<T>(

@@ -195,6 +195,7 @@ void conv_shifted_rows(const Conv2dArgs<T>& a) {
   parallel_for(images * runs, kg * rows * wp * kdim, [&](std::int64_t t0, std::int64_t t1) {
     Scratch<T> out(kg * rows * wp);
     for (std::int64_t t = t0; t < t1; ++t) {
+      if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
       const std::int64_t image = t / runs, i0 = t % runs * rows;
       const std::int64_t n = image / a.groups, g = image % a.groups;
       const std::int64_t nr = a.ho - i0 < rows ? a.ho - i0 : rows, wide = nr * wp;
@@ -471,6 +472,7 @@ void conv_grad_weight(const Conv2dWeightGradArgs<T>& a) {
   parallel_for(tasks, work, [&](std::int64_t t0, std::int64_t t1) {
     Scratch<T> rows(S::KC * ldr);
     for (std::int64_t t = t0; t < t1; ++t) {
+      if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
       const std::int64_t gi = t / (slices * buckets), sl = (t / buckets) % slices;
       const std::int64_t b = t % buckets;
       const std::int64_t col0 = sl * slice_cols;

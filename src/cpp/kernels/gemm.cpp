@@ -61,6 +61,7 @@ template <class T>
 void gemm(const GemmArgs<T>& g) {
   const bool dot_like = g.m * g.n <= kDotMaxOutputs && g.k > 0;
   for (std::int64_t b = 0; b < g.batch; ++b) {
+    if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
     const T* a = g.a + (g.a_offset ? g.a_offset[b] : 0);
     const T* bm = g.b + (g.b_offset ? g.b_offset[b] : 0);
     T* c = g.c + (g.c_offset ? g.c_offset[b] : 0);

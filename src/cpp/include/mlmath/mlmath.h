@@ -9,6 +9,7 @@
 // Kernels do not validate their arguments (the Python layer does); they never throw.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -192,11 +193,41 @@ std::vector<std::string> compiled_isas();   // compiled into this build, worst t
 // Threads used by a kernel call: set_num_threads(n) if it was called, else OpenMP's
 // omp_get_max_threads() of the calling thread (OMP_NUM_THREADS, threadpoolctl), else 1;
 // threadpoolctl's limit in the thread that set it (Note [threads and threadpoolctl]); 1 in a
-// child forked after a multi-threaded kernel call (Note [fork], dispatch/threads.cpp).
+// forked child whose parent's OpenMP threads could not be released before the fork (Note
+// [fork], dispatch/threads.cpp; normally they are, and a forked child keeps its threads).
 int get_num_threads();
 void set_num_threads(int n);  // n >= 1; throws std::invalid_argument otherwise
 bool have_openmp();
 int openmp_version();  // the _OPENMP date macro (e.g. 201511), 0 without OpenMP
+
+// Stopping long kernel calls early (Note [interrupts], dispatch/threads.cpp).  While an
+// InterruptCheck lives, the kernel calls made by the thread that created it run poll(context)
+// on that thread between blocks of work, at most every 50 ms (a call shorter than that never
+// polls).  Once poll returns true the call skips its remaining blocks and returns early, its
+// outputs partly written, and interrupted() stays true (later calls under it return at once).
+// poll must not throw; it runs inside the kernel's thread team (as thread 0).
+//
+//     mlmath::InterruptCheck check([](void*) { return stop_requested.load(); }, nullptr);
+//     mlmath::kernels().attention_f32(args);
+//     if (check.interrupted()) { /* discard the outputs */ }
+class InterruptCheck {
+ public:
+  using Poll = bool (*)(void* context);
+  InterruptCheck(Poll poll, void* context);
+  ~InterruptCheck();  // the thread's previous check (if any) applies again
+  InterruptCheck(const InterruptCheck&) = delete;
+  InterruptCheck& operator=(const InterruptCheck&) = delete;
+  bool interrupted() const { return stop_.load(std::memory_order_relaxed); }
+
+ private:
+  friend bool interrupted();  // the kernels' check point (dispatch/threads.cpp)
+  Poll poll_;
+  void* context_;
+  const void* owner_;          // names the creating thread, the only one that polls
+  std::int64_t next_poll_ns_;  // steady clock; read and written by the owner only
+  InterruptCheck* previous_;
+  std::atomic<bool> stop_{false};
+};
 
 const char* version();
 const char* compiler();
