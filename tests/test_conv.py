@@ -412,6 +412,21 @@ def test_conv_backward_threads_do_not_change_results(rng, threads, n, c, h, k, s
         )
 
 
+def assert_backward_close(x, w, go, opts):
+    """conv2d_backward(x, w, go, **opts) against the reference, with tolerances of the longest
+    reductions: over K*R*S taps for the input, over N*Ho*Wo positions for the weight and bias."""
+    dtype, (k, _, r, s) = x.dtype, w.shape
+    got = mn.conv2d_backward(x, w, go, **opts)
+    want = ref.conv2d_backward(
+        x.astype(np.float64), w.astype(np.float64), go.astype(np.float64), **opts
+    )
+    lengths = (k * r * s, int(np.prod(go.shape)) // k, int(np.prod(go.shape)) // k)
+    for g_, w_ref, length in zip(got, want, lengths, strict=True):
+        assert g_.dtype == dtype and g_.shape == w_ref.shape
+        scale = float(np.max(np.abs(w_ref), initial=0)) + 1
+        np.testing.assert_allclose(g_, w_ref, rtol=0, atol=tolerance(dtype, length) * scale * 4)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [c for c in GRID if c[0] > 0], ids=str)
 def test_conv2d_backward_against_reference(case, dtype, rng):
@@ -423,13 +438,4 @@ def test_conv2d_backward_against_reference(case, dtype, rng):
         opts = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         opts["padding_mode"] = mode
         go = rng.standard_normal(mn.conv2d(x, w, **opts).shape).astype(dtype)
-        got = mn.conv2d_backward(x, w, go, **opts)
-        want = ref.conv2d_backward(
-            x.astype(np.float64), w.astype(np.float64), go.astype(np.float64), **opts
-        )
-        # reductions: over K*R*S taps for the input, over N*Ho*Wo positions for the weight
-        lengths = (k * r * s, int(np.prod(go.shape)) // k, int(np.prod(go.shape)) // k)
-        for g_, w_ref, length in zip(got, want, lengths, strict=True):
-            assert g_.dtype == dtype and g_.shape == w_ref.shape
-            scale = float(np.max(np.abs(w_ref), initial=0)) + 1
-            np.testing.assert_allclose(g_, w_ref, rtol=0, atol=tolerance(dtype, length) * scale * 4)
+        assert_backward_close(x, w, go, opts)
