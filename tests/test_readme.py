@@ -22,7 +22,10 @@ def readme_text() -> str:
     path = Path(__file__).resolve().parent.parent / "README.md"
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    return metadata.metadata("mlmath_native").get_payload()  # the wheel carries the README
+    # the wheel's METADATA carries the README as its body, after the headers' blank line (read
+    # as text: the parsed message's payload came back empty under pytest in a wheel's venv)
+    text = metadata.distribution("mlmath_native").read_text("METADATA") or ""
+    return text.split("\n\n", 1)[1] if "\n\n" in text else ""
 
 
 def python_blocks() -> list[str]:
@@ -38,9 +41,9 @@ def test_the_readme_has_its_python_blocks():
 def test_readme_python_blocks_run_in_order(tmp_path):
     for module in ("torch", "dask", "distributed"):  # the blocks on interop and Dask need them
         pytest.importorskip(module)
-    script = "\n\n".join(
-        f"# --- README block {i}\n{block}" for i, block in enumerate(python_blocks(), 1)
-    )
+    blocks = python_blocks()
+    assert blocks, "no ```python block found in the README"
+    script = "\n\n".join(f"# --- README block {i}\n{block}" for i, block in enumerate(blocks, 1))
     done = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,

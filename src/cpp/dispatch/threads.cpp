@@ -49,19 +49,43 @@ thread_local int t_told_openmp = -1;
 // never depend on the thread count).  Not covered: a process that loads this library only
 // after being forked from a parent whose forking thread had a pool (the library was not there
 // to release it); any OpenMP team on that thread hangs there, ours as well as PyTorch's.
+//
+// Two runtimes: a repaired wheel bundles its own renamed copy of libgomp (auditwheel), which
+// our extension uses while PyTorch uses the system soname; the process then has two pools per
+// thread.  So the handler pauses our own runtime (found through the library that provides
+// omp_get_max_threads to us) and the one in the global scope at fork time (PyTorch loads its
+// libgomp globally, possibly after us); one call when they are the same library.
 std::atomic<bool> g_forked_child{false};  // a child whose libgomp state is not trusted
 #if defined(MLMATH_HAVE_ATFORK)
 constexpr int kOmpPauseSoft = 1;  // omp_pause_soft (OpenMP 5.0's omp_pause_resource_t)
 using PauseAll = int (*)(int);    // omp_pause_resource_all
-const PauseAll g_pause_all =
-    reinterpret_cast<PauseAll>(dlsym(RTLD_DEFAULT, "omp_pause_resource_all"));
+
+// omp_pause_resource_all of the libgomp this library itself runs on, or null.
+PauseAll own_pause_all() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&omp_get_max_threads), &info) == 0 || !info.dli_fname) {
+    return nullptr;
+  }
+  void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);  // already loaded: no new load
+  return lib ? reinterpret_cast<PauseAll>(dlsym(lib, "omp_pause_resource_all")) : nullptr;
+}
+const PauseAll g_own_pause_all = own_pause_all();
+
 // Set by the prepare handler, read by the child's: both run on the forking thread (whose
 // thread-locals the child inherits), so concurrent forks from two threads cannot mix them up.
 thread_local bool t_pool_released = false;
 
 void release_pool_before_fork() {
-  const bool released = !g_forked_child.load(std::memory_order_relaxed) && g_pause_all != nullptr &&
-                        g_pause_all(kOmpPauseSoft) == 0;
+  if (g_forked_child.load(std::memory_order_relaxed) || g_own_pause_all == nullptr) {
+    t_pool_released = false;
+    return;
+  }
+  bool released = g_own_pause_all(kOmpPauseSoft) == 0;
+  const auto global_pause_all =
+      reinterpret_cast<PauseAll>(dlsym(RTLD_DEFAULT, "omp_pause_resource_all"));
+  if (global_pause_all != nullptr && global_pause_all != g_own_pause_all) {
+    released = global_pause_all(kOmpPauseSoft) == 0 && released;  // e.g. PyTorch's runtime
+  }
   t_pool_released = released;
 }
 void mark_forked_child() {
