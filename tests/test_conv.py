@@ -46,10 +46,8 @@ GRID = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", GRID, ids=str)
-@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
-def test_conv2d_grid_against_reference(case, mode, dtype, rng):
+def check_grid_case(case, mode, dtype, rng):
+    """conv2d on one GRID case against the reference, batched and unbatched; returns x, w."""
     n, c, h, w_, k, r, s, stride, padding, dilation, groups = case
     x = rng.standard_normal((n, c, h, w_)).astype(dtype)
     w = rng.standard_normal((k, c // groups, r, s)).astype(dtype)
@@ -60,6 +58,14 @@ def test_conv2d_grid_against_reference(case, mode, dtype, rng):
     if n:  # unbatched
         want1 = ref.conv2d(x[0].astype(np.float64), w.astype(np.float64), None, **opts)
         assert_conv_close(mn.conv2d(x[0], w, **opts), want1, x, w, dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GRID, ids=str)
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_grid_against_reference(case, mode, dtype, rng):
+    check_grid_case(case, mode, dtype, rng)
 
 
 def test_same_padding_output_size_any_stride(rng):

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_conv import GRID, assert_backward_close, assert_conv_close
+from test_conv import GRID, assert_backward_close, assert_conv_close, check_grid_case
 
 import mlmath_native as mn
 from mlmath_native import _conv
@@ -97,16 +97,8 @@ def _force_gathered(monkeypatch):
 def test_gathered_path_against_reference(case, mode, dtype, rng, monkeypatch):
     """The forward grid of test_conv.py, every padding mode, through the gathered path."""
     _force_gathered(monkeypatch)
-    n, c, h, w_, k, r, s, stride, padding, dilation, groups = case
-    x = rng.standard_normal((n, c, h, w_)).astype(dtype)
-    w = rng.standard_normal((k, c // groups, r, s)).astype(dtype)
-    b = rng.standard_normal(k).astype(dtype)
-    opts = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=mode)
-    want = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **opts)
-    assert_conv_close(mn.conv2d(x, w, b, **opts), want, x, w, dtype)
-    if n:
-        want1 = ref.conv2d(x[0].astype(np.float64), w.astype(np.float64), None, **opts)
-        assert_conv_close(mn.conv2d(x[0], w, **opts), want1, x, w, dtype)
+    n, _, _, _, _, _, _, stride, padding, dilation, groups = case
+    x, w = check_grid_case(case, mode, dtype, rng)
     if n and stride == 1 and dilation == 1 and groups == 1:  # conv1d along the rows
         opts1 = dict(padding=padding if isinstance(padding, int | str) else 1, padding_mode=mode)
         x1, w1 = x[:, :, 0], w[:, :, 0]
