@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mlmath_native as mn
+from mlmath_native._checks import compute_dtype
 from mlmath_native.reference import transformer_attention as ref
 
 from conftest import tolerance
@@ -67,8 +68,7 @@ def check(q, k, v, factor: float = 2.0, **opts):
     got, got_lse = mn.attention(q, k, v, return_lse=True, **opts)
     want, want_lse = ref.attention(q, k, v, return_lse=True, **opts)
     qa, ka, va = (np.asarray(a) for a in (q, k, v))
-    all32 = all(a.dtype == np.float32 for a in (qa, ka, va))
-    dtype = np.dtype(np.float32 if all32 else np.float64)
+    dtype = np.result_type(*(compute_dtype("attention", "q", a.dtype) for a in (qa, ka, va)))
     assert got.dtype == dtype and got_lse.dtype == dtype
     assert got.shape == want.shape and got_lse.shape == want_lse.shape
 
@@ -444,7 +444,8 @@ def test_integer_and_bool_inputs_compute_in_float64(rng):
 def test_output_dtype(dtypes, rng):
     q, k, v = ((rng.standard_normal((2, 7, 6)) * 2).astype(t) for t in dtypes)
     out, lse = check(q, k, v)
-    want = np.float32 if all(t == np.float32 for t in dtypes) else np.float64
+    # NumPy's promotion of the dtypes the inputs compute in (float16 with float32: float32)
+    want = np.result_type(*(compute_dtype("attention", "q", np.dtype(t)) for t in dtypes))
     assert out.dtype == want and lse.dtype == want
     # a float64 mask does not change the float32 result dtype
     assert mn.attention(q, k, v, mask=np.zeros((7, 7))).dtype == want

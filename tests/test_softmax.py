@@ -212,7 +212,8 @@ def test_logsumexp_keepdims_and_scalar(rng):
 
 
 @pytest.mark.parametrize(
-    "x", [[1, 2, 3], np.arange(5, dtype=np.int8), np.array([True, False]), np.ones(3, np.float16)]
+    "x",
+    [[1, 2, 3], np.arange(5, dtype=np.int8), np.array([True, False]), np.ones(3, np.longdouble)],
 )
 def test_other_real_dtypes_compute_in_float64(x):
     for name in FORWARD + ["logsumexp"]:

@@ -15,8 +15,60 @@ from numpy.typing import ArrayLike, NDArray
 # np.exceptions exists from NumPy 1.25; older versions expose AxisError at top level.
 AxisError = getattr(np, "exceptions", np).AxisError
 
-#: dtypes the kernels compute in; everything else that is real is converted to float64.
+#: float dtypes the kernels compute in (float32, float64) and store without conversion
+#: (those, and the 16-bit float16 and bfloat16; Note [16-bit storage]); every other real dtype is
+#: converted to float64.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def is_bfloat16(dtype: np.dtype[Any]) -> bool:
+    """True for ``ml_dtypes.bfloat16`` (also what PyTorch's and JAX's bfloat16 become), found
+    by name so that ml_dtypes is never imported here."""
+    return dtype.itemsize == 2 and dtype.name == "bfloat16" and "ml_dtypes" in dtype.type.__module__
+
+
+def is_storage_dtype(dtype: np.dtype[Any]) -> bool:
+    """float32, float64, float16 or bfloat16: a dtype the kernels read and write as it is.
+
+    Note [16-bit storage]: float16 and bfloat16 arrays are storage only.  The kernels widen
+    each element to float32 as they load it, compute in float32 (sums, maxima, exp, GEMM
+    accumulators, softmax statistics) and round each result once, to nearest even, into the
+    input's own 16-bit dtype, as PyTorch does on CPU.  Statistics a function returns beside
+    its result (the log-sum-exp of ``attention(..., return_lse=True)``, a cross-entropy loss)
+    stay float32.
+    """
+    return dtype in FLOAT_DTYPES or dtype == np.float16 or is_bfloat16(dtype)
+
+
+def bfloat16_dtype(fn: str) -> np.dtype[Any]:
+    """``ml_dtypes.bfloat16``, imported on first use: the dtype of NumPy results for bfloat16
+    tensors from PyTorch or JAX (NumPy has no bfloat16 of its own)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(
+            f"{fn}: bfloat16 data needs the ml_dtypes package for its NumPy results "
+            "(pip install ml_dtypes)"
+        ) from None
+    dtype: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+    return dtype
+
+
+def _from_dlpack_bfloat16(x: Any, fn: str) -> NDArray[Any] | None:
+    """A bfloat16 view of a PyTorch tensor or a JAX array, which ``np.from_dlpack`` refuses
+    (NumPy has no bfloat16): None for anything else.  Zero copy: a torch tensor is shared as
+    int16 through DLPack and viewed as bfloat16; a JAX array's own ``__array__`` already
+    gives an ml_dtypes.bfloat16 view of its buffer."""
+    if "bfloat16" not in str(getattr(x, "dtype", "")):
+        return None
+    bf16 = bfloat16_dtype(fn)
+    if type(x).__module__.split(".")[0] == "torch":
+        import sys
+
+        torch = sys.modules["torch"]
+        return np.from_dlpack(x.view(torch.int16)).view(bf16)
+    arr = np.asarray(x)
+    return arr if arr.dtype == bf16 else None
 
 
 def as_array(x: object, fn: str, name: str) -> NDArray[Any]:
@@ -35,6 +87,12 @@ def as_array(x: object, fn: str, name: str) -> NDArray[Any]:
         try:
             return np.from_dlpack(x)
         except (BufferError, TypeError, ValueError, RuntimeError) as exc:
+            try:
+                arr = _from_dlpack_bfloat16(x, fn)
+            except (BufferError, ValueError, RuntimeError):
+                arr = None
+            if arr is not None:
+                return arr
             raise TypeError(f"{fn}: {name} could not be shared through DLPack ({exc})") from None
     try:
         return np.asarray(x)
@@ -53,11 +111,11 @@ def as_input(x: object, fn: str, name: str) -> NDArray[Any]:
 def compute_dtype(fn: str, name: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
     """The dtype an input of ``dtype`` computes in (the dtype policy, for NumPy and Dask inputs).
 
-    float32 and float64 are kept; bool, integer and other real floating dtypes (float16,
-    longdouble) compute in float64.  Complex, object, string, bytes, datetime and void dtypes
-    raise TypeError.
+    float32, float64, float16 and bfloat16 are kept (Note [16-bit storage]); bool, integer and
+    other real floating dtypes (longdouble) compute in float64.  Complex, object, string,
+    bytes, datetime and void dtypes (ml_dtypes's 8-bit floats among them) raise TypeError.
     """
-    if dtype in FLOAT_DTYPES:
+    if is_storage_dtype(dtype):
         return dtype
     if dtype.kind in "biuf":
         return np.dtype(np.float64)
@@ -68,8 +126,8 @@ def compute_dtype(fn: str, name: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 
 def as_float_array(x: ArrayLike, fn: str, name: str) -> NDArray[Any]:
-    """``x`` as an ndarray of float32 or float64 (:func:`compute_dtype`); nested sequences
-    compute in float64."""
+    """``x`` as an ndarray of float32, float64, float16 or bfloat16 (:func:`compute_dtype`);
+    nested sequences compute in float64."""
     arr = as_input(x, fn, name)
     return arr.astype(compute_dtype(fn, name, arr.dtype), copy=False)
 

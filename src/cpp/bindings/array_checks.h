@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "mlmath/mlmath.h"
 
@@ -15,16 +16,85 @@ namespace mlmath::bindings {
 
 namespace py = pybind11;
 
-enum class DType { f32, f64 };
+// Storage dtypes: float32, float64 and the 16-bit bfloat16 (ml_dtypes.bfloat16) and float16
+// (Note [16-bit storage] in common/half.h).
+enum class DType { f32, f64, bf16, f16 };
 
-// Calls fn(float{}) or fn(double{}): the one place a binding turns a DType into a type.
+inline const char* dtype_name(DType dt) {
+  switch (dt) {
+    case DType::f32:
+      return "float32";
+    case DType::f64:
+      return "float64";
+    case DType::bf16:
+      return "bfloat16";
+    default:
+      return "float16";
+  }
+}
+
+// Calls fn(S{}) with S = float, double, bf16 or f16: the one place a binding turns a DType into
+// a type.
 template <class Fn>
 void with_dtype(DType dt, const Fn& fn) {
+  switch (dt) {
+    case DType::f32:
+      fn(float{});
+      break;
+    case DType::f64:
+      fn(double{});
+      break;
+    case DType::bf16:
+      fn(bf16{});
+      break;
+    default:
+      fn(f16{});
+      break;
+  }
+}
+
+// with_dtype for a family with float32 and float64 kernels only (its checks refuse 16-bit data).
+template <class Fn>
+void with_wide_dtype(DType dt, const Fn& fn) {
   if (dt == DType::f32) {
     fn(float{});
   } else {
     fn(double{});
   }
+}
+
+// The kernel of a family for storage type S, e.g. MLMATH_KERNEL_FOR(k, softmax, S) is
+// k.softmax_f32 for S = float and k.softmax_bf16 for S = bf16.
+template <class S, class F32, class F64, class BF16, class F16>
+auto kernel_for(F32 f32, F64 f64, BF16 bf, F16 h) {
+  if constexpr (std::is_same_v<S, float>) {
+    return f32;
+  } else if constexpr (std::is_same_v<S, double>) {
+    return f64;
+  } else if constexpr (std::is_same_v<S, bf16>) {
+    return bf;
+  } else {
+    return h;
+  }
+}
+#define MLMATH_KERNEL_FOR(table, family, S) \
+  kernel_for<S>((table).family##_f32, (table).family##_f64, (table).family##_bf16, (table).family##_f16)
+
+// The dtype of an array if it is one of the storage dtypes (bfloat16 is recognised by name:
+// ml_dtypes registers it with NumPy at run time).
+inline bool storage_dtype(const py::dtype& dt, DType* out) {
+  if (dt.kind() == 'f' && dt.itemsize() == 4) {
+    *out = DType::f32;
+  } else if (dt.kind() == 'f' && dt.itemsize() == 8) {
+    *out = DType::f64;
+  } else if (dt.kind() == 'f' && dt.itemsize() == 2) {
+    *out = DType::f16;
+  } else if (dt.itemsize() == 2 && py::str(dt).cast<std::string>() == "bfloat16") {
+    *out = DType::bf16;
+  } else {
+    return false;
+  }
+  return true;
 }
 
 inline std::string shape_str(const py::array& a) {
@@ -36,14 +106,17 @@ inline std::string shape_str(const py::array& a) {
   return s + ")";
 }
 
-// float32 or float64, any layout; returns which.
-inline DType float_dtype_any_layout(const py::array& a, const char* fn, const char* name) {
-  const py::dtype dt = a.dtype();
-  if (dt.kind() != 'f' || (dt.itemsize() != 4 && dt.itemsize() != 8)) {
-    throw py::type_error(std::string(fn) + ": " + name + " must be float32 or float64 (got " +
-                         py::str(dt).cast<std::string>() + ")");
+// float32 or float64 (or, with allow_16bit, bfloat16 or float16), any layout; returns which.
+inline DType float_dtype_any_layout(const py::array& a, const char* fn, const char* name,
+                                    bool allow_16bit = false) {
+  DType dt;
+  if (!storage_dtype(a.dtype(), &dt) ||
+      (!allow_16bit && dt != DType::f32 && dt != DType::f64)) {
+    throw py::type_error(std::string(fn) + ": " + name + " must be float32 or float64" +
+                         (allow_16bit ? ", bfloat16 or float16" : "") + " (got " +
+                         py::str(a.dtype()).cast<std::string>() + ")");
   }
-  return dt.itemsize() == 4 ? DType::f32 : DType::f64;
+  return dt;
 }
 
 // Data aligned to the item size: the kernels load whole items (an unpickled array may start at
@@ -54,9 +127,11 @@ inline void require_aligned(const py::array& a, const char* fn, const char* name
   }
 }
 
-// float32 or float64, C-contiguous, aligned; returns which.
-inline DType float_dtype(const py::array& a, const char* fn, const char* name) {
-  const DType dt = float_dtype_any_layout(a, fn, name);
+// float32 or float64 (or, with allow_16bit, bfloat16 or float16), C-contiguous, aligned;
+// returns which.
+inline DType float_dtype(const py::array& a, const char* fn, const char* name,
+                         bool allow_16bit = false) {
+  const DType dt = float_dtype_any_layout(a, fn, name, allow_16bit);
   if (!(a.flags() & py::array::c_style)) {
     throw std::invalid_argument(std::string(fn) + ": " + name + " must be C-contiguous");
   }
@@ -65,10 +140,10 @@ inline DType float_dtype(const py::array& a, const char* fn, const char* name) {
 }
 
 inline void require_same_dtype(const py::array& a, DType want, const char* fn, const char* name) {
-  if (float_dtype(a, fn, name) != want) {
+  if (float_dtype(a, fn, name, true) != want) {
     throw py::type_error(std::string(fn) + ": " + name + " has dtype " +
                          py::str(a.dtype()).cast<std::string>() + " but the input's dtype is " +
-                         (want == DType::f32 ? "float32" : "float64"));
+                         dtype_name(want));
   }
 }
 

@@ -142,7 +142,7 @@ void attention_into(const py::array& q, const py::array& k, const py::array& v,
     }
     lp = l.mutable_data();
   }
-  with_dtype(c.dtype, [&](auto tag) {
+  with_wide_dtype(c.dtype, [&](auto tag) {
     using T = decltype(tag);
     AttentionArgs<T> a = kernel_args<T>(c, q, k, v);
     a.out = static_cast<T*>(out.mutable_data());
@@ -184,7 +184,7 @@ void attention_backward_into(const py::array& q, const py::array& k, const py::a
       !has_shape(dv, {bkv, c.hkv, c.lk, c.dv})) {
     throw std::invalid_argument("attention_backward: inconsistent shapes");
   }
-  with_dtype(c.dtype, [&](auto tag) {
+  with_wide_dtype(c.dtype, [&](auto tag) {
     using T = decltype(tag);
     AttentionBackwardArgs<T> g{};
     g.fwd = kernel_args<T>(c, q, k, v);

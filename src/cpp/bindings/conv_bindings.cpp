@@ -94,7 +94,7 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
     }
     nogil.finish();
   };
-  with_dtype(dt, run);
+  with_wide_dtype(dt, run);
 }
 
 // grad_weight = the weight gradient of conv2d(x, w) with zero padding (x, grad_out given).
@@ -153,7 +153,7 @@ void conv2d_grad_weight_into(const py::array& x, const py::array& grad_out, py::
     }
     nogil.finish();
   };
-  with_dtype(dt, run);
+  with_wide_dtype(dt, run);
 }
 
 // grad_input = the gradient of the zero-padded input of conv2d (every element written).
@@ -209,7 +209,7 @@ void conv2d_grad_input_into(const py::array& grad_out, const py::array& w, py::a
     }
     nogil.finish();
   };
-  with_dtype(dt, run);
+  with_wide_dtype(dt, run);
 }
 
 // True when no element of x is NaN or +-inf (Note [non-finite inputs] in kernels/conv.cpp).
@@ -229,7 +229,7 @@ bool all_finite(const py::array& x) {
     }
     nogil.finish();
   };
-  with_dtype(dt, run);
+  with_wide_dtype(dt, run);
   return finite;
 }
 

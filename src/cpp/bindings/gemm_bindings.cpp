@@ -89,7 +89,7 @@ void gemm_into(const py::array& a, const py::array& b, py::array& c, std::int64_
     }
     nogil.finish();
   };
-  with_dtype(dt, run);
+  with_wide_dtype(dt, run);
 }
 
 }  // namespace

@@ -14,7 +14,7 @@ namespace {
 // y = softmax(x) or log_softmax(x) along axis; y may be x itself.
 void softmax_into(const py::array& x, py::array& y, int axis, bool log) {
   const char* fn = log ? "log_softmax" : "softmax";
-  const DType dt = float_dtype(x, fn, "x");
+  const DType dt = float_dtype(x, fn, "x", true);
   require_same_dtype(y, dt, fn, "out");
   require_same_shape(x, y, fn, "out");
   require_writeable(y, fn, "out");
@@ -23,13 +23,12 @@ void softmax_into(const py::array& x, py::array& y, int axis, bool log) {
   const void* xp = x.data();
   void* yp = y.mutable_data();
   WithoutGil nogil(Interruptible::no);
-  if (dt == DType::f32) {
-    (log ? k.log_softmax_f32 : k.softmax_f32)(static_cast<const float*>(xp),
-                                              static_cast<float*>(yp), s);
-  } else {
-    (log ? k.log_softmax_f64 : k.softmax_f64)(static_cast<const double*>(xp),
-                                              static_cast<double*>(yp), s);
-  }
+  with_dtype(dt, [&](auto tag) {
+    using S = decltype(tag);
+    const auto kernel =
+        log ? MLMATH_KERNEL_FOR(k, log_softmax, S) : MLMATH_KERNEL_FOR(k, softmax, S);
+    kernel(static_cast<const S*>(xp), static_cast<S*>(yp), s);
+  });
   nogil.finish();
 }
 
@@ -37,7 +36,7 @@ void softmax_into(const py::array& x, py::array& y, int axis, bool log) {
 // size is accepted, e.g. with keepdims).
 void logsumexp_into(const py::array& x, py::array& out, int axis) {
   const char* fn = "logsumexp";
-  const DType dt = float_dtype(x, fn, "x");
+  const DType dt = float_dtype(x, fn, "x", true);
   require_same_dtype(out, dt, fn, "out");
   require_writeable(out, fn, "out");
   const AxisLayout s = axis_layout(x, normalize_axis(x, axis, fn));
@@ -49,11 +48,10 @@ void logsumexp_into(const py::array& x, py::array& out, int axis) {
   const void* xp = x.data();
   void* op = out.mutable_data();
   WithoutGil nogil(Interruptible::no);
-  if (dt == DType::f32) {
-    k.logsumexp_f32(static_cast<const float*>(xp), static_cast<float*>(op), s);
-  } else {
-    k.logsumexp_f64(static_cast<const double*>(xp), static_cast<double*>(op), s);
-  }
+  with_dtype(dt, [&](auto tag) {
+    using S = decltype(tag);
+    MLMATH_KERNEL_FOR(k, logsumexp, S)(static_cast<const S*>(xp), static_cast<S*>(op), s);
+  });
   nogil.finish();
 }
 
@@ -61,7 +59,7 @@ void logsumexp_into(const py::array& x, py::array& out, int axis) {
 void softmax_backward_into(const py::array& y, const py::array& dy, py::array& dx, int axis,
                            bool log) {
   const char* fn = log ? "log_softmax_backward" : "softmax_backward";
-  const DType dt = float_dtype(y, fn, "y");
+  const DType dt = float_dtype(y, fn, "y", true);
   require_same_dtype(dy, dt, fn, "dy");
   require_same_shape(y, dy, fn, "dy");
   require_same_dtype(dx, dt, fn, "out");
@@ -73,14 +71,12 @@ void softmax_backward_into(const py::array& y, const py::array& dy, py::array& d
   const void* dyp = dy.data();
   void* dxp = dx.mutable_data();
   WithoutGil nogil(Interruptible::no);
-  if (dt == DType::f32) {
-    (log ? k.log_softmax_backward_f32 : k.softmax_backward_f32)(
-        static_cast<const float*>(yp), static_cast<const float*>(dyp), static_cast<float*>(dxp), s);
-  } else {
-    (log ? k.log_softmax_backward_f64 : k.softmax_backward_f64)(static_cast<const double*>(yp),
-                                                                static_cast<const double*>(dyp),
-                                                                static_cast<double*>(dxp), s);
-  }
+  with_dtype(dt, [&](auto tag) {
+    using S = decltype(tag);
+    const auto kernel = log ? MLMATH_KERNEL_FOR(k, log_softmax_backward, S)
+                            : MLMATH_KERNEL_FOR(k, softmax_backward, S);
+    kernel(static_cast<const S*>(yp), static_cast<const S*>(dyp), static_cast<S*>(dxp), s);
+  });
   nogil.finish();
 }
 
@@ -108,7 +104,8 @@ void exp_into(const py::array& x, py::array& out) {
 void bind_softmax(py::module_& m) {
   using namespace pybind11::literals;
   m.def("softmax_into", &softmax_into, "x"_a, "out"_a, "axis"_a, "log"_a,
-        "out = softmax(x) (log=False) or log_softmax(x) along axis; C-contiguous float arrays");
+        "out = softmax(x) (log=False) or log_softmax(x) along axis; C-contiguous float32, float64, "
+        "bfloat16 or float16 arrays");
   m.def("logsumexp_into", &logsumexp_into, "x"_a, "out"_a, "axis"_a,
         "out = logsumexp(x) along axis; out holds x.size / x.shape[axis] elements");
   m.def("softmax_backward_into", &softmax_backward_into, "y"_a, "dy"_a, "out"_a, "axis"_a, "log"_a,

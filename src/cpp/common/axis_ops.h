@@ -2,6 +2,11 @@
 // (softmax, cross-entropy): reductions over a contiguous row, blocks of adjacent columns walked
 // down a strided axis, and the split of that work over threads.
 //
+// Rows and blocks are read as storage type S (float, double, bf16, f16) and computed in
+// T = compute_t<S> (Note [16-bit storage] in half.h); a row written by a helper may have its own
+// storage type D (a 16-bit kernel writes intermediate values to a float scratch row, so its
+// output is rounded only once).
+//
 // Everything here has internal linkage (anonymous namespace) so that each per-ISA kernel source
 // gets its own copy; see Note [inline functions across ISAs] in isa.h.
 #pragma once
@@ -20,8 +25,8 @@ namespace {
 
 // -- contiguous rows ---------------------------------------------------------------------------
 
-template <class T>
-T row_max(const T* x, std::int64_t n) {
+template <class S, class T = compute_t<S>>
+T row_max(const S* x, std::int64_t n) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   const V neg_inf = V::set1(-std::numeric_limits<T>::infinity());
@@ -41,8 +46,8 @@ T row_max(const T* x, std::int64_t n) {
 // sum_i exp(x_i - shift); with Store, also y_i = exp(x_i - shift) (y may alias x).
 // NonPositive: shift is the row maximum, so x_i - shift <= 0 (or NaN) and exp may skip its
 // overflow clamps; logsumexp shifts by 0 when the maximum is +inf and then passes false.
-template <bool Store, bool NonPositive = true, class T>
-T row_exp_sum(const T* x, T* y, std::int64_t n, T shift) {
+template <bool Store, bool NonPositive = true, class S, class D, class T = compute_t<S>>
+T row_exp_sum(const S* x, D* y, std::int64_t n, T shift) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   const V vshift = V::set1(shift);
@@ -74,8 +79,8 @@ T row_exp_sum(const T* x, T* y, std::int64_t n, T shift) {
 }
 
 // y_i = a * x_i + b  (softmax's scale pass).
-template <class T>
-void row_affine(const T* x, T* y, std::int64_t n, T a, T b) {
+template <class S, class D, class T = compute_t<S>>
+void row_affine(const S* x, D* y, std::int64_t n, T a, T b) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   const V va = V::set1(a), vb = V::set1(b);
@@ -86,8 +91,8 @@ void row_affine(const T* x, T* y, std::int64_t n, T a, T b) {
 
 // y_i = (x_i - m) - c, in that order: log_softmax's  (x_i - m) - log s.  Forming m + log s
 // first would lose log s next to a large m (x = [1e8, 1e8] gave [0, 0], not -log 2).
-template <class T>
-void row_shift2(const T* x, T* y, std::int64_t n, T m, T c) {
+template <class S, class D, class T = compute_t<S>>
+void row_shift2(const S* x, D* y, std::int64_t n, T m, T c) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   const V vm = V::set1(m), vc = V::set1(c);
@@ -97,8 +102,8 @@ void row_shift2(const T* x, T* y, std::int64_t n, T m, T c) {
 }
 
 // y_i = value.
-template <class T>
-void row_fill(T* y, std::int64_t n, T value) {
+template <class D, class T = compute_t<D>>
+void row_fill(D* y, std::int64_t n, T value) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   const V v = V::set1(value);
@@ -108,8 +113,8 @@ void row_fill(T* y, std::int64_t n, T value) {
 }
 
 // sum_i a_i * b_i (b == nullptr: sum_i a_i), four accumulators.
-template <class T>
-T row_dot(const T* a, const T* b, std::int64_t n) {
+template <class S, class T = compute_t<S>>
+T row_dot(const S* a, const S* b, std::int64_t n) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   const V one = V::set1(1);
@@ -158,7 +163,8 @@ struct Cols {
     for (int k = 0; k < NV; ++k) c.v[k] = V::set1(x);
     return c;
   }
-  static Cols load(const T* p, std::int64_t count, T fill) {
+  template <class S>
+  static Cols load(const S* p, std::int64_t count, T fill) {
     Cols c;
     for (int k = 0; k < NV; ++k) {
       const std::int64_t m = lanes(count, k);
@@ -166,7 +172,8 @@ struct Cols {
     }
     return c;
   }
-  void store(T* p, std::int64_t count) const {
+  template <class S>
+  void store(S* p, std::int64_t count) const {
     for (int k = 0; k < NV; ++k) {
       const std::int64_t m = lanes(count, k);
       if (m == W) {
@@ -223,10 +230,11 @@ constexpr auto vadd = [](auto a, auto b) { return add(a, b); };
 constexpr auto vsub = [](auto a, auto b) { return sub(a, b); };
 constexpr auto vmul = [](auto a, auto b) { return mul(a, b); };
 
-// Calls f(std::integral_constant<int, NV>) with NV = ceil(count / width), 1 <= NV <= kColVecs.
+// Calls f(std::integral_constant<int, NV>) with NV = ceil(count / width), 1 <= NV <= kColVecs
+// (T: the storage type; width is its compute type's).
 template <class T, class F>
 void with_block_vecs(std::int64_t count, const F& f) {
-  switch ((count + Vec<T>::width - 1) / Vec<T>::width) {
+  switch ((count + Vec<compute_t<T>>::width - 1) / Vec<compute_t<T>>::width) {
     case 1:
       f(std::integral_constant<int, 1>{});
       break;
@@ -249,7 +257,7 @@ void with_block_vecs(std::int64_t count, const F& f) {
 template <class T, class Task>
 void for_each_task(AxisLayout s, const Task& task) {
   if (s.outer <= 0 || s.n <= 0 || s.inner <= 0) return;
-  const std::int64_t B = s.inner == 1 ? 1 : kColVecs * Vec<T>::width;  // columns per block
+  const std::int64_t B = s.inner == 1 ? 1 : kColVecs * Vec<compute_t<T>>::width;  // per block
   const std::int64_t blocks = (s.inner + B - 1) / B;
   parallel_for(s.outer * blocks, s.n * B, [&](std::int64_t b, std::int64_t e) {
     for (std::int64_t t = b; t < e; ++t) {

@@ -10,6 +10,11 @@
 //   for integer-valued k inside the normal exponent range keep_where_nonzero(c, v) v where c != 0
 //   (or NaN), else +0 (so 0 * inf terms can be dropped)
 //
+// Vec<float> also loads from and stores to the 16-bit storage types (bf16, f16; Note [16-bit
+// storage] in half.h): load / load_partial widen, store / store_partial round to nearest even.
+// Scalar code uses widen(x) and narrow<S>(v); compute_t<S> is the type a storage type S
+// computes in (double for double, float for the rest).
+//
 // One specialisation per ISA, chosen by the MLMATH_ISA_* symbol of the compilation; adding an ISA
 // means one more block here and one entry in the CMake ISA table.  max/min follow the x86
 // convention: when an operand is NaN the *second* operand is returned; kernels that care about
@@ -22,6 +27,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/half.h"
 #include "common/isa.h"
 
 #if defined(MLMATH_ISA_AVX2) || defined(MLMATH_ISA_AVX512)
@@ -52,6 +58,36 @@ struct FloatBits<double> {
   static constexpr int exponent_bias = 1023;
 };
 
+// The type a storage type computes in, and whether it is one of the 16-bit types.
+template <class S>
+using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+template <class S>
+constexpr bool is_16bit = std::is_same_v<S, bf16> || std::is_same_v<S, f16>;
+
+// Scalar widening (exact) and narrowing (round to nearest even) between storage and compute.
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+inline float widen(bf16 x) { return bf16_to_float(x); }
+#if defined(MLMATH_ISA_SCALAR)
+inline float widen(f16 x) { return f16_to_float(x); }
+#else
+inline float widen(f16 x) { return _cvtsh_ss(x.bits); }
+#endif
+template <class S>
+S narrow(compute_t<S> v) {
+  if constexpr (std::is_same_v<S, bf16>) {
+    return float_to_bf16(v);
+  } else if constexpr (std::is_same_v<S, f16>) {
+#if defined(MLMATH_ISA_SCALAR)
+    return float_to_f16(v);
+#else
+    return f16{static_cast<std::uint16_t>(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT))};
+#endif
+  } else {
+    return v;
+  }
+}
+
 #if defined(MLMATH_ISA_SCALAR)
 // ---------------------------------------------------------------------------------------------
 // Baseline: one lane, plain C++ (the compiler may still vectorise the loops around it).
@@ -64,6 +100,21 @@ struct Vec {
   static Vec set1(T x) { return {x}; }
   void store(T* p) const { *p = v; }
   void store_partial(T*, std::int64_t) const {}
+  // 16-bit storage (Vec<float> only)
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  static Vec load(const S* p) {
+    return {widen(*p)};
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  static Vec load_partial(const S*, std::int64_t, T fill) {
+    return {fill};
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store(S* p) const {
+    *p = narrow<S>(v);
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store_partial(S*, std::int64_t) const {}
 };
 template <class T>
 inline Vec<T> add(Vec<T> a, Vec<T> b) {
@@ -146,6 +197,23 @@ inline __m256i tail_mask_i64(std::int64_t n) {
   return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
 }
 
+// 8 x 16-bit <-> 8 floats: bf16 is the high half of a float (a shift); f16 through F16C.
+inline __m256 widen8(__m128i h, bf16*) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 widen8(__m128i h, f16*) { return _mm256_cvtph_ps(h); }
+inline __m128i narrow8(__m256 v, bf16*) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, quiet_nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+inline __m128i narrow8(__m256 v, f16*) {
+  return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
 template <>
 struct Vec<float> {
   static constexpr int width = 8;
@@ -160,6 +228,28 @@ struct Vec<float> {
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store_partial(float* p, std::int64_t n) const {
     _mm256_maskstore_ps(p, tail_mask_i32(n), v);
+  }
+  // 16-bit storage; partial accesses go through a small buffer (never past n elements).
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  static Vec load(const S* p) {
+    return {widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), static_cast<S*>(nullptr))};
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  static Vec load_partial(const S* p, std::int64_t n, float fill) {
+    alignas(16) S buf[8] = {};
+    std::memcpy(buf, p, sizeof(S) * static_cast<std::size_t>(n));
+    return {_mm256_blendv_ps(_mm256_set1_ps(fill), load(buf).v,
+                             _mm256_castsi256_ps(tail_mask_i32(n)))};
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store(S* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow8(v, static_cast<S*>(nullptr)));
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store_partial(S* p, std::int64_t n) const {
+    alignas(16) S buf[8];
+    store(buf);
+    std::memcpy(p, buf, sizeof(S) * static_cast<std::size_t>(n));
   }
 };
 template <>
@@ -249,6 +339,23 @@ inline VD pow2i(VD k) {
 #elif defined(MLMATH_ISA_AVX512)
 // ---------------------------------------------------------------------------------------------
 // AVX-512F: 16 floats / 8 doubles; tails use mask registers.
+// 16 x 16-bit <-> 16 floats (AVX-512F only: 16-bit masked loads would need AVX-512BW).
+inline __m512 widen16(__m256i h, bf16*) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 widen16(__m256i h, f16*) { return _mm512_cvtph_ps(h); }
+inline __m256i narrow16(__m512 v, bf16*) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+  const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
+  return _mm512_cvtepi32_epi16(r);
+}
+inline __m256i narrow16(__m512 v, f16*) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
 template <>
 struct Vec<float> {
   static constexpr int width = 16;
@@ -261,6 +368,27 @@ struct Vec<float> {
   static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store_partial(float* p, std::int64_t n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  static Vec load(const S* p) {
+    return {widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                    static_cast<S*>(nullptr))};
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  static Vec load_partial(const S* p, std::int64_t n, float fill) {
+    alignas(32) S buf[16] = {};
+    std::memcpy(buf, p, sizeof(S) * static_cast<std::size_t>(n));
+    return {_mm512_mask_mov_ps(_mm512_set1_ps(fill), mask(n), load(buf).v)};
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store(S* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow16(v, static_cast<S*>(nullptr)));
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store_partial(S* p, std::int64_t n) const {
+    alignas(32) S buf[16];
+    store(buf);
+    std::memcpy(p, buf, sizeof(S) * static_cast<std::size_t>(n));
+  }
 };
 template <>
 struct Vec<double> {

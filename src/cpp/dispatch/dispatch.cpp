@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "common/half.h"
 #include "dispatch/cpu_features.h"
 #include "mlmath/mlmath.h"
 #include "mlmath_build_config.h"
@@ -119,5 +120,10 @@ std::string selected_isa() {
   kernels();
   return g_isa;
 }
+
+float to_float(bf16 x) { return bf16_to_float(x); }
+float to_float(f16 x) { return f16_to_float(x); }
+bf16 to_bf16(float x) { return float_to_bf16(x); }
+f16 to_f16(float x) { return float_to_f16(x); }
 
 }  // namespace mlmath

@@ -12,6 +12,12 @@
 //            computing exp once beats the one-pass online form.
 //   columns  (inner > 1): the axis has stride `inner`; a task is one [outer] slice times one
 //            block of up to 4 vectors of adjacent columns, reduced lane-wise down the axis.
+// 16-bit storage (bf16, f16; Note [16-bit storage] in common/half.h): values are widened on
+// load and every pass computes in float32.  softmax's second pass would store exp(x_i - m) in y
+// and the third scale it there, rounding twice; a 16-bit row keeps those values in a float
+// scratch row instead (rows up to kScratchRow; longer rows, and columns, recompute exp in the
+// third pass), so each y_i is rounded once.
+//
 // Every reduction stays inside one task in a fixed order, so results do not depend on the
 // number of threads.  Outputs may alias inputs exactly (each pass reads element i before it
 // writes element i).
@@ -38,10 +44,37 @@ namespace {
 
 enum class Op { softmax, log_softmax, softmax_backward, log_softmax_backward };
 
-template <Op op, class T>
-void rows_forward(const T* x, T* y, std::int64_t n) {
+// Floats of scratch per 16-bit softmax row (32 KiB of stack): a 4096-class row of the
+// benchmark fits with room; a longer row recomputes exp instead of storing it.
+constexpr std::int64_t kScratchRow = 8192;
+
+// y_i = exp(x_i - m) * scale (the third pass of a 16-bit softmax row that did not fit scratch).
+template <class S, class T = compute_t<S>>
+void row_exp_scale(const S* x, S* y, std::int64_t n, T m, T scale) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  const V vm = V::set1(m), vs = V::set1(scale);
+  std::int64_t i = 0;
+  for (; i + W <= n; i += W) mul(exp<true>(sub(V::load(x + i), vm)), vs).store(y + i);
+  if (i < n) {
+    mul(exp(sub(V::load_partial(x + i, n - i, T(0)), vm)), vs).store_partial(y + i, n - i);
+  }
+}
+
+template <Op op, class S, class T = compute_t<S>>
+void rows_forward(const S* x, S* y, std::int64_t n) {
   const T m = row_max(x, n);
-  if (op == Op::softmax) {
+  if constexpr (op == Op::softmax && is_16bit<S>) {
+    if (n <= kScratchRow) {
+      float scratch[kScratchRow];
+      const T s = row_exp_sum<true>(x, scratch, n, m);
+      row_affine(scratch, y, n, T(1) / s, T(0));
+    } else {
+      S* no_store = nullptr;
+      const T s = row_exp_sum<false>(x, no_store, n, m);
+      row_exp_scale(x, y, n, m, T(1) / s);
+    }
+  } else if constexpr (op == Op::softmax) {
     const T s = row_exp_sum<true>(x, y, n, m);
     row_affine(y, y, n, T(1) / s, T(0));
   } else {
@@ -50,8 +83,8 @@ void rows_forward(const T* x, T* y, std::int64_t n) {
   }
 }
 
-template <Op op, class T>
-void rows_backward(const T* y, const T* dy, T* dx, std::int64_t n) {
+template <Op op, class S, class T = compute_t<S>>
+void rows_backward(const S* y, const S* dy, S* dx, std::int64_t n) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   if (op == Op::softmax_backward) {
@@ -63,7 +96,7 @@ void rows_backward(const T* y, const T* dy, T* dx, std::int64_t n) {
       mul(yv, sub(dyv, dot)).store_partial(dx + i, n - i);
     }
   } else {
-    const V neg_sum = V::set1(-row_dot(dy, static_cast<const T*>(nullptr), n));
+    const V neg_sum = V::set1(-row_dot(dy, static_cast<const S*>(nullptr), n));
     std::int64_t i = 0;  // dx = dy - exp(y) * sum
     for (; i + W <= n; i += W) fma(exp(V::load(y + i)), neg_sum, V::load(dy + i)).store(dx + i);
     if (i < n) {
@@ -76,8 +109,8 @@ void rows_backward(const T* y, const T* dy, T* dx, std::int64_t n) {
 // -- strided columns ---------------------------------------------------------------------------
 
 // x, y point at the first column of one block of `count` columns in an [n][inner] slice.
-template <int NV, Op op, class T>
-void cols_forward(const T* x, T* y, std::int64_t n, std::int64_t inner, std::int64_t count) {
+template <int NV, Op op, class S, class T = compute_t<S>>
+void cols_forward(const S* x, S* y, std::int64_t n, std::int64_t inner, std::int64_t count) {
   using C = Cols<T, NV>;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   C m = C::set1(neg_inf);
@@ -86,10 +119,17 @@ void cols_forward(const T* x, T* y, std::int64_t n, std::int64_t inner, std::int
   for (std::int64_t i = 0; i < n; ++i) {
     const C e = zip(C::load(x + i * inner, count, T(0)), m,
                     [](Vec<T> a, Vec<T> b) { return exp(sub(a, b)); });
-    if (op == Op::softmax) e.store(y + i * inner, count);
+    if (op == Op::softmax && !is_16bit<S>) e.store(y + i * inner, count);
     s = zip(s, e, vadd);
   }
-  if (op == Op::softmax) {
+  if (op == Op::softmax && is_16bit<S>) {
+    const C inv = zip(C::set1(1), s, [](Vec<T> a, Vec<T> b) { return div(a, b); });
+    for (std::int64_t i = 0; i < n; ++i) {
+      const C e = zip(C::load(x + i * inner, count, T(0)), m,
+                      [](Vec<T> a, Vec<T> b) { return exp(sub(a, b)); });
+      zip(e, inv, vmul).store(y + i * inner, count);
+    }
+  } else if (op == Op::softmax) {
     const C inv = zip(C::set1(1), s, [](Vec<T> a, Vec<T> b) { return div(a, b); });
     for (std::int64_t i = 0; i < n; ++i)
       zip(C::load(y + i * inner, count, T(0)), inv, vmul).store(y + i * inner, count);
@@ -101,8 +141,8 @@ void cols_forward(const T* x, T* y, std::int64_t n, std::int64_t inner, std::int
   }
 }
 
-template <int NV, class T>
-void cols_logsumexp(const T* x, T* out, std::int64_t n, std::int64_t inner, std::int64_t count) {
+template <int NV, class S, class T = compute_t<S>>
+void cols_logsumexp(const S* x, S* out, std::int64_t n, std::int64_t inner, std::int64_t count) {
   using C = Cols<T, NV>;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   C m = C::set1(neg_inf);
@@ -117,8 +157,8 @@ void cols_logsumexp(const T* x, T* out, std::int64_t n, std::int64_t inner, std:
   zip(shift, s.per_lane(log_of<T>), vadd).store(out, count);
 }
 
-template <int NV, Op op, class T>
-void cols_backward(const T* y, const T* dy, T* dx, std::int64_t n, std::int64_t inner,
+template <int NV, Op op, class S, class T = compute_t<S>>
+void cols_backward(const S* y, const S* dy, S* dx, std::int64_t n, std::int64_t inner,
                    std::int64_t count) {
   using C = Cols<T, NV>;
   C acc = C::set1(0);
@@ -146,7 +186,7 @@ void cols_backward(const T* y, const T* dy, T* dx, std::int64_t n, std::int64_t 
 // -- drivers ---------------------------------------------------------------------------------
 
 template <Op op, class T>
-void forward(const T* x, T* y, AxisLayout s) {
+void forward(const T* x, T* y, AxisLayout s) {  // T: the storage type
   for_each_task<T>(s, [&](std::int64_t o, std::int64_t j, std::int64_t count) {
     const std::int64_t base = o * s.n * s.inner + j;
     if (s.inner == 1) {
@@ -173,16 +213,17 @@ void backward(const T* y, const T* dy, T* dx, AxisLayout s) {
   });
 }
 
-template <class T>
-void logsumexp(const T* x, T* out, AxisLayout s) {
-  for_each_task<T>(s, [&](std::int64_t o, std::int64_t j, std::int64_t count) {
-    const T* xs = x + o * s.n * s.inner + j;
+template <class S>
+void logsumexp(const S* x, S* out, AxisLayout s) {
+  using T = compute_t<S>;
+  for_each_task<S>(s, [&](std::int64_t o, std::int64_t j, std::int64_t count) {
+    const S* xs = x + o * s.n * s.inner + j;
     if (s.inner == 1) {
       const T m = row_max(xs, s.n);
-      T* no_store = nullptr;
+      S* no_store = nullptr;
       const T sum = std::isfinite(m) ? row_exp_sum<false, true>(xs, no_store, s.n, m)
                                      : row_exp_sum<false, false>(xs, no_store, s.n, T(0));
-      out[o] = finite_or_zero(m) + std::log(sum);
+      out[o] = narrow<S>(finite_or_zero(m) + std::log(sum));
     } else {
       with_block_vecs<T>(count, [&](auto nv) {
         cols_logsumexp<nv.value>(xs, out + o * s.inner + j, s.n, s.inner, count);
@@ -221,6 +262,21 @@ void log_softmax_backward_f32(const float* y, const float* dy, float* dx, AxisLa
 void log_softmax_backward_f64(const double* y, const double* dy, double* dx, AxisLayout s) {
   backward<Op::log_softmax_backward>(y, dy, dx, s);
 }
+#define MLMATH_SOFTMAX_16BIT(S, suffix)                                                  \
+  void softmax_##suffix(const S* x, S* y, AxisLayout s) { forward<Op::softmax>(x, y, s); } \
+  void log_softmax_##suffix(const S* x, S* y, AxisLayout s) {                            \
+    forward<Op::log_softmax>(x, y, s);                                                   \
+  }                                                                                      \
+  void logsumexp_##suffix(const S* x, S* out, AxisLayout s) { logsumexp(x, out, s); }    \
+  void softmax_backward_##suffix(const S* y, const S* dy, S* dx, AxisLayout s) {         \
+    backward<Op::softmax_backward>(y, dy, dx, s);                                        \
+  }                                                                                      \
+  void log_softmax_backward_##suffix(const S* y, const S* dy, S* dx, AxisLayout s) {     \
+    backward<Op::log_softmax_backward>(y, dy, dx, s);                                    \
+  }
+MLMATH_SOFTMAX_16BIT(bf16, bf16)
+MLMATH_SOFTMAX_16BIT(f16, f16)
+#undef MLMATH_SOFTMAX_16BIT
 void exp_f32(const float* x, float* y, std::int64_t n) { exp_array(x, y, n); }
 void exp_f64(const double* x, double* y, std::int64_t n) { exp_array(x, y, n); }
 

@@ -16,6 +16,25 @@
 
 namespace mlmath {
 
+// 16-bit storage types (Note [16-bit storage]).  A kernel named *_bf16 or *_f16 reads and writes
+// these and computes in float32: every value is widened on load, every sum, maximum, exp and
+// GEMM accumulator is a float, and each result is rounded once to the storage type, to nearest
+// even.  bf16 is the top half of a float32 (8 exponent bits, 7 mantissa bits; the layout of
+// torch.bfloat16 and ml_dtypes.bfloat16); f16 is IEEE binary16 (numpy.float16).
+struct bf16 {
+  std::uint16_t bits;
+};
+struct f16 {
+  std::uint16_t bits;
+};
+// Conversions for callers (the kernels use their own vector forms): exact widening, and
+// narrowing rounded to nearest even (NaN stays a quiet NaN of the same sign; values past the
+// largest finite 16-bit value round to +-inf).
+float to_float(bf16 x);
+float to_float(f16 x);
+bf16 to_bf16(float x);
+f16 to_f16(float x);
+
 // A C-contiguous array seen as [outer][n][inner]; an operation "along an axis" runs along n.
 struct AxisLayout {
   std::int64_t outer;
