@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import as_float_array, as_input, normalize_axis
+from ._checks import as_float_array, as_input, is_bfloat16, normalize_axis
 
 _REDUCTIONS = ("none", "mean", "sum")
 _Reduction = Literal["none", "mean", "sum"]
@@ -60,7 +60,7 @@ def check_target(
                 f"shape {logits_shape} without axis {axis})"
             )
         return True
-    if kind == "f":
+    if kind == "f" or is_bfloat16(target.dtype):
         if target.shape != logits_shape:
             raise ValueError(
                 f"{fn}: target has shape {target.shape} (expected the logits' shape "
@@ -222,8 +222,9 @@ def cross_entropy(
     Parameters
     ----------
     logits : array_like
-        Real scores of shape (..., C) with classes on ``axis``; float32 stays float32, other
-        real dtypes compute in float64.
+        Real scores of shape (..., C) with classes on ``axis``; float32 stays float32; float16
+        and bfloat16 are read as they are and computed in float32 (Note [16-bit storage]);
+        other real dtypes compute in float64.
     target : array_like
         Integer class indices with the shape of ``logits`` without ``axis``, or floating class
         probabilities with the shape of ``logits`` (told apart by dtype).
@@ -247,9 +248,16 @@ def cross_entropy(
     Returns
     -------
     loss : ndarray or scalar
-        Per-element losses (``"none"``) or a NumPy scalar, in the logits' dtype.
+        Per-element losses (``"none"``) or a NumPy scalar, in the logits' compute dtype (the
+        logits' dtype; float32 for float16 and bfloat16 logits).
     dlogits : ndarray
-        With ``return_grad=True``: ``(loss, dlogits)``, dlogits with the logits' shape and dtype.
+        With ``return_grad=True``: ``(loss, dlogits)``, dlogits with the logits' shape and dtype
+        (16-bit logits give a 16-bit gradient, rounded once).
+
+    Notes
+    -----
+    Mixed dtypes: the logits decide.  Probability targets are read in the logits' dtype; class
+    weights and ``grad_output`` in its compute dtype (float32 for 16-bit logits).
 
     Raises
     ------
@@ -271,7 +279,8 @@ def cross_entropy(
     (2, 3)
     """
     logits = as_float_array(logits, _FN, "logits")
-    dtype = logits.dtype
+    dtype = logits.dtype  # the storage dtype of logits, probabilities and the gradient
+    compute = np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
     axis = check_logits(_FN, logits.shape, axis)
     num_classes = logits.shape[axis]
     elem_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
@@ -288,11 +297,11 @@ def cross_entropy(
         valid = None
 
     if weight is None:
-        weight = np.ones(num_classes, dtype)
+        weight = np.ones(num_classes, compute)
     else:
         weight = as_float_array(weight, _FN, "weight")
         check_weight(_FN, weight.shape, num_classes)
-        weight = np.asarray(weight, dtype=dtype, order="C")
+        weight = np.asarray(weight, dtype=compute, order="C")
 
     # the reduction's denominator, needed before the kernel for the gradient's scale
     count = int(np.prod(elem_shape, dtype=np.int64))
@@ -315,7 +324,7 @@ def cross_entropy(
                         f"{elem_shape} or a scalar)"
                     )
                 else:
-                    scale_array = np.asarray(g, dtype=dtype, order="C")
+                    scale_array = np.asarray(g, dtype=compute, order="C")
         else:
             if grad_output is not None and np.ndim(grad_output) != 0:
                 raise ValueError(
@@ -328,7 +337,7 @@ def cross_entropy(
                     scale_all = float(np.float64(scale_all) / np.float64(denominator))
 
     logits = np.asarray(logits, order="C")
-    loss = np.empty(elem_shape, dtype)
+    loss = np.empty(elem_shape, compute)
     grad = _core.empty(logits.shape, dtype) if return_grad else None
     if num_classes == 0:
         loss.fill(0)  # every target was ignored (validated above); an empty class sum is 0
@@ -351,5 +360,5 @@ def cross_entropy(
         if reduction == "mean":
             with np.errstate(divide="ignore", invalid="ignore"):
                 total = total / denominator if denominator != 0 else np.float64(np.nan)
-        result = dtype.type(total)
+        result = compute.type(total)
     return (result, cast("NDArray[Any]", grad)) if return_grad else result

@@ -15,15 +15,16 @@ namespace mlmath::bindings {
 
 namespace {
 
-template <class T>
+template <class S>
 void run(const py::array& logits, const py::array& target, const py::array& weight,
          std::int64_t ignore_index, double label_smoothing, py::array& loss, const py::object& grad,
          const py::object& grad_scale, double grad_scale_all, AxisLayout s) {
-  CrossEntropyArgs<T> a{};
+  using T = typename CrossEntropyArgs<S>::T;
+  CrossEntropyArgs<S> a{};
   a.shape = s;
-  a.logits = static_cast<const T*>(logits.data());
-  if (target.dtype().kind() == 'f') {
-    a.target_prob = static_cast<const T*>(target.data());
+  a.logits = static_cast<const S*>(logits.data());
+  if (target.dtype().kind() != 'i') {
+    a.target_prob = static_cast<const S*>(target.data());
   } else {
     a.target_index = static_cast<const std::int64_t*>(target.data());
   }
@@ -34,35 +35,33 @@ void run(const py::array& logits, const py::array& target, const py::array& weig
   a.ignore_index = ignore_index;
   a.label_smoothing = static_cast<T>(label_smoothing);
   a.loss = static_cast<T*>(loss.mutable_data());
-  if (!grad.is_none()) a.grad = static_cast<T*>(grad.cast<py::array>().mutable_data());
+  if (!grad.is_none()) a.grad = static_cast<S*>(grad.cast<py::array>().mutable_data());
   if (!grad_scale.is_none())
     a.grad_scale = static_cast<const T*>(grad_scale.cast<py::array>().data());
   a.grad_scale_all = static_cast<T>(grad_scale_all);
   const KernelTable& k = kernels();
   WithoutGil nogil(Interruptible::yes);
-  if constexpr (sizeof(T) == 4) {
-    k.cross_entropy_f32(a);
-  } else {
-    k.cross_entropy_f64(a);
-  }
+  MLMATH_KERNEL_FOR(k, cross_entropy, S)(a);
   nogil.finish();
 }
 
 // loss[e] (and grad, when not None) of every element of logits along `axis`; see
-// CrossEntropyArgs for the meaning of each argument.
+// CrossEntropyArgs for the meaning of each argument.  Probabilities and grad have the logits'
+// dtype; weight, loss and grad_scale its compute dtype (float32 for 16-bit logits).
 void cross_entropy_into(const py::array& logits, const py::array& target, int axis,
                         const py::array& weight, std::int64_t ignore_index, double label_smoothing,
                         py::array& loss, const py::object& grad, const py::object& grad_scale,
                         double grad_scale_all) {
   const char* fn = "cross_entropy";
-  const DType dt = float_dtype(logits, fn, "logits");
+  const DType dt = float_dtype(logits, fn, "logits", true);
+  const DType compute = dt == DType::f64 ? DType::f64 : DType::f32;
   const AxisLayout s = axis_layout(logits, normalize_axis(logits, axis, fn));
   const std::int64_t elements = s.outer * s.inner;
   if (!(label_smoothing >= 0.0 && label_smoothing <= 1.0)) {
     throw std::invalid_argument("cross_entropy: label_smoothing must be in [0, 1] (got " +
                                 std::to_string(label_smoothing) + ")");
   }
-  if (target.dtype().kind() == 'f') {
+  if (target.dtype().kind() != 'i') {
     require_same_dtype(target, dt, fn, "target");
     require_same_shape(logits, target, fn, "target");
   } else {
@@ -84,12 +83,12 @@ void cross_entropy_into(const py::array& logits, const py::array& target, int ax
       }
     }
   }
-  require_same_dtype(weight, dt, fn, "weight");
+  require_same_dtype(weight, compute, fn, "weight");
   if (weight.ndim() != 1 || weight.shape(0) != s.n) {
     throw std::invalid_argument("cross_entropy: weight has shape " + shape_str(weight) +
                                 " (expected (" + std::to_string(s.n) + ",))");
   }
-  require_same_dtype(loss, dt, fn, "loss");
+  require_same_dtype(loss, compute, fn, "loss");
   require_writeable(loss, fn, "loss");
   if (loss.size() != elements) {
     throw std::invalid_argument("cross_entropy: loss has " + std::to_string(loss.size()) +
@@ -103,20 +102,17 @@ void cross_entropy_into(const py::array& logits, const py::array& target, int ax
   }
   if (!grad_scale.is_none()) {
     py::array gs = grad_scale.cast<py::array>();
-    require_same_dtype(gs, dt, fn, "grad_output");
+    require_same_dtype(gs, compute, fn, "grad_output");
     if (gs.size() != elements) {
       throw std::invalid_argument("cross_entropy: grad_output has " + std::to_string(gs.size()) +
                                   " elements (expected " + std::to_string(elements) + ")");
     }
   }
   if (elements == 0 || s.n == 0) return;
-  if (dt == DType::f32) {
-    run<float>(logits, target, weight, ignore_index, label_smoothing, loss, grad, grad_scale,
-               grad_scale_all, s);
-  } else {
-    run<double>(logits, target, weight, ignore_index, label_smoothing, loss, grad, grad_scale,
-                grad_scale_all, s);
-  }
+  with_dtype(dt, [&](auto tag) {
+    run<decltype(tag)>(logits, target, weight, ignore_index, label_smoothing, loss, grad,
+                       grad_scale, grad_scale_all, s);
+  });
 }
 
 }  // namespace

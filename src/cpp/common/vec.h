@@ -60,7 +60,7 @@ struct FloatBits<double> {
 
 // The type a storage type computes in, and whether it is one of the 16-bit types.
 template <class S>
-using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+using compute_t = typename ComputeType<S>::type;
 template <class S>
 constexpr bool is_16bit = std::is_same_v<S, bf16> || std::is_same_v<S, f16>;
 

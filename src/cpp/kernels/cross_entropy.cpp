@@ -27,6 +27,12 @@
 // pass 3 turns that row into the gradient.  Rows (inner == 1) are re-read from cache; the
 // columns layout (classes on a strided axis) walks blocks of adjacent elements down the axis as
 // softmax.cpp does.  Reductions stay inside one element, so results do not depend on threads.
+//
+// 16-bit logits (Note [16-bit storage] in common/half.h): the loss is float32 and the gradient
+// is rounded once into the logits' dtype.  A row's exp values and gradient are built in a float
+// scratch row (one per thread) and narrowed in a last pass; in the columns layout pass 3
+// recomputes exp instead of re-reading a rounded gradient, and the target's correction is
+// computed in float before its one rounding.
 #include <cmath>
 #include <cstdint>
 
@@ -40,8 +46,8 @@ namespace {
 // -- contiguous rows ---------------------------------------------------------------------------
 
 // sum_c keep(y'_c, w_c y'_c (x_c - shift)) and sum_c w_c y'_c with y' = a y + b.
-template <class T>
-void row_prob_sums(const T* x, const T* y, const T* w, std::int64_t n, T a, T b, T shift, T* wyx,
+template <class S, class T = compute_t<S>>
+void row_prob_sums(const S* x, const S* y, const T* w, std::int64_t n, T a, T b, T shift, T* wyx,
                    T* wy) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
@@ -69,8 +75,8 @@ void row_prob_sums(const T* x, const T* y, const T* w, std::int64_t n, T a, T b,
 }
 
 // g_c = e_c * a - scale * w_c * (a2 y_c + b2)   (e_c = exp(x_c - m) already in g).
-template <class T>
-void row_prob_grad(T* g, const T* y, const T* w, std::int64_t n, T a, T scale, T a2, T b2) {
+template <class S, class T = compute_t<S>>
+void row_prob_grad(T* g, const S* y, const T* w, std::int64_t n, T a, T scale, T a2, T b2) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   const V va = V::set1(a), vscale = V::set1(-scale), va2 = V::set1(a2), vb2 = V::set1(b2);
@@ -87,8 +93,8 @@ void row_prob_grad(T* g, const T* y, const T* w, std::int64_t n, T a, T scale, T
 }
 
 // sum_c w_c (x_c - shift)  (shift finite: padding lanes give 0).
-template <class T>
-T row_shifted_dot(const T* x, const T* w, std::int64_t n, T shift) {
+template <class S, class T = compute_t<S>>
+T row_shifted_dot(const S* x, const T* w, std::int64_t n, T shift) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   const V vshift = V::set1(shift);
@@ -120,11 +126,20 @@ void row_weighted_affine(T* g, const T* w, std::int64_t n, T a, T b) {
   }
 }
 
-template <class T>
-void row_element(const CrossEntropyArgs<T>& a, std::int64_t r) {
+// One element of the rows layout; `scratch` holds C floats when S is 16-bit and there is a
+// gradient (the row is built there in T and narrowed into the gradient at the end).
+template <class S>
+void row_element(const CrossEntropyArgs<S>& a, std::int64_t r, compute_t<S>* scratch) {
+  using T = compute_t<S>;
   const std::int64_t C = a.shape.n;
-  const T* x = a.logits + r * C;
-  T* g = a.grad ? a.grad + r * C : nullptr;
+  const S* x = a.logits + r * C;
+  S* out = a.grad ? a.grad + r * C : nullptr;
+  T* g = nullptr;  // the gradient row while it is computed
+  if constexpr (is_16bit<S>) {
+    g = out ? scratch : nullptr;
+  } else {
+    g = out;
+  }
   const T scale = a.grad_scale ? a.grad_scale[r] : a.grad_scale_all;
   const T eps = a.label_smoothing, keep = T(1) - eps, eps_c = eps / T(C);
 
@@ -132,7 +147,7 @@ void row_element(const CrossEntropyArgs<T>& a, std::int64_t r) {
     const std::int64_t t = a.target_index[r];
     if (t == a.ignore_index) {
       a.loss[r] = 0;
-      if (g) row_fill(g, C, T(0));
+      if (out) row_fill(out, C, T(0));
       return;
     }
     const T m = row_max(x, C);
@@ -140,7 +155,7 @@ void row_element(const CrossEntropyArgs<T>& a, std::int64_t r) {
     // lse - shift, every lse - x as lse_shifted - (x - shift): Note [shifted logits]
     const T shift = finite_or_zero(m), lse_shifted = (m - shift) + std::log(s);
     const T wt = a.weight[t];
-    T loss = keep * wt * (lse_shifted - (x[t] - shift));
+    T loss = keep * wt * (lse_shifted - (widen(x[t]) - shift));
     if (eps > 0) {
       loss += eps_c * (a.weight_sum * lse_shifted - row_shifted_dot(x, a.weight, C, shift));
     }
@@ -154,31 +169,42 @@ void row_element(const CrossEntropyArgs<T>& a, std::int64_t r) {
         row_affine(g, g, C, coef, T(0));
       }
       g[t] -= scale * keep * wt;
+      if constexpr (is_16bit<S>) row_affine(g, out, C, T(1), T(0));  // the one rounding
     }
   } else {
-    const T* y = a.target_prob + r * C;
+    const S* y = a.target_prob + r * C;
     const T m = row_max(x, C);
     const T shift = finite_or_zero(m);  // Note [shifted logits]
     T wyx, wy;
     row_prob_sums(x, y, a.weight, C, keep, eps_c, shift, &wyx, &wy);
     const T s = g ? row_exp_sum<true>(x, g, C, m) : row_exp_sum<false>(x, g, C, m);
     a.loss[r] = ((m - shift) + std::log(s)) * wy - wyx;
-    if (g) row_prob_grad(g, y, a.weight, C, scale * wy / s, scale, keep, eps_c);
+    if (g) {
+      row_prob_grad(g, y, a.weight, C, scale * wy / s, scale, keep, eps_c);
+      if constexpr (is_16bit<S>) row_affine(g, out, C, T(1), T(0));
+    }
   }
+}
+
+// The gradient of 16-bit logits at class t of element l of a columns block, in float: pass 3's
+// value exp(x_t - m) coef - b_t, minus the target's term (rounded once by the caller).
+template <class T>
+T target_grad(T x_t, T m, T coef, T b_t, T target_term) {
+  return std::exp(x_t - m) * coef - b_t - target_term;
 }
 
 // -- strided columns ---------------------------------------------------------------------------
 
 // One block of `count` adjacent elements (columns j.. of slice o), classes down the axis.
-template <int NV, class T>
-void cols_block(const CrossEntropyArgs<T>& a, std::int64_t o, std::int64_t j, std::int64_t count) {
+template <int NV, class S, class T = compute_t<S>>
+void cols_block(const CrossEntropyArgs<S>& a, std::int64_t o, std::int64_t j, std::int64_t count) {
   using C_ = Cols<T, NV>;
   using V = Vec<T>;
   constexpr std::int64_t L = NV * V::width;
   const std::int64_t C = a.shape.n, inner = a.shape.inner;
-  const T* x = a.logits + o * C * inner + j;
-  T* g = a.grad ? a.grad + o * C * inner + j : nullptr;
-  const T* y = a.target_prob ? a.target_prob + o * C * inner + j : nullptr;
+  const S* x = a.logits + o * C * inner + j;
+  S* g = a.grad ? a.grad + o * C * inner + j : nullptr;
+  const S* y = a.target_prob ? a.target_prob + o * C * inner + j : nullptr;
   const std::int64_t e0 = o * inner + j;  // first element of the block
   const T eps = a.label_smoothing, keep = T(1) - eps, eps_c = eps / T(C);
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -193,7 +219,7 @@ void cols_block(const CrossEntropyArgs<T>& a, std::int64_t o, std::int64_t j, st
   for (std::int64_t c = 0; c < C; ++c) {
     const C_ xz = C_::load(x + c * inner, count, T(0));
     const C_ e = zip(xz, m, [](V xv, V mv) { return exp<true>(sub(xv, mv)); });
-    if (g) e.store(g + c * inner, count);
+    if (g && !is_16bit<S>) e.store(g + c * inner, count);
     s = zip(s, e, vadd);
     const V wc = V::set1(a.weight[c]);
     const C_ xs = zip(xz, shift, vsub);
@@ -235,7 +261,7 @@ void cols_block(const CrossEntropyArgs<T>& a, std::int64_t o, std::int64_t j, st
       continue;
     }
     const T wt = a.weight[t];
-    T loss = keep * wt * (lse_shifted - (x[t * inner + l] - shift_l[l]));
+    T loss = keep * wt * (lse_shifted - (widen(x[t * inner + l]) - shift_l[l]));
     if (eps > 0) loss += eps_c * (a.weight_sum * lse_shifted - wx_l[l]);
     a.loss[e] = loss;
     // Note [weights of other classes]
@@ -243,11 +269,19 @@ void cols_block(const CrossEntropyArgs<T>& a, std::int64_t o, std::int64_t j, st
     wscale[l] = scale * eps_c;
   }
   if (!g) return;
-  // pass 3: the gradient
+  // pass 3: the gradient (exp(x - m) re-read from g, or recomputed for 16-bit storage)
   const C_ vcoef = C_::from_array(coef), vscale = C_::from_array(wscale);
+  auto exps = [&](std::int64_t c) {
+    if constexpr (is_16bit<S>) {
+      return zip(C_::load(x + c * inner, count, T(0)), m,
+                 [](V xv, V mv) { return exp<true>(sub(xv, mv)); });
+    } else {
+      return C_::load(g + c * inner, count, T(0));
+    }
+  };
   for (std::int64_t c = 0; c < C; ++c) {
     if (!y && eps == 0) {  // g = p * coef: no other class's weight (Note [weights of other ...])
-      zip(C_::load(g + c * inner, count, T(0)), vcoef, vmul).store(g + c * inner, count);
+      zip(exps(c), vcoef, vmul).store(g + c * inner, count);
       continue;
     }
     const V wc = V::set1(a.weight[c]);
@@ -256,28 +290,55 @@ void cols_block(const CrossEntropyArgs<T>& a, std::int64_t o, std::int64_t j, st
       b = zip(b, C_::load(y + c * inner, count, T(0)),
               [&](V bv, V yv) { return mul(bv, fma(V::set1(keep), yv, V::set1(eps_c))); });
     }
-    zip(zip(C_::load(g + c * inner, count, T(0)), vcoef, vmul), b, vsub)
-        .store(g + c * inner, count);
+    zip(zip(exps(c), vcoef, vmul), b, vsub).store(g + c * inner, count);
   }
   if (y) return;
   for (std::int64_t l = 0; l < count; ++l) {
     const std::int64_t t = a.target_index[e0 + l];
     if (t == a.ignore_index) {
-      for (std::int64_t c = 0; c < C; ++c) g[c * inner + l] = 0;
+      for (std::int64_t c = 0; c < C; ++c) g[c * inner + l] = narrow<S>(T(0));
     } else {
       const T scale = a.grad_scale ? a.grad_scale[e0 + l] : a.grad_scale_all;
-      g[t * inner + l] -= scale * keep * a.weight[t];
+      const T target_term = scale * keep * a.weight[t];
+      S& gt = g[t * inner + l];
+      if constexpr (is_16bit<S>) {
+        const T b_t = eps > 0 ? wscale[l] * a.weight[t] : T(0);
+        gt = narrow<S>(target_grad(widen(x[t * inner + l]), m_l[l], coef[l], b_t, target_term));
+      } else {
+        gt -= target_term;
+      }
     }
   }
 }
 
-template <class T>
-void cross_entropy(const CrossEntropyArgs<T>& a) {
-  for_each_task<T>(a.shape, [&](std::int64_t o, std::int64_t j, std::int64_t count) {
-    if (a.shape.inner == 1) {
-      row_element(a, o);
+// A float row on the heap, owned by one thread's share of the rows.
+struct FloatRow {
+  float* data;
+  explicit FloatRow(std::int64_t n) : data(new float[static_cast<std::size_t>(n)]) {}
+  ~FloatRow() { delete[] data; }
+  FloatRow(const FloatRow&) = delete;
+  FloatRow& operator=(const FloatRow&) = delete;
+};
+
+template <class S>
+void cross_entropy(const CrossEntropyArgs<S>& a) {
+  using T = compute_t<S>;
+  const AxisLayout& s = a.shape;
+  if constexpr (is_16bit<S>) {
+    if (a.grad && s.inner == 1) {
+      if (s.outer <= 0 || s.n <= 0) return;
+      parallel_for(s.outer, s.n, [&](std::int64_t b, std::int64_t e) {
+        FloatRow row(s.n);  // the gradient row in float before its one rounding
+        for (std::int64_t r = b; r < e; ++r) row_element(a, r, row.data);
+      });
+      return;
+    }
+  }
+  for_each_task<S>(s, [&](std::int64_t o, std::int64_t j, std::int64_t count) {
+    if (s.inner == 1) {
+      row_element(a, o, static_cast<T*>(nullptr));
     } else {
-      with_block_vecs<T>(count, [&](auto nv) { cols_block<nv.value>(a, o, j, count); });
+      with_block_vecs<S>(count, [&](auto nv) { cols_block<nv.value>(a, o, j, count); });
     }
   });
 }
@@ -286,5 +347,7 @@ void cross_entropy(const CrossEntropyArgs<T>& a) {
 
 void cross_entropy_f32(const CrossEntropyArgs<float>& args) { cross_entropy(args); }
 void cross_entropy_f64(const CrossEntropyArgs<double>& args) { cross_entropy(args); }
+void cross_entropy_bf16(const CrossEntropyArgs<bf16>& args) { cross_entropy(args); }
+void cross_entropy_f16(const CrossEntropyArgs<f16>& args) { cross_entropy(args); }
 
 MLMATH_ISA_END

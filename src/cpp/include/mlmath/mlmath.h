@@ -35,6 +35,16 @@ float to_float(f16 x);
 bf16 to_bf16(float x);
 f16 to_f16(float x);
 
+// The type a storage type computes in: double for double, float for float, bf16 and f16.
+template <class S>
+struct ComputeType {
+  using type = float;
+};
+template <>
+struct ComputeType<double> {
+  using type = double;
+};
+
 // A C-contiguous array seen as [outer][n][inner]; an operation "along an axis" runs along n.
 struct AxisLayout {
   std::int64_t outer;
@@ -44,19 +54,22 @@ struct AxisLayout {
 
 // Cross-entropy along the class axis n of logits [outer][n][inner], PyTorch's F.cross_entropy
 // per element (formulas in kernels/cross_entropy.cpp).  Exactly one of target_index and
-// target_prob is set; arguments are trusted (the caller has checked every label).
-template <class T>
+// target_prob is set; arguments are trusted (the caller has checked every label).  Logits,
+// probabilities and the gradient have the storage type S; weights, losses and scales its
+// compute type T (float for the 16-bit types: the loss of 16-bit logits is float32).
+template <class S>
 struct CrossEntropyArgs {
+  using T = typename ComputeType<S>::type;
   AxisLayout shape;
-  const T* logits;                   // [outer][n][inner]
+  const S* logits;                   // [outer][n][inner]
   const std::int64_t* target_index;  // [outer][inner]: a class in [0, n) or ignore_index
-  const T* target_prob;              // [outer][n][inner]: class probabilities
+  const S* target_prob;              // [outer][n][inner]: class probabilities
   const T* weight;                   // [n] class weights (all ones when the user gave none)
   T weight_sum;                      // sum of weight
   std::int64_t ignore_index;
   T label_smoothing;    // in [0, 1]
   T* loss;              // out [outer][inner]: the loss of every element
-  T* grad;              // out [outer][n][inner]: d(sum_e scale_e loss_e)/dlogits, or null
+  S* grad;              // out [outer][n][inner]: d(sum_e scale_e loss_e)/dlogits, or null
   const T* grad_scale;  // [outer][inner]: scale_e, or null for grad_scale_all everywhere
   T grad_scale_all;
 };
