@@ -21,6 +21,9 @@ def empty(shape: Sequence[int], dtype: np.dtype[Any]) -> NDArray[Any]:
 
 # -- elementwise and softmax family ---------------------------------------------------------------
 
+def convert_into(x: NDArray[Any], out: NDArray[Any]) -> None:
+    """out = x converted float32 <-> bfloat16/float16 by the vector layer (for tests)"""
+
 def exp_into(x: NDArray[Any], out: NDArray[Any]) -> None:
     """out = exp(x) with the vector exp of the ISA"""
 

@@ -99,6 +99,29 @@ void exp_into(const py::array& x, py::array& out) {
   nogil.finish();
 }
 
+// out = x converted between float32 and a 16-bit dtype with the vector layer (for tests).
+void convert_into(const py::array& x, py::array& out) {
+  const DType from = float_dtype(x, "convert", "x", true);
+  const DType to = float_dtype(out, "convert", "out", true);
+  require_same_shape(x, out, "convert", "out");
+  require_writeable(out, "convert", "out");
+  const KernelTable& k = kernels();
+  const std::int64_t n = x.size();
+  const void* xp = x.data();
+  void* op = out.mutable_data();
+  if (from == DType::bf16 && to == DType::f32) {
+    k.widen_bf16(static_cast<const bf16*>(xp), static_cast<float*>(op), n);
+  } else if (from == DType::f16 && to == DType::f32) {
+    k.widen_f16(static_cast<const f16*>(xp), static_cast<float*>(op), n);
+  } else if (from == DType::f32 && to == DType::bf16) {
+    k.narrow_bf16(static_cast<const float*>(xp), static_cast<bf16*>(op), n);
+  } else if (from == DType::f32 && to == DType::f16) {
+    k.narrow_f16(static_cast<const float*>(xp), static_cast<f16*>(op), n);
+  } else {
+    throw py::type_error("convert: expected float32 <-> bfloat16 or float16");
+  }
+}
+
 }  // namespace
 
 void bind_softmax(py::module_& m) {
@@ -111,6 +134,8 @@ void bind_softmax(py::module_& m) {
   m.def("softmax_backward_into", &softmax_backward_into, "y"_a, "dy"_a, "out"_a, "axis"_a, "log"_a,
         "out = gradient of (log_)softmax given its output y and the upstream dy");
   m.def("exp_into", &exp_into, "x"_a, "out"_a, "out = exp(x) with the vector exp of the ISA");
+  m.def("convert_into", &convert_into, "x"_a, "out"_a,
+        "out = x converted float32 <-> bfloat16/float16 by the vector layer (for tests)");
 }
 
 }  // namespace mlmath::bindings

@@ -240,6 +240,15 @@ void exp_array(const T* x, T* y, std::int64_t n) {
   if (i < n) exp(V::load_partial(x + i, n - i, 0)).store_partial(y + i, n - i);
 }
 
+// y = x converted element by element, through whole vectors and one partial vector.
+template <class X, class Y>
+void convert_array(const X* x, Y* y, std::int64_t n) {
+  using V = Vec<float>;
+  std::int64_t i = 0;
+  for (; i + V::width <= n; i += V::width) V::load(x + i).store(y + i);
+  if (i < n) V::load_partial(x + i, n - i, 0.0f).store_partial(y + i, n - i);
+}
+
 }  // namespace
 
 void softmax_f32(const float* x, float* y, AxisLayout s) { forward<Op::softmax>(x, y, s); }
@@ -262,22 +271,24 @@ void log_softmax_backward_f32(const float* y, const float* dy, float* dx, AxisLa
 void log_softmax_backward_f64(const double* y, const double* dy, double* dx, AxisLayout s) {
   backward<Op::log_softmax_backward>(y, dy, dx, s);
 }
-#define MLMATH_SOFTMAX_16BIT(S, suffix)                                                  \
-  void softmax_##suffix(const S* x, S* y, AxisLayout s) { forward<Op::softmax>(x, y, s); } \
-  void log_softmax_##suffix(const S* x, S* y, AxisLayout s) {                            \
-    forward<Op::log_softmax>(x, y, s);                                                   \
-  }                                                                                      \
-  void logsumexp_##suffix(const S* x, S* out, AxisLayout s) { logsumexp(x, out, s); }    \
-  void softmax_backward_##suffix(const S* y, const S* dy, S* dx, AxisLayout s) {         \
-    backward<Op::softmax_backward>(y, dy, dx, s);                                        \
-  }                                                                                      \
-  void log_softmax_backward_##suffix(const S* y, const S* dy, S* dx, AxisLayout s) {     \
-    backward<Op::log_softmax_backward>(y, dy, dx, s);                                    \
+#define MLMATH_SOFTMAX_16BIT(S, suffix)                                                            \
+  void softmax_##suffix(const S* x, S* y, AxisLayout s) { forward<Op::softmax>(x, y, s); }         \
+  void log_softmax_##suffix(const S* x, S* y, AxisLayout s) { forward<Op::log_softmax>(x, y, s); } \
+  void logsumexp_##suffix(const S* x, S* out, AxisLayout s) { logsumexp(x, out, s); }              \
+  void softmax_backward_##suffix(const S* y, const S* dy, S* dx, AxisLayout s) {                   \
+    backward<Op::softmax_backward>(y, dy, dx, s);                                                  \
+  }                                                                                                \
+  void log_softmax_backward_##suffix(const S* y, const S* dy, S* dx, AxisLayout s) {               \
+    backward<Op::log_softmax_backward>(y, dy, dx, s);                                              \
   }
 MLMATH_SOFTMAX_16BIT(bf16, bf16)
 MLMATH_SOFTMAX_16BIT(f16, f16)
 #undef MLMATH_SOFTMAX_16BIT
 void exp_f32(const float* x, float* y, std::int64_t n) { exp_array(x, y, n); }
 void exp_f64(const double* x, double* y, std::int64_t n) { exp_array(x, y, n); }
+void widen_bf16(const bf16* x, float* y, std::int64_t n) { convert_array(x, y, n); }
+void widen_f16(const f16* x, float* y, std::int64_t n) { convert_array(x, y, n); }
+void narrow_bf16(const float* x, bf16* y, std::int64_t n) { convert_array(x, y, n); }
+void narrow_f16(const float* x, f16* y, std::int64_t n) { convert_array(x, y, n); }
 
 MLMATH_ISA_END
