@@ -48,7 +48,7 @@ from . import attention as _attention_np
 from . import cross_entropy as _cross_entropy_np
 from . import log_softmax as _log_softmax_np
 from . import softmax as _softmax_np
-from ._checks import compute_dtype, normalize_axis
+from ._checks import compute_dtype, is_bfloat16, normalize_axis
 
 __all__ = ["attention", "cross_entropy", "log_softmax", "softmax"]
 
@@ -63,8 +63,9 @@ _U64 = (1 << 64) - 1
 
 
 def _as_dask(x: Any, fn: str, name: str, *, real: bool = True) -> da.Array:
-    """``x`` as a dask array of known shape; with ``real``, float32/float64 kept and other real
-    dtypes (bool, integers, float16) converted to float64, like the in-memory API."""
+    """``x`` as a dask array of known shape; with ``real``, float32/float64/float16/bfloat16
+    kept and other real dtypes (bool, integers) converted to float64, like the in-memory API
+    (:func:`~mlmath_native._checks.compute_dtype`)."""
     if not isinstance(x, da.Array):
         try:
             x = da.asarray(np.asarray(x))
@@ -221,7 +222,8 @@ def cross_entropy(
     The class axis is rechunked to one chunk; the targets are aligned with the logits' other
     chunks.  ``weight`` may be a NumPy or dask array.  Returns a lazy array: the per-element
     losses (``"none"``, the logits' chunks without the class axis) or a 0-d array in the
-    logits' dtype (``.compute()`` gives a 0-d NumPy array).
+    logits' compute dtype (float32 for float16 and bfloat16 logits; ``.compute()`` gives a 0-d
+    NumPy array).
 
     Raises
     ------
@@ -244,7 +246,8 @@ def cross_entropy(
     """
     fn = "dask.cross_entropy"
     logits = _as_dask(logits, fn, "logits")
-    dtype = logits.dtype
+    dtype = logits.dtype  # probabilities are read in it; weights and losses in its compute dtype
+    loss_dtype = np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
     axis = _cross_entropy.check_logits(fn, logits.shape, axis)
     label_smoothing, ignore_index = _cross_entropy.check_options(
         fn, reduction, label_smoothing, ignore_index
@@ -261,7 +264,7 @@ def cross_entropy(
         target = np.asarray(target)
         kind = target.dtype.kind
         chunks = elem_chunks if kind in "iu" and target.shape == elem_shape else "auto"
-        if kind == "f" and target.shape == logits.shape:
+        if (kind == "f" or is_bfloat16(target.dtype)) and target.shape == logits.shape:
             chunks = logits.chunks
         target = da.from_array(target, chunks=chunks)
     target = _as_dask(target, fn, "target", real=False)
@@ -273,11 +276,11 @@ def cross_entropy(
         target_ind = ind
 
     if weight is None:
-        weight = da.ones(num_classes, dtype=dtype, chunks=-1)
+        weight = da.ones(num_classes, dtype=loss_dtype, chunks=-1)
     else:
         weight = _as_dask(weight, fn, "weight")
         _cross_entropy.check_weight(fn, weight.shape, num_classes)
-        weight = weight.astype(dtype).rechunk(-1)
+        weight = weight.astype(loss_dtype).rechunk(-1)
 
     # the first global index of each block along each target axis (for error messages)
     starts = []
@@ -299,8 +302,8 @@ def cross_entropy(
             elem_ind,
             *args,
             concatenate=True,
-            dtype=dtype,
-            meta=_meta(len(elem_ind), dtype),
+            dtype=loss_dtype,
+            meta=_meta(len(elem_ind), loss_dtype),
             **options,
         )
     new = logits.ndim  # an index that no input uses
@@ -319,10 +322,10 @@ def cross_entropy(
     return totals.map_blocks(
         _ce_finish,
         mean=reduction == "mean",
-        out_dtype=dtype,
-        dtype=dtype,
+        out_dtype=loss_dtype,
+        dtype=loss_dtype,
         drop_axis=0,
-        meta=_meta(0, dtype),
+        meta=_meta(0, loss_dtype),
     )
 
 

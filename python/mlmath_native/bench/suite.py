@@ -658,6 +658,83 @@ CASES.extend(
 )
 
 
+# --- 16-bit storage: bfloat16 data, float32 math (Note [16-bit storage]) --------------------
+#
+# Rows named "<kernel> bf16": our kernel on ml_dtypes.bfloat16 arrays, PyTorch's on
+# torch.bfloat16 tensors of the same values (its CPU kernels), and for NumPy what a NumPy user
+# does without a bfloat16 kernel: convert to float32, compute, convert back.  Work counts the
+# 16-bit bytes moved, so a bandwidth-bound bf16 row at the float32 row's GB/s runs twice as
+# fast.  Needs ml_dtypes (pip install ml_dtypes; JAX installs it too).
+
+
+def _bf16() -> Any:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _to_bf16(d: Inputs, *names: str) -> Inputs:
+    """The float32 inputs ``names`` of a setup rounded to bfloat16 (others kept)."""
+    return {k: (v.astype(_bf16()) if k in names else v) for k, v in d.items()}
+
+
+def _torch_bf16(a: np.ndarray):
+    """A torch.bfloat16 tensor with the bits of an ml_dtypes.bfloat16 array."""
+    import torch
+
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+
+
+def _softmax_bf16_torch(d: Inputs):
+    import torch
+
+    xt = _torch_bf16(d["x"])
+    return lambda: torch.softmax(xt, -1)
+
+
+def _ce_grad_bf16_torch(d: Inputs):
+    import torch
+
+    x, tt = _torch_bf16(d["x"]), torch.from_numpy(d["t"])
+
+    def step():
+        xg = x.detach().requires_grad_()
+        torch.nn.functional.cross_entropy(xg, tt).backward()
+        return xg.grad
+
+    return step
+
+
+def sixteen_bit_cases() -> list[Case]:
+    bf16 = _bf16
+    return [
+        Case(
+            name="softmax bf16",
+            shape=(4096, 4096),
+            setup=lambda shape: _to_bf16(_logits(shape), "x"),
+            ours=lambda d: lambda: mn.softmax(d["x"]),
+            numpy=lambda d: lambda: np_softmax(d["x"].astype(np.float32)).astype(bf16()),
+            torch=_softmax_bf16_torch,
+            work=lambda d: 2 * d["x"].nbytes,  # read x, write y: 2 bytes each
+        ),
+        Case(
+            name="cross_entropy+grad bf16",
+            shape=(4096, 32000),
+            setup=lambda shape: _to_bf16(_ce_inputs(shape), "x"),
+            ours=lambda d: lambda: mn.cross_entropy(d["x"], d["t"], return_grad=True),
+            numpy=lambda d: lambda: [
+                a.astype(bf16()) for a in np_cross_entropy_grad(d["x"].astype(np.float32), d["t"])
+            ],
+            torch=_ce_grad_bf16_torch,
+            work=lambda d: 2 * d["x"].nbytes,  # read the logits, write the gradient
+        ),
+    ]
+
+
+if importlib.util.find_spec("ml_dtypes") is not None:
+    CASES.extend(sixteen_bit_cases())
+
+
 # --- Dask: our kernels on a chunked array, Dask's threaded vs its synchronous scheduler -------
 
 
