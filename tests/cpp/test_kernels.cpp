@@ -1,6 +1,7 @@
 // C++ unit tests of mlmath's kernel table against plain double-precision loops.  Usage:
-// test_kernels FAMILY (softmax, cross_entropy, optim, gemm, conv2d, attention, errors); each
-// family runs once per ISA this CPU supports, with 1 and 2 threads.  Exit status 1 on failure.
+// test_kernels FAMILY (softmax, cross_entropy, optim, gemm, conv2d, attention, errors, interrupt,
+// sixteen); each family runs once per ISA this CPU supports, with 1 and 2 threads.  Exit status
+// 1 on failure.
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -320,6 +321,76 @@ void test_attention() {
 }
 
 // the documented exceptions of the setup functions
+// 16-bit storage through the C++ API: the scalar conversions on every bit pattern and known
+// roundings, and the bf16 / f16 softmax and cross-entropy kernels against double loops on the
+// widened inputs, within one rounding of the storage type (Note [16-bit storage]).
+void test_sixteen() {
+  for (std::uint32_t bits = 0; bits < 65536; ++bits) {
+    const mlmath::bf16 b{static_cast<std::uint16_t>(bits)};
+    const mlmath::f16 h{static_cast<std::uint16_t>(bits)};
+    const float fb = mlmath::to_float(b), fh = mlmath::to_float(h);
+    if (!std::isnan(fb) && mlmath::to_bf16(fb).bits != b.bits)
+      check_close("bf16 round trip", 1, 0, 0);
+    if (!std::isnan(fh) && mlmath::to_f16(fh).bits != h.bits)
+      check_close("f16 round trip", 1, 0, 0);
+  }
+  check_close("bf16 tie to even", mlmath::to_float(mlmath::to_bf16(1.0f + 0x1p-8f)), 1.0, 0);
+  check_close("bf16 tie up", mlmath::to_float(mlmath::to_bf16(1.0f + 3 * 0x1p-8f)), 1.0 + 0x1p-6,
+              0);
+  check_close("f16 overflow", std::isinf(mlmath::to_float(mlmath::to_f16(65520.0f))), 1, 0);
+  check_close("f16 max", mlmath::to_float(mlmath::to_f16(65519.0f)), 65504.0, 0);
+  check_close("f16 subnormal", mlmath::to_float(mlmath::to_f16(0x1p-24f)), 0x1p-24, 0);
+  check_close("bf16 NaN", std::isnan(mlmath::to_float(mlmath::to_bf16(NAN))), 1, 0);
+
+  const mlmath::KernelTable& k = mlmath::kernels();
+  for (std::int64_t n : {1, 7, 8, 9, 17, 33, 1000}) {
+    const std::int64_t rows = 3, size = rows * n;
+    const std::vector<float> x32 = random_floats(size, static_cast<unsigned>(n), 3.0f);
+    std::vector<mlmath::bf16> xb(size), yb(size), gb(size);
+    std::vector<mlmath::f16> xh(size), yh(size);
+    for (std::int64_t i = 0; i < size; ++i) {
+      xb[i] = mlmath::to_bf16(x32[i]);
+      xh[i] = mlmath::to_f16(x32[i]);
+    }
+    const mlmath::AxisLayout shape{rows, n, 1};
+    k.softmax_bf16(xb.data(), yb.data(), shape);
+    k.softmax_f16(xh.data(), yh.data(), shape);
+    std::vector<std::int64_t> target(rows);
+    std::vector<float> weight(n, 1.0f), loss(rows);
+    for (std::int64_t r = 0; r < rows; ++r) target[r] = r % n;
+    mlmath::CrossEntropyArgs<mlmath::bf16> ce{};
+    ce.shape = shape;
+    ce.logits = xb.data();
+    ce.target_index = target.data();
+    ce.weight = weight.data();
+    ce.weight_sum = static_cast<float>(n);
+    ce.ignore_index = -100;
+    ce.loss = loss.data();
+    ce.grad = gb.data();
+    ce.grad_scale_all = 1.0f;
+    k.cross_entropy_bf16(ce);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      auto softmax_of = [&](auto* x, std::int64_t j) {
+        double m = -INFINITY, z = 0;
+        for (std::int64_t c = 0; c < n; ++c) m = std::fmax(m, mlmath::to_float(x[r * n + c]));
+        for (std::int64_t c = 0; c < n; ++c) z += std::exp(mlmath::to_float(x[r * n + c]) - m);
+        return std::exp(mlmath::to_float(x[r * n + j]) - m) / z;
+      };
+      double lse = 0;
+      for (std::int64_t j = 0; j < n; ++j) {
+        const double pb = softmax_of(xb.data(), j), ph = softmax_of(xh.data(), j);
+        check_close("softmax_bf16", mlmath::to_float(yb[r * n + j]), pb, 0x1p-8 + 1e-5);
+        check_close("softmax_f16", mlmath::to_float(yh[r * n + j]), ph, 0x1p-11 + 1e-5);
+        const double want_grad = pb - (j == target[r] ? 1.0 : 0.0);
+        check_close("cross_entropy_bf16 grad", mlmath::to_float(gb[r * n + j]), want_grad,
+                    0x1p-8 + 1e-5);
+        if (j == target[r]) lse = -std::log(pb);
+      }
+      check_close("cross_entropy_bf16 loss", loss[r], lse, 1e-5);
+    }
+  }
+}
+
 void test_errors() {
   bool threw = false;
   try {
@@ -402,7 +473,8 @@ int main(int argc, char** argv) {
       {"softmax", test_softmax}, {"cross_entropy", test_cross_entropy},
       {"optim", test_optim},     {"gemm", test_gemm},
       {"conv2d", test_conv2d},   {"attention", test_attention},
-      {"errors", test_errors},   {"interrupt", test_interrupt}};
+      {"errors", test_errors},   {"interrupt", test_interrupt},
+      {"sixteen", test_sixteen}};
   if (argc != 2 || !families.count(argv[1])) {
     std::printf(
         "usage: test_kernels "
