@@ -277,6 +277,12 @@ WRONG_VALUES: list[tuple[str, Callable[[np.ndarray], Any]]] = [
     ("bytes array", lambda v: v.astype(bytes)),
     ("datetime array", lambda v: np.zeros(v.shape, "datetime64[s]")),
 ]
+try:  # an 8-bit float: a real dtype that no kernel stores (16-bit is the narrowest)
+    import ml_dtypes
+
+    WRONG_VALUES.append(("float8 array", lambda v: v.astype(ml_dtypes.float8_e4m3fn)))
+except ImportError:
+    pass
 
 
 def _wrong_ndim(v: np.ndarray) -> np.ndarray:
