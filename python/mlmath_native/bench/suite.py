@@ -722,9 +722,12 @@ def sixteen_bit_cases() -> list[Case]:
             shape=(4096, 32000),
             setup=lambda shape: _to_bf16(_ce_inputs(shape), "x"),
             ours=lambda d: lambda: mn.cross_entropy(d["x"], d["t"], return_grad=True),
-            numpy=lambda d: lambda: [
-                a.astype(bf16()) for a in np_cross_entropy_grad(d["x"].astype(np.float32), d["t"])
-            ],
+            numpy=lambda d: (
+                lambda: [
+                    a.astype(bf16())
+                    for a in np_cross_entropy_grad(d["x"].astype(np.float32), d["t"])
+                ]
+            ),
             torch=_ce_grad_bf16_torch,
             work=lambda d: 2 * d["x"].nbytes,  # read the logits, write the gradient
         ),
