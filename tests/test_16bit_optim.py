@@ -314,11 +314,12 @@ def test_grad_norm_and_clipping_of_16bit_grads(dtype_name, rng):
     dtype = dtype_of(dtype_name)
     grads = make(rng, [7, 70000, 33], dtype, scale=3.0)
     exact = float(np.sqrt(sum(float(np.sum(widen(g) ** 2)) for g in grads)))
-    assert abs(_core.grad_norm(grads) - exact) <= 1e-5 * exact
+    # float32 sums of up to 65536 squares per chunk (one accumulator on the scalar path)
+    assert abs(_core.grad_norm(grads) - exact) <= 1e-4 * exact
     params = make(rng, [7, 70000, 33], dtype)
     wide = [widen(p) for p in params]
     res = mn.SGD(params, lr=0.1, max_grad_norm=1.0, master_weights=True).step(grads)
-    assert abs(res.grad_norm - exact) <= 1e-5 * exact
+    assert abs(res.grad_norm - exact) <= 1e-4 * exact
     mn.SGD(wide, lr=0.1, max_grad_norm=1.0).step([widen(g) for g in grads])
     for p, w in zip(params, wide, strict=True):
         assert np.all(np.abs(widen(p) - w) <= unit_roundoff(dtype) * np.abs(w) + 1e-6)

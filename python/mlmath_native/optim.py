@@ -12,6 +12,27 @@ Every argument of a step is validated before anything is written, for params of 
 a step that raises leaves every parameter, every state buffer and the step count bitwise
 unchanged.  ``state_dict()`` records the optimizer's kind and every setting;
 ``load_state_dict`` checks all of it before writing.
+
+Note [16-bit optimizers]: params (and their grads, of the same dtype: a float16 grad for a
+bfloat16 param is refused) may be float32, float64, bfloat16 or float16.  16-bit params
+compute in float32: each value is widened on load and each stored value rounded once.
+
+- ``state_dtype``: the dtype of exp_avg, exp_avg_sq, max_exp_avg_sq and momentum_buffer:
+  None (float32 for float32 and 16-bit params, float64 for float64 params), ``"float32"`` or
+  ``"bfloat16"`` (rounded each step; also for float32 params; float64 params refuse both).
+- ``master_weights=True``: a float32 copy of each 16-bit param lives in the state
+  (``state["master"]``, ``"master.<i>"`` in the state dict), made exactly from the param when
+  the optimizer is made; each step updates it in float32 and writes it rounded to nearest even
+  into the param, which is not read (a param changed between steps by its owner is overwritten
+  from the master: load new weights into a new optimizer).  float32 and float64 params are
+  their own master copy: for them the option is a no-op, so that mixed models may use it.
+- ``stochastic_rounding=True`` (with ``seed``): the bfloat16 values a step stores without a
+  master copy (bfloat16 params, bfloat16 state) are rounded stochastically: up with probability
+  equal to the fraction of the gap, so rounding is unbiased and updates far below half an ulp
+  of a weight still move it on average (round to nearest would drop them: the stall of bf16
+  training).  The random bits are a counter-based hash of (seed, step, tensor, element): the
+  same seed gives bitwise the same results for any thread count.  It is bfloat16 only:
+  float16 params need ``master_weights=True`` with it (else ValueError).
 """
 
 from __future__ import annotations
@@ -697,7 +718,8 @@ class SGD(_Optimizer):
     Parameters
     ----------
     params : ndarray or list of ndarray (or PyTorch CPU tensors)
-        float32/float64, C-contiguous, writeable; updated in place.  ``opt.params`` is this
+        float32, float64, bfloat16 (ml_dtypes.bfloat16, torch.bfloat16: zero copy) or float16,
+        C-contiguous, writeable; updated in place.  ``opt.params`` is this
         list of the caller's objects; each step updates the memory a param has at that step
         (a tensor whose ``.data`` was replaced is followed) and refuses a param whose shape or
         dtype changed since the optimizer was made.
@@ -708,6 +730,13 @@ class SGD(_Optimizer):
         ``clip_grad_norm_``, without modifying the gradient arrays).
     skip_nonfinite : bool, optional
         If any gradient holds NaN or Inf, change nothing and return ``applied=False``.
+    master_weights : bool, optional
+        Keep float32 master copies of bfloat16/float16 params (Note [16-bit optimizers]).
+    state_dtype : {None, "float32", "bfloat16"}, optional
+        The dtype of the state buffers (None: float32, or float64 for float64 params).
+    stochastic_rounding : bool, optional
+        Round the bfloat16 values a step stores stochastically, seeded by ``seed`` (an
+        integer in [0, 2**64)); reproducible and independent of the thread count.
 
     Examples
     --------
@@ -829,9 +858,10 @@ class Adam(_Optimizer):
     v = beta2 v + (1 - beta2) d^2;  (amsgrad: vmax = max(vmax, v), used instead of v);
     p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps),  t = 1, 2, ...
 
-    Parameters as torch.optim.Adam, plus ``max_grad_norm`` and ``skip_nonfinite`` (see
-    :class:`SGD`).  ``lr``, ``betas``, ``eps``, ``weight_decay``, ``amsgrad`` and ``maximize``
-    are attributes that may change between steps.
+    Parameters as torch.optim.Adam, plus ``max_grad_norm``, ``skip_nonfinite``,
+    ``master_weights``, ``state_dtype``, ``stochastic_rounding`` and ``seed`` (see :class:`SGD`
+    and Note [16-bit optimizers]).  ``lr``, ``betas``, ``eps``, ``weight_decay``, ``amsgrad``
+    and ``maximize`` are attributes that may change between steps.
 
     Examples
     --------
@@ -1007,7 +1037,8 @@ def sgd_step(
 
     ``momentum_buffer`` (needed when momentum != 0) is updated in place; ``first_step=True``
     initialises it to the (decayed) gradient, as torch does when the buffer does not exist yet.
-    Returns ``param``.
+    bfloat16/float16 params compute in float32 and round to nearest even; their buffer may be
+    float32 or bfloat16 (Note [16-bit optimizers]).  Returns ``param``.
 
     Examples
     --------
@@ -1063,7 +1094,8 @@ def adam_step(
 
     ``step`` is the step number t >= 1 of this update (1 on the first); ``exp_avg`` and
     ``exp_avg_sq`` (and ``max_exp_avg_sq``, which turns on amsgrad) are updated in place.
-    Returns ``param``.
+    bfloat16/float16 params compute in float32 and round to nearest even; their state may be
+    float32 or bfloat16 (Note [16-bit optimizers]).  Returns ``param``.
 
     Examples
     --------
