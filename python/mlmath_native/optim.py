@@ -12,6 +12,27 @@ Every argument of a step is validated before anything is written, for params of 
 a step that raises leaves every parameter, every state buffer and the step count bitwise
 unchanged.  ``state_dict()`` records the optimizer's kind and every setting;
 ``load_state_dict`` checks all of it before writing.
+
+Note [16-bit optimizers]: params (and their grads, of the same dtype: a float16 grad for a
+bfloat16 param is refused) may be float32, float64, bfloat16 or float16.  16-bit params
+compute in float32: each value is widened on load and each stored value rounded once.
+
+- ``state_dtype``: the dtype of exp_avg, exp_avg_sq, max_exp_avg_sq and momentum_buffer:
+  None (float32 for float32 and 16-bit params, float64 for float64 params), ``"float32"`` or
+  ``"bfloat16"`` (rounded each step; also for float32 params; float64 params refuse both).
+- ``master_weights=True``: a float32 copy of each 16-bit param lives in the state
+  (``state["master"]``, ``"master.<i>"`` in the state dict), made exactly from the param when
+  the optimizer is made; each step updates it in float32 and writes it rounded to nearest even
+  into the param, which is not read (a param changed between steps by its owner is overwritten
+  from the master: load new weights into a new optimizer).  float32 and float64 params are
+  their own master copy: for them the option is a no-op, so that mixed models may use it.
+- ``stochastic_rounding=True`` (with ``seed``): the bfloat16 values a step stores without a
+  master copy (bfloat16 params, bfloat16 state) are rounded stochastically: up with probability
+  equal to the fraction of the gap, so rounding is unbiased and updates far below half an ulp
+  of a weight still move it on average (round to nearest would drop them: the stall of bf16
+  training).  The random bits are a counter-based hash of (seed, step, tensor, element): the
+  same seed gives bitwise the same results for any thread count.  It is bfloat16 only:
+  float16 params need ``master_weights=True`` with it (else ValueError).
 """
 
 from __future__ import annotations
@@ -28,7 +49,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import FLOAT_DTYPES, as_array, as_float_array
+from ._checks import as_array, as_float_array, bfloat16_dtype, is_storage_dtype
 
 __all__ = [
     "SGD",
@@ -106,8 +127,10 @@ def _param_array(fn: str, name: str, p: object) -> NDArray[Any]:
                 f"CPU tensor (got {type(p).__name__})"
             )
         p = as_array(p, fn, name)
-    if p.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{fn}: {name} has dtype {p.dtype} (expected float32 or float64)")
+    if not is_storage_dtype(p.dtype):
+        raise TypeError(
+            f"{fn}: {name} has dtype {p.dtype} (expected float32, float64, bfloat16 or float16)"
+        )
     if not p.flags.c_contiguous:
         raise ValueError(
             f"{fn}: {name} must be C-contiguous (an in-place update of a copy would be lost)"
@@ -171,14 +194,96 @@ def _as_list(fn: str, name: str, arrays: object) -> list[Any]:
     )
 
 
-def _check_state(fn: str, name: str, buf: object, param: NDArray[Any]) -> NDArray[Any]:
+def _is_16bit(dtype: np.dtype[Any]) -> bool:
+    return dtype.itemsize == 2
+
+
+def _state_dtype_name(fn: str, value: object) -> str | None:
+    """None, "float32" or "bfloat16" (a name or a dtype), else ValueError/TypeError."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = value
+    else:
+        try:
+            name = np.dtype(cast("Any", value)).name
+        except TypeError:
+            raise TypeError(
+                f"{fn}: state_dtype must be None, 'float32' or 'bfloat16' (got {value!r})"
+            ) from None
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(
+            f"{fn}: state_dtype is invalid (got {value!r}, expected None, 'float32' or 'bfloat16')"
+        )
+    return name
+
+
+def _state_dtype_for(
+    fn: str, name: str | None, param_dtype: np.dtype[Any], i: int
+) -> np.dtype[Any]:
+    """The dtype of a param's state buffers (Note [16-bit optimizers])."""
+    if name is None:
+        return np.dtype(np.float64) if param_dtype == np.float64 else np.dtype(np.float32)
+    if param_dtype == np.float64:
+        raise ValueError(
+            f"{fn}: state_dtype {name!r} does not fit params[{i}], which is float64 (float64 "
+            "params keep float64 state; expected state_dtype=None)"
+        )
+    return np.dtype(np.float32) if name == "float32" else bfloat16_dtype(fn)
+
+
+def _check_state(
+    fn: str, name: str, buf: object, param: NDArray[Any], dtype: np.dtype[Any] | None = None
+) -> NDArray[Any]:
+    """A state buffer of ``param``'s shape and of ``dtype`` (the param's own when None)."""
     buf = _param_array(fn, name, buf)
-    if buf.dtype != param.dtype or buf.shape != param.shape:
+    want = param.dtype if dtype is None else dtype
+    if buf.dtype != want or buf.shape != param.shape:
         raise ValueError(
             f"{fn}: {name} has shape {buf.shape} and dtype {buf.dtype} (expected the param's "
-            f"{param.shape} and {param.dtype})"
+            f"shape {param.shape} and dtype {want})"
         )
     return buf
+
+
+def _check_functional_state(fn: str, name: str, buf: object, param: NDArray[Any]) -> NDArray[Any]:
+    """A state buffer for the functional steps: of the param's dtype for float64 params, else
+    float32 or bfloat16 (Note [16-bit optimizers])."""
+    view = _param_array(fn, name, buf)
+    if param.dtype == np.float64 or view.dtype.name != "bfloat16":
+        want = param.dtype if param.dtype == np.float64 else np.dtype(np.float32)
+    else:
+        want = view.dtype
+    return _check_state(fn, name, view, param, want)
+
+
+def _sixteen_bit(params: Sequence[NDArray[Any]]) -> list[int]:
+    """The indices of the bfloat16 / float16 params."""
+    return [i for i, p in enumerate(params) if _is_16bit(p.dtype)]
+
+
+def _seed(fn: str, value: object) -> int:
+    """A seed for stochastic rounding: an integer in [0, 2**64)."""
+    try:
+        seed = operator.index(cast("Any", value))
+    except TypeError:
+        raise TypeError(f"{fn}: seed must be an integer (got {value!r})") from None
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"{fn}: seed is invalid (got {seed}, expected 0 <= seed < 2**64)")
+    return seed
+
+
+def _check_rounding(
+    fn: str, stochastic: bool, master: bool, layout: Sequence[tuple[Any, np.dtype[Any]]]
+) -> None:
+    """Stochastic rounding is for bfloat16: float16 params need master weights with it."""
+    if stochastic and not master:
+        for i, (_, dtype) in enumerate(layout):
+            if dtype == np.float16:
+                raise ValueError(
+                    f"{fn}: stochastic_rounding is for bfloat16 storage (got float16 params[{i}] "
+                    "without master weights; use master_weights=True for float16 params)"
+                )
 
 
 def _state_array(fn: str, name: str, value: object) -> NDArray[Any]:
@@ -253,6 +358,10 @@ class _Optimizer:
         *,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         fn = self._name
         objects = _as_list(fn, "params", params)
@@ -266,10 +375,26 @@ class _Optimizer:
         self.max_grad_norm = _max_grad_norm(fn, max_grad_norm)
         self.skip_nonfinite = _flag(fn, "skip_nonfinite", skip_nonfinite)
         self.step_count = 0
+        self.master_weights = _flag(fn, "master_weights", master_weights)
+        self.state_dtype = _state_dtype_name(fn, state_dtype)
+        self._state_dtypes = [
+            _state_dtype_for(fn, self.state_dtype, dtype, i)
+            for i, (_, dtype) in enumerate(self._layout)
+        ]
+        self.stochastic_rounding = _flag(fn, "stochastic_rounding", stochastic_rounding)
+        self.seed = _seed(fn, seed)
+        _check_rounding(fn, self.stochastic_rounding, self.master_weights, self._layout)
         self.state: dict[str, list[NDArray[Any] | None]] = {
-            name: [np.zeros(shape, dtype) for shape, dtype in self._layout]
+            name: [
+                np.zeros(shape, dtype)
+                for (shape, _), dtype in zip(self._layout, self._state_dtypes, strict=True)
+            ]
             for name in self._state_names()
         }
+        if self.master_weights:  # Note [16-bit optimizers]: exact float32 copies
+            self.state["master"] = [
+                v.astype(np.float32) if _is_16bit(v.dtype) else None for v in views
+            ]
 
     # what a subclass defines ---------------------------------------------------------------------
     def _state_names(self) -> list[str]:
@@ -298,8 +423,12 @@ class _Optimizer:
         states: dict[str, list[NDArray[Any]]],
         hyper: dict[str, Any],
         scale: float,
+        masters: list[NDArray[Any]] | None,
+        sr_seed: int | None,
     ) -> None:
-        """One fused kernel call over params of one dtype."""
+        """One fused kernel call over params of one dtype (and state dtype): ``masters`` the
+        float32 master weights of 16-bit params, ``sr_seed`` None (round to nearest even) or
+        the seed of stochastic rounding."""
         raise NotImplementedError
 
     # the step ------------------------------------------------------------------------------------
@@ -337,13 +466,23 @@ class _Optimizer:
         """The state buffers the step writes, checked; a missing one (max_exp_avg_sq when
         amsgrad was just turned on) is a new zero array, kept only if the step succeeds."""
         states: dict[str, list[NDArray[Any]]] = {}
-        for name in self._step_state(hyper):
+        for name in self._step_state(hyper) + (["master"] if self.master_weights else []):
             bufs = self.state[name]
             states[name] = [
-                np.zeros_like(p) if b is None else _check_state(fn, f"{name}[{i}]", b, p)
+                self._new_buffer(name, i)
+                if b is None
+                else _check_state(fn, f"{name}[{i}]", b, p, self._buffer_dtype(name, i))
                 for i, (b, p) in enumerate(zip(bufs, params, strict=True))
+                if b is not None or name != "master"
             ]
         return states
+
+    def _buffer_dtype(self, name: str, i: int) -> np.dtype[Any]:
+        """The dtype of state buffer ``name`` of params[i]."""
+        return np.dtype(np.float32) if name == "master" else self._state_dtypes[i]
+
+    def _new_buffer(self, name: str, i: int) -> NDArray[Any]:
+        return np.zeros(self._layout[i][0], self._buffer_dtype(name, i))
 
     def step(self, grads: _Arrays) -> StepResult:
         """Update every param in place from ``grads`` (an array or a list matching params).
@@ -354,6 +493,9 @@ class _Optimizer:
         """
         fn = f"{self._name}.step"
         hyper = self._check_hyper(fn, self._hyper_values())
+        self.seed = _seed(fn, self.seed)
+        self.stochastic_rounding = _flag(fn, "stochastic_rounding", self.stochastic_rounding)
+        _check_rounding(fn, self.stochastic_rounding, self.master_weights, self._layout)
         max_norm = _max_grad_norm(fn, self.max_grad_norm)
         skip = _flag(fn, "skip_nonfinite", self.skip_nonfinite)
         grads = _as_list(fn, "grads", grads)
@@ -368,7 +510,11 @@ class _Optimizer:
             for i, (g, p) in enumerate(zip(grads, params, strict=True))
         ]
         written = [(f"params[{i}]", p) for i, p in enumerate(params)] + [
-            (f"{name}[{i}]", b) for name, bufs in states.items() for i, b in enumerate(bufs)
+            (f"{name}[{j}]", b)
+            for name, bufs in states.items()
+            for j, b in zip(
+                _sixteen_bit(params) if name == "master" else range(len(bufs)), bufs, strict=True
+            )
         ]
         grads = _reads_apart_from_writes(fn, written, grads)
         # everything is checked: from here on nothing raises (all or nothing)
@@ -381,17 +527,27 @@ class _Optimizer:
             if max_norm is not None:
                 coef = min(1.0, max_norm / (grad_norm + 1e-6))  # as torch's clip_grad_norm_
         scale = -coef if hyper.get("maximize") else coef
-        # one fused call per dtype (float32 and float64 params may be mixed)
-        for dtype in FLOAT_DTYPES:
-            idx = [i for i, p in enumerate(params) if p.dtype == dtype]
-            if idx:
-                self._update(
-                    [params[i] for i in idx],
-                    [grads[i] for i in idx],
-                    {name: [bufs[i] for i in idx] for name, bufs in states.items()},
-                    hyper,
-                    scale,
-                )
+        masters = states.pop("master", None)  # one per 16-bit param (Note [16-bit optimizers])
+        master_of = {}
+        if masters is not None:
+            master_of = {i: m for i, m in zip(_sixteen_bit(params), masters, strict=True)}
+        # one fused call per (param dtype, state dtype) group (params of several dtypes may mix)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault((p.dtype.name, self._state_dtypes[i].name), []).append(i)
+        for number, idx in enumerate(groups.values()):
+            sr_seed = None
+            if self.stochastic_rounding:  # a seed per group: tensor indices restart in each
+                sr_seed = (self.seed + number * 0x9E3779B97F4A7C15) % 2**64
+            self._update(
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
+                {name: [bufs[i] for i in idx] for name, bufs in states.items()},
+                hyper,
+                scale,
+                [master_of[i] for i in idx] if idx[0] in master_of else None,
+                sr_seed,
+            )
         for name, bufs in states.items():  # keep the buffers this step created
             for i, b in enumerate(bufs):
                 if self.state[name][i] is None:
@@ -416,6 +572,10 @@ class _Optimizer:
         norm = self.max_grad_norm
         d["max_grad_norm"] = np.float64(np.nan if norm is None else norm)
         d["skip_nonfinite"] = np.bool_(self.skip_nonfinite)
+        d["master_weights"] = np.bool_(self.master_weights)
+        d["state_dtype"] = np.str_(self.state_dtype or "")
+        d["stochastic_rounding"] = np.bool_(self.stochastic_rounding)
+        d["seed"] = np.uint64(self.seed)
         for name, bufs in self.state.items():
             for i, b in enumerate(bufs):
                 if b is not None:
@@ -424,6 +584,7 @@ class _Optimizer:
 
     def _state_keys(self) -> set[str]:
         keys = {"optimizer", "step", "max_grad_norm", "skip_nonfinite", *self._hyper_names()}
+        keys |= {"master_weights", "state_dtype", "stochastic_rounding", "seed"}
         return keys | {f"{n}.{i}" for n in self.state for i in range(len(self._layout))}
 
     def load_state_dict(self, d: Mapping[str, ArrayLike]) -> None:
@@ -467,13 +628,51 @@ class _Optimizer:
         if "skip_nonfinite" in d:
             skip = _state_scalar(fn, "skip_nonfinite", d["skip_nonfinite"])
         skip = _flag(fn, "skip_nonfinite", skip)
+        # the layout of the state (master weights, state dtype) must be this optimizer's
+        if "master_weights" in d:
+            master = _flag(
+                fn, "master_weights", _state_scalar(fn, "master_weights", d["master_weights"])
+            )
+            if master != self.master_weights:
+                raise ValueError(
+                    f"{fn}: the state was saved with master_weights={master} (expected "
+                    f"{self.master_weights}, this optimizer's)"
+                )
+        if "state_dtype" in d:
+            kind = _state_array(fn, "state_dtype", d["state_dtype"])
+            saved = str(kind) if kind.dtype.kind == "U" and not kind.ndim else None
+            if saved != (self.state_dtype or ""):
+                raise ValueError(
+                    f"{fn}: the state was saved with state_dtype {d['state_dtype']!r} (expected "
+                    f"{self.state_dtype!r}, this optimizer's)"
+                )
+        sr = self.stochastic_rounding
+        if "stochastic_rounding" in d:
+            sr = _state_scalar(fn, "stochastic_rounding", d["stochastic_rounding"])
+        sr = _flag(fn, "stochastic_rounding", sr)
+        seed = self.seed
+        if "seed" in d:
+            seed = _seed(fn, _state_int(fn, "seed", d["seed"]))
+        _check_rounding(fn, sr, self.master_weights, self._layout)
         buffers: dict[tuple[str, int], NDArray[Any]] = {}
         for name in self.state:
-            for i, (shape, dtype) in enumerate(self._layout):
+            for i, (shape, _) in enumerate(self._layout):
                 key = f"{name}.{i}"
                 if key not in d:
                     continue
+                if name == "master" and self.state[name][i] is None:
+                    raise ValueError(
+                        f"{fn}: the state has {key}, but params[{i}] has no master weights "
+                        "(only bfloat16 and float16 params have them)"
+                    )
+                dtype = self._buffer_dtype(name, i)
                 value = _state_array(fn, key, d[key])
+                if (
+                    value.dtype.kind == "V"
+                    and value.dtype.itemsize == 2
+                    and dtype.name == "bfloat16"
+                ):
+                    value = value.view(dtype)  # np.save stores bfloat16 as 2-byte voids
                 if value.shape != shape:
                     raise ValueError(f"{fn}: {key} has shape {value.shape} (expected {shape})")
                 if value.dtype != dtype:
@@ -483,12 +682,19 @@ class _Optimizer:
         missing = [
             f"{n}.{i}" for n in required for i in range(len(self._layout)) if (n, i) not in buffers
         ]
+        if self.master_weights:
+            missing += [
+                f"master.{i}"
+                for i in range(len(self._layout))
+                if self.state["master"][i] is not None and ("master", i) not in buffers
+            ]
         if missing:
             raise ValueError(f"{fn}: the state lacks {', '.join(missing[:3])}")
         # all checked: now write
         for name in self._hyper_names():
             setattr(self, name, values[name])
         self.max_grad_norm, self.skip_nonfinite = max_norm, skip
+        self.stochastic_rounding, self.seed = sr, seed
         for (name, i), value in buffers.items():
             self.state[name][i] = np.array(value, order="C", copy=True)  # checked above
         self.step_count = step
@@ -512,7 +718,8 @@ class SGD(_Optimizer):
     Parameters
     ----------
     params : ndarray or list of ndarray (or PyTorch CPU tensors)
-        float32/float64, C-contiguous, writeable; updated in place.  ``opt.params`` is this
+        float32, float64, bfloat16 (ml_dtypes.bfloat16, torch.bfloat16: zero copy) or float16,
+        C-contiguous, writeable; updated in place.  ``opt.params`` is this
         list of the caller's objects; each step updates the memory a param has at that step
         (a tensor whose ``.data`` was replaced is followed) and refuses a param whose shape or
         dtype changed since the optimizer was made.
@@ -523,6 +730,13 @@ class SGD(_Optimizer):
         ``clip_grad_norm_``, without modifying the gradient arrays).
     skip_nonfinite : bool, optional
         If any gradient holds NaN or Inf, change nothing and return ``applied=False``.
+    master_weights : bool, optional
+        Keep float32 master copies of bfloat16/float16 params (Note [16-bit optimizers]).
+    state_dtype : {None, "float32", "bfloat16"}, optional
+        The dtype of the state buffers (None: float32, or float64 for float64 params).
+    stochastic_rounding : bool, optional
+        Round the bfloat16 values a step stores stochastically, seeded by ``seed`` (an
+        integer in [0, 2**64)); reproducible and independent of the thread count.
 
     Examples
     --------
@@ -549,11 +763,23 @@ class SGD(_Optimizer):
         *,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         self.lr, self.momentum, self.dampening = lr, momentum, dampening
         self.nesterov, self.weight_decay, self.maximize = nesterov, weight_decay, maximize
         self._check_hyper(self._name, self._hyper_values())
-        super().__init__(params, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+        super().__init__(
+            params,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+        )
         self._momentum_started = False
 
     def _state_names(self) -> list[str]:
@@ -601,6 +827,8 @@ class SGD(_Optimizer):
         states: dict[str, list[NDArray[Any]]],
         h: dict[str, Any],
         scale: float,
+        masters: list[NDArray[Any]] | None,
+        sr_seed: int | None,
     ) -> None:
         _core.sgd_step(
             params,
@@ -613,6 +841,9 @@ class SGD(_Optimizer):
             h["nesterov"],
             not self._momentum_started,
             scale,
+            masters,
+            sr_seed,
+            self.step_count + 1,
         )
 
     def _after_step(self, hyper: dict[str, Any]) -> None:
@@ -627,9 +858,10 @@ class Adam(_Optimizer):
     v = beta2 v + (1 - beta2) d^2;  (amsgrad: vmax = max(vmax, v), used instead of v);
     p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps),  t = 1, 2, ...
 
-    Parameters as torch.optim.Adam, plus ``max_grad_norm`` and ``skip_nonfinite`` (see
-    :class:`SGD`).  ``lr``, ``betas``, ``eps``, ``weight_decay``, ``amsgrad`` and ``maximize``
-    are attributes that may change between steps.
+    Parameters as torch.optim.Adam, plus ``max_grad_norm``, ``skip_nonfinite``,
+    ``master_weights``, ``state_dtype``, ``stochastic_rounding`` and ``seed`` (see :class:`SGD`
+    and Note [16-bit optimizers]).  ``lr``, ``betas``, ``eps``, ``weight_decay``, ``amsgrad``
+    and ``maximize`` are attributes that may change between steps.
 
     Examples
     --------
@@ -656,11 +888,23 @@ class Adam(_Optimizer):
         *,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.amsgrad, self.maximize = weight_decay, amsgrad, maximize
         self._check_hyper(self._name, self._hyper_values())
-        super().__init__(params, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
+        super().__init__(
+            params,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+        )
         if not amsgrad:
             self.state["max_exp_avg_sq"] = [None] * len(self.params)
 
@@ -700,6 +944,8 @@ class Adam(_Optimizer):
         states: dict[str, list[NDArray[Any]]],
         h: dict[str, Any],
         scale: float,
+        masters: list[NDArray[Any]] | None,
+        sr_seed: int | None,
     ) -> None:
         _core.adam_step(
             params,
@@ -715,6 +961,8 @@ class Adam(_Optimizer):
             h["weight_decay"],
             self._decoupled,
             scale,
+            masters,
+            sr_seed,
         )
 
 
@@ -747,6 +995,10 @@ class AdamW(Adam):
         *,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        master_weights: bool = False,
+        state_dtype: str | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             params,
@@ -758,6 +1010,10 @@ class AdamW(Adam):
             maximize,
             max_grad_norm=max_grad_norm,
             skip_nonfinite=skip_nonfinite,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
 
 
@@ -781,7 +1037,8 @@ def sgd_step(
 
     ``momentum_buffer`` (needed when momentum != 0) is updated in place; ``first_step=True``
     initialises it to the (decayed) gradient, as torch does when the buffer does not exist yet.
-    Returns ``param``.
+    bfloat16/float16 params compute in float32 and round to nearest even; their buffer may be
+    float32 or bfloat16 (Note [16-bit optimizers]).  Returns ``param``.
 
     Examples
     --------
@@ -800,7 +1057,8 @@ def sgd_step(
     if h["momentum"] != 0:
         if momentum_buffer is None:
             raise ValueError(f"{fn}: momentum_buffer is required when momentum != 0")
-        written.append(("momentum_buffer", _check_state(fn, "momentum_buffer", momentum_buffer, p)))
+        buf = _check_functional_state(fn, "momentum_buffer", momentum_buffer, p)
+        written.append(("momentum_buffer", buf))
     (g,) = _reads_apart_from_writes(fn, written, [g])
     _core.sgd_step(
         [p],
@@ -836,7 +1094,8 @@ def adam_step(
 
     ``step`` is the step number t >= 1 of this update (1 on the first); ``exp_avg`` and
     ``exp_avg_sq`` (and ``max_exp_avg_sq``, which turns on amsgrad) are updated in place.
-    Returns ``param``.
+    bfloat16/float16 params compute in float32 and round to nearest even; their state may be
+    float32 or bfloat16 (Note [16-bit optimizers]).  Returns ``param``.
 
     Examples
     --------
@@ -849,7 +1108,7 @@ def adam_step(
     p = _param_array(fn, "param", param)
     g = _grad_array(fn, "grad", grad, p)
     written = [("param", p)] + [
-        (name, _check_state(fn, name, buf, p))
+        (name, _check_functional_state(fn, name, buf, p))
         for name, buf in (
             ("exp_avg", exp_avg),
             ("exp_avg_sq", exp_avg_sq),

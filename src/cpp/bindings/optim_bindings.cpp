@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bindings/array_checks.h"
@@ -21,14 +22,6 @@ namespace mlmath::bindings {
 namespace {
 
 using ArrayList = std::vector<py::array>;
-
-// The tensors of one step, checked: params/states writable, all float of one dtype,
-// C-contiguous, each state the size of its param.  `states` holds 0..3 lists.
-struct StepTensors {
-  DType dtype = DType::f32;
-  std::vector<OptimTensor<float>> f32;
-  std::vector<OptimTensor<double>> f64;
-};
 
 // Which arrays of a step share memory (Note [overlap policy] in optim.py: the policy and its
 // messages live in Python; this is the mechanism, also the binding's own assertion).
@@ -98,18 +91,29 @@ void check_disjoint(const char* fn, const ArrayList& params, const ArrayList& gr
   }
 }
 
-StepTensors check_step(const char* fn, const ArrayList& params, const ArrayList& grads,
+// The arrays of one step, checked: params writable, all of one storage dtype (float32, float64,
+// bfloat16, float16), grads of the params' dtype and shapes; states writable, all of one state
+// dtype (the params' for float32/float64 params; float32 or bfloat16 for 16-bit params;
+// bfloat16 also for float32 params); masters (16-bit params only) float32; all C-contiguous,
+// and no written array overlapping another array of the step.  `states` holds 0..3 lists.
+struct CheckedStep {
+  DType dtype = DType::f32;
+  DType state_dtype = DType::f32;
+};
+
+CheckedStep check_step(const char* fn, const ArrayList& params, const ArrayList& grads,
                        const std::vector<const ArrayList*>& states,
-                       const std::vector<const char*>& state_names) {
+                       const std::vector<const char*>& state_names, const ArrayList* masters) {
   if (params.size() != grads.size()) {
     throw std::invalid_argument(std::string(fn) + ": got " + std::to_string(grads.size()) +
                                 " grads for " + std::to_string(params.size()) + " params");
   }
-  StepTensors out;
+  CheckedStep out;
+  bool state_seen = false;
   for (std::size_t i = 0; i < params.size(); ++i) {
     const std::string idx = "[" + std::to_string(i) + "]";
     const std::string pname = "params" + idx, gname = "grads" + idx;
-    const DType dt = float_dtype(params[i], fn, pname.c_str());
+    const DType dt = float_dtype(params[i], fn, pname.c_str(), true);
     if (i == 0) out.dtype = dt;
     require_same_dtype(params[i], out.dtype, fn, pname.c_str());
     require_writeable(params[i], fn, pname.c_str());
@@ -122,38 +126,154 @@ StepTensors check_step(const char* fn, const ArrayList& params, const ArrayList&
                                     std::to_string(params.size()) + " params");
       }
       const std::string sname = std::string(state_names[s]) + idx;
-      require_same_dtype((*states[s])[i], dt, fn, sname.c_str());
-      require_same_shape(params[i], (*states[s])[i], fn, sname.c_str());
-      require_writeable((*states[s])[i], fn, sname.c_str());
+      const py::array& st = (*states[s])[i];
+      const DType sdt = float_dtype(st, fn, sname.c_str(), true);
+      if (!state_seen) {
+        const bool ok = sdt == dt || (dt == DType::bf16 && sdt == DType::f32) ||
+                        (dt == DType::f16 && (sdt == DType::f32 || sdt == DType::bf16)) ||
+                        (dt == DType::f32 && sdt == DType::bf16);
+        if (!ok || sdt == DType::f16) {
+          throw py::type_error(std::string(fn) + ": " + sname + " has dtype " + dtype_name(sdt) +
+                               ", which is not a state dtype for " + dtype_name(dt) + " params");
+        }
+        out.state_dtype = sdt;
+        state_seen = true;
+      }
+      require_same_dtype(st, out.state_dtype, fn, sname.c_str());
+      require_same_shape(params[i], st, fn, sname.c_str());
+      require_writeable(st, fn, sname.c_str());
     }
   }
-  check_disjoint(fn, params, grads, states);
-  // Only now take pointers (mutable_data would throw for read-only arrays, but all are checked).
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    auto fill = [&](auto& list, auto tag) {
-      using T = decltype(tag);
-      OptimTensor<T> t{};
-      t.param = static_cast<T*>(const_cast<py::array&>(params[i]).mutable_data());
-      t.grad = static_cast<const T*>(grads[i].data());
-      T** slots[3] = {&t.state1, &t.state2, &t.state3};
-      for (std::size_t s = 0; s < states.size(); ++s) {
-        *slots[s] = static_cast<T*>(const_cast<py::array&>((*states[s])[i]).mutable_data());
-      }
-      t.n = params[i].size();
-      list.push_back(t);
-    };
-    if (out.dtype == DType::f32) {
-      fill(out.f32, float{});
-    } else {
-      fill(out.f64, double{});
+  if (!state_seen) out.state_dtype = out.dtype == DType::f64 ? DType::f64 : DType::f32;
+  std::vector<const ArrayList*> written = states;
+  if (masters != nullptr) {
+    if (out.dtype != DType::bf16 && out.dtype != DType::f16) {
+      throw std::invalid_argument(std::string(fn) +
+                                  ": master weights are for bfloat16 or float16 params (got " +
+                                  dtype_name(out.dtype) + " params)");
     }
+    if (masters->size() != params.size()) {
+      throw std::invalid_argument(std::string(fn) + ": masters has " +
+                                  std::to_string(masters->size()) + " arrays for " +
+                                  std::to_string(params.size()) + " params");
+    }
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      const std::string mname = "masters[" + std::to_string(i) + "]";
+      require_same_dtype((*masters)[i], DType::f32, fn, mname.c_str());
+      require_same_shape(params[i], (*masters)[i], fn, mname.c_str());
+      require_writeable((*masters)[i], fn, mname.c_str());
+    }
+    written.push_back(masters);
+  }
+  check_disjoint(fn, params, grads, written);
+  return out;
+}
+
+// The typed tensors of a checked step.  Only now take pointers (mutable_data would throw for
+// read-only arrays, but all are checked).
+template <class S, class St>
+std::vector<OptimTensor<S, St>> step_tensors(const ArrayList& params, const ArrayList& grads,
+                                             const std::vector<const ArrayList*>& states,
+                                             const ArrayList* masters) {
+  std::vector<OptimTensor<S, St>> out;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    OptimTensor<S, St> t{};
+    t.param = static_cast<S*>(const_cast<py::array&>(params[i]).mutable_data());
+    t.grad = static_cast<const S*>(grads[i].data());
+    St** slots[3] = {&t.state1, &t.state2, &t.state3};
+    for (std::size_t s = 0; s < states.size(); ++s) {
+      *slots[s] = static_cast<St*>(const_cast<py::array&>((*states[s])[i]).mutable_data());
+    }
+    if (masters != nullptr) {
+      t.master = static_cast<float*>(const_cast<py::array&>((*masters)[i]).mutable_data());
+    }
+    t.n = params[i].size();
+    out.push_back(t);
   }
   return out;
 }
 
+// Calls fn(S{}, St{}) for the (param, state) storage types of a checked step.
+template <class Fn>
+void with_step_types(const CheckedStep& st, const Fn& fn) {
+  const bool bf16_state = st.state_dtype == DType::bf16;
+  switch (st.dtype) {
+    case DType::f64:
+      fn(double{}, double{});
+      break;
+    case DType::f32:
+      bf16_state ? fn(float{}, bf16{}) : fn(float{}, float{});
+      break;
+    case DType::bf16:
+      bf16_state ? fn(bf16{}, bf16{}) : fn(bf16{}, float{});
+      break;
+    default:
+      bf16_state ? fn(f16{}, bf16{}) : fn(f16{}, float{});
+      break;
+  }
+}
+
+template <class S, class St>
+auto sgd_kernel(const KernelTable& k) {
+  if constexpr (std::is_same_v<S, St>) {
+    if constexpr (std::is_same_v<S, float>) {
+      return k.sgd_step_f32;
+    } else if constexpr (std::is_same_v<S, double>) {
+      return k.sgd_step_f64;
+    } else {
+      return k.sgd_step_bf16_sbf16;
+    }
+  } else if constexpr (std::is_same_v<S, float>) {
+    return k.sgd_step_f32_sbf16;
+  } else if constexpr (std::is_same_v<S, bf16>) {
+    return k.sgd_step_bf16_sf32;
+  } else if constexpr (std::is_same_v<St, float>) {
+    return k.sgd_step_f16_sf32;
+  } else {
+    return k.sgd_step_f16_sbf16;
+  }
+}
+
+template <class S, class St>
+auto adam_kernel(const KernelTable& k) {
+  if constexpr (std::is_same_v<S, St>) {
+    if constexpr (std::is_same_v<S, float>) {
+      return k.adam_step_f32;
+    } else if constexpr (std::is_same_v<S, double>) {
+      return k.adam_step_f64;
+    } else {
+      return k.adam_step_bf16_sbf16;
+    }
+  } else if constexpr (std::is_same_v<S, float>) {
+    return k.adam_step_f32_sbf16;
+  } else if constexpr (std::is_same_v<S, bf16>) {
+    return k.adam_step_bf16_sf32;
+  } else if constexpr (std::is_same_v<St, float>) {
+    return k.adam_step_f16_sf32;
+  } else {
+    return k.adam_step_f16_sbf16;
+  }
+}
+
+// The rounding of a step: stochastic when sr_seed is an integer (Note [stochastic rounding]).
+RoundingArgs rounding_args(const py::object& sr_seed, std::int64_t step) {
+  RoundingArgs r;
+  if (!sr_seed.is_none()) {
+    r.stochastic_rounding = true;
+    r.seed = sr_seed.cast<std::uint64_t>();
+    r.step = step;
+  }
+  return r;
+}
+
+ArrayList optional_list(const py::object& o) {
+  return o.is_none() ? ArrayList{} : o.cast<ArrayList>();
+}
+
 void sgd_step(const ArrayList& params, const ArrayList& grads, const py::object& momentum_buffers,
               double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-              bool first_step, double grad_scale) {
+              bool first_step, double grad_scale, const py::object& masters_obj,
+              const py::object& sr_seed, std::int64_t sr_step) {
   std::vector<const ArrayList*> states;
   ArrayList bufs;
   if (!momentum_buffers.is_none()) {
@@ -162,38 +282,37 @@ void sgd_step(const ArrayList& params, const ArrayList& grads, const py::object&
   } else if (momentum != 0) {
     throw std::invalid_argument("sgd_step: momentum != 0 needs momentum buffers");
   }
-  const StepTensors st = check_step("sgd_step", params, grads, states, {"momentum_buffer"});
-  auto run = [&](const auto& tensors, auto tag) {
-    using T = decltype(tag);
-    SgdArgs<T> a{tensors.data(),
-                 static_cast<std::int64_t>(tensors.size()),
-                 static_cast<T>(lr),
-                 static_cast<T>(momentum),
-                 static_cast<T>(dampening),
-                 static_cast<T>(weight_decay),
-                 nesterov,
-                 first_step,
-                 static_cast<T>(grad_scale)};
-    const KernelTable& k = kernels();
+  const ArrayList masters = optional_list(masters_obj);
+  const ArrayList* mp = masters_obj.is_none() ? nullptr : &masters;
+  const CheckedStep st = check_step("sgd_step", params, grads, states, {"momentum_buffer"}, mp);
+  const RoundingArgs rounding = rounding_args(sr_seed, sr_step);
+  with_step_types(st, [&](auto stag, auto sttag) {
+    using S = decltype(stag);
+    using St = decltype(sttag);
+    using T = optim_math_t<S>;
+    const auto tensors = step_tensors<S, St>(params, grads, states, mp);
+    SgdArgs<S, St> a{tensors.data(),
+                     static_cast<std::int64_t>(tensors.size()),
+                     static_cast<T>(lr),
+                     static_cast<T>(momentum),
+                     static_cast<T>(dampening),
+                     static_cast<T>(weight_decay),
+                     nesterov,
+                     first_step,
+                     static_cast<T>(grad_scale),
+                     rounding};
+    const auto kernel = sgd_kernel<S, St>(kernels());
     WithoutGil nogil(Interruptible::no);
-    if constexpr (sizeof(T) == 4) {
-      k.sgd_step_f32(a);
-    } else {
-      k.sgd_step_f64(a);
-    }
+    kernel(a);
     nogil.finish();
-  };
-  if (st.dtype == DType::f32) {
-    run(st.f32, float{});
-  } else {
-    run(st.f64, double{});
-  }
+  });
 }
 
 void adam_step(const ArrayList& params, const ArrayList& grads, const ArrayList& exp_avgs,
                const ArrayList& exp_avg_sqs, const py::object& max_exp_avg_sqs, std::int64_t step,
                double lr, double beta1, double beta2, double eps, double weight_decay,
-               bool decoupled, double grad_scale) {
+               bool decoupled, double grad_scale, const py::object& masters_obj,
+               const py::object& sr_seed) {
   if (step < 1) {
     throw std::invalid_argument("adam_step: step must be >= 1 (got " + std::to_string(step) + ")");
   }
@@ -206,62 +325,74 @@ void adam_step(const ArrayList& params, const ArrayList& grads, const ArrayList&
     states.push_back(&maxes);
     names.push_back("max_exp_avg_sq");
   }
-  const StepTensors st = check_step("adam_step", params, grads, states, names);
+  const ArrayList masters = optional_list(masters_obj);
+  const ArrayList* mp = masters_obj.is_none() ? nullptr : &masters;
+  const CheckedStep st = check_step("adam_step", params, grads, states, names, mp);
+  const RoundingArgs rounding = rounding_args(sr_seed, step);
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  auto run = [&](const auto& tensors, auto tag) {
-    using T = decltype(tag);
-    AdamArgs<T> a{tensors.data(),
-                  static_cast<std::int64_t>(tensors.size()),
-                  static_cast<T>(lr),
-                  static_cast<T>(beta1),
-                  static_cast<T>(beta2),
-                  static_cast<T>(eps),
-                  static_cast<T>(weight_decay),
-                  decoupled,
-                  amsgrad,
-                  static_cast<T>(lr / bc1),
-                  static_cast<T>(1.0 / std::sqrt(bc2)),
-                  static_cast<T>(grad_scale)};
-    const KernelTable& k = kernels();
+  with_step_types(st, [&](auto stag, auto sttag) {
+    using S = decltype(stag);
+    using St = decltype(sttag);
+    using T = optim_math_t<S>;
+    const auto tensors = step_tensors<S, St>(params, grads, states, mp);
+    AdamArgs<S, St> a{tensors.data(),
+                      static_cast<std::int64_t>(tensors.size()),
+                      static_cast<T>(lr),
+                      static_cast<T>(beta1),
+                      static_cast<T>(beta2),
+                      static_cast<T>(eps),
+                      static_cast<T>(weight_decay),
+                      decoupled,
+                      amsgrad,
+                      static_cast<T>(lr / bc1),
+                      static_cast<T>(1.0 / std::sqrt(bc2)),
+                      static_cast<T>(grad_scale),
+                      rounding};
+    const auto kernel = adam_kernel<S, St>(kernels());
     WithoutGil nogil(Interruptible::no);
-    if constexpr (sizeof(T) == 4) {
-      k.adam_step_f32(a);
-    } else {
-      k.adam_step_f64(a);
-    }
+    kernel(a);
     nogil.finish();
-  };
-  if (st.dtype == DType::f32) {
-    run(st.f32, float{});
-  } else {
-    run(st.f64, double{});
-  }
+  });
 }
 
-// sqrt(sum of squares) of every element of every grad (float32 or float64 arrays, any mix),
-// scaled so that huge finite grads give a finite norm (Note [scaled norm] in kernels/optim.cpp).
+// sqrt(sum of squares) of every element of every grad (float32, float64, bfloat16 or float16
+// arrays, any mix; 16-bit grads summed in float32), scaled so that huge finite grads give a
+// finite norm (Note [scaled norm] in kernels/optim.cpp).
 double grad_norm(const ArrayList& grads) {
   std::vector<OptimTensor<float>> f32;
   std::vector<OptimTensor<double>> f64;
+  std::vector<OptimTensor<bf16>> b16;
+  std::vector<OptimTensor<f16>> h16;
   for (std::size_t i = 0; i < grads.size(); ++i) {
     const std::string name = "grads[" + std::to_string(i) + "]";
-    if (float_dtype(grads[i], "grad_norm", name.c_str()) == DType::f32) {
-      f32.push_back(OptimTensor<float>{nullptr, static_cast<const float*>(grads[i].data()), nullptr,
-                                       nullptr, nullptr, grads[i].size()});
-    } else {
-      f64.push_back(OptimTensor<double>{nullptr, static_cast<const double*>(grads[i].data()),
-                                        nullptr, nullptr, nullptr, grads[i].size()});
-    }
+    const DType dt = float_dtype(grads[i], "grad_norm", name.c_str(), true);
+    with_dtype(dt, [&](auto tag) {
+      using S = decltype(tag);
+      OptimTensor<S> t{nullptr, static_cast<const S*>(grads[i].data()),
+                       nullptr, nullptr,
+                       nullptr, grads[i].size()};
+      if constexpr (std::is_same_v<S, float>) {
+        f32.push_back(t);
+      } else if constexpr (std::is_same_v<S, double>) {
+        f64.push_back(t);
+      } else if constexpr (std::is_same_v<S, bf16>) {
+        b16.push_back(t);
+      } else {
+        h16.push_back(t);
+      }
+    });
   }
-  double a = 0, b = 0;
+  double a = 0, b = 0, c = 0, d = 0;
   const KernelTable& k = kernels();
   WithoutGil nogil(Interruptible::no);
   k.grad_norm_f32(f32.data(), static_cast<std::int64_t>(f32.size()), &a);
   k.grad_norm_f64(f64.data(), static_cast<std::int64_t>(f64.size()), &b);
+  k.grad_norm_bf16(b16.data(), static_cast<std::int64_t>(b16.size()), &c);
+  k.grad_norm_f16(h16.data(), static_cast<std::int64_t>(h16.size()), &d);
   nogil.finish();
-  if (std::isnan(a) || std::isnan(b)) return a + b;  // NaN (std::hypot(Inf, NaN) is Inf)
-  return std::hypot(a, b);
+  if (std::isnan(a) || std::isnan(b) || std::isnan(c) || std::isnan(d)) return a + b + c + d;
+  return std::hypot(std::hypot(a, b), std::hypot(c, d));
 }
 
 // find_overlaps for Python: (None or (first, second), [read indices]).
@@ -278,10 +409,14 @@ void bind_optim(py::module_& m) {
   using namespace pybind11::literals;
   m.def("sgd_step", &sgd_step, "params"_a, "grads"_a, "momentum_buffers"_a, "lr"_a, "momentum"_a,
         "dampening"_a, "weight_decay"_a, "nesterov"_a, "first_step"_a, "grad_scale"_a,
-        "One fused SGD step over lists of arrays, in place");
+        "masters"_a = py::none(), "sr_seed"_a = py::none(), "sr_step"_a = 0,
+        "One fused SGD step over lists of arrays, in place (16-bit params: float32 masters "
+        "optional; sr_seed: stochastic rounding of bfloat16 stores)");
   m.def("adam_step", &adam_step, "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a,
         "max_exp_avg_sqs"_a, "step"_a, "lr"_a, "beta1"_a, "beta2"_a, "eps"_a, "weight_decay"_a,
-        "decoupled"_a, "grad_scale"_a, "One fused Adam/AdamW step over lists of arrays, in place");
+        "decoupled"_a, "grad_scale"_a, "masters"_a = py::none(), "sr_seed"_a = py::none(),
+        "One fused Adam/AdamW step over lists of arrays, in place (16-bit params: float32 "
+        "masters optional; sr_seed: stochastic rounding of bfloat16 stores)");
   m.def("find_overlaps", &find_overlaps_py, "written"_a, "read"_a,
         "(None or (i, j) written arrays sharing memory, read indices overlapping a written one)");
   m.def("grad_norm", &grad_norm, "grads"_a,

@@ -15,11 +15,28 @@
 // the threads in one parallel region, so a hundred small tensors cost what one large one does.
 // Each element depends only on itself, so results do not depend on the number of threads;
 // grad_norm adds per-chunk partial sums in chunk order for the same reason.
+//
+// Note [16-bit optimizer steps]
+// Params and grads of type S (bf16, f16) are widened to float32 on load; the state (St: float32
+// or bf16) likewise; the update runs in float32 and each stored value is rounded once.  With a
+// master copy (OptimTensor::master, float32) the step reads and writes the master and stores it
+// rounded to nearest even into the param (the param is not read).  Without one, and for bf16
+// state, rounding is to nearest even, or stochastic (Note [stochastic rounding]).
+//
+// Note [stochastic rounding]
+// A float32 value x is rounded to bf16 by adding 16 random bits r to its bit pattern and
+// truncating: (bits(x) + r) >> 16.  The low 16 bits f of x are the position of x between its two
+// bf16 neighbours (in units of 2^-16 of the gap), and the sum carries into the kept part exactly
+// when r >= 2^16 - f: probability f / 2^16, so E[round(x)] = x (unbiased; a carry out of the
+// mantissa moves to the next binade, as it should; NaN is kept a quiet NaN).  The bits of
+// element i come from a hash of (seed, step, tensor index in the call, which array, i) — no
+// shared generator state — so results depend neither on the thread count nor on the chunking.
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
+#include "common/half.h"
 #include "common/parallel.h"
 #include "common/vec.h"
 #include "mlmath/mlmath.h"
@@ -38,8 +55,8 @@ struct PartialSum {   // a local type, so that std::vector<PartialSum> is this I
 };
 
 // The chunks of all tensors, in tensor order.
-template <class T>
-std::vector<Chunk> make_chunks(const OptimTensor<T>* tensors, std::int64_t count) {
+template <class Tensor>
+std::vector<Chunk> make_chunks(const Tensor* tensors, std::int64_t count) {
   std::vector<Chunk> chunks;
   for (std::int64_t t = 0; t < count; ++t) {
     for (std::int64_t b = 0; b < tensors[t].n; b += kChunk) {
@@ -49,8 +66,8 @@ std::vector<Chunk> make_chunks(const OptimTensor<T>* tensors, std::int64_t count
   return chunks;
 }
 
-template <class T, class Body>
-void for_each_chunk(const OptimTensor<T>* tensors, std::int64_t count, const Body& body) {
+template <class Tensor, class Body>
+void for_each_chunk(const Tensor* tensors, std::int64_t count, const Body& body) {
   const std::vector<Chunk> chunks = make_chunks(tensors, count);
   const std::int64_t num = static_cast<std::int64_t>(chunks.size());
   parallel_for(num, kChunk, [&](std::int64_t b, std::int64_t e) {
@@ -77,48 +94,127 @@ void vector_loop(std::int64_t begin, std::int64_t end, const Body& body) {
   if (i < end) body(i, end - i);
 }
 
-template <class T>
-Vec<T> load_n(const T* p, std::int64_t count) {
-  return count == Vec<T>::width ? Vec<T>::load(p) : Vec<T>::load_partial(p, count, T(0));
+// count (<= width) elements of storage type S, widened to the compute type, and back.
+template <class S>
+Vec<compute_t<S>> load_n(const S* p, std::int64_t count) {
+  using V = Vec<compute_t<S>>;
+  return count == V::width ? V::load(p) : V::load_partial(p, count, compute_t<S>(0));
 }
-template <class T>
-void store_n(Vec<T> v, T* p, std::int64_t count) {
-  if (count == Vec<T>::width) {
+template <class S>
+void store_n(Vec<compute_t<S>> v, S* p, std::int64_t count) {
+  if (count == Vec<compute_t<S>>::width) {
     v.store(p);
   } else {
     v.store_partial(p, count);
   }
 }
 
-template <bool Momentum, bool Nesterov, bool FirstStep, bool WeightDecay, class T>
-void sgd_chunk(const SgdArgs<T>& a, const OptimTensor<T>& t, std::int64_t begin, std::int64_t end) {
+// -- stochastic rounding (Note [stochastic rounding]) ------------------------------------------
+
+inline std::uint64_t mix64(std::uint64_t z) {  // splitmix64's finaliser
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// The key of one array of one tensor of one step: array 0 is the param, 1..3 the states.
+inline std::uint64_t rounding_key(const RoundingArgs& r, std::int64_t tensor, int array) {
+  std::uint64_t k = mix64(r.seed + 0x9E3779B97F4A7C15ull);
+  k = mix64(k ^ static_cast<std::uint64_t>(r.step));
+  k = mix64(k ^ (static_cast<std::uint64_t>(tensor) << 2 | static_cast<std::uint64_t>(array)));
+  return k;
+}
+
+inline bf16 stochastic_bf16(float x, std::uint32_t random16) {
+  const std::uint32_t u = float_bits(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return float_to_bf16(x);  // NaN: quiet, sign kept
+  return bf16{static_cast<std::uint16_t>((u + random16) >> 16)};
+}
+
+// Where a step stores 16-bit values: RNE, or stochastic rounding with the key of that array.
+struct Rounder {
+  bool stochastic;
+  std::uint64_t key;
+};
+
+// Stores count values of v into p (element index i of its array): stochastic rounding for bf16
+// when asked, else the vector layer's round to nearest even.
+template <class S>
+void store_rounded(Vec<compute_t<S>> v, S* p, std::int64_t i, std::int64_t count,
+                   const Rounder& r) {
+  if constexpr (std::is_same_v<S, bf16>) {
+    if (r.stochastic) {
+      constexpr int W = Vec<float>::width;
+      alignas(64) float buf[W];
+      v.store(buf);
+      for (std::int64_t k = 0; k < count; ++k) {
+        const std::uint64_t h =
+            mix64(r.key + static_cast<std::uint64_t>(i + k) * 0x9E3779B97F4A7C15ull);
+        p[k] = stochastic_bf16(buf[k], static_cast<std::uint32_t>(h >> 48));
+      }
+      return;
+    }
+  }
+  store_n(v, p, count);
+}
+
+// -- the steps ----------------------------------------------------------------------------------
+
+template <bool Momentum, bool Nesterov, bool FirstStep, bool WeightDecay, bool Master, class S,
+          class St>
+void sgd_chunk(const SgdArgs<S, St>& a, const OptimTensor<S, St>& t, std::int64_t tensor,
+               std::int64_t begin, std::int64_t end) {
+  using T = compute_t<S>;
   using V = Vec<T>;
   const V scale = V::set1(a.grad_scale), wd = V::set1(a.weight_decay), mu = V::set1(a.momentum),
           damp = V::set1(T(1) - a.dampening), neg_lr = V::set1(-a.lr);
+  const bool sr = a.rounding.stochastic_rounding;
+  const Rounder rp{sr, sr ? rounding_key(a.rounding, tensor, 0) : 0},
+      r1{sr, sr ? rounding_key(a.rounding, tensor, 1) : 0};
   vector_loop<T>(begin, end, [&](std::int64_t i, std::int64_t n) {
-    V p = load_n(t.param + i, n);
+    V p;
+    if constexpr (Master) {
+      p = load_n(t.master + i, n);
+    } else {
+      p = load_n(t.param + i, n);
+    }
     V d = mul(scale, load_n(t.grad + i, n));
     if (WeightDecay) d = fma(wd, p, d);
     if (Momentum) {
       V b = FirstStep ? d : fma(mu, load_n(t.state1 + i, n), mul(damp, d));
-      store_n(b, t.state1 + i, n);
+      store_rounded(b, t.state1 + i, i, n, r1);
       d = Nesterov ? fma(mu, b, d) : b;
     }
-    store_n(fma(neg_lr, d, p), t.param + i, n);
+    const V q = fma(neg_lr, d, p);
+    if constexpr (Master) {
+      store_n(q, t.master + i, n);
+      store_n(q, t.param + i, n);  // round to nearest even from the master
+    } else {
+      store_rounded(q, t.param + i, i, n, rp);
+    }
   });
 }
 
-template <bool Amsgrad, bool Decoupled, bool WeightDecay, class T>
-void adam_chunk(const AdamArgs<T>& a, const OptimTensor<T>& t, std::int64_t begin,
-                std::int64_t end) {
+template <bool Amsgrad, bool Decoupled, bool WeightDecay, bool Master, class S, class St>
+void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t, std::int64_t tensor,
+                std::int64_t begin, std::int64_t end) {
+  using T = compute_t<S>;
   using V = Vec<T>;
   const V scale = V::set1(a.grad_scale), wd = V::set1(a.weight_decay),
           decay = V::set1(T(1) - a.lr * a.weight_decay), b1 = V::set1(a.beta1),
           one_minus_b1 = V::set1(T(1) - a.beta1), b2 = V::set1(a.beta2),
           one_minus_b2 = V::set1(T(1) - a.beta2), eps = V::set1(a.eps),
           inv_c2 = V::set1(a.inv_bias_correction2_sqrt), neg_step = V::set1(-a.step_size);
+  const bool sr = a.rounding.stochastic_rounding;
+  Rounder r[4];
+  for (int k = 0; k < 4; ++k) r[k] = Rounder{sr, sr ? rounding_key(a.rounding, tensor, k) : 0};
   vector_loop<T>(begin, end, [&](std::int64_t i, std::int64_t n) {
-    V p = load_n(t.param + i, n);
+    V p;
+    if constexpr (Master) {
+      p = load_n(t.master + i, n);
+    } else {
+      p = load_n(t.param + i, n);
+    }
     V d = mul(scale, load_n(t.grad + i, n));
     if (WeightDecay) {
       if (Decoupled) {
@@ -129,27 +225,51 @@ void adam_chunk(const AdamArgs<T>& a, const OptimTensor<T>& t, std::int64_t begi
     }
     const V m = fma(b1, load_n(t.state1 + i, n), mul(one_minus_b1, d));
     const V v = fma(b2, load_n(t.state2 + i, n), mul(one_minus_b2, mul(d, d)));
-    store_n(m, t.state1 + i, n);
-    store_n(v, t.state2 + i, n);
+    store_rounded(m, t.state1 + i, i, n, r[1]);
+    store_rounded(v, t.state2 + i, i, n, r[2]);
     V vv = v;
     if (Amsgrad) {
       vv = max_propagate_nan(load_n(t.state3 + i, n), v);  // NaN stays NaN, as in torch
-      store_n(vv, t.state3 + i, n);
+      store_rounded(vv, t.state3 + i, i, n, r[3]);
     }
     const V denom = fma(sqrt(vv), inv_c2, eps);
-    store_n(fma(neg_step, div(m, denom), p), t.param + i, n);
+    const V q = fma(neg_step, div(m, denom), p);
+    if constexpr (Master) {
+      store_n(q, t.master + i, n);
+      store_n(q, t.param + i, n);  // round to nearest even from the master
+    } else {
+      store_rounded(q, t.param + i, i, n, r[0]);
+    }
   });
 }
 
-template <class T>
-void sgd_step(const SgdArgs<T>& a) {
+// Whether a step has master weights: all 16-bit tensors of a call have them or none do (the
+// binding's rule), so the first tensor tells.
+template <class Args>
+bool has_master(const Args& a) {
+  if constexpr (is_16bit<std::remove_cv_t<std::remove_pointer_t<decltype(a.tensors->param)>>>) {
+    return a.count > 0 && a.tensors[0].master != nullptr;
+  } else {
+    return false;
+  }
+}
+
+template <class S, class St>
+void sgd_step(const SgdArgs<S, St>& a) {
+  using T = compute_t<S>;
   const bool momentum = a.momentum != T(0);
   with_flag(momentum, [&](auto mom) {
     with_flag(momentum && a.nesterov, [&](auto nest) {
       with_flag(momentum && a.first_step, [&](auto first) {
         with_flag(a.weight_decay != T(0), [&](auto decay) {
-          for_each_chunk(a.tensors, a.count, [&](std::int64_t, const OptimTensor<T>& t, Chunk c) {
-            sgd_chunk<mom.value, nest.value, first.value, decay.value>(a, t, c.begin, c.end);
+          with_flag(has_master(a), [&](auto master) {
+            if constexpr (!master.value || is_16bit<S>) {
+              for_each_chunk(
+                  a.tensors, a.count, [&](std::int64_t, const OptimTensor<S, St>& t, Chunk c) {
+                    sgd_chunk<mom.value, nest.value, first.value, decay.value, master.value>(
+                        a, t, c.tensor, c.begin, c.end);
+                  });
+            }
           });
         });
       });
@@ -157,13 +277,20 @@ void sgd_step(const SgdArgs<T>& a) {
   });
 }
 
-template <class T>
-void adam_step(const AdamArgs<T>& a) {
+template <class S, class St>
+void adam_step(const AdamArgs<S, St>& a) {
+  using T = compute_t<S>;
   with_flag(a.amsgrad, [&](auto ams) {
     with_flag(a.decoupled, [&](auto decoupled) {
       with_flag(a.weight_decay != T(0), [&](auto decay) {
-        for_each_chunk(a.tensors, a.count, [&](std::int64_t, const OptimTensor<T>& t, Chunk c) {
-          adam_chunk<ams.value, decoupled.value, decay.value>(a, t, c.begin, c.end);
+        with_flag(has_master(a), [&](auto master) {
+          if constexpr (!master.value || is_16bit<S>) {
+            for_each_chunk(a.tensors, a.count,
+                           [&](std::int64_t, const OptimTensor<S, St>& t, Chunk c) {
+                             adam_chunk<ams.value, decoupled.value, decay.value, master.value>(
+                                 a, t, c.tensor, c.begin, c.end);
+                           });
+          }
         });
       });
     });
@@ -190,9 +317,11 @@ struct SumBounds<double> {  // 2^900: sums of up to 2^100 chunks of it stay fini
   static constexpr double low = 0x1p-500, high = 0x1p+900;
 };
 
-// One chunk's share of the norm: scale^2 * ssq (Note [scaled norm]).
-template <class T>
-PartialSum chunk_sumsq(const T* g, std::int64_t n) {
+// One chunk's share of the norm: scale^2 * ssq (Note [scaled norm]).  16-bit grads are summed
+// in float32.
+template <class S>
+PartialSum chunk_sumsq(const S* g, std::int64_t n) {
+  using T = compute_t<S>;
   using V = Vec<T>;
   V s0 = V::set1(0), s1 = V::set1(0);
   constexpr std::int64_t W = V::width;
@@ -218,14 +347,14 @@ PartialSum chunk_sumsq(const T* g, std::int64_t n) {
   if (amax == 0 || !std::isfinite(amax)) return {1, amax};  // zeros, or an Inf
   double ssq = 0;
   for (std::int64_t k = 0; k < n; ++k) {
-    const double r = static_cast<double>(g[k]) / amax;
+    const double r = static_cast<double>(widen(g[k])) / amax;
     ssq += r * r;
   }
   return {amax, ssq};
 }
 
-template <class T>
-void grad_norm(const OptimTensor<T>* tensors, std::int64_t count, double* out) {
+template <class S>
+void grad_norm(const OptimTensor<S>* tensors, std::int64_t count, double* out) {
   const std::vector<Chunk> chunks = make_chunks(tensors, count);
   std::vector<PartialSum> partial(chunks.size(), PartialSum{1.0, 0.0});
   const std::int64_t num = static_cast<std::int64_t>(chunks.size());
@@ -261,6 +390,22 @@ void grad_norm_f32(const OptimTensor<float>* tensors, std::int64_t count, double
   grad_norm(tensors, count, out);
 }
 void grad_norm_f64(const OptimTensor<double>* tensors, std::int64_t count, double* out) {
+  grad_norm(tensors, count, out);
+}
+void sgd_step_bf16_sf32(const SgdArgs<bf16, float>& args) { sgd_step(args); }
+void sgd_step_bf16_sbf16(const SgdArgs<bf16, bf16>& args) { sgd_step(args); }
+void sgd_step_f16_sf32(const SgdArgs<f16, float>& args) { sgd_step(args); }
+void sgd_step_f16_sbf16(const SgdArgs<f16, bf16>& args) { sgd_step(args); }
+void sgd_step_f32_sbf16(const SgdArgs<float, bf16>& args) { sgd_step(args); }
+void adam_step_bf16_sf32(const AdamArgs<bf16, float>& args) { adam_step(args); }
+void adam_step_bf16_sbf16(const AdamArgs<bf16, bf16>& args) { adam_step(args); }
+void adam_step_f16_sf32(const AdamArgs<f16, float>& args) { adam_step(args); }
+void adam_step_f16_sbf16(const AdamArgs<f16, bf16>& args) { adam_step(args); }
+void adam_step_f32_sbf16(const AdamArgs<float, bf16>& args) { adam_step(args); }
+void grad_norm_bf16(const OptimTensor<bf16>* tensors, std::int64_t count, double* out) {
+  grad_norm(tensors, count, out);
+}
+void grad_norm_f16(const OptimTensor<f16>* tensors, std::int64_t count, double* out) {
   grad_norm(tensors, count, out);
 }
 

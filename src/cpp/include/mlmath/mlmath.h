@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace mlmath {
@@ -75,38 +76,61 @@ struct CrossEntropyArgs {
 };
 
 // One tensor of an optimizer step: n elements in each array; state pointers a step does not use
-// are null.  Arrays are contiguous and do not overlap.
-template <class T>
+// are null.  Arrays are contiguous and do not overlap.  S is the storage type of param and grad
+// (float, double, bf16, f16) and St that of the state buffers: S itself for float32 / float64
+// params, float or bf16 for 16-bit params (and bf16 for float32 params).  16-bit params compute
+// in float32 (Note [16-bit optimizer steps] in kernels/optim.cpp); `master`, when not null, is
+// a float32 copy of a 16-bit param: the step reads and writes it and stores its value rounded to
+// nearest even into param.
+template <class S, class St = S>
 struct OptimTensor {
-  T* param;
-  const T* grad;
-  T* state1;  // SGD: momentum buffer; Adam: exp_avg
-  T* state2;  // Adam: exp_avg_sq
-  T* state3;  // Adam with amsgrad: max_exp_avg_sq
+  S* param;
+  const S* grad;
+  St* state1;  // SGD: momentum buffer; Adam: exp_avg
+  St* state2;  // Adam: exp_avg_sq
+  St* state3;  // Adam with amsgrad: max_exp_avg_sq
   std::int64_t n;
+  float* master = nullptr;  // 16-bit params only: the float32 master weights
+};
+
+// The type an optimizer step of storage type S computes in: double for double, else float.
+template <class S>
+using optim_math_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// Stochastic rounding of the 16-bit values a step stores (bf16 params without a master copy, and
+// bf16 state): when `stochastic_rounding`, the bits come from a counter-based hash of
+// (seed, step, tensor index, element index) (Note [stochastic rounding] in kernels/optim.cpp).
+struct RoundingArgs {
+  bool stochastic_rounding = false;
+  std::uint64_t seed = 0;
+  std::int64_t step = 0;
 };
 
 // torch.optim.SGD over every tensor in one parallel region (kernels/optim.cpp).
-template <class T>
+template <class S, class St = S>
 struct SgdArgs {
-  const OptimTensor<T>* tensors;
+  using T = optim_math_t<S>;
+  const OptimTensor<S, St>* tensors;
   std::int64_t count;
   T lr, momentum, dampening, weight_decay;
   bool nesterov;
   bool first_step;  // momentum buffer := d_p (torch creates it on the first step)
   T grad_scale;     // applied to every gradient first: -1 for maximize, times a clip coefficient
+  RoundingArgs rounding = {};
 };
 
 // torch.optim.Adam (decoupled = false) / AdamW (decoupled = true).
-template <class T>
+template <class S, class St = S>
 struct AdamArgs {
-  const OptimTensor<T>* tensors;
+  using T = optim_math_t<S>;
+  const OptimTensor<S, St>* tensors;
   std::int64_t count;
   T lr, beta1, beta2, eps, weight_decay;
   bool decoupled, amsgrad;
   T step_size;                  // lr / (1 - beta1^step)
   T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step)
   T grad_scale;
+  RoundingArgs rounding = {};
 };
 
 // Batched matrix product C_b = A_b B_b (or C_b += A_b B_b): A_b is M x K with element (i, k)

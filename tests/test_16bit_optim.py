@@ -1,0 +1,486 @@
+"""The optimizers on bfloat16 and float16 params (float32 math; Note [16-bit optimizers] in
+mlmath_native/optim.py): one step against the float64 reference from the same 16-bit inputs
+(tolerances from the storage precision), trajectories against torch.optim on bf16 params
+(our error vs the float64 golden at most ``PYTORCH_FACTOR`` = 2 x PyTorch's), master weights
+(the trajectory of a float32 run, rounded), bfloat16 state, stochastic rounding (unbiased,
+seeded, independent of the thread count; the regression demo in bf16 trains with it and stalls
+without it), the all-or-nothing bad-input contract; run once per ISA path."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from sixteen import HALF_NAMES, PYTORCH_FACTOR, dtype_of, to_torch, unit_roundoff, widen
+
+import mlmath_native as mn
+from mlmath_native import _core
+from mlmath_native.reference import adam_optimizer as ref_adam
+from mlmath_native.reference import gradient_descent as ref_gd
+
+SIZES = [1, 7, 8, 9, 17, 1023]
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def bf16():
+    return dtype_of("bfloat16")
+
+
+def make(rng, sizes, dtype, scale=1.0):
+    return [(rng.standard_normal(n) * scale).astype(np.float32).astype(dtype) for n in sizes]
+
+
+def snapshot(opt):
+    return {k: np.array(v, copy=True) for k, v in opt.state_dict().items()}
+
+
+def state_of(opt, name, i):
+    b = opt.state[name][i]
+    return widen(b)
+
+
+def golden_step(cls, opts, p, g, state, t):
+    """One float64 reference step from 16-bit (or float32) values widened: (param, state)."""
+    if cls is mn.SGD:
+        buf = state.get("momentum_buffer")
+        q, buf = ref_gd.sgd_step(p, g, buf if t > 1 else None, **opts)
+        return q, {"momentum_buffer": buf}
+    q, m, v, mx = ref_adam.adam_step(
+        p,
+        g,
+        state["exp_avg"],
+        state["exp_avg_sq"],
+        step=t,
+        decoupled_weight_decay=cls is mn.AdamW,
+        max_exp_avg_sq=state.get("max_exp_avg_sq"),
+        **{k: v for k, v in opts.items() if k != "amsgrad"},
+    )
+    out = {"exp_avg": m, "exp_avg_sq": v}
+    if opts.get("amsgrad"):
+        out["max_exp_avg_sq"] = mx
+    return q, out
+
+
+CASES = [
+    (mn.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (mn.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, maximize=True)),
+    (mn.SGD, dict(lr=0.05)),
+    (mn.Adam, dict(lr=0.01, weight_decay=0.01, amsgrad=True)),
+    (mn.AdamW, dict(lr=0.01, weight_decay=0.1)),
+    (mn.AdamW, dict(lr=0.01, weight_decay=0.01, maximize=True)),
+]
+CASE_IDS = [f"{c.__name__}-{i}" for i, (c, _) in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("state_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("dtype_name", HALF_NAMES)
+@pytest.mark.parametrize("cls,opts", CASES, ids=CASE_IDS)
+def test_each_step_against_the_float64_reference(cls, opts, dtype_name, master, state_dtype, rng):
+    """Every step: the param within one rounding of the float64 step taken from the same
+    16-bit param (or the float32 master) and state; float32 state within float32 error of it,
+    bfloat16 state within one bf16 rounding."""
+    if state_dtype:
+        dtype_of("bfloat16")
+    dtype = dtype_of(dtype_name)
+    u = unit_roundoff(dtype)
+    params = make(rng, SIZES, dtype)
+    opt = cls(params, master_weights=master, state_dtype=state_dtype, **opts)
+    state_names = [n for n in opt._step_state(opt._check_hyper("t", opt._hyper_values()))]
+    # float32 state: 1 - beta2 is rounded to float32 (relative 1e-4 of (1 - beta2) g^2)
+    su = unit_roundoff(bf16()) if state_dtype else 2.5e-4
+    for t in range(1, 6):
+        grads = make(rng, SIZES, dtype)
+        before = [state_of(opt, "master", i) if master else widen(p) for i, p in enumerate(params)]
+        states = [{n: state_of(opt, n, i) for n in state_names} for i in range(len(params))]
+        opt.step(grads)
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            want, want_state = golden_step(cls, opts, before[i], widen(g), states[i], t)
+            # float32 math: its rounding of the param's scale, plus 1e-3 of lr for the update
+            # (Adam's m = beta1 m + (1 - beta1) g cancels, amplifying float32 errors)
+            math32 = 8 * EPS32 * max(float(np.max(np.abs(want))), 1e-3) + 1e-3 * opts["lr"]
+            if master:
+                m = widen(opt.state["master"][i])
+                np.testing.assert_allclose(m, want, rtol=0, atol=math32)
+                np.testing.assert_array_equal(widen(p), widen(m.astype(np.float32).astype(dtype)))
+            # one rounding of the float32 result
+            tol = u * (np.abs(want) + math32) + math32 + 2**-24
+            assert np.all(np.abs(widen(p) - want) <= tol)
+            for n, w in want_state.items():
+                if w is None:
+                    continue
+                got = state_of(opt, n, i)
+                sscale = max(float(np.max(np.abs(w))), 1e-30)
+                assert np.all(np.abs(got - w) <= su * np.abs(w) + 8 * EPS32 * sscale), n
+                assert opt.state[n][i].dtype.name == (state_dtype or "float32")
+
+
+@pytest.mark.parametrize("state_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize("cls,opts", CASES, ids=CASE_IDS)
+def test_trajectory_against_torch_on_bf16(cls, opts, state_dtype, rng):
+    """40 steps on bf16 params from the same start with the same grads: our largest distance
+    to the float64 trajectory is at most PYTORCH_FACTOR x torch.optim's on bf16 params (torch
+    keeps its state in bf16 too)."""
+    torch = pytest.importorskip("torch")
+    dtype = bf16()
+    params = make(rng, [7, 1023, 5000], dtype)
+    golden = [widen(p) for p in params]
+    gopt = cls(golden, **opts)  # float64: the golden trajectory (checked against the reference
+    # by test_optim.py)
+    tparams = [to_torch(p).requires_grad_() for p in params]
+    tcls = {mn.SGD: torch.optim.SGD, mn.Adam: torch.optim.Adam, mn.AdamW: torch.optim.AdamW}[cls]
+    topt = tcls(tparams, foreach=False, **opts)
+    opt = cls(params, state_dtype=state_dtype, **opts)
+    for _ in range(40):
+        grads = make(rng, [7, 1023, 5000], dtype)
+        opt.step(grads)
+        gopt.step([widen(g) for g in grads])
+        for tp, g in zip(tparams, grads, strict=True):
+            tp.grad = to_torch(g)
+        topt.step()
+    ours = max(float(np.max(np.abs(widen(p) - w))) for p, w in zip(params, golden, strict=True))
+    theirs = max(
+        float(np.max(np.abs(widen(tp.detach()) - w))) for tp, w in zip(tparams, golden, strict=True)
+    )
+    assert ours <= PYTORCH_FACTOR * theirs + 1e-3, (ours, theirs)
+
+
+@pytest.mark.parametrize("dtype_name", HALF_NAMES)
+@pytest.mark.parametrize("cls,opts", CASES, ids=CASE_IDS)
+def test_master_weights_trajectory_is_the_float32_run_rounded(cls, opts, dtype_name, rng):
+    dtype = dtype_of(dtype_name)
+    params = make(rng, [9, 70000], dtype)
+    wide = [p.astype(np.float32) for p in params]
+    opt = cls(params, master_weights=True, **opts)
+    ref = cls(wide, **opts)
+    for _ in range(10):
+        grads = make(rng, [9, 70000], dtype)
+        opt.step(grads)
+        ref.step([g.astype(np.float32) for g in grads])
+    for p, m, w in zip(params, opt.state["master"], wide, strict=True):
+        np.testing.assert_array_equal(m, w)
+        np.testing.assert_array_equal(p.view(np.uint16), w.astype(dtype).view(np.uint16))
+
+
+def test_float32_params_with_bfloat16_state(rng):
+    dtype = bf16()
+    params = make(rng, [9, 1023], np.float32)
+    ref = [p.astype(np.float64) for p in params]
+    opt = mn.AdamW(params, lr=0.01, state_dtype="bfloat16")
+    gopt = mn.AdamW(ref, lr=0.01)
+    for _ in range(20):
+        grads = make(rng, [9, 1023], np.float32)
+        opt.step(grads)
+        gopt.step([g.astype(np.float64) for g in grads])
+    assert opt.state["exp_avg"][0].dtype == dtype
+    for p, w in zip(params, ref, strict=True):
+        np.testing.assert_allclose(p, w, atol=0.01 * 20 * unit_roundoff(dtype) * 4)
+
+
+# -- stochastic rounding ------------------------------------------------------------------------
+
+N_SR = 200_003  # several chunks of the kernels' 65536
+
+
+def sr_step(value, step_value, *, seed=1, threads=None, n=N_SR, state_dtype=None):
+    """n copies of bf16 `value` after one SGD step of lr 1 and grad -step_value, with SR."""
+    dtype = bf16()
+    p = np.full(n, value, dtype)
+    g = np.full(n, -step_value, dtype)
+    old = mn.get_num_threads()
+    try:
+        if threads:
+            mn.set_num_threads(threads)
+        mn.SGD(p, lr=1.0, stochastic_rounding=True, seed=seed, state_dtype=state_dtype).step(g)
+    finally:
+        mn.set_num_threads(old)
+    return p
+
+
+def test_stochastic_rounding_is_unbiased():
+    dtype = bf16()
+    step = float(np.array(0.3 * 2.0**-7, np.float32).astype(dtype))  # 0.3 of an ulp of 1.0
+    exact = float(np.float32(1.0) + np.float32(step))
+    p = sr_step(1.0, step)
+    values = np.unique(widen(p))
+    assert set(values) == {1.0, 1.0 + 2.0**-7}  # the two neighbours only
+    frac = (exact - 1.0) / 2.0**-7
+    se = 2.0**-7 * np.sqrt(frac * (1 - frac) / len(p))
+    mean = float(np.mean(widen(p)))
+    assert abs(mean - exact) <= 4 * se, (mean, exact, se)
+    # round to nearest even would have left every copy at 1.0
+    rne = np.full(8, 1.0, dtype)
+    mn.SGD(rne, lr=1.0).step(np.full(8, -step, dtype))
+    assert np.all(widen(rne) == 1.0)
+    # negative values: symmetric
+    q = sr_step(-1.0, -step)
+    assert abs(float(np.mean(widen(q))) + exact) <= 4 * se
+
+
+def test_stochastic_rounding_is_seeded_and_thread_independent():
+    step = float(np.array(0.5 * 2.0**-7, np.float32).astype(bf16()))
+    one = sr_step(1.0, step, threads=1)
+    two = sr_step(1.0, step, threads=2)
+    np.testing.assert_array_equal(one.view(np.uint16), two.view(np.uint16))
+    np.testing.assert_array_equal(one.view(np.uint16), sr_step(1.0, step).view(np.uint16))
+    other = sr_step(1.0, step, seed=2)
+    assert np.mean(one.view(np.uint16) != other.view(np.uint16)) > 0.4
+
+
+def test_stochastic_rounding_of_bfloat16_state_is_unbiased():
+    """A momentum buffer in bf16: its first value is the grad (exact); the second,
+    0.9 b + g, lies between bf16 neighbours and is rounded stochastically."""
+    dtype = bf16()
+    n = N_SR
+    p = np.zeros(n, dtype)
+    opt = mn.SGD(
+        p, lr=1e-30, momentum=0.9, state_dtype="bfloat16", stochastic_rounding=True, seed=5
+    )
+    g1 = np.full(n, 1.0, dtype)
+    opt.step(g1)
+    g2 = np.full(n, float(np.array(0.0123, np.float32).astype(dtype)), dtype)
+    opt.step(g2)
+    exact = float(np.float32(0.9) * np.float32(1.0) + np.float32(widen(g2)[0]))
+    buf = widen(opt.state["momentum_buffer"][0])
+    assert len(np.unique(buf)) == 2
+    assert abs(float(buf.mean()) - exact) <= 4 * 2.0**-8 * 0.5 / np.sqrt(n)
+
+
+def test_stochastic_rounding_continues_reproducibly_after_a_state_round_trip(rng):
+    dtype = bf16()
+    params = make(rng, [100, 3000], dtype)
+    copy = [p.copy() for p in params]
+    opts = dict(lr=1e-3, state_dtype="bfloat16", stochastic_rounding=True, seed=11)
+    a = mn.AdamW(params, **opts)
+    grads = [make(rng, [100, 3000], dtype) for _ in range(6)]
+    for g in grads[:3]:
+        a.step(g)
+    f = io.BytesIO()
+    np.savez(f, **a.state_dict())
+    f.seek(0)
+    b = mn.AdamW(copy, **opts)
+    for g in grads[:3]:
+        b.step(g)
+    b.load_state_dict(dict(np.load(f)))
+    for g in grads[3:]:
+        a.step(g)
+        b.step(g)
+    for x, y in zip(params, copy, strict=True):
+        np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
+
+
+def test_regression_demo_in_bf16_trains_with_stochastic_rounding():
+    """The demo's least squares (breast cancer, 31 weights) by plain SGD, lr 1e-3, 3000 steps:
+    weights and grads in bf16.  Late updates are below half an ulp of the weights, so round to
+    nearest stalls well above the float32 run's loss; stochastic rounding tracks it (here:
+    float32 0.05729, SR 0.05741, RNE 0.06909; SR is asserted within 1 % of float32, RNE at
+    least 10 % above)."""
+    pytest.importorskip("sklearn")
+    from mlmath_native.demo.regression import load_data
+
+    a, y, _, _ = load_data()
+    yf = y.astype(np.float64)
+    n = len(a)
+
+    def loss(th):
+        r = a @ widen(th) - yf
+        return float(r @ r) / n
+
+    def run(dtype, **kw):
+        th = np.zeros(a.shape[1], np.float32)
+        th[-1] = 0.6
+        th = th.astype(dtype)
+        opt = mn.SGD(th, lr=1e-3, **kw)
+        for _ in range(3000):
+            r = a @ widen(th) - yf
+            opt.step(((a.T @ r) * (2 / n)).astype(dtype))
+        return loss(th)
+
+    dtype = bf16()
+    fp32 = run(np.float32)
+    rne = run(dtype)
+    sr = run(dtype, stochastic_rounding=True, seed=1)
+    print(f"regression bf16: float32 {fp32:.6f}, SR {sr:.6f}, RNE {rne:.6f}")
+    assert sr <= 1.01 * fp32, (sr, fp32)
+    assert rne >= 1.10 * fp32, (rne, fp32)
+
+
+# -- clipping, skipping, interop ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype_name", HALF_NAMES)
+def test_grad_norm_and_clipping_of_16bit_grads(dtype_name, rng):
+    dtype = dtype_of(dtype_name)
+    grads = make(rng, [7, 70000, 33], dtype, scale=3.0)
+    exact = float(np.sqrt(sum(float(np.sum(widen(g) ** 2)) for g in grads)))
+    # float32 sums of up to 65536 squares per chunk (one accumulator on the scalar path)
+    assert abs(_core.grad_norm(grads) - exact) <= 1e-4 * exact
+    params = make(rng, [7, 70000, 33], dtype)
+    wide = [widen(p) for p in params]
+    res = mn.SGD(params, lr=0.1, max_grad_norm=1.0, master_weights=True).step(grads)
+    assert abs(res.grad_norm - exact) <= 1e-4 * exact
+    mn.SGD(wide, lr=0.1, max_grad_norm=1.0).step([widen(g) for g in grads])
+    for p, w in zip(params, wide, strict=True):
+        assert np.all(np.abs(widen(p) - w) <= unit_roundoff(dtype) * np.abs(w) + 1e-6)
+
+
+@pytest.mark.parametrize("dtype_name", HALF_NAMES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_skip_nonfinite_16bit(dtype_name, bad, rng):
+    dtype = dtype_of(dtype_name)
+    params = make(rng, [9, 100], dtype)
+    opt = mn.AdamW(params, skip_nonfinite=True, master_weights=True)
+    before = [p.copy() for p in params], snapshot(opt)
+    grads = make(rng, [9, 100], dtype)
+    grads[1][50] = bad
+    assert not opt.step(grads).applied
+    for p, q in zip(params, before[0], strict=True):
+        np.testing.assert_array_equal(p.view(np.uint16), q.view(np.uint16))
+    for k, v in snapshot(opt).items():
+        np.testing.assert_array_equal(v, before[1][k])
+
+
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float16"])
+def test_torch_16bit_tensor_updated_in_place(tdtype):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("ml_dtypes")
+    dt = getattr(torch, tdtype)
+    w = torch.linspace(-1, 1, 37).to(dt)
+    ptr = w.data_ptr()
+    want = w.to(torch.float64) - 0.5 * 0.25
+    opt = mn.SGD([w], lr=0.5)
+    opt.step([torch.full((37,), 0.25, dtype=dt)])
+    assert w.data_ptr() == ptr and w.dtype == dt
+    expected = want.to(dt).to(torch.float64)
+    assert torch.equal(w.to(torch.float64), expected)
+
+
+@pytest.mark.parametrize("dtype_name", HALF_NAMES)
+def test_state_dict_round_trip_with_master_weights(dtype_name, rng, tmp_path):
+    dtype = dtype_of(dtype_name)
+    params = make(rng, [9, 1023], dtype)
+    copy = [p.copy() for p in params]
+    opts = dict(
+        lr=1e-2, master_weights=True, state_dtype="bfloat16" if dtype_name == "bfloat16" else None
+    )
+    a = mn.Adam(params, **opts)
+    grads = [make(rng, [9, 1023], dtype) for _ in range(6)]
+    for g in grads[:3]:
+        a.step(g)
+    np.savez(tmp_path / "s.npz", **a.state_dict())
+    b = mn.Adam(copy, **opts)
+    b.load_state_dict(dict(np.load(tmp_path / "s.npz")))
+    for p, q in zip(params, copy, strict=False):
+        q[...] = p
+    for g in grads[3:]:
+        a.step(g)
+        b.step(g)
+    for x, y in zip(params, copy, strict=True):
+        np.testing.assert_array_equal(x.view(np.uint16), y.view(np.uint16))
+    for x, y in zip(a.state["master"], b.state["master"], strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+# -- bad input: a clear error and nothing written -------------------------------------------------
+
+
+def _assert_unchanged(opt, params, before):
+    for p, q in zip(params, before[0], strict=True):
+        np.testing.assert_array_equal(p.view(np.uint8), q.view(np.uint8))
+    for k, v in snapshot(opt).items():
+        np.testing.assert_array_equal(v, before[1][k])
+
+
+def test_float16_grad_for_a_bfloat16_param_changes_nothing(rng):
+    dtype = bf16()
+    params = make(rng, [9, 10, 11], dtype)
+    opt = mn.AdamW(params, master_weights=True)
+    opt.step(make(rng, [9, 10, 11], dtype))
+    before = [p.copy() for p in params], snapshot(opt)
+    grads = make(rng, [9, 10, 11], dtype)
+    grads[2] = grads[2].astype(np.float16)
+    with pytest.raises(
+        TypeError, match=r"grads\[2\] has dtype float16 \(expected the param's bfloat16\)"
+    ):
+        opt.step(grads)
+    _assert_unchanged(opt, params, before)
+    assert opt.step_count == 1
+
+
+def test_binding_refuses_mixed_16bit_dtypes(rng):
+    dtype = bf16()
+    p = [np.ones(4, dtype)]
+    with pytest.raises(TypeError, match="dtype float16"):
+        _core.sgd_step(p, [np.ones(4, np.float16)], None, 0.1, 0, 0, 0, False, False, 1.0)
+    with pytest.raises(ValueError, match="master weights are for bfloat16 or float16"):
+        _core.sgd_step(
+            [np.ones(4, np.float32)],
+            [np.ones(4, np.float32)],
+            None,
+            0.1,
+            0,
+            0,
+            0,
+            False,
+            False,
+            1.0,
+            masters=[np.ones(4, np.float32)],
+        )
+    with pytest.raises(TypeError, match="not a state dtype"):
+        _core.sgd_step(
+            p, [np.ones(4, dtype)], [np.ones(4, np.float16)], 0.1, 0.9, 0, 0, False, False, 1.0
+        )
+    np.testing.assert_array_equal(widen(p[0]), 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,text",
+    [
+        (dict(state_dtype="float16"), ValueError, "state_dtype is invalid"),
+        (dict(state_dtype=3), TypeError, "state_dtype must be"),
+        (dict(seed=-1), ValueError, "seed is invalid"),
+        (dict(seed=1.5), TypeError, "seed must be an integer"),
+        (dict(master_weights="yes"), TypeError, "master_weights must be a bool"),
+    ],
+)
+def test_bad_settings(kwargs, exc, text):
+    with pytest.raises(exc, match=text):
+        mn.Adam([np.zeros(3, bf16())], **kwargs)
+
+
+def test_state_dtype_for_float64_params_and_sr_for_float16():
+    with pytest.raises(ValueError, match="float64 params keep float64 state"):
+        mn.SGD([np.zeros(3, np.float32), np.zeros(3)], lr=0.1, state_dtype="bfloat16")
+    with pytest.raises(ValueError, match="stochastic_rounding is for bfloat16"):
+        mn.SGD([np.zeros(3, np.float16)], lr=0.1, stochastic_rounding=True)
+    # float16 with master weights: the params are rounded to nearest from the masters
+    mn.SGD([np.zeros(3, np.float16)], lr=0.1, stochastic_rounding=True, master_weights=True)
+
+
+def test_master_weights_on_float32_params_is_a_no_op(rng):
+    p = make(rng, [9], np.float32)
+    q = [x.copy() for x in p]
+    a = mn.AdamW(p, master_weights=True)
+    b = mn.AdamW(q)
+    for _ in range(3):
+        g = make(rng, [9], np.float32)
+        a.step(g)
+        b.step(g)
+    np.testing.assert_array_equal(p[0], q[0])
+    assert a.state["master"] == [None]
+    assert "master.0" not in a.state_dict()
+
+
+def test_load_state_dict_refuses_another_layout(rng):
+    dtype = bf16()
+    params = make(rng, [5], dtype)
+    a = mn.Adam(params, master_weights=True)
+    a.step(make(rng, [5], dtype))
+    before = [p.copy() for p in params], snapshot(a)
+    for other in (dict(master_weights=False), dict(master_weights=True, state_dtype="bfloat16")):
+        b = mn.Adam(make(rng, [5], dtype), **other)
+        b.step(make(rng, [5], dtype))
+        with pytest.raises(ValueError, match="the state was saved with"):
+            a.load_state_dict(b.state_dict())
+        _assert_unchanged(a, params, before)
