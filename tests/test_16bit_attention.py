@@ -420,3 +420,18 @@ def test_results_do_not_depend_on_threads(dtype_name, rng, threads):
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype_name", HALF_NAMES)
+def test_dask_wrapper_keeps_the_16bit_dtype(dtype_name, rng):
+    da = pytest.importorskip("dask.array")
+    import mlmath_native.dask as mnd
+
+    dtype = dtype_of(dtype_name)
+    q, k, v = qkv(rng, dtype, (2, 4, 9, 8), (2,), 2, 11)
+    mask = rng.standard_normal((9, 11))  # float64: added in float32, the dtype stays 16-bit
+    lazy = mnd.attention(da.from_array(q, chunks=(1, 2, 9, 8)), k, v, mask=mask, causal=True)
+    assert lazy.dtype == dtype
+    got = lazy.compute()
+    want = mn.attention(q, k, v, mask=mask, causal=True)
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))

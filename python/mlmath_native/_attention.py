@@ -382,7 +382,7 @@ def _sum_to(g: NDArray[Any], shape: tuple[int, ...]) -> NDArray[Any]:
     )
     if not axes:
         return g.reshape(shape)
-    total = g.sum(axis=axes, keepdims=True, dtype=stat_dtype(g.dtype))
+    total: NDArray[Any] = g.sum(axis=axes, keepdims=True, dtype=stat_dtype(g.dtype))
     return total.astype(g.dtype, copy=False).reshape(shape)
 
 
