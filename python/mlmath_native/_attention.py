@@ -12,7 +12,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import as_float_array, as_input, check_size
+from ._checks import as_float_array, as_input, check_size, is_storage_dtype
 
 #: False (no mask), True or "upper_left" (j <= i), "lower_right" (j <= i + Lk - Lq).  None is
 #: refused, as by the reference and by PyTorch's ``is_causal``: it could mean either.
@@ -156,16 +156,23 @@ def check_options(
     return code, value, p, s
 
 
+def stat_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The dtype attention computes in for inputs of ``dtype``: float32 for bfloat16 and
+    float16 (Note [16-bit storage]: the lse and a float mask are float32), else ``dtype``."""
+    return np.dtype(np.float32) if np.dtype(dtype).itemsize == 2 else np.dtype(dtype)
+
+
 def check_mask(fn: str, mask: Any, dtype: np.dtype[Any], full: tuple[int, ...]) -> Any:
-    """A bool mask, or a real one cast to ``dtype`` (added to the scores), whose shape
-    broadcasts to ``full`` = (..., Hq, Lq, Lk); NumPy or Dask arrays."""
+    """A bool mask, or a real one cast to the compute dtype of inputs of ``dtype``
+    (:func:`stat_dtype`; added to the scores), whose shape broadcasts to ``full`` =
+    (..., Hq, Lq, Lk); NumPy or Dask arrays."""
     if mask.dtype != np.bool_:
-        if mask.dtype.kind not in "biuf":
+        if not (mask.dtype.kind in "biuf" or is_storage_dtype(mask.dtype)):
             raise TypeError(
                 f"{fn}: mask has unsupported dtype {mask.dtype} (expected bool, or a real "
                 "number added to the scores)"
             )
-        mask = mask.astype(dtype, copy=False)
+        mask = mask.astype(stat_dtype(dtype), copy=False)
     try:
         broadcasts = np.broadcast_shapes(mask.shape, full) == full
     except ValueError:
@@ -299,7 +306,9 @@ def attention(
         attention).  2-D inputs (L, D) are one head.
     mask : array_like, optional
         Broadcastable to (..., Hq, Lq, Lk).  Boolean: True where query i may attend to key j.
-        Otherwise added to the scores (``-inf`` forbids).  Masked positions are excluded by
+        Otherwise added to the scores (``-inf`` forbids), converted to the compute dtype
+        (float32 for float32, bfloat16 and float16 inputs): a mask never changes the result's
+        dtype.  Masked positions are excluded by
         selection, so NaN or inf scores there never reach the output.
     causal : {False, True, "upper_left", "lower_right"}
         True / "upper_left": query i sees keys j <= i (PyTorch's ``is_causal``);
@@ -318,9 +327,13 @@ def attention(
     Returns
     -------
     out : ndarray, (..., Hq, Lq, Dv)
-        float32 when q, k and v are float32, else float64.  A query that may attend to no key
-        gets zeros (and lse -inf).
+        Of the dtype of q, k and v: float32, float64, bfloat16 or float16 (mixed dtypes promote
+        as ``np.result_type``; integers and bool compute in float64).  bfloat16 and float16
+        are storage only (Note [16-bit storage]): every product, sum, the online-softmax
+        statistics and the output accumulators are float32, and each output element is
+        rounded once.  A query that may attend to no key gets zeros (and lse -inf).
     lse : ndarray, (..., Hq, Lq), only with ``return_lse=True``
+        Of the compute dtype: float32 for bfloat16 and float16 inputs, else out's dtype.
 
     Raises
     ------
@@ -346,7 +359,7 @@ def attention(
     fn = "attention"
     p = _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed)
     out = _core.empty((p.b, p.hq, p.lq, p.dv), p.dtype)
-    lse = _core.empty((p.b, p.hq, p.lq), p.dtype) if return_lse else None
+    lse = _core.empty((p.b, p.hq, p.lq), stat_dtype(p.dtype)) if return_lse else None
     if out.size or (lse is not None and lse.size):  # (Dv = 0 without lse: nothing to compute)
         args = (p.mask, p.causal, p.scale, p.dropout_p, p.seed)
         _core.attention_into(p.q, p.k, p.v, *args, out, lse)
@@ -362,12 +375,15 @@ def attention(
 
 def _sum_to(g: NDArray[Any], shape: tuple[int, ...]) -> NDArray[Any]:
     """The adjoint of broadcasting ``shape`` to ``g.shape``: sums over the broadcast axes (in
-    NumPy's fixed order)."""
+    NumPy's fixed order; 16-bit gradients are summed in float32 and rounded once more)."""
     lead = g.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(
         lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1
     )
-    return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g.reshape(shape)
+    if not axes:
+        return g.reshape(shape)
+    total: NDArray[Any] = g.sum(axis=axes, keepdims=True, dtype=stat_dtype(g.dtype))
+    return total.astype(g.dtype, copy=False).reshape(shape)
 
 
 def attention_backward(
@@ -388,6 +404,11 @@ def attention_backward(
 
     ``out`` and ``lse`` are the forward's results (``attention(..., return_lse=True)``) for the
     same arguments; ``grad_out`` is the gradient of the loss with respect to ``out``.  The
+    gradients have the dtype of q, k and v (as :func:`attention`'s out); for bfloat16 and
+    float16 inputs all the arithmetic is float32 (``lse`` is read as float32) and each gradient
+    element is rounded once (dk and dv are summed over the query heads of a group and every
+    query block in float32; a sum over broadcast batch dimensions is one more float32 sum and
+    rounding).  The
     scores are recomputed block by block (no L x L buffer).  dk and dv are summed over the
     query heads of each group (GQA) and over broadcast batch dimensions, in a fixed order:
     results do not depend on the number of threads.  Masked positions, and queries that see no
@@ -425,7 +446,8 @@ def attention_backward(
         arr = as_float_array(arr, fn, name)
         if arr.shape != shape:
             raise ValueError(f"{fn}: {name} has shape {arr.shape} (expected {shape})")
-        arrays.append(np.ascontiguousarray(arr, dtype=p.dtype).reshape(kernel_shape))
+        dtype = stat_dtype(p.dtype) if name == "lse" else p.dtype
+        arrays.append(np.ascontiguousarray(arr, dtype=dtype).reshape(kernel_shape))
     out4, grad4, lse3 = arrays
     dq = np.empty(p.q.shape, p.dtype)
     dk = np.empty(p.k.shape, p.dtype)

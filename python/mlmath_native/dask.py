@@ -434,7 +434,8 @@ def attention(
     Returns
     -------
     dask.array.Array
-        (..., Hq, Lq, Dv), lazy; float32 when q, k and v are float32, else float64.
+        (..., Hq, Lq, Dv), lazy; of the dtype of q, k and v as the in-memory function
+        (float32, float64, bfloat16 or float16; mixed dtypes promote as ``np.result_type``).
 
     Examples
     --------

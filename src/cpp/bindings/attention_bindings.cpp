@@ -20,7 +20,12 @@ namespace py = pybind11;
 namespace mlmath::bindings {
 namespace {
 
-// mask: None or a (B, Hq, Lq, Lk) view of non-negative strides, bool or of q's dtype.
+// The dtype attention computes in for storage dtype dt: float32 for bf16 and f16 (the dtype of
+// a float mask and of the lse; Note [16-bit storage]), else dt.
+DType compute_dtype(DType dt) { return dt == DType::f64 ? DType::f64 : DType::f32; }
+
+// mask: None or a (B, Hq, Lq, Lk) view of non-negative strides, bool or of q's compute dtype
+// (q's dtype, float32 for bf16 and f16 q).
 void check_mask(const py::object& mask, const py::array& q, std::int64_t B, std::int64_t hq,
                 std::int64_t lq, std::int64_t lk, const char* fn, const void*& mp,
                 bool& mask_is_bool, std::int64_t ms[4]) {
@@ -31,8 +36,10 @@ void check_mask(const py::object& mask, const py::array& q, std::int64_t B, std:
   if (m.dtype().kind() == 'b') {
     mask_is_bool = true;
   } else {
-    if (float_dtype_any_layout(m, fn, "mask") != float_dtype_any_layout(q, fn, "q")) {
-      throw py::type_error(std::string(fn) + ": mask must be bool or q's dtype");
+    if (float_dtype_any_layout(m, fn, "mask") !=
+        compute_dtype(float_dtype_any_layout(q, fn, "q", true))) {
+      throw py::type_error(std::string(fn) +
+                           ": mask must be bool or q's dtype (float32 for bfloat16 or float16 q)");
     }
   }
   require_aligned(m, fn, "mask");
@@ -52,7 +59,8 @@ void check_mask(const py::object& mask, const py::array& q, std::int64_t B, std:
 
 // What attention_into and attention_backward_into share, checked: q (B, Hq, Lq, D), k (Bk, Hkv,
 // Lk, D) and v (Bv, Hkv, Lk, Dv) with Bk and Bv either B or 1 and Hq a multiple of Hkv, the
-// options, and the mask (None or a (B, Hq, Lq, Lk) view of any strides, bool or q's dtype).
+// options, and the mask (None or a (B, Hq, Lq, Lk) view of any strides, bool or q's compute
+// dtype).  q, k and v are float32, float64, bfloat16 or float16, all three the same.
 struct AttentionCall {
   DType dtype;
   std::int64_t B, hq, lq, d, hkv, lk, dv;
@@ -69,7 +77,7 @@ AttentionCall check_call(const char* fn, const py::array& q, const py::array& k,
                          const py::object& mask, int causal, double scale, double dropout_p,
                          std::uint64_t seed) {
   AttentionCall c{};
-  c.dtype = float_dtype(q, fn, "q");
+  c.dtype = float_dtype(q, fn, "q", true);
   require_same_dtype(k, c.dtype, fn, "k");
   require_same_dtype(v, c.dtype, fn, "v");
   if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) {
@@ -115,13 +123,14 @@ AttentionArgs<T> kernel_args(const AttentionCall& c, const py::array& q, const p
   a.mask_is_bool = c.mask_is_bool;
   for (int i = 0; i < 4; ++i) a.mask_stride[i] = c.mask_stride[i];
   a.causal = c.causal;
-  a.scale = static_cast<T>(c.scale);
+  a.scale = static_cast<typename AttentionArgs<T>::C>(c.scale);
   a.dropout_p = c.dropout_p;
   a.seed = c.seed;
   return a;
 }
 
-// out (B, Hq, Lq, Dv) [and lse (B, Hq, Lq)] = attention of q over k and v (check_call).
+// out (B, Hq, Lq, Dv) [and lse (B, Hq, Lq), of the compute dtype: float32 for 16-bit q] =
+// attention of q over k and v (check_call).
 void attention_into(const py::array& q, const py::array& k, const py::array& v,
                     const py::object& mask, int causal, double scale, double dropout_p,
                     std::uint64_t seed, py::array& out, const py::object& lse) {
@@ -135,39 +144,36 @@ void attention_into(const py::array& q, const py::array& k, const py::array& v,
   void* lp = nullptr;
   if (!lse.is_none()) {
     py::array l = lse.cast<py::array>();
-    require_same_dtype(l, c.dtype, fn, "lse");
+    require_same_dtype(l, compute_dtype(c.dtype), fn, "lse");
     require_writeable(l, fn, "lse");
     if (!has_shape(l, {c.B, c.hq, c.lq})) {
       throw std::invalid_argument("attention: lse must be (B, Hq, Lq)");
     }
     lp = l.mutable_data();
   }
-  with_wide_dtype(c.dtype, [&](auto tag) {
+  with_dtype(c.dtype, [&](auto tag) {
     using T = decltype(tag);
     AttentionArgs<T> a = kernel_args<T>(c, q, k, v);
     a.out = static_cast<T*>(out.mutable_data());
-    a.lse = static_cast<T*>(lp);
-    const KernelTable& kt = kernels();
+    a.lse = static_cast<typename AttentionArgs<T>::C*>(lp);
+    const auto kernel = MLMATH_KERNEL_FOR(kernels(), attention, T);
     WithoutGil nogil(Interruptible::yes);
-    if constexpr (sizeof(T) == 4) {
-      kt.attention_f32(a);
-    } else {
-      kt.attention_f64(a);
-    }
+    kernel(a);
     nogil.finish();
   });
 }
 
 // dq, dk, dv = the gradients of attention (q, k, v as for attention_into; k and v both shared
-// by every batch or neither), given out, lse (B, Hq, Lq) and grad_out like out.
+// by every batch or neither), given out, lse (B, Hq, Lq; the compute dtype) and grad_out like
+// out.
 void attention_backward_into(const py::array& q, const py::array& k, const py::array& v,
                              const py::array& out, const py::array& lse, const py::array& grad_out,
                              const py::object& mask, int causal, double scale, double dropout_p,
                              std::uint64_t seed, py::array& dq, py::array& dk, py::array& dv) {
   const char* fn = "attention_backward";
   const AttentionCall c = check_call(fn, q, k, v, mask, causal, scale, dropout_p, seed);
+  require_same_dtype(lse, compute_dtype(c.dtype), fn, "lse");
   for (const auto& [arr, name] : {std::pair<const py::array*, const char*>{&out, "out"},
-                                  {&lse, "lse"},
                                   {&grad_out, "grad_out"},
                                   {&dq, "dq"},
                                   {&dk, "dk"},
@@ -184,23 +190,20 @@ void attention_backward_into(const py::array& q, const py::array& k, const py::a
       !has_shape(dv, {bkv, c.hkv, c.lk, c.dv})) {
     throw std::invalid_argument("attention_backward: inconsistent shapes");
   }
-  with_wide_dtype(c.dtype, [&](auto tag) {
+  with_dtype(c.dtype, [&](auto tag) {
     using T = decltype(tag);
+    using C = typename AttentionArgs<T>::C;
     AttentionBackwardArgs<T> g{};
     g.fwd = kernel_args<T>(c, q, k, v);
     g.fwd.out = const_cast<T*>(static_cast<const T*>(out.data()));
-    g.fwd.lse = const_cast<T*>(static_cast<const T*>(lse.data()));
+    g.fwd.lse = const_cast<C*>(static_cast<const C*>(lse.data()));
     g.grad_out = static_cast<const T*>(grad_out.data());
     g.dq = static_cast<T*>(dq.mutable_data());
     g.dk = static_cast<T*>(dk.mutable_data());
     g.dv = static_cast<T*>(dv.mutable_data());
-    const KernelTable& kt = kernels();
+    const auto kernel = MLMATH_KERNEL_FOR(kernels(), attention_backward, T);
     WithoutGil nogil(Interruptible::yes);
-    if constexpr (sizeof(T) == 4) {
-      kt.attention_backward_f32(g);
-    } else {
-      kt.attention_backward_f64(g);
-    }
+    kernel(g);
     nogil.finish();
   });
 }

@@ -16,9 +16,17 @@
 //
 // Dropout (Note [dropout hash]) multiplies P^T by keep / (1 - p) before the second GEMM; the
 // returned lse is that of the undropped scores.
+//
+// 16-bit storage (bf16, f16; Note [16-bit storage] in common/half.h): the kernels are templated
+// on the storage type S and compute in T = compute_t<S> (float for 16-bit).  q, k, v (and
+// grad_out, out in the backward) are widened where they are packed or transposed into the
+// float scratch the float32 machinery runs on; the statistics, a float mask and the lse are
+// float; out, dq, dk and dv are each rounded once, when stored, from float sums (dk and dv over
+// the query heads of a group and every query block, dq over every key group).
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "common/gemm_core.h"
 #include "common/parallel.h"
@@ -48,8 +56,8 @@ constexpr std::int64_t kBlockQ = 96;
 // s[(i - i0) * si + (j - j0) * sj] for queries i0 <= i < i0 + nq and keys j0 <= j < j0 + nk.
 // A float mask is added (a -inf entry selects -inf, whatever the score); a boolean mask and
 // the causal limit (j <= i + offset) select -inf.
-template <class T>
-void mask_block(const AttentionArgs<T>& a, std::int64_t b, std::int64_t h, std::int64_t i0,
+template <class S, class T>
+void mask_block(const AttentionArgs<S>& a, std::int64_t b, std::int64_t h, std::int64_t i0,
                 std::int64_t nq, std::int64_t j0, std::int64_t nk, T* s, std::int64_t si,
                 std::int64_t sj) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -80,8 +88,8 @@ void mask_block(const AttentionArgs<T>& a, std::int64_t b, std::int64_t h, std::
 
 // Note [dropout hash] applied to a block laid out like mask_block's: weights that survive are
 // multiplied by keep_scale = 1 / (1 - p), the others set to 0.
-template <class T>
-void dropout_block(const AttentionArgs<T>& a, std::int64_t bh, std::int64_t i0, std::int64_t nq,
+template <class S, class T>
+void dropout_block(const AttentionArgs<S>& a, std::int64_t bh, std::int64_t i0, std::int64_t nq,
                    std::int64_t j0, std::int64_t nk, T* s, std::int64_t si, std::int64_t sj) {
   const std::uint64_t key =
       mix64(a.seed ^ (static_cast<std::uint64_t>(bh) * 0x9E3779B97F4A7C15ULL));
@@ -99,8 +107,32 @@ void dropout_block(const AttentionArgs<T>& a, std::int64_t bh, std::int64_t i0, 
   }
 }
 
-template <class T>
-void attention(const AttentionArgs<T>& a) {
+// pack_a_strided from storage S into compute-type panels: as it is for float and double, each
+// 16-bit value widened as it is packed.
+template <class S, class T>
+void pack_a_from(const S* a, std::int64_t rs, std::int64_t cs, std::int64_t M, std::int64_t i0,
+                 std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
+  if constexpr (std::is_same_v<S, T>) {
+    pack_a_strided(a, rs, cs, M, i0, mc, k0, kc, dst);
+  } else {
+    constexpr int MR = GemmShape<T>::MR;
+    for (std::int64_t p = 0; p < mc; p += MR)
+      for (int r = 0; r < MR; ++r) {
+        const std::int64_t i = i0 + p + r;
+        T* out = dst + p * kc + r;
+        if (p + r < mc && i < M) {
+          const S* src = a + i * rs + k0 * cs;
+          for (std::int64_t k = 0; k < kc; ++k) out[k * MR] = widen(src[k * cs]);
+        } else {
+          for (std::int64_t k = 0; k < kc; ++k) out[k * MR] = T(0);
+        }
+      }
+  }
+}
+
+template <class St>
+void attention(const AttentionArgs<St>& a) {
+  using T = compute_t<St>;
   using S = GemmShape<T>;
   using V = Vec<T>;
   constexpr std::int64_t W = V::width, BQ = kBlockQ, BK = S::KC;
@@ -116,22 +148,22 @@ void attention(const AttentionArgs<T>& a) {
   Scratch<T> kpack(kv_batches * a.hkv * ksize), vpack(v_batches * a.hkv * vsize);
   parallel_for(kv_batches * a.hkv, ksize, [&](std::int64_t h0, std::int64_t h1) {
     for (std::int64_t h = h0; h < h1; ++h) {
-      const T* kh = a.k + h * Lk * D;
+      const St* kh = a.k + h * Lk * D;
       prepack_a<T>(
           Lk, D,
           [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-            pack_a_strided(kh, D, std::int64_t{1}, Lk, i0, mc, k0, kc, dst);
+            pack_a_from(kh, D, std::int64_t{1}, Lk, i0, mc, k0, kc, dst);
           },
           kpack.data + h * ksize);
     }
   });
   parallel_for(v_batches * a.hkv, vsize, [&](std::int64_t h0, std::int64_t h1) {
     for (std::int64_t h = h0; h < h1; ++h) {
-      const T* vh = a.v + h * Lk * Dv;
+      const St* vh = a.v + h * Lk * Dv;
       prepack_a<T>(
           Dv, Lk,
           [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-            pack_a_strided(vh, std::int64_t{1}, Dv, Dv, i0, mc, k0, kc, dst);
+            pack_a_from(vh, std::int64_t{1}, Dv, Dv, i0, mc, k0, kc, dst);
           },
           vpack.data + h * vsize);
     }
@@ -148,13 +180,13 @@ void attention(const AttentionArgs<T>& a) {
       const std::int64_t b = bh / a.hq, h = bh % a.hq, hk = h / group;
       const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
       const std::int64_t nc = (nq + W - 1) / W * W;  // the columns computed (a short last block)
-      const T* qb = a.q + (bh * Lq + i0) * D;
+      const St* qb = a.q + (bh * Lq + i0) * D;
       const T* kp = kpack.data + ((a.k_batch_stride == 0 ? 0 : b) * a.hkv + hk) * ksize;
       const T* vp = vpack.data + ((a.v_batch_stride == 0 ? 0 : b) * a.hkv + hk) * vsize;
       // (Q_blk * scale)^T, zero past the last query
       for (std::int64_t dd = 0; dd < D; ++dd) {
         T* row = qt.data + dd * BQ;
-        for (std::int64_t c = 0; c < nq; ++c) row[c] = qb[c * D + dd] * a.scale;
+        for (std::int64_t c = 0; c < nq; ++c) row[c] = widen(qb[c * D + dd]) * a.scale;
         for (std::int64_t c = nq; c < BQ; ++c) row[c] = T(0);
       }
       for (std::int64_t c = 0; c < BQ; ++c) {
@@ -225,11 +257,12 @@ void attention(const AttentionArgs<T>& a) {
             [&](std::int64_t j) { return st.data + j * BQ; }, ot.data, BQ, true);
       }
       // out = O / l (0 for rows that saw no key), lse = m + log l
-      T* ob = a.out + (bh * Lq + i0) * Dv;
+      St* ob = a.out + (bh * Lq + i0) * Dv;
       for (std::int64_t c = 0; c < nq; ++c) {
         const T lc = l.data[c];
         const T inv = lc == T(0) ? T(0) : T(1) / lc;
-        for (std::int64_t dd = 0; dd < Dv; ++dd) ob[c * Dv + dd] = ot.data[dd * BQ + c] * inv;
+        for (std::int64_t dd = 0; dd < Dv; ++dd)
+          ob[c * Dv + dd] = narrow<St>(ot.data[dd * BQ + c] * inv);
         if (a.lse != nullptr)
           a.lse[bh * Lq + i0 + c] = lc == T(0) ? neg_inf : m.data[c] + std::log(lc);
       }
@@ -255,11 +288,13 @@ constexpr std::int64_t kDqPartialValues = std::int64_t{1} << 26;
 // partial dQ (Note [dq partials]).  S, P and dPd are recomputed block by block, in the
 // orientation whose GEMM operands are rows in place or cheap to pack: Q^T, dO^T, K^T and V^T
 // are transposed once per head.
-template <class T>
-void attention_backward(const AttentionBackwardArgs<T>& g) {
+template <class St>
+void attention_backward(const AttentionBackwardArgs<St>& g) {
+  using T = compute_t<St>;
   using S = GemmShape<T>;
   using V = Vec<T>;
-  const AttentionArgs<T>& a = g.fwd;
+  constexpr bool same = std::is_same_v<St, T>;  // no widening (float, double)
+  const AttentionArgs<St>& a = g.fwd;
   // query blocks of KC, so that they are the K blocks of the packed Q^T and dO^T
   constexpr std::int64_t W = V::width, BQ = S::KC, BK = S::KC;
   const std::int64_t D = a.d, Dv = a.dv, Lq = a.lq, Lk = a.lk, B = a.batch;
@@ -268,9 +303,9 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
   const bool shared = a.k_batch_stride == 0 && a.v_batch_stride == 0;
   const std::int64_t kvb = shared ? 1 : B, group = a.hkv > 0 ? a.hq / a.hkv : 1;
   const std::int64_t kv_heads = kvb * a.hkv, q_heads = B * a.hq;
-  for (std::int64_t e = 0; e < q_heads * Lq * D; ++e) g.dq[e] = T(0);
-  for (std::int64_t e = 0; e < kv_heads * Lk * D; ++e) g.dk[e] = T(0);
-  for (std::int64_t e = 0; e < kv_heads * Lk * Dv; ++e) g.dv[e] = T(0);
+  for (std::int64_t e = 0; e < q_heads * Lq * D; ++e) g.dq[e] = St{};
+  for (std::int64_t e = 0; e < kv_heads * Lk * D; ++e) g.dk[e] = St{};
+  for (std::int64_t e = 0; e < kv_heads * Lk * Dv; ++e) g.dv[e] = St{};
   if (q_heads == 0 || Lq == 0 || Lk == 0) return;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const T inf = std::numeric_limits<T>::infinity();
@@ -285,18 +320,21 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
   const std::int64_t lq_ = padded(Lq), lk_ = padded(Lk);
   Scratch<T> qt(q_heads * D * lq_ + 1), dot(q_heads * Dv * lq_ + 1), dr(q_heads * Lq);
   Scratch<T> kt(kv_heads * D * lk_ + 1), vt(kv_heads * Dv * lk_ + 1);
+  // 16-bit K widened (the B rows of the dQ GEMM); float and double read k in place
+  Scratch<T> kw(same ? 1 : kv_heads * Lk * D + 1);
   parallel_for(q_heads, Lq * (D + Dv) * 2, [&](std::int64_t h0, std::int64_t h1) {
     for (std::int64_t bh = h0; bh < h1; ++bh) {
-      const T* q = a.q + bh * Lq * D;
-      const T* o = a.out + bh * Lq * Dv;
-      const T* go = g.grad_out + bh * Lq * Dv;
+      const St* q = a.q + bh * Lq * D;
+      const St* o = a.out + bh * Lq * Dv;
+      const St* go = g.grad_out + bh * Lq * Dv;
       for (std::int64_t i = 0; i < Lq; ++i) {
         for (std::int64_t d = 0; d < D; ++d)
-          qt.data[(bh * D + d) * lq_ + i] = q[i * D + d] * a.scale;
+          qt.data[(bh * D + d) * lq_ + i] = widen(q[i * D + d]) * a.scale;
         T sum = T(0);
         for (std::int64_t d = 0; d < Dv; ++d) {
-          dot.data[(bh * Dv + d) * lq_ + i] = go[i * Dv + d];
-          sum += go[i * Dv + d] * o[i * Dv + d];
+          const T gv = widen(go[i * Dv + d]);
+          dot.data[(bh * Dv + d) * lq_ + i] = gv;
+          sum += gv * widen(o[i * Dv + d]);
         }
         dr.data[bh * Lq + i] = sum;
       }
@@ -314,12 +352,12 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
     for (std::int64_t bh = h0; bh < h1; ++bh) {
       const T* qth = qt.data + bh * D * lq_;
       const T* doth = dot.data + bh * Dv * lq_;
-      const T* qh = a.q + bh * Lq * D;
-      const T* goh = g.grad_out + bh * Lq * Dv;
-      auto transposed = [](const T* base, std::int64_t ld, std::int64_t rows) {
-        // A[i][k] = base[k * ld + i]: MR contiguous values per k
+      const St* qh = a.q + bh * Lq * D;
+      const St* goh = g.grad_out + bh * Lq * Dv;
+      auto transposed = [](const auto* base, std::int64_t ld, std::int64_t rows) {
+        // A[i][k] = base[k * ld + i]: MR contiguous values per k (16-bit ones widened)
         return [=](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-          pack_a_strided(base, std::int64_t{1}, ld, rows, r0, mc, k0, kc, dst);
+          pack_a_from(base, std::int64_t{1}, ld, rows, r0, mc, k0, kc, dst);
         };
       };
       prepack_a<T>(Lq, D, transposed(qth, lq_, Lq), qa.data + bh * qa_size);
@@ -330,11 +368,16 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
   });
   parallel_for(kv_heads, Lk * (D + Dv) * 2, [&](std::int64_t h0, std::int64_t h1) {
     for (std::int64_t hh = h0; hh < h1; ++hh) {
-      const T* k = a.k + hh * Lk * D;
-      const T* v = a.v + hh * Lk * Dv;
+      const St* k = a.k + hh * Lk * D;
+      const St* v = a.v + hh * Lk * Dv;
       for (std::int64_t j = 0; j < Lk; ++j) {
-        for (std::int64_t d = 0; d < D; ++d) kt.data[(hh * D + d) * lk_ + j] = k[j * D + d];
-        for (std::int64_t d = 0; d < Dv; ++d) vt.data[(hh * Dv + d) * lk_ + j] = v[j * Dv + d];
+        for (std::int64_t d = 0; d < D; ++d) {
+          const T kv = widen(k[j * D + d]);
+          kt.data[(hh * D + d) * lk_ + j] = kv;
+          if constexpr (!same) kw.data[(hh * Lk + j) * D + d] = kv;
+        }
+        for (std::int64_t d = 0; d < Dv; ++d)
+          vt.data[(hh * Dv + d) * lk_ + j] = widen(v[j * Dv + d]);
       }
     }
   });
@@ -371,7 +414,12 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
         }
       const T* kth = kt.data + hh * D * lk_;
       const T* vth = vt.data + hh * Dv * lk_;
-      const T* kh = a.k + hh * Lk * D;
+      const T* kh = nullptr;  // K (Lk x D) of this kv head, in the compute type
+      if constexpr (same) {
+        kh = a.k + hh * Lk * D;
+      } else {
+        kh = kw.data + hh * Lk * D;
+      }
       for (std::int64_t kb = kblocks * gi / groups; kb < kblocks * (gi + 1) / groups; ++kb) {
         const std::int64_t j0 = kb * BK, nk = Lk - j0 < BK ? Lk - j0 : BK;
         for (std::int64_t e = 0; e < D * BK; ++e) dkt.data[e] = T(0);
@@ -445,11 +493,12 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
             }
           }
         }
-        T* dkh = g.dk + (hh * Lk + j0) * D;
-        T* dvh = g.dv + (hh * Lk + j0) * Dv;
+        St* dkh = g.dk + (hh * Lk + j0) * D;
+        St* dvh = g.dv + (hh * Lk + j0) * Dv;
         for (std::int64_t j = 0; j < nk; ++j) {
-          for (std::int64_t d = 0; d < D; ++d) dkh[j * D + d] = dkt.data[d * BK + j] * a.scale;
-          for (std::int64_t d = 0; d < Dv; ++d) dvh[j * Dv + d] = dvt.data[d * BK + j];
+          for (std::int64_t d = 0; d < D; ++d)
+            dkh[j * D + d] = narrow<St>(dkt.data[d * BK + j] * a.scale);
+          for (std::int64_t d = 0; d < Dv; ++d) dvh[j * Dv + d] = narrow<St>(dvt.data[d * BK + j]);
         }
       }
     }
@@ -457,12 +506,12 @@ void attention_backward(const AttentionBackwardArgs<T>& g) {
   // dQ = scale * the group partials, added in group order
   parallel_for(q_heads, Lq * D * groups, [&](std::int64_t h0, std::int64_t h1) {
     for (std::int64_t bh = h0; bh < h1; ++bh) {
-      T* out = g.dq + bh * Lq * D;
+      St* out = g.dq + bh * Lq * D;
       const T* part = dq_part.data + bh * groups * Lq * D;
       for (std::int64_t e = 0; e < Lq * D; ++e) {
         T sum = part[e];
         for (std::int64_t gi = 1; gi < groups; ++gi) sum += part[gi * Lq * D + e];
-        out[e] = sum * a.scale;
+        out[e] = narrow<St>(sum * a.scale);
       }
     }
   });
@@ -474,5 +523,9 @@ void attention_f32(const AttentionArgs<float>& args) { attention(args); }
 void attention_f64(const AttentionArgs<double>& args) { attention(args); }
 void attention_backward_f32(const AttentionBackwardArgs<float>& args) { attention_backward(args); }
 void attention_backward_f64(const AttentionBackwardArgs<double>& args) { attention_backward(args); }
+void attention_bf16(const AttentionArgs<bf16>& args) { attention(args); }
+void attention_f16(const AttentionArgs<f16>& args) { attention(args); }
+void attention_backward_bf16(const AttentionBackwardArgs<bf16>& args) { attention_backward(args); }
+void attention_backward_f16(const AttentionBackwardArgs<f16>& args) { attention_backward(args); }
 
 MLMATH_ISA_END
