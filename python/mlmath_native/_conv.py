@@ -357,6 +357,13 @@ def _conv_nd(
     return out[0] if p.unbatched else out
 
 
+def _sum_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The dtype in which results are added before their one rounding: float32 for the
+    16-bit dtypes (the kernels then write float32 results: Note [16-bit convolution] in
+    kernels/conv_stage.h), else the dtype itself."""
+    return np.dtype(np.float32) if np.dtype(dtype).itemsize == 2 else np.dtype(dtype)
+
+
 def _all_finite(*arrays: NDArray[Any]) -> bool:
     """No NaN or +-inf in any of the (C-contiguous float) arrays: one vectorised read each
     (Note [non-finite inputs] in kernels/conv.cpp)."""
@@ -447,10 +454,12 @@ def _conv_gathered(p: _ConvPlan) -> NDArray[Any]:
     """conv1d/conv2d tap by tap on gathered patches (Note [large padding])."""
     q = _as_2d(p)
     xe = _gather_input(p, q.x)
-    out = np.zeros((p.n, p.k, *q.out_size), p.dtype)
+    # 16-bit: the taps are added in float32 and the sum rounded once
+    out = np.zeros((p.n, p.k, *q.out_size), _sum_dtype(p.dtype))
     part = np.empty_like(out)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass on, as in the kernels
         _add_taps(p, q, xe, out, part)
+        out = out.astype(p.dtype, copy=False)
     return out[:, :, 0, :] if p.dims == 1 else out
 
 
@@ -464,7 +473,7 @@ def _add_taps(
         _core.conv2d_into(patch, tap, None, part, 1, 1, 0, 0, 1, 1, p.groups)
         out += part
     if p.bias is not None:
-        out += p.bias[:, None, None]
+        out += p.bias[:, None, None].astype(out.dtype)
 
 
 def _conv_backward_gathered(
@@ -477,13 +486,15 @@ def _conv_backward_gathered(
     g = g.reshape(g.shape[:2] + tuple(q.out_size))
     xe = _gather_input(p, x).astype(dtype, copy=False)
     grad_w = np.empty(w.shape, dtype) if "weight" in needs else None
-    grad_xe = np.zeros(xe.shape, dtype) if "input" in needs else None
+    # 16-bit: the taps' input gradients are added in float32 and rounded once
+    grad_xe = np.zeros(xe.shape, _sum_dtype(dtype)) if "input" in needs else None
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf pass on, as in the kernels
         _backward_taps(p, q, g, w, xe, grad_w, grad_xe)
     grad_x = None
     if grad_xe is not None:
         h, wd = q.spatial
-        grad_x = grad_xe[:, :, :h, :wd]
+        with np.errstate(over="ignore"):
+            grad_x = grad_xe[:, :, :h, :wd].astype(dtype)
         grad_x = grad_x.reshape(grad_x.shape[:2] + tuple(p.spatial))
     if grad_w is not None:
         grad_w = grad_w.reshape(p.w.shape)
@@ -503,7 +514,7 @@ def _backward_taps(
     positions of grad_xe."""
     dtype, kg, cg = g.dtype, p.k // p.groups, p.c // p.groups
     gw_tap = np.empty((p.k, cg, 1, 1), dtype)
-    gx_tap = np.empty((p.n, p.c, *q.out_size), dtype)
+    gx_tap = np.empty((p.n, p.c, *q.out_size), _sum_dtype(dtype))
     for r, s, rows, cols in _taps(p, q):
         index = (slice(None), slice(None), rows[:, None], cols[None, :])
         if grad_w is not None:
@@ -625,7 +636,12 @@ def conv2d(
     Returns
     -------
     ndarray
-        (N, K, Ho, Wo) (or (K, Ho, Wo)); float32 when every input is float32, else float64.
+        (N, K, Ho, Wo) (or (K, Ho, Wo)).  The dtype policy: float32, float64, float16 and
+        bfloat16 (``ml_dtypes``, PyTorch / JAX bfloat16) are kept; mixed dtypes promote with
+        ``np.result_type`` (bfloat16 with float16 or float32: float32; anything with float64:
+        float64), integers and bool give float64.  bfloat16 and float16 compute in float32
+        (products, sums, Winograd's transforms) and round each output once to nearest even,
+        so an output overflows to inf exactly where its float32 value exceeds the 16-bit range.
 
     Raises
     ------
@@ -787,7 +803,9 @@ def correlate2d(
     Returns
     -------
     ndarray
-        float32 if both inputs are float32, else float64.
+        The dtype policy of :func:`conv2d` (float32, float64, float16, bfloat16 kept; mixed
+        dtypes by ``np.result_type``; 16-bit data computes in float32, rounded once).  For
+        16-bit data the ``fillvalue`` padding is stored in that dtype.
 
     Examples
     --------
@@ -949,12 +967,15 @@ def _conv_backward(
                 winograd,
             )
         else:
+            # the fold of _pad_adjoint adds gradients: for 16-bit data it runs on float32
+            # results, rounded once at the end (zero padding only crops)
+            acc = dtype if mode == "zeros" else _sum_dtype(dtype)
             if transposed:
-                grad_xp = np.zeros((n, c, hp, wp), dtype)
+                grad_xp = np.zeros((n, c, hp, wp), acc)
                 # the transposed convolution: g fully padded by the dilated kernel size, correlated
                 # with the flipped, channel-transposed kernel (groups keep their channels)
                 full_h, full_w = ho + dh * (r - 1), wo + dw * (s - 1)
-                part = _core.empty((n, c, full_h, full_w), dtype)
+                part = _core.empty((n, c, full_h, full_w), acc)
                 pad_h, pad_w = dh * (r - 1), dw * (s - 1)
                 _core.conv2d_into(g, wt, None, part, 1, 1, pad_h, pad_w, dh, dw, groups, 0)
                 grad_xp[:, :, :full_h, :full_w] = part  # rows/cols past the last window: 0
@@ -962,9 +983,12 @@ def _conv_backward(
                 # strided (or non-finite): dCol = W^T g (a GEMM), each (c, r, s) row of dCol
                 # added onto its strided window of grad_xp (col2im), in C++ (conv_grad_input in
                 # conv.cpp)
-                grad_xp = _core.empty((n, c, hp, wp), dtype)  # every element written
+                grad_xp = _core.empty((n, c, hp, wp), acc)  # every element written
                 _core.conv2d_grad_input_into(g, w, grad_xp, sh, sw, dh, dw, groups)
             grad_input = _pad_adjoint(grad_xp, pads, mode, spatial)
+            if grad_input.dtype != dtype:
+                with np.errstate(over="ignore"):
+                    grad_input = grad_input.astype(dtype)
         if dims == 1:
             grad_input = grad_input[:, :, 0, :]
         if p.unbatched:
@@ -1037,8 +1061,10 @@ def conv2d_backward(
     Returns
     -------
     (grad_input, grad_weight, grad_bias)
-        Shaped like x, w and (K,); each gradient is computed in a fixed order, so results do
-        not depend on the number of threads.
+        Shaped like x, w and (K,), in the dtype of x, w and grad_out promoted as in
+        :func:`conv2d` (bfloat16 and float16 stay 16-bit: float32 math, each gradient rounded
+        once; grad_bias summed in float64); each gradient is computed in a fixed order, so
+        results do not depend on the number of threads.
 
     Examples
     --------

@@ -51,7 +51,13 @@ def matmul(a: ArrayLike, b: ArrayLike, *, out: NDArray[Any] | None = None) -> ND
     a, b : array_like
         Real arrays with at least one dimension.  1-D ``a`` is a row vector and 1-D ``b`` a
         column vector (the added axis is removed from the result); leading (batch) dimensions
-        broadcast.  Any strides; float32 @ float32 is float32, anything else computes in float64.
+        broadcast.  Any strides.  float32, float64, float16 and bfloat16 (``ml_dtypes``, or a
+        PyTorch / JAX bfloat16 array) are kept: bfloat16 @ bfloat16 and float16 @ float16 give
+        that dtype, with float32 products and float32 accumulation and each result rounded once
+        to nearest even (so it overflows to inf exactly where the float32 sum exceeds the
+        16-bit range); mixed dtypes promote with ``np.result_type`` (bfloat16 with float16 or
+        float32: float32; anything with float64: float64); integers and bool compute in
+        float64.
     out : ndarray, optional
         Exactly the result's shape and dtype, writeable; may overlap the inputs.  Ctrl-C stops a
         long product from the main thread with KeyboardInterrupt and leaves ``out`` unchanged

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "bindings/array_checks.h"
 #include "bindings/without_gil.h"
@@ -15,14 +16,27 @@ namespace mlmath::bindings {
 
 namespace {
 
+bool is_16bit_dtype(DType dt) { return dt == DType::bf16 || dt == DType::f16; }
+template <class T>
+constexpr bool is_16bit_type = std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
+
+// The output of a 16-bit convolution may be float32 (for the gathered paths of _conv.py, which
+// add several results before one rounding: Note [16-bit convolution] in kernels/conv_stage.h);
+// returns whether it is.
+bool float32_out(const py::array& out, DType dt, const char* fn, const char* name) {
+  if (is_16bit_dtype(dt) && float_dtype(out, fn, name, true) == DType::f32) return true;
+  require_same_dtype(out, dt, fn, name);
+  return false;
+}
+
 void conv2d_into(const py::array& x, const py::array& w, const py::object& bias, py::array& y,
                  std::int64_t stride_h, std::int64_t stride_w, std::int64_t pad_top,
                  std::int64_t pad_left, std::int64_t dil_h, std::int64_t dil_w, std::int64_t groups,
                  int winograd) {
   const char* fn = "conv2d";
-  const DType dt = float_dtype(x, fn, "x");
+  const DType dt = float_dtype(x, fn, "x", true);
   require_same_dtype(w, dt, fn, "w");
-  require_same_dtype(y, dt, fn, "out");
+  const bool out32 = float32_out(y, dt, fn, "out");
   require_writeable(y, fn, "out");
   if (x.ndim() != 4 || w.ndim() != 4 || y.ndim() != 4) {
     throw std::invalid_argument("conv2d: x, w and out must be 4-D");
@@ -82,8 +96,14 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
                     dil_w,
                     groups};
     const KernelTable& kt = kernels();
+    float* y32 = out32 ? static_cast<float*>(y.mutable_data()) : nullptr;
+    if (out32) a.y = nullptr;
     WithoutGil nogil(Interruptible::yes);
-    if constexpr (sizeof(T) == 4) {
+    if constexpr (is_16bit_type<T>) {
+      (winograd == 4   ? MLMATH_KERNEL_FOR(kt, conv2d_winograd4, T)
+       : winograd == 2 ? MLMATH_KERNEL_FOR(kt, conv2d_winograd, T)
+                       : MLMATH_KERNEL_FOR(kt, conv2d, T))(a, y32);
+    } else if constexpr (sizeof(T) == 4) {
       (winograd == 4   ? kt.conv2d_winograd4_f32
        : winograd == 2 ? kt.conv2d_winograd_f32
                        : kt.conv2d_f32)(a);
@@ -94,7 +114,7 @@ void conv2d_into(const py::array& x, const py::array& w, const py::object& bias,
     }
     nogil.finish();
   };
-  with_wide_dtype(dt, run);
+  with_dtype(dt, run);
 }
 
 // grad_weight = the weight gradient of conv2d(x, w) with zero padding (x, grad_out given).
@@ -103,7 +123,7 @@ void conv2d_grad_weight_into(const py::array& x, const py::array& grad_out, py::
                              std::int64_t pad_left, std::int64_t dil_h, std::int64_t dil_w,
                              std::int64_t groups) {
   const char* fn = "conv2d_backward";
-  const DType dt = float_dtype(x, fn, "x");
+  const DType dt = float_dtype(x, fn, "x", true);
   require_same_dtype(grad_out, dt, fn, "grad_out");
   require_same_dtype(grad_w, dt, fn, "grad_weight");
   require_writeable(grad_w, fn, "grad_weight");
@@ -146,14 +166,10 @@ void conv2d_grad_weight_into(const py::array& x, const py::array& grad_out, py::
                               groups};
     const KernelTable& kt = kernels();
     WithoutGil nogil(Interruptible::yes);
-    if constexpr (sizeof(T) == 4) {
-      kt.conv2d_grad_weight_f32(a);
-    } else {
-      kt.conv2d_grad_weight_f64(a);
-    }
+    MLMATH_KERNEL_FOR(kt, conv2d_grad_weight, T)(a);
     nogil.finish();
   };
-  with_wide_dtype(dt, run);
+  with_dtype(dt, run);
 }
 
 // grad_input = the gradient of the zero-padded input of conv2d (every element written).
@@ -161,9 +177,9 @@ void conv2d_grad_input_into(const py::array& grad_out, const py::array& w, py::a
                             std::int64_t stride_h, std::int64_t stride_w, std::int64_t dil_h,
                             std::int64_t dil_w, std::int64_t groups) {
   const char* fn = "conv2d_backward";
-  const DType dt = float_dtype(grad_out, fn, "grad_out");
+  const DType dt = float_dtype(grad_out, fn, "grad_out", true);
   require_same_dtype(w, dt, fn, "w");
-  require_same_dtype(grad_input, dt, fn, "grad_input");
+  const bool out32 = float32_out(grad_input, dt, fn, "grad_input");
   require_writeable(grad_input, fn, "grad_input");
   if (grad_out.ndim() != 4 || w.ndim() != 4 || grad_input.ndim() != 4 || groups < 1 || dil_h < 1 ||
       dil_w < 1 || stride_h < 1 || stride_w < 1) {
@@ -201,20 +217,24 @@ void conv2d_grad_input_into(const py::array& grad_out, const py::array& w, py::a
                              dil_w,
                              groups};
     const KernelTable& kt = kernels();
+    float* gx32 = out32 ? static_cast<float*>(grad_input.mutable_data()) : nullptr;
+    if (out32) a.grad_input = nullptr;
     WithoutGil nogil(Interruptible::yes);
-    if constexpr (sizeof(T) == 4) {
+    if constexpr (is_16bit_type<T>) {
+      MLMATH_KERNEL_FOR(kt, conv2d_grad_input, T)(a, gx32);
+    } else if constexpr (sizeof(T) == 4) {
       kt.conv2d_grad_input_f32(a);
     } else {
       kt.conv2d_grad_input_f64(a);
     }
     nogil.finish();
   };
-  with_wide_dtype(dt, run);
+  with_dtype(dt, run);
 }
 
 // True when no element of x is NaN or +-inf (Note [non-finite inputs] in kernels/conv.cpp).
 bool all_finite(const py::array& x) {
-  const DType dt = float_dtype(x, "all_finite", "x");
+  const DType dt = float_dtype(x, "all_finite", "x", true);
   bool finite = true;
   auto run = [&](auto tag) {
     using T = decltype(tag);
@@ -222,14 +242,10 @@ bool all_finite(const py::array& x) {
     const T* data = static_cast<const T*>(x.data());
     const std::int64_t n = x.size();
     WithoutGil nogil(Interruptible::no);
-    if constexpr (sizeof(T) == 4) {
-      kt.all_finite_f32(data, n, &finite);
-    } else {
-      kt.all_finite_f64(data, n, &finite);
-    }
+    MLMATH_KERNEL_FOR(kt, all_finite, T)(data, n, &finite);
     nogil.finish();
   };
-  with_wide_dtype(dt, run);
+  with_dtype(dt, run);
   return finite;
 }
 
@@ -247,7 +263,8 @@ void bind_conv(py::module_& m) {
         "stride_h"_a, "stride_w"_a, "dil_h"_a, "dil_w"_a, "groups"_a,
         "grad_input = the gradient of conv2d's padded input (GEMM + col2im)");
   m.def("all_finite", &all_finite, "x"_a,
-        "True when no element of x (float32/float64, C-contiguous) is NaN or +-inf");
+        "True when no element of x (float32/float64/bfloat16/float16, C-contiguous) is NaN or "
+        "+-inf");
 }
 
 }  // namespace mlmath::bindings

@@ -47,8 +47,8 @@ void gemm_into(const py::array& a, const py::array& b, py::array& c, std::int64_
                const py::array_t<std::int64_t, py::array::c_style>& b_off,
                const py::array_t<std::int64_t, py::array::c_style>& c_off, bool accumulate,
                bool interruptible) {
-  const DType dt = float_dtype_any_layout(a, "matmul", "a");
-  if (float_dtype_any_layout(b, "matmul", "b") != dt) {
+  const DType dt = float_dtype_any_layout(a, "matmul", "a", true);
+  if (float_dtype_any_layout(b, "matmul", "b", true) != dt) {
     throw py::type_error("matmul: a and b have different dtypes");
   }
   require_aligned(a, "matmul", "a");
@@ -58,6 +58,9 @@ void gemm_into(const py::array& a, const py::array& b, py::array& c, std::int64_
   const std::int64_t batch = a_off.size();
   if (b_off.size() != batch || c_off.size() != batch || m < 0 || n < 0 || k < 0 || c_rs < n) {
     throw std::invalid_argument("matmul: inconsistent sizes, offsets or strides");
+  }
+  if (accumulate && (dt == DType::bf16 || dt == DType::f16)) {  // Note [16-bit GEMM]
+    throw std::invalid_argument("matmul: accumulate is not supported for 16-bit out");
   }
   check_reach(a, "a", a_off.data(), batch, m, k, a_rs, a_cs);
   check_reach(b, "b", b_off.data(), batch, k, n, b_rs, b_cs);
@@ -82,14 +85,10 @@ void gemm_into(const py::array& a, const py::array& b, py::array& c, std::int64_
                   c_off.data()};
     const KernelTable& kt = kernels();
     WithoutGil nogil(interruptible ? Interruptible::yes : Interruptible::no);
-    if constexpr (sizeof(T) == 4) {
-      kt.gemm_f32(g);
-    } else {
-      kt.gemm_f64(g);
-    }
+    MLMATH_KERNEL_FOR(kt, gemm, T)(g);
     nogil.finish();
   };
-  with_wide_dtype(dt, run);
+  with_dtype(dt, run);
 }
 
 }  // namespace

@@ -24,6 +24,16 @@
 //   pack_b(k0, kc, j0, nc, dst): dst[q][k][c] = B[k0 + k][j0 + q*NR + c]   (0 past N)
 // A pack_a that returns a const T* instead of filling dst hands over panels packed beforehand
 // (Note [prepacked A]).
+//
+// Note [16-bit GEMM]
+// bf16 / f16 operands (Note [16-bit storage] in half.h) run on the float32 core: the packing
+// functions widen them to float32 as they pack (pack_a_strided / pack_b_strided take any
+// storage type), so the micro-kernel runs at the float32 rate.  gemm_blocked with a 16-bit C
+// rounds each result once: with K in one KC block the micro-kernel rounds its accumulators
+// straight into C; with several, the sums of the KC steps are kept in a float32 panel of C
+// (M x NC, the rows of the current jc block) and the last step's micro-kernel adds its
+// accumulators to them and rounds into C.  A rounded 16-bit C is never read back (accumulate
+// must be false there).
 #pragma once
 
 #include <atomic>
@@ -116,10 +126,13 @@ struct RowPointers {
 
 // acc[MR][NRV] = sum_k a[k][r] * b[k][c]; then C[0:m][0:n] = acc (+ C when load_c).
 // NRV * width may be less than the panel's width, so a narrower instance serves the last,
-// partial panel of a row of C without computing padding.
-template <int MR, int NRV, class T, class Panel>
+// partial panel of a row of C without computing padding.  With a 16-bit O, the sum
+// acc (+ C when load_c) is rounded into out (row stride ldo) instead, and C is only read
+// (Note [16-bit GEMM]).
+template <int MR, int NRV, class T, class Panel, class O = T>
 void gemm_ukernel(std::int64_t kc, const T* a, const Panel& b, T* c, std::int64_t ldc,
-                  std::int64_t m, std::int64_t n, bool load_c) {
+                  std::int64_t m, std::int64_t n, bool load_c, O* out = nullptr,
+                  std::int64_t ldo = 0) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   V acc[MR][NRV];
@@ -141,53 +154,69 @@ void gemm_ukernel(std::int64_t kc, const T* a, const Panel& b, T* c, std::int64_
     for (int j = 0; j < NRV; ++j) {
       const std::int64_t cols = n - j * W;
       if (cols <= 0) break;
-      if (full || cols >= W) {
-        const V out = load_c ? add(acc[i][j], V::load(row + j * W)) : acc[i][j];
-        out.store(row + j * W);
-      } else {
-        const V out = load_c ? add(acc[i][j], V::load_partial(row + j * W, cols, T(0))) : acc[i][j];
-        out.store_partial(row + j * W, cols);
+      if constexpr (std::is_same_v<O, T>) {
+        if (full || cols >= W) {
+          const V sum = load_c ? add(acc[i][j], V::load(row + j * W)) : acc[i][j];
+          sum.store(row + j * W);
+        } else {
+          const V sum =
+              load_c ? add(acc[i][j], V::load_partial(row + j * W, cols, T(0))) : acc[i][j];
+          sum.store_partial(row + j * W, cols);
+        }
+      } else {  // one rounding into the 16-bit out
+        O* orow = out + i * ldo;
+        if (full || cols >= W) {
+          const V sum = load_c ? add(acc[i][j], V::load(row + j * W)) : acc[i][j];
+          sum.store(orow + j * W);
+        } else {
+          const V sum =
+              load_c ? add(acc[i][j], V::load_partial(row + j * W, cols, T(0))) : acc[i][j];
+          sum.store_partial(orow + j * W, cols);
+        }
       }
     }
   }
 }
 
 // One MR x NR tile of C; a partial last panel (n < NR) runs only the vectors it needs
-// (NRV is at most 4 on every ISA).
-template <class T>
+// (NRV is at most 4 on every ISA).  out, ldo: as gemm_ukernel's.
+template <class T, class O = T>
 void gemm_tile(std::int64_t kc, const T* a, const T* b, T* c, std::int64_t ldc, std::int64_t m,
-               std::int64_t n, bool load_c) {
+               std::int64_t n, bool load_c, O* out = nullptr, std::int64_t ldo = 0) {
   using S = GemmShape<T>;
   constexpr std::int64_t W = Vec<T>::width;
   using P = PackedPanel<T, S::NR>;
   constexpr int kNRV = S::NRV, kTwo = kNRV < 2 ? kNRV : 2, kThree = kNRV < 3 ? kNRV : 3;
   switch ((n + W - 1) / W) {
     case 1:
-      gemm_ukernel<S::MR, 1>(kc, a, P{b}, c, ldc, m, n, load_c);
+      gemm_ukernel<S::MR, 1>(kc, a, P{b}, c, ldc, m, n, load_c, out, ldo);
       break;
     case 2:
-      gemm_ukernel<S::MR, kTwo>(kc, a, P{b}, c, ldc, m, n, load_c);
+      gemm_ukernel<S::MR, kTwo>(kc, a, P{b}, c, ldc, m, n, load_c, out, ldo);
       break;
     case 3:
-      gemm_ukernel<S::MR, kThree>(kc, a, P{b}, c, ldc, m, n, load_c);
+      gemm_ukernel<S::MR, kThree>(kc, a, P{b}, c, ldc, m, n, load_c, out, ldo);
       break;
     default:
-      gemm_ukernel<S::MR, kNRV>(kc, a, P{b}, c, ldc, m, n, load_c);
+      gemm_ukernel<S::MR, kNRV>(kc, a, P{b}, c, ldc, m, n, load_c, out, ldo);
       break;
   }
 }
 
 // C (ldc: row stride) = A B, or C += A B when accumulate.  Threads: all that pay for the work.
-template <class T, class PackA, class PackB>
+// C may be 16-bit (CT = bf16 / f16 with T = float): Note [16-bit GEMM], accumulate false.
+template <class T, class PackA, class PackB, class CT>
 void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& pack_a,
-                  const PackB& pack_b, T* C, std::int64_t ldc, bool accumulate) {
+                  const PackB& pack_b, CT* C, std::int64_t ldc, bool accumulate) {
   using S = GemmShape<T>;
   constexpr int MR = S::MR, NR = S::NR;
+  constexpr bool narrow_c = !std::is_same_v<CT, T>;
+  static_assert(!narrow_c || (std::is_same_v<T, float> && is_16bit<CT>));
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
       for (std::int64_t i = 0; i < M; ++i)
-        for (std::int64_t j = 0; j < N; ++j) C[i * ldc + j] = T(0);
+        for (std::int64_t j = 0; j < N; ++j) C[i * ldc + j] = CT{};
     return;
   }
   const std::int64_t nc_max = N < S::NC ? N : S::NC;
@@ -197,6 +226,9 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
   const int threads = threads_for(M * N * K / 64);
   // every allocation before the region: nothing in it may throw (parallel_region)
   Scratch<T> apack_all(threads * S::MC * kc_max);
+  // narrow_c with K in several KC blocks: cpanel [M][nc_max], the float sums of the jc block
+  const bool use_panel = narrow_c && K > S::KC;
+  Scratch<T> cpanel(use_panel ? M * nc_max : 1);
   std::atomic<bool> stop{false};  // Note [interrupts]: thread 0 decides for the team
   parallel_region(threads, [&](int tid, int team) {
     T* const apack = apack_all.data + tid * S::MC * kc_max;
@@ -232,8 +264,18 @@ void gemm_blocked(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& p
             const std::int64_t n = N - j < NR ? N - j : NR;
             for (std::int64_t ir = 0; ir < mc; ir += MR) {
               const std::int64_t m = mc - ir < MR ? mc - ir : MR;
-              gemm_tile<T>(kc, ap + ir * kc, bpack.data + q * NR * kc, C + (ic + ir) * ldc + j, ldc,
-                           m, n, load_c);
+              const T* bp = bpack.data + q * NR * kc;
+              if constexpr (narrow_c) {  // Note [16-bit GEMM]
+                T* cp = cpanel.data + (ic + ir) * nc_max + (j - jc);
+                CT* out = C + (ic + ir) * ldc + j;
+                if (pc + kc < K) {
+                  gemm_tile<T>(kc, ap + ir * kc, bp, cp, nc_max, m, n, pc > 0);
+                } else {
+                  gemm_tile<T>(kc, ap + ir * kc, bp, cp, nc_max, m, n, pc > 0, out, ldc);
+                }
+              } else {
+                gemm_tile<T>(kc, ap + ir * kc, bp, C + (ic + ir) * ldc + j, ldc, m, n, load_c);
+              }
             }
           }
         }
@@ -303,40 +345,41 @@ void gemm_rows(std::int64_t M, std::int64_t N, std::int64_t K, const PackA& pack
   }
 }
 
-// Packing from a strided matrix: element (i, k) of A at a[i * rs + k * cs].
-template <class T>
-void pack_a_strided(const T* a, std::int64_t rs, std::int64_t cs, std::int64_t M, std::int64_t i0,
+// Packing from a strided matrix: element (i, k) of A at a[i * rs + k * cs].  A may be stored in
+// a 16-bit type (Src) and is widened to T as it is packed (Note [16-bit GEMM]).
+template <class Src, class T>
+void pack_a_strided(const Src* a, std::int64_t rs, std::int64_t cs, std::int64_t M, std::int64_t i0,
                     std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
   constexpr int MR = GemmShape<T>::MR;
   for (std::int64_t p = 0; p < mc; p += MR) {
     if (rs == 1 && p + MR <= mc && i0 + p + MR <= M) {  // A^T row-major: MR contiguous per k
-      const T* src = a + (i0 + p) + k0 * cs;
+      const Src* src = a + (i0 + p) + k0 * cs;
       T* out = dst + p * kc;
       for (std::int64_t k = 0; k < kc; ++k)
-        for (int r = 0; r < MR; ++r) out[k * MR + r] = src[k * cs + r];
+        for (int r = 0; r < MR; ++r) out[k * MR + r] = widen(src[k * cs + r]);
       continue;
     }
     if (cs == 1 && p + MR <= mc && i0 + p + MR <= M) {  // A row-major: a transpose, in tiles
-      const T* src = a + (i0 + p) * rs + k0;
+      const Src* src = a + (i0 + p) * rs + k0;
       T* out = dst + p * kc;
       std::int64_t k = 0;
       for (; k + 8 <= kc; k += 8) {
         T tile[MR][8];
         for (int r = 0; r < MR; ++r)
-          for (int kk = 0; kk < 8; ++kk) tile[r][kk] = src[r * rs + k + kk];
+          for (int kk = 0; kk < 8; ++kk) tile[r][kk] = widen(src[r * rs + k + kk]);
         for (int kk = 0; kk < 8; ++kk)
           for (int r = 0; r < MR; ++r) out[(k + kk) * MR + r] = tile[r][kk];
       }
       for (; k < kc; ++k)
-        for (int r = 0; r < MR; ++r) out[k * MR + r] = src[r * rs + k];
+        for (int r = 0; r < MR; ++r) out[k * MR + r] = widen(src[r * rs + k]);
       continue;
     }
     for (int r = 0; r < MR; ++r) {
       const std::int64_t i = i0 + p + r;
       T* out = dst + p * kc + r;
       if (p + r < mc && i < M) {
-        const T* src = a + i * rs + k0 * cs;
-        for (std::int64_t k = 0; k < kc; ++k) out[k * MR] = src[k * cs];
+        const Src* src = a + i * rs + k0 * cs;
+        for (std::int64_t k = 0; k < kc; ++k) out[k * MR] = widen(src[k * cs]);
       } else {
         for (std::int64_t k = 0; k < kc; ++k) out[k * MR] = T(0);
       }
@@ -344,21 +387,28 @@ void pack_a_strided(const T* a, std::int64_t rs, std::int64_t cs, std::int64_t M
   }
 }
 
-// Element (k, j) of B at b[k * rs + j * cs].
-template <class T>
-void pack_b_strided(const T* b, std::int64_t rs, std::int64_t cs, std::int64_t k0, std::int64_t kc,
-                    std::int64_t j0, std::int64_t nc, T* dst) {
+// Element (k, j) of B at b[k * rs + j * cs] (widened from a 16-bit Src as for A).
+template <class Src, class T>
+void pack_b_strided(const Src* b, std::int64_t rs, std::int64_t cs, std::int64_t k0,
+                    std::int64_t kc, std::int64_t j0, std::int64_t nc, T* dst) {
   constexpr int NR = GemmShape<T>::NR;
+  constexpr std::int64_t W = Vec<T>::width;
   for (std::int64_t q = 0; q < nc; q += NR) {
     const std::int64_t cols = nc - q < NR ? nc - q : NR;
     T* out = dst + q * kc;
     for (std::int64_t k = 0; k < kc; ++k) {
-      const T* src = b + (k0 + k) * rs + (j0 + q) * cs;
+      const Src* src = b + (k0 + k) * rs + (j0 + q) * cs;
       T* o = out + k * NR;
+      if constexpr (is_16bit<Src>) {
+        if (cs == 1 && cols == NR) {  // whole vectors, widened in registers
+          for (std::int64_t c = 0; c < NR; c += W) Vec<T>::load(src + c).store(o + c);
+          continue;
+        }
+      }
       if (cs == 1) {
-        for (std::int64_t c = 0; c < cols; ++c) o[c] = src[c];
+        for (std::int64_t c = 0; c < cols; ++c) o[c] = widen(src[c]);
       } else {
-        for (std::int64_t c = 0; c < cols; ++c) o[c] = src[c * cs];
+        for (std::int64_t c = 0; c < cols; ++c) o[c] = widen(src[c * cs]);
       }
       for (std::int64_t c = cols; c < NR; ++c) o[c] = T(0);
     }

@@ -12,11 +12,15 @@
 // Work is split over images and groups when there are enough of them (each GEMM then runs on
 // one thread), else inside each GEMM; either way every output element is computed by one
 // thread in a fixed order, so results do not depend on the number of threads.
+//
+// bf16 / f16 data run these float32 kernels on float32 staging buffers, one rounding per
+// result: Note [16-bit convolution] in kernels/conv_stage.h.
 #include <atomic>
 #include <cstdint>
 
 #include "common/gemm_core.h"
 #include "common/parallel.h"
+#include "kernels/conv_stage.h"
 #include "mlmath/mlmath.h"
 
 MLMATH_ISA_BEGIN
@@ -630,7 +634,7 @@ constexpr std::int64_t kFiniteBlockCost = kFiniteBlock / 64;
 
 template <class T>
 void all_finite(const T* x, std::int64_t n, bool* out) {
-  using V = Vec<T>;
+  using V = Vec<compute_t<T>>;  // 16-bit data widened as loaded
   constexpr std::int64_t W = V::width;
   std::atomic<bool> finite{true};
   parallel_for((n + kFiniteBlock - 1) / kFiniteBlock, kFiniteBlockCost,
@@ -638,7 +642,7 @@ void all_finite(const T* x, std::int64_t n, bool* out) {
                  for (std::int64_t b = b0; b < b1 && finite.load(std::memory_order_relaxed); ++b) {
                    const std::int64_t i0 = b * kFiniteBlock;
                    const std::int64_t i1 = n - i0 < kFiniteBlock ? n : i0 + kFiniteBlock;
-                   V acc0 = V::set1(T(0)), acc1 = V::set1(T(0));  // two chains of adds
+                   V acc0 = V::set1(0), acc1 = V::set1(0);  // two chains of adds
                    std::int64_t i = i0;
                    for (; i + 2 * W <= i1; i += 2 * W) {
                      const V u = V::load(x + i), v = V::load(x + i + W);
@@ -646,16 +650,64 @@ void all_finite(const T* x, std::int64_t n, bool* out) {
                      acc1 = add(acc1, sub(v, v));
                    }
                    for (; i < i1; i += W) {
-                     const V u =
-                         i + W <= i1 ? V::load(x + i) : V::load_partial(x + i, i1 - i, T(0));
+                     const V u = i + W <= i1 ? V::load(x + i) : V::load_partial(x + i, i1 - i, 0);
                      acc0 = add(acc0, sub(u, u));
                    }
-                   if (!(reduce_add(add(acc0, acc1)) == T(0))) {
+                   if (!(reduce_add(add(acc0, acc1)) == 0)) {
                      finite.store(false, std::memory_order_relaxed);
                    }
                  }
                });
   *out = finite.load();
+}
+
+// The weight gradient of 16-bit data (Note [16-bit convolution]): the chunks' float32
+// gradients added in chunk order, rounded once.
+template <class S>
+void conv_grad_weight_staged(const Conv2dWeightGradArgs<S>& a) {
+  const std::int64_t wsize = a.k * (a.c / a.groups) * a.r * a.s;
+  const std::int64_t xs = a.c * a.h * a.w, gs = a.k * a.ho * a.wo;
+  const std::int64_t nb = stage_images(xs + gs, a.n > 0 ? a.n : 1);
+  Scratch<float> acc(wsize), part(wsize), x32(nb * xs), g32(nb * gs);
+  std::int64_t n0 = 0;
+  do {                          // at least once: no images give zeros
+    if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
+    const std::int64_t cnt = a.n - n0 < nb ? a.n - n0 : nb;
+    widen_into(a.x + n0 * xs, cnt * xs, x32.data);
+    widen_into(a.grad_out + n0 * gs, cnt * gs, g32.data);
+    const Conv2dWeightGradArgs<float> f{
+        x32.data,   cnt,     a.c,        a.h,        a.w,
+        g32.data,   a.k,     a.ho,       a.wo,       n0 == 0 ? acc.data : part.data,
+        a.r,        a.s,     a.stride_h, a.stride_w, a.pad_top,
+        a.pad_left, a.dil_h, a.dil_w,    a.groups};
+    conv_grad_weight(f);
+    if (n0 > 0)
+      for (std::int64_t e = 0; e < wsize; ++e) acc.data[e] += part.data[e];
+    n0 += cnt;
+  } while (n0 < a.n);
+  narrow_into(acc.data, wsize, a.grad_weight);
+}
+
+// The input gradient of 16-bit data (Note [16-bit convolution]): per chunk of images, rounded
+// into a.grad_input, or left in float32 in out32 when it is not null.
+template <class S>
+void conv_grad_input_staged(const Conv2dInputGradArgs<S>& a, float* out32) {
+  const std::int64_t wsize = a.k * (a.c / a.groups) * a.r * a.s;
+  const std::int64_t gs = a.k * a.ho * a.wo, xs = a.c * a.hp * a.wp;
+  const std::int64_t nb = stage_images(gs + (out32 ? 0 : xs), a.n);
+  Scratch<float> w32(wsize), g32(nb * gs), out(out32 ? 1 : nb * xs);
+  widen_into(a.weight, wsize, w32.data);
+  for (std::int64_t n0 = 0; n0 < a.n; n0 += nb) {
+    if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
+    const std::int64_t cnt = a.n - n0 < nb ? a.n - n0 : nb;
+    widen_into(a.grad_out + n0 * gs, cnt * gs, g32.data);
+    float* gx = out32 ? out32 + n0 * xs : out.data;
+    const Conv2dInputGradArgs<float> f{g32.data,   cnt,        a.k,     a.ho,    a.wo,    w32.data,
+                                       a.c,        a.r,        a.s,     gx,      a.hp,    a.wp,
+                                       a.stride_h, a.stride_w, a.dil_h, a.dil_w, a.groups};
+    conv_grad_input(f);
+    if (!out32) narrow_into(out.data, cnt * xs, a.grad_input + n0 * xs);
+  }
 }
 
 }  // namespace
@@ -668,5 +720,25 @@ void conv2d_grad_weight_f32(const Conv2dWeightGradArgs<float>& args) { conv_grad
 void conv2d_grad_weight_f64(const Conv2dWeightGradArgs<double>& args) { conv_grad_weight(args); }
 void conv2d_grad_input_f32(const Conv2dInputGradArgs<float>& args) { conv_grad_input(args); }
 void conv2d_grad_input_f64(const Conv2dInputGradArgs<double>& args) { conv_grad_input(args); }
+void all_finite_bf16(const bf16* x, std::int64_t n, bool* out) { all_finite(x, n, out); }
+void all_finite_f16(const f16* x, std::int64_t n, bool* out) { all_finite(x, n, out); }
+void conv2d_bf16(const Conv2dArgs<bf16>& args, float* y32) {
+  conv2d_staged(args, y32, [](const Conv2dArgs<float>& f) { conv2d(f); });
+}
+void conv2d_f16(const Conv2dArgs<f16>& args, float* y32) {
+  conv2d_staged(args, y32, [](const Conv2dArgs<float>& f) { conv2d(f); });
+}
+void conv2d_grad_weight_bf16(const Conv2dWeightGradArgs<bf16>& args) {
+  conv_grad_weight_staged(args);
+}
+void conv2d_grad_weight_f16(const Conv2dWeightGradArgs<f16>& args) {
+  conv_grad_weight_staged(args);
+}
+void conv2d_grad_input_bf16(const Conv2dInputGradArgs<bf16>& args, float* out32) {
+  conv_grad_input_staged(args, out32);
+}
+void conv2d_grad_input_f16(const Conv2dInputGradArgs<f16>& args, float* out32) {
+  conv_grad_input_staged(args, out32);
+}
 
 MLMATH_ISA_END

@@ -7,7 +7,12 @@
 // 0.004 s).  Such products are computed as M N dot products instead, K split into fixed chunks
 // of kDotChunk (one task each: no barriers), each chunk's partial sums stored and added in chunk
 // order, so the result does not depend on the number of threads.
+//
+// bf16 / f16 (Note [16-bit GEMM] in gemm_core.h): the packing widens A and B to float32, the
+// core accumulates in float32 and rounds each C element once; the dot-like path widens its runs
+// into float32 buffers and rounds the chunk-ordered sum once.
 #include <cstdint>
+#include <type_traits>
 
 #include "common/axis_ops.h"
 #include "common/gemm_core.h"
@@ -20,17 +25,31 @@ namespace {
 constexpr std::int64_t kDotMaxOutputs = 16;  // M N up to this: dot products (Note [dot-like ...])
 constexpr std::int64_t kDotChunk = 8192;     // K per task: 32 KiB of float32 per operand, in L1/L2
 
-// x_k = src[k * stride], k < n, into a contiguous buffer (or src itself when stride is 1).
-template <class T>
-const T* contiguous_run(const T* src, std::int64_t stride, std::int64_t n, T* buf) {
-  if (stride == 1) return src;
-  for (std::int64_t k = 0; k < n; ++k) buf[k] = src[k * stride];
+// x_k = src[k * stride], k < n, into a contiguous buffer of the compute type (or src itself when
+// it is contiguous and of that type).
+template <class S, class T>
+const T* contiguous_run(const S* src, std::int64_t stride, std::int64_t n, T* buf) {
+  if constexpr (std::is_same_v<S, T>) {
+    if (stride == 1) return src;
+    for (std::int64_t k = 0; k < n; ++k) buf[k] = src[k * stride];
+  } else {
+    if (stride == 1) {
+      using V = Vec<T>;
+      constexpr std::int64_t W = V::width;
+      std::int64_t k = 0;
+      for (; k + W <= n; k += W) V::load(src + k).store(buf + k);
+      for (; k < n; ++k) buf[k] = widen(src[k]);
+    } else {
+      for (std::int64_t k = 0; k < n; ++k) buf[k] = widen(src[k * stride]);
+    }
+  }
   return buf;
 }
 
 // C (c_rs) = A B or C += A B for M N <= kDotMaxOutputs: Note [dot-like shapes].
-template <class T>
-void gemm_dot_like(const GemmArgs<T>& g, const T* a, const T* bm, T* c) {
+template <class S>
+void gemm_dot_like(const GemmArgs<S>& g, const S* a, const S* bm, S* c) {
+  using T = compute_t<S>;
   const std::int64_t M = g.m, N = g.n, K = g.k;
   const std::int64_t chunks = (K + kDotChunk - 1) / kDotChunk;
   Scratch<T> partial(chunks * M * N);  // [chunk][i][j]
@@ -51,20 +70,25 @@ void gemm_dot_like(const GemmArgs<T>& g, const T* a, const T* bm, T* c) {
     for (std::int64_t j = 0; j < N; ++j) {
       T sum = 0;
       for (std::int64_t ch = 0; ch < chunks; ++ch) sum += partial.data[(ch * M + i) * N + j];
-      T& dst = c[i * g.c_rs + j];
-      dst = g.accumulate ? dst + sum : sum;
+      S& dst = c[i * g.c_rs + j];
+      if constexpr (is_16bit<S>) {
+        dst = narrow<S>(sum);  // accumulate is false for 16-bit C (Note [16-bit GEMM])
+      } else {
+        dst = g.accumulate ? dst + sum : sum;
+      }
     }
   }
 }
 
-template <class T>
-void gemm(const GemmArgs<T>& g) {
+template <class S>
+void gemm(const GemmArgs<S>& g) {
+  using T = compute_t<S>;
   const bool dot_like = g.m * g.n <= kDotMaxOutputs && g.k > 0;
   for (std::int64_t b = 0; b < g.batch; ++b) {
     if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
-    const T* a = g.a + (g.a_offset ? g.a_offset[b] : 0);
-    const T* bm = g.b + (g.b_offset ? g.b_offset[b] : 0);
-    T* c = g.c + (g.c_offset ? g.c_offset[b] : 0);
+    const S* a = g.a + (g.a_offset ? g.a_offset[b] : 0);
+    const S* bm = g.b + (g.b_offset ? g.b_offset[b] : 0);
+    S* c = g.c + (g.c_offset ? g.c_offset[b] : 0);
     if (dot_like) {
       gemm_dot_like(g, a, bm, c);
       continue;
@@ -85,5 +109,7 @@ void gemm(const GemmArgs<T>& g) {
 
 void gemm_f32(const GemmArgs<float>& args) { gemm(args); }
 void gemm_f64(const GemmArgs<double>& args) { gemm(args); }
+void gemm_bf16(const GemmArgs<bf16>& args) { gemm(args); }
+void gemm_f16(const GemmArgs<f16>& args) { gemm(args); }
 
 MLMATH_ISA_END

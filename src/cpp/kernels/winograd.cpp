@@ -26,6 +26,7 @@
 
 #include "common/gemm_core.h"
 #include "common/parallel.h"
+#include "kernels/conv_stage.h"
 #include "mlmath/mlmath.h"
 
 MLMATH_ISA_BEGIN
@@ -379,5 +380,18 @@ void conv2d_winograd_f32(const Conv2dArgs<float>& args) { winograd<TileF2>(args)
 void conv2d_winograd_f64(const Conv2dArgs<double>& args) { winograd<TileF2>(args); }
 void conv2d_winograd4_f32(const Conv2dArgs<float>& args) { winograd<TileF4>(args); }
 void conv2d_winograd4_f64(const Conv2dArgs<double>& args) { winograd<TileF4>(args); }
+// 16-bit data: the float32 Winograd on float32 staging (Note [16-bit convolution]).
+void conv2d_winograd_bf16(const Conv2dArgs<bf16>& args, float* y32) {
+  conv2d_staged(args, y32, [](const Conv2dArgs<float>& f) { winograd<TileF2>(f); });
+}
+void conv2d_winograd_f16(const Conv2dArgs<f16>& args, float* y32) {
+  conv2d_staged(args, y32, [](const Conv2dArgs<float>& f) { winograd<TileF2>(f); });
+}
+void conv2d_winograd4_bf16(const Conv2dArgs<bf16>& args, float* y32) {
+  conv2d_staged(args, y32, [](const Conv2dArgs<float>& f) { winograd<TileF4>(f); });
+}
+void conv2d_winograd4_f16(const Conv2dArgs<f16>& args, float* y32) {
+  conv2d_staged(args, y32, [](const Conv2dArgs<float>& f) { winograd<TileF4>(f); });
+}
 
 MLMATH_ISA_END
