@@ -131,46 +131,44 @@ inline bf16 stochastic_bf16(float x, std::uint32_t random16) {
   return bf16{static_cast<std::uint16_t>((u + random16) >> 16)};
 }
 
-// Where a step stores 16-bit values: RNE, or stochastic rounding with the key of that array.
+// Where a step stores 16-bit values: the key of that array's stochastic rounding.
 struct Rounder {
-  bool stochastic;
   std::uint64_t key;
 };
 
-// Stores count values of v into p (element index i of its array): stochastic rounding for bf16
-// when asked, else the vector layer's round to nearest even.
-template <class S>
-void store_rounded(Vec<compute_t<S>> v, S* p, std::int64_t i, std::int64_t count,
-                   const Rounder& r) {
-  if constexpr (std::is_same_v<S, bf16>) {
-    if (r.stochastic) {
-      constexpr int W = Vec<float>::width;
-      alignas(64) float buf[W];
-      v.store(buf);
-      for (std::int64_t k = 0; k < count; ++k) {
-        const std::uint64_t h =
-            mix64(r.key + static_cast<std::uint64_t>(i + k) * 0x9E3779B97F4A7C15ull);
-        p[k] = stochastic_bf16(buf[k], static_cast<std::uint32_t>(h >> 48));
-      }
-      return;
+// Stores count values of v into p (element index i of its array): with Stochastic, stochastic
+// rounding for bf16; else the vector layer's round to nearest even.  A compile-time flag, so
+// that the nearest-even path inlines into the step's loop (a runtime branch here kept the whole
+// function out of line, with every vector spilled around the call: 2x slower bf16 steps).
+template <bool Stochastic, class S>
+inline void store_rounded(Vec<compute_t<S>> v, S* p, std::int64_t i, std::int64_t count,
+                          const Rounder& r) {
+  if constexpr (Stochastic && std::is_same_v<S, bf16>) {
+    constexpr int W = Vec<float>::width;
+    alignas(64) float buf[W];
+    v.store(buf);
+    for (std::int64_t k = 0; k < count; ++k) {
+      const std::uint64_t h =
+          mix64(r.key + static_cast<std::uint64_t>(i + k) * 0x9E3779B97F4A7C15ull);
+      p[k] = stochastic_bf16(buf[k], static_cast<std::uint32_t>(h >> 48));
     }
+  } else {
+    store_n(v, p, count);
   }
-  store_n(v, p, count);
 }
 
 // -- the steps ----------------------------------------------------------------------------------
 
-template <bool Momentum, bool Nesterov, bool FirstStep, bool WeightDecay, bool Master, class S,
-          class St>
+template <bool Momentum, bool Nesterov, bool FirstStep, bool WeightDecay, bool Master, bool SR,
+          class S, class St>
 void sgd_chunk(const SgdArgs<S, St>& a, const OptimTensor<S, St>& t, std::int64_t tensor,
                std::int64_t begin, std::int64_t end) {
   using T = compute_t<S>;
   using V = Vec<T>;
   const V scale = V::set1(a.grad_scale), wd = V::set1(a.weight_decay), mu = V::set1(a.momentum),
           damp = V::set1(T(1) - a.dampening), neg_lr = V::set1(-a.lr);
-  const bool sr = a.rounding.stochastic_rounding;
-  const Rounder rp{sr, sr ? rounding_key(a.rounding, tensor, 0) : 0},
-      r1{sr, sr ? rounding_key(a.rounding, tensor, 1) : 0};
+  const Rounder rp{SR ? rounding_key(a.rounding, tensor, 0) : 0},
+      r1{SR ? rounding_key(a.rounding, tensor, 1) : 0};
   vector_loop<T>(begin, end, [&](std::int64_t i, std::int64_t n) {
     V p;
     if constexpr (Master) {
@@ -182,7 +180,7 @@ void sgd_chunk(const SgdArgs<S, St>& a, const OptimTensor<S, St>& t, std::int64_
     if (WeightDecay) d = fma(wd, p, d);
     if (Momentum) {
       V b = FirstStep ? d : fma(mu, load_n(t.state1 + i, n), mul(damp, d));
-      store_rounded(b, t.state1 + i, i, n, r1);
+      store_rounded<SR>(b, t.state1 + i, i, n, r1);
       d = Nesterov ? fma(mu, b, d) : b;
     }
     const V q = fma(neg_lr, d, p);
@@ -190,12 +188,12 @@ void sgd_chunk(const SgdArgs<S, St>& a, const OptimTensor<S, St>& t, std::int64_
       store_n(q, t.master + i, n);
       store_n(q, t.param + i, n);  // round to nearest even from the master
     } else {
-      store_rounded(q, t.param + i, i, n, rp);
+      store_rounded<SR>(q, t.param + i, i, n, rp);
     }
   });
 }
 
-template <bool Amsgrad, bool Decoupled, bool WeightDecay, bool Master, class S, class St>
+template <bool Amsgrad, bool Decoupled, bool WeightDecay, bool Master, bool SR, class S, class St>
 void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t, std::int64_t tensor,
                 std::int64_t begin, std::int64_t end) {
   using T = compute_t<S>;
@@ -205,9 +203,8 @@ void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t, std::int6
           one_minus_b1 = V::set1(T(1) - a.beta1), b2 = V::set1(a.beta2),
           one_minus_b2 = V::set1(T(1) - a.beta2), eps = V::set1(a.eps),
           inv_c2 = V::set1(a.inv_bias_correction2_sqrt), neg_step = V::set1(-a.step_size);
-  const bool sr = a.rounding.stochastic_rounding;
   Rounder r[4];
-  for (int k = 0; k < 4; ++k) r[k] = Rounder{sr, sr ? rounding_key(a.rounding, tensor, k) : 0};
+  for (int k = 0; k < 4; ++k) r[k] = Rounder{SR ? rounding_key(a.rounding, tensor, k) : 0};
   vector_loop<T>(begin, end, [&](std::int64_t i, std::int64_t n) {
     V p;
     if constexpr (Master) {
@@ -225,12 +222,12 @@ void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t, std::int6
     }
     const V m = fma(b1, load_n(t.state1 + i, n), mul(one_minus_b1, d));
     const V v = fma(b2, load_n(t.state2 + i, n), mul(one_minus_b2, mul(d, d)));
-    store_rounded(m, t.state1 + i, i, n, r[1]);
-    store_rounded(v, t.state2 + i, i, n, r[2]);
+    store_rounded<SR>(m, t.state1 + i, i, n, r[1]);
+    store_rounded<SR>(v, t.state2 + i, i, n, r[2]);
     V vv = v;
     if (Amsgrad) {
       vv = max_propagate_nan(load_n(t.state3 + i, n), v);  // NaN stays NaN, as in torch
-      store_rounded(vv, t.state3 + i, i, n, r[3]);
+      store_rounded<SR>(vv, t.state3 + i, i, n, r[3]);
     }
     const V denom = fma(sqrt(vv), inv_c2, eps);
     const V q = fma(neg_step, div(m, denom), p);
@@ -238,7 +235,7 @@ void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t, std::int6
       store_n(q, t.master + i, n);
       store_n(q, t.param + i, n);  // round to nearest even from the master
     } else {
-      store_rounded(q, t.param + i, i, n, r[0]);
+      store_rounded<SR>(q, t.param + i, i, n, r[0]);
     }
   });
 }
@@ -254,6 +251,16 @@ bool has_master(const Args& a) {
   }
 }
 
+// with_flag for stochastic rounding: only steps that store bf16 instantiate the SR variant.
+template <class S, class St, class F>
+void with_sr(bool sr, const F& f) {
+  if constexpr (std::is_same_v<S, bf16> || std::is_same_v<St, bf16>) {
+    with_flag(sr, f);
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <class S, class St>
 void sgd_step(const SgdArgs<S, St>& a) {
   using T = compute_t<S>;
@@ -263,13 +270,15 @@ void sgd_step(const SgdArgs<S, St>& a) {
       with_flag(momentum && a.first_step, [&](auto first) {
         with_flag(a.weight_decay != T(0), [&](auto decay) {
           with_flag(has_master(a), [&](auto master) {
-            if constexpr (!master.value || is_16bit<S>) {
-              for_each_chunk(
-                  a.tensors, a.count, [&](std::int64_t, const OptimTensor<S, St>& t, Chunk c) {
-                    sgd_chunk<mom.value, nest.value, first.value, decay.value, master.value>(
-                        a, t, c.tensor, c.begin, c.end);
-                  });
-            }
+            with_sr<S, St>(a.rounding.stochastic_rounding, [&](auto sr) {
+              if constexpr (!master.value || is_16bit<S>) {
+                for_each_chunk(a.tensors, a.count,
+                               [&](std::int64_t, const OptimTensor<S, St>& t, Chunk c) {
+                                 sgd_chunk<mom.value, nest.value, first.value, decay.value,
+                                           master.value, sr.value>(a, t, c.tensor, c.begin, c.end);
+                               });
+              }
+            });
           });
         });
       });
@@ -284,13 +293,15 @@ void adam_step(const AdamArgs<S, St>& a) {
     with_flag(a.decoupled, [&](auto decoupled) {
       with_flag(a.weight_decay != T(0), [&](auto decay) {
         with_flag(has_master(a), [&](auto master) {
-          if constexpr (!master.value || is_16bit<S>) {
-            for_each_chunk(a.tensors, a.count,
-                           [&](std::int64_t, const OptimTensor<S, St>& t, Chunk c) {
-                             adam_chunk<ams.value, decoupled.value, decay.value, master.value>(
-                                 a, t, c.tensor, c.begin, c.end);
-                           });
-          }
+          with_sr<S, St>(a.rounding.stochastic_rounding, [&](auto sr) {
+            if constexpr (!master.value || is_16bit<S>) {
+              for_each_chunk(
+                  a.tensors, a.count, [&](std::int64_t, const OptimTensor<S, St>& t, Chunk c) {
+                    adam_chunk<ams.value, decoupled.value, decay.value, master.value, sr.value>(
+                        a, t, c.tensor, c.begin, c.end);
+                  });
+            }
+          });
         });
       });
     });
