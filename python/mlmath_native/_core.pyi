@@ -175,6 +175,9 @@ def sgd_step(
     nesterov: bool,
     first_step: bool,
     grad_scale: float,
+    masters: Sequence[NDArray[Any]] | None = None,
+    sr_seed: int | None = None,
+    sr_step: int = 0,
 ) -> None:
     """One fused SGD step over lists of arrays, in place"""
 
@@ -192,5 +195,7 @@ def adam_step(
     weight_decay: float,
     decoupled: bool,
     grad_scale: float,
+    masters: Sequence[NDArray[Any]] | None = None,
+    sr_seed: int | None = None,
 ) -> None:
     """One fused Adam/AdamW step over lists of arrays, in place"""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -72,6 +72,16 @@ def randn(shape: tuple[int, ...], seed: int = 0, dtype=np.float32) -> np.ndarray
     return np.random.default_rng(seed).standard_normal(shape, dtype=dtype)
 
 
+def tensor(a: np.ndarray):
+    """``torch.from_numpy(a)``, also for ml_dtypes.bfloat16 arrays (as torch.bfloat16 with the
+    same bits; NumPy has no bfloat16 of its own).  Shares memory either way."""
+    import torch
+
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def _logits(shape: tuple[int, ...]) -> Inputs:
     return {"x": randn(shape) * np.float32(3.0)}
 
@@ -79,7 +89,7 @@ def _logits(shape: tuple[int, ...]) -> Inputs:
 def _torch_x(d: Inputs):
     import torch
 
-    return torch, torch.from_numpy(d["x"])
+    return torch, tensor(d["x"])
 
 
 # --- softmax family: NumPy formulas as written --------------------------------------------
@@ -217,7 +227,7 @@ def np_cross_entropy_grad(x: np.ndarray, t: np.ndarray):
 def _torch_ce(d: Inputs):
     import torch
 
-    xt, tt = torch.from_numpy(d["x"]), torch.from_numpy(d["t"])
+    xt, tt = tensor(d["x"]), torch.from_numpy(d["t"])
     return lambda: torch.nn.functional.cross_entropy(xt, tt)
 
 
@@ -225,7 +235,7 @@ def _torch_ce_grad(d: Inputs):
     """PyTorch forward + autograd backward, the way a training step computes it."""
     import torch
 
-    x, tt = torch.from_numpy(d["x"]), torch.from_numpy(d["t"])
+    x, tt = tensor(d["x"]), torch.from_numpy(d["t"])
 
     def step():
         xg = x.detach().requires_grad_()
@@ -288,9 +298,9 @@ def _torch_optim(name: str, **opts) -> Factory:
     def factory(d: Inputs):
         import torch
 
-        params = [torch.from_numpy(p.copy()) for p in d["params"]]
+        params = [tensor(p.copy()) for p in d["params"]]
         for p, g in zip(params, d["grads"], strict=True):
-            p.grad = torch.from_numpy(g)
+            p.grad = tensor(g)
         opt = getattr(torch.optim, name)(params, **opts)
         return opt.step
 
@@ -403,7 +413,7 @@ def _matmul_inputs(shape: tuple[int, ...]) -> Inputs:
 def _torch_matmul(d: Inputs):
     import torch
 
-    a, b = torch.from_numpy(d["a"]), torch.from_numpy(d["b"])
+    a, b = tensor(d["a"]), tensor(d["b"])
     return lambda: torch.matmul(a, b)
 
 
@@ -444,7 +454,7 @@ def _conv_case(n, c, hw, k, r, stride, padding, groups=1, name="conv2d"):
     def torch_(d):
         import torch
 
-        x, w = torch.from_numpy(d["x"]), torch.from_numpy(d["w"])
+        x, w = tensor(d["x"]), tensor(d["w"])
         f = torch.nn.functional.conv2d
         return lambda: f(x, w, stride=stride, padding=padding, groups=groups)
 
@@ -490,7 +500,7 @@ def _conv_train_case(n, c, hw, k, r, stride, padding):
     def torch_(d):
         import torch
 
-        x, w, g = (torch.from_numpy(d[key]) for key in ("x", "w", "g"))
+        x, w, g = (tensor(d[key]) for key in ("x", "w", "g"))
         b = torch.zeros(w.shape[0])
 
         def step():
@@ -586,7 +596,7 @@ def _attention_case(b, h, length, d, causal: bool, numpy_ok: bool = True) -> Cas
     def torch_(data):
         import torch
 
-        q, k, v = (torch.from_numpy(data[key]) for key in ("q", "k", "v"))
+        q, k, v = (tensor(data[key]) for key in ("q", "k", "v"))
         sdpa = torch.nn.functional.scaled_dot_product_attention
         return lambda: sdpa(q, k, v, is_causal=causal)
 
@@ -621,7 +631,7 @@ def _attention_train_case(b, h, length, d, causal: bool) -> Case:
     def torch_(data):
         import torch
 
-        q, k, v, g = (torch.from_numpy(data[key]) for key in ("q", "k", "v", "g"))
+        q, k, v, g = (tensor(data[key]) for key in ("q", "k", "v", "g"))
         sdpa = torch.nn.functional.scaled_dot_product_attention
 
         def step():
@@ -660,11 +670,12 @@ CASES.extend(
 
 # --- 16-bit storage: bfloat16 data, float32 math (Note [16-bit storage]) --------------------
 #
-# Rows named "<kernel> bf16": our kernel on ml_dtypes.bfloat16 arrays, PyTorch's on
-# torch.bfloat16 tensors of the same values (its CPU kernels), and for NumPy what a NumPy user
-# does without a bfloat16 kernel: convert to float32, compute, convert back.  Work counts the
-# 16-bit bytes moved, so a bandwidth-bound bf16 row at the float32 row's GB/s runs twice as
-# fast.  Needs ml_dtypes (pip install ml_dtypes; JAX installs it too).
+# A row "<case> bf16" is an existing case with its float inputs rounded to ml_dtypes.bfloat16:
+# our kernel on the bfloat16 arrays, PyTorch's on torch.bfloat16 tensors of the same bits (its
+# own CPU kernels), and for NumPy, where a row has it, what a NumPy user does without a bfloat16
+# kernel: convert to float32, compute, convert back.  Work counts 16-bit bytes, so a
+# bandwidth-bound bf16 row at its float32 row's GB/s runs twice as fast.  Needs ml_dtypes
+# (pip install ml_dtypes; JAX installs it too).
 
 
 def _bf16() -> Any:
@@ -673,63 +684,101 @@ def _bf16() -> Any:
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def _to_bf16(d: Inputs, *names: str) -> Inputs:
-    """The float32 inputs ``names`` of a setup rounded to bfloat16 (others kept)."""
-    return {k: (v.astype(_bf16()) if k in names else v) for k, v in d.items()}
+def _to_bf16(d: Inputs, names: tuple[str, ...]) -> Inputs:
+    """The float32 inputs ``names`` of a setup rounded to bfloat16 (lists element-wise)."""
+
+    def convert(v: Any) -> Any:
+        return [convert(a) for a in v] if isinstance(v, list) else v.astype(_bf16())
+
+    return {k: (convert(v) if k in names else v) for k, v in d.items()}
 
 
-def _torch_bf16(a: np.ndarray):
-    """A torch.bfloat16 tensor with the bits of an ml_dtypes.bfloat16 array."""
-    import torch
+def _numpy_through_float32(formula: Callable[..., Any], *names: str) -> Factory:
+    """NumPy's contender for bf16 data: widen the inputs, ``formula(*inputs)``, narrow."""
 
-    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    def factory(d: Inputs):
+        def call():
+            out = formula(*(d[n].astype(np.float32) for n in names))
+            return (
+                [a.astype(_bf16()) for a in out] if isinstance(out, tuple) else out.astype(_bf16())
+            )
+
+        return call
+
+    return factory
 
 
-def _softmax_bf16_torch(d: Inputs):
-    import torch
+def bf16_variant(
+    case: Case,
+    names: tuple[str, ...],
+    *,
+    numpy: Factory | None = None,
+    torch: Factory | None | Literal["same"] = "same",
+    ours: Factory | None = None,
+    name: str | None = None,
+    shape: tuple[int, ...] | None = None,
+    quick_shape: tuple[int, ...] | None = None,
+) -> Case:
+    """``case`` on bfloat16 copies of its inputs ``names``; work in bytes is halved (16-bit
+    bytes moved), flops are unchanged."""
+    setup = case.setup
 
-    xt = _torch_bf16(d["x"])
-    return lambda: torch.softmax(xt, -1)
+    def work(d: Inputs) -> float:
+        return case.work(d) / 2 if case.unit == "bytes" else case.work(d)
 
-
-def _ce_grad_bf16_torch(d: Inputs):
-    import torch
-
-    x, tt = _torch_bf16(d["x"]), torch.from_numpy(d["t"])
-
-    def step():
-        xg = x.detach().requires_grad_()
-        torch.nn.functional.cross_entropy(xg, tt).backward()
-        return xg.grad
-
-    return step
+    return replace(
+        case,
+        name=name or f"{case.name} bf16",
+        shape=shape or case.shape,
+        quick_shape=quick_shape or case.quick_shape,
+        setup=lambda s: _to_bf16(setup(s), names),
+        ours=ours or case.ours,
+        numpy=numpy,
+        torch=case.torch if torch == "same" else torch,
+        work=work,
+    )
 
 
 def sixteen_bit_cases() -> list[Case]:
-    bf16 = _bf16
+    by_name = {(c.name, c.shape): c for c in CASES}
+
+    def base(name: str, shape: tuple[int, ...]) -> Case:
+        return by_name[(name, shape)]
+
+    matmul = base("matmul", (2048, 2048, 2048))
     return [
-        Case(
-            name="softmax bf16",
-            shape=(4096, 4096),
-            setup=lambda shape: _to_bf16(_logits(shape), "x"),
-            ours=lambda d: lambda: mn.softmax(d["x"]),
-            numpy=lambda d: lambda: np_softmax(d["x"].astype(np.float32)).astype(bf16()),
-            torch=_softmax_bf16_torch,
-            work=lambda d: 2 * d["x"].nbytes,  # read x, write y: 2 bytes each
+        bf16_variant(
+            base("softmax", (4096, 4096)), ("x",), numpy=_numpy_through_float32(np_softmax, "x")
         ),
-        Case(
-            name="cross_entropy+grad bf16",
-            shape=(4096, 32000),
-            setup=lambda shape: _to_bf16(_ce_inputs(shape), "x"),
-            ours=lambda d: lambda: mn.cross_entropy(d["x"], d["t"], return_grad=True),
+        bf16_variant(
+            base("cross_entropy+grad", (4096, 32000)),
+            ("x",),
             numpy=lambda d: (
                 lambda: [
-                    a.astype(bf16())
+                    a.astype(_bf16())
                     for a in np_cross_entropy_grad(d["x"].astype(np.float32), d["t"])
                 ]
             ),
-            torch=_ce_grad_bf16_torch,
-            work=lambda d: 2 * d["x"].nbytes,  # read the logits, write the gradient
+        ),
+        # PyTorch's bf16 matmul takes about a minute here (no bf16 GEMM for AVX2 CPUs): the
+        # 2048^3 row runs without it and a 128-row slice gives PyTorch's rate
+        bf16_variant(matmul, ("a", "b"), torch=None),
+        bf16_variant(
+            matmul,
+            ("a", "b"),
+            name="matmul bf16 slice",
+            shape=(128, 2048, 2048),
+            quick_shape=(64, 1024, 1024),
+        ),
+        bf16_variant(base("conv2d", (8, 64, 56, 64, 3)), ("x", "w")),
+        bf16_variant(base("attention", (1, 8, 2048, 64)), ("q", "k", "v")),
+        bf16_variant(base("attention fwd+bwd", (1, 8, 2048, 64)), ("q", "k", "v", "g")),
+        bf16_variant(
+            base("adamw (torch fused)", (16 << 20, 1)),
+            ("params", "grads"),
+            name="adamw bf16 state",
+            ours=_ours_optim(mn.AdamW, lr=1e-3, state_dtype="bfloat16"),
+            torch=_torch_optim("AdamW", lr=1e-3),
         ),
     ]
 
