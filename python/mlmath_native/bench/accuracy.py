@@ -93,12 +93,68 @@ def _cross_entropy_row() -> Row:
     return ("cross_entropy grad", "64x32000", run)
 
 
+def _matmul_row() -> Row:
+    def run(rng: Any, dtype: np.dtype, torch: Any) -> tuple[Any, Any, Any]:
+        a, b = _random(rng, (256, 2048), dtype), _random(rng, (2048, 256), dtype)
+        return (
+            mn.matmul(a, b),
+            _wide(a) @ _wide(b),
+            torch.matmul(_torch(a, torch), _torch(b, torch)),
+        )
+
+    return ("matmul", "256x2048x256", run)
+
+
+def _conv2d_row() -> Row:
+    def run(rng: Any, dtype: np.dtype, torch: Any) -> tuple[Any, Any, Any]:
+        from mlmath_native.reference import convolution as ref_conv
+
+        x, w = _random(rng, (2, 32, 20, 20), dtype), _random(rng, (32, 32, 3, 3), dtype, 0.2)
+        golden = ref_conv.conv2d(_wide(x), _wide(w), padding=1)
+        theirs = torch.nn.functional.conv2d(_torch(x, torch), _torch(w, torch), padding=1)
+        return mn.conv2d(x, w, padding=1), golden, theirs
+
+    return ("conv2d", "N2 C32 20x20", run)
+
+
+def _attention_rows() -> list[Row]:
+    from mlmath_native.reference import transformer_attention as ref_attn
+
+    def inputs(rng: Any, dtype: np.dtype) -> tuple[np.ndarray, ...]:
+        return tuple(_random(rng, (1, 4, 256, 64), dtype) for _ in range(4))
+
+    def forward(rng: Any, dtype: np.dtype, torch: Any) -> tuple[Any, Any, Any]:
+        q, k, v, _ = inputs(rng, dtype)
+        golden = ref_attn.attention(_wide(q), _wide(k), _wide(v))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return mn.attention(q, k, v), golden, sdpa(*(_torch(a, torch) for a in (q, k, v)))
+
+    def backward_dq(rng: Any, dtype: np.dtype, torch: Any) -> tuple[Any, Any, Any]:
+        q, k, v, g = inputs(rng, dtype)
+        out, lse = mn.attention(q, k, v, return_lse=True)
+        dq = mn.attention_backward(q, k, v, out, lse, g)[0]
+        wq, wk, wv = _wide(q), _wide(k), _wide(v)
+        golden_out, golden_lse = ref_attn.attention(wq, wk, wv, return_lse=True)
+        golden = ref_attn.attention_backward(wq, wk, wv, golden_out, golden_lse, _wide(g))[0]
+        qt, kt, vt = (_torch(a, torch).requires_grad_() for a in (q, k, v))
+        torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).backward(_torch(g, torch))
+        return dq, golden, qt.grad
+
+    return [
+        ("attention", "1x4x256x64", forward),
+        ("attention dq", "1x4x256x64", backward_dq),
+    ]
+
+
 ROWS: list[Row] = [
     _softmax_row("softmax"),
     _softmax_row("log_softmax"),
     _softmax_row("logsumexp"),
     _softmax_backward_row(),
     _cross_entropy_row(),
+    _matmul_row(),
+    _conv2d_row(),
+    *_attention_rows(),
 ]
 
 
