@@ -166,13 +166,16 @@ class Gen:
 
 
 def _eps(dtype: np.dtype[Any]) -> float:
-    return 1e-4 if np.dtype(dtype) == np.float32 else 1e-9
+    """Tolerance per dtype; float16 results are rounded once to 11 bits (Note [16-bit storage])."""
+    return {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 4e-3}.get(np.dtype(dtype), 1e-9)
 
 
 def compute_dtype(*arrays: Any) -> np.dtype[Any]:
-    """The dtype the package computes in for these inputs (float32 only if all are float32)."""
+    """The result dtype of these inputs: float16/32/64 kept and promoted as NumPy does, other
+    real dtypes as float64 (the package's policy, _checks.compute_dtype)."""
+    kept = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
     dts = [np.asarray(a).dtype for a in arrays if a is not None]
-    return np.dtype(np.float32) if all(d == np.float32 for d in dts) else np.dtype(np.float64)
+    return np.result_type(*[d if d in kept else np.dtype(np.float64) for d in dts])
 
 
 def check_close(name: str, got: Any, want: Any, dtype: np.dtype[Any], bound: Any = 1.0) -> None:
@@ -191,9 +194,9 @@ def check_close(name: str, got: Any, want: Any, dtype: np.dtype[Any], bound: Any
     # require the result not to be finite where the reference is NaN/Inf with finite inputs.
     bad_nf = (~np.isfinite(want)) & finite_in & ~(np.isnan(g) | (g == want))
     tol = _eps(dtype) * (1.0 + bound[fin])
-    if dtype == np.float32:
-        # float32 results beyond its range are inf
-        big = np.abs(want[fin]) > 1e37
+    if dtype in (np.float32, np.float16):
+        # float32 / float16 results beyond their range are inf
+        big = np.abs(want[fin]) > (1e37 if dtype == np.float32 else 6e4)
         tol = np.where(big, np.inf, tol)
     diff = np.abs(g[fin] - want[fin])
     bad = ~(diff <= tol)

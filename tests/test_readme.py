@@ -39,7 +39,7 @@ def test_the_readme_has_its_python_blocks():
 
 
 def test_readme_python_blocks_run_in_order(tmp_path):
-    for module in ("torch", "dask", "distributed"):  # the blocks on interop and Dask need them
+    for module in ("torch", "dask", "distributed", "ml_dtypes"):  # interop, Dask and bf16 blocks
         pytest.importorskip(module)
     blocks = python_blocks()
     assert blocks, "no ```python block found in the README"
