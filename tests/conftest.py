@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import mlmath_native as mn
+from mlmath_native import _core
 
 #: package modules whose import needs an optional extra: (file name, the module it needs)
 _EXTRA_MODULES = {"dask.py": "dask"}
@@ -60,6 +61,21 @@ def assert_close(actual, expected, dtype, n: int = 1, atol_scale: float = 0.0, c
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261125)
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """The arrays the softmax kernel receives, in order (zero-copy tests: the kernel must get
+    the caller's own memory)."""
+    calls: list[np.ndarray] = []
+    original = _core.softmax_into
+
+    def spy(x, out, *args):
+        calls.append(x)
+        return original(x, out, *args)
+
+    monkeypatch.setattr(_core, "softmax_into", spy)
+    return calls
 
 
 @pytest.fixture

@@ -12,27 +12,12 @@ import pytest
 from sixteen import HALF_NAMES, dtype_of, random
 
 import mlmath_native as mn
-from mlmath_native import _core
 
 torch = pytest.importorskip("torch")
 
 
 def torch_dtype(name):
     return getattr(torch, name)
-
-
-@pytest.fixture
-def seen(monkeypatch):
-    """The arrays the softmax kernel receives, in order."""
-    calls: list[np.ndarray] = []
-    original = _core.softmax_into
-
-    def spy(x, out, *args):
-        calls.append(x)
-        return original(x, out, *args)
-
-    monkeypatch.setattr(_core, "softmax_into", spy)
-    return calls
 
 
 def address(a: np.ndarray) -> int:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import mlmath_native as mn
-from mlmath_native import _core
 
 
 class DLPackOnly:
@@ -34,20 +33,6 @@ class InterfaceOnly:
     def __init__(self, a: np.ndarray):
         self._a = a
         self.__array_interface__ = a.__array_interface__
-
-
-@pytest.fixture
-def seen(monkeypatch):
-    """The arrays the softmax kernel receives, in order."""
-    calls: list[np.ndarray] = []
-    original = _core.softmax_into
-
-    def spy(x, out, *args):
-        calls.append(x)
-        return original(x, out, *args)
-
-    monkeypatch.setattr(_core, "softmax_into", spy)
-    return calls
 
 
 def _data(rng):

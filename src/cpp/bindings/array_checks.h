@@ -77,8 +77,9 @@ auto kernel_for(F32 f32, F64 f64, BF16 bf, F16 h) {
     return h;
   }
 }
-#define MLMATH_KERNEL_FOR(table, family, S) \
-  kernel_for<S>((table).family##_f32, (table).family##_f64, (table).family##_bf16, (table).family##_f16)
+#define MLMATH_KERNEL_FOR(table, family, S)                                        \
+  kernel_for<S>((table).family##_f32, (table).family##_f64, (table).family##_bf16, \
+                (table).family##_f16)
 
 // The dtype of an array if it is one of the storage dtypes (bfloat16 is recognised by name:
 // ml_dtypes registers it with NumPy at run time).
@@ -110,8 +111,7 @@ inline std::string shape_str(const py::array& a) {
 inline DType float_dtype_any_layout(const py::array& a, const char* fn, const char* name,
                                     bool allow_16bit = false) {
   DType dt;
-  if (!storage_dtype(a.dtype(), &dt) ||
-      (!allow_16bit && dt != DType::f32 && dt != DType::f64)) {
+  if (!storage_dtype(a.dtype(), &dt) || (!allow_16bit && dt != DType::f32 && dt != DType::f64)) {
     throw py::type_error(std::string(fn) + ": " + name + " must be float32 or float64" +
                          (allow_16bit ? ", bfloat16 or float16" : "") + " (got " +
                          py::str(a.dtype()).cast<std::string>() + ")");

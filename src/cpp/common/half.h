@@ -50,7 +50,7 @@ inline float f16_to_float(f16 x) {
     return bits_float(sign | float_bits(static_cast<float>(mantissa) * 0x1p-24f));
   }
   if (exponent == 31) return bits_float(sign | 0x7F800000u | (mantissa << 13));  // inf, NaN
-  return bits_float(sign | ((exponent + 112) << 23) | (mantissa << 13));  // rebias 15 -> 127
+  return bits_float(sign | ((exponent + 112) << 23) | (mantissa << 13));         // rebias 15 -> 127
 }
 
 inline f16 float_to_f16(float f) {

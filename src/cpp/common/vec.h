@@ -205,7 +205,8 @@ inline __m256 widen8(__m128i h, f16*) { return _mm256_cvtph_ps(h); }
 inline __m128i narrow8(__m256 v, bf16*) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
   const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
   r = _mm256_blendv_epi8(r, quiet_nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
@@ -238,8 +239,8 @@ struct Vec<float> {
   static Vec load_partial(const S* p, std::int64_t n, float fill) {
     alignas(16) S buf[8] = {};
     std::memcpy(buf, p, sizeof(S) * static_cast<std::size_t>(n));
-    return {_mm256_blendv_ps(_mm256_set1_ps(fill), load(buf).v,
-                             _mm256_castsi256_ps(tail_mask_i32(n)))};
+    return {
+        _mm256_blendv_ps(_mm256_set1_ps(fill), load(buf).v, _mm256_castsi256_ps(tail_mask_i32(n)))};
   }
   template <class S, class = std::enable_if_t<is_16bit<S>>>
   void store(S* p) const {
@@ -347,7 +348,8 @@ inline __m512 widen16(__m256i h, f16*) { return _mm512_cvtph_ps(h); }
 inline __m256i narrow16(__m512 v, bf16*) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+  __m512i r =
+      _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
   const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
   return _mm512_cvtepi32_epi16(r);
@@ -370,8 +372,8 @@ struct Vec<float> {
   void store_partial(float* p, std::int64_t n) const { _mm512_mask_storeu_ps(p, mask(n), v); }
   template <class S, class = std::enable_if_t<is_16bit<S>>>
   static Vec load(const S* p) {
-    return {widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
-                    static_cast<S*>(nullptr))};
+    return {
+        widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), static_cast<S*>(nullptr))};
   }
   template <class S, class = std::enable_if_t<is_16bit<S>>>
   static Vec load_partial(const S* p, std::int64_t n, float fill) {

@@ -107,29 +107,6 @@ void dropout_block(const AttentionArgs<S>& a, std::int64_t bh, std::int64_t i0, 
   }
 }
 
-// pack_a_strided from storage S into compute-type panels: as it is for float and double, each
-// 16-bit value widened as it is packed.
-template <class S, class T>
-void pack_a_from(const S* a, std::int64_t rs, std::int64_t cs, std::int64_t M, std::int64_t i0,
-                 std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-  if constexpr (std::is_same_v<S, T>) {
-    pack_a_strided(a, rs, cs, M, i0, mc, k0, kc, dst);
-  } else {
-    constexpr int MR = GemmShape<T>::MR;
-    for (std::int64_t p = 0; p < mc; p += MR)
-      for (int r = 0; r < MR; ++r) {
-        const std::int64_t i = i0 + p + r;
-        T* out = dst + p * kc + r;
-        if (p + r < mc && i < M) {
-          const S* src = a + i * rs + k0 * cs;
-          for (std::int64_t k = 0; k < kc; ++k) out[k * MR] = widen(src[k * cs]);
-        } else {
-          for (std::int64_t k = 0; k < kc; ++k) out[k * MR] = T(0);
-        }
-      }
-  }
-}
-
 template <class St>
 void attention(const AttentionArgs<St>& a) {
   using T = compute_t<St>;
@@ -152,7 +129,7 @@ void attention(const AttentionArgs<St>& a) {
       prepack_a<T>(
           Lk, D,
           [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-            pack_a_from(kh, D, std::int64_t{1}, Lk, i0, mc, k0, kc, dst);
+            pack_a_strided(kh, D, std::int64_t{1}, Lk, i0, mc, k0, kc, dst);
           },
           kpack.data + h * ksize);
     }
@@ -163,7 +140,7 @@ void attention(const AttentionArgs<St>& a) {
       prepack_a<T>(
           Dv, Lk,
           [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-            pack_a_from(vh, std::int64_t{1}, Dv, Dv, i0, mc, k0, kc, dst);
+            pack_a_strided(vh, std::int64_t{1}, Dv, Dv, i0, mc, k0, kc, dst);
           },
           vpack.data + h * vsize);
     }
@@ -357,7 +334,7 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
       auto transposed = [](const auto* base, std::int64_t ld, std::int64_t rows) {
         // A[i][k] = base[k * ld + i]: MR contiguous values per k (16-bit ones widened)
         return [=](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-          pack_a_from(base, std::int64_t{1}, ld, rows, r0, mc, k0, kc, dst);
+          pack_a_strided(base, std::int64_t{1}, ld, rows, r0, mc, k0, kc, dst);
         };
       };
       prepack_a<T>(Lq, D, transposed(qth, lq_, Lq), qa.data + bh * qa_size);

@@ -673,8 +673,8 @@ void conv_grad_weight_staged(const Conv2dWeightGradArgs<S>& a) {
   do {                          // at least once: no images give zeros
     if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
     const std::int64_t cnt = a.n - n0 < nb ? a.n - n0 : nb;
-    widen_into(a.x + n0 * xs, cnt * xs, x32.data);
-    widen_into(a.grad_out + n0 * gs, cnt * gs, g32.data);
+    convert_into(a.x + n0 * xs, cnt * xs, x32.data);
+    convert_into(a.grad_out + n0 * gs, cnt * gs, g32.data);
     const Conv2dWeightGradArgs<float> f{
         x32.data,   cnt,     a.c,        a.h,        a.w,
         g32.data,   a.k,     a.ho,       a.wo,       n0 == 0 ? acc.data : part.data,
@@ -685,7 +685,7 @@ void conv_grad_weight_staged(const Conv2dWeightGradArgs<S>& a) {
       for (std::int64_t e = 0; e < wsize; ++e) acc.data[e] += part.data[e];
     n0 += cnt;
   } while (n0 < a.n);
-  narrow_into(acc.data, wsize, a.grad_weight);
+  convert_into(acc.data, wsize, a.grad_weight);
 }
 
 // The input gradient of 16-bit data (Note [16-bit convolution]): per chunk of images, rounded
@@ -696,17 +696,17 @@ void conv_grad_input_staged(const Conv2dInputGradArgs<S>& a, float* out32) {
   const std::int64_t gs = a.k * a.ho * a.wo, xs = a.c * a.hp * a.wp;
   const std::int64_t nb = stage_images(gs + (out32 ? 0 : xs), a.n);
   Scratch<float> w32(wsize), g32(nb * gs), out(out32 ? 1 : nb * xs);
-  widen_into(a.weight, wsize, w32.data);
+  convert_into(a.weight, wsize, w32.data);
   for (std::int64_t n0 = 0; n0 < a.n; n0 += nb) {
     if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
     const std::int64_t cnt = a.n - n0 < nb ? a.n - n0 : nb;
-    widen_into(a.grad_out + n0 * gs, cnt * gs, g32.data);
+    convert_into(a.grad_out + n0 * gs, cnt * gs, g32.data);
     float* gx = out32 ? out32 + n0 * xs : out.data;
     const Conv2dInputGradArgs<float> f{g32.data,   cnt,        a.k,     a.ho,    a.wo,    w32.data,
                                        a.c,        a.r,        a.s,     gx,      a.hp,    a.wp,
                                        a.stride_h, a.stride_w, a.dil_h, a.dil_w, a.groups};
     conv_grad_input(f);
-    if (!out32) narrow_into(out.data, cnt * xs, a.grad_input + n0 * xs);
+    if (!out32) convert_into(out.data, cnt * xs, a.grad_input + n0 * xs);
   }
 }
 

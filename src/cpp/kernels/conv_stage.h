@@ -34,9 +34,10 @@ constexpr std::int64_t kStageBytes = std::int64_t{32} << 20;
 // Elements per task of the widening / rounding passes (cost for parallel_for: a cheap pass).
 constexpr std::int64_t kStageBlock = std::int64_t{1} << 15;
 
-// dst[i] = float(src[i]), i < n (threads for large n).
-template <class S>
-void widen_into(const S* src, std::int64_t n, float* dst) {
+// dst[i] = src[i] converted, i < n (threads for large n): widened exactly from a 16-bit S to
+// float, or rounded once (to nearest even) from float to S.
+template <class From, class To>
+void convert_into(const From* src, std::int64_t n, To* dst) {
   using V = Vec<float>;
   constexpr std::int64_t W = V::width;
   parallel_for((n + kStageBlock - 1) / kStageBlock, kStageBlock / 64,
@@ -45,22 +46,7 @@ void widen_into(const S* src, std::int64_t n, float* dst) {
                  const std::int64_t i1 = b1 * kStageBlock < n ? b1 * kStageBlock : n;
                  std::int64_t i = i0;
                  for (; i + W <= i1; i += W) V::load(src + i).store(dst + i);
-                 for (; i < i1; ++i) dst[i] = widen(src[i]);
-               });
-}
-
-// dst[i] = src[i] rounded to S (once, to nearest even), i < n.
-template <class S>
-void narrow_into(const float* src, std::int64_t n, S* dst) {
-  using V = Vec<float>;
-  constexpr std::int64_t W = V::width;
-  parallel_for((n + kStageBlock - 1) / kStageBlock, kStageBlock / 64,
-               [&](std::int64_t b0, std::int64_t b1) {
-                 const std::int64_t i0 = b0 * kStageBlock;
-                 const std::int64_t i1 = b1 * kStageBlock < n ? b1 * kStageBlock : n;
-                 std::int64_t i = i0;
-                 for (; i + W <= i1; i += W) V::load(src + i).store(dst + i);
-                 for (; i < i1; ++i) dst[i] = narrow<S>(src[i]);
+                 if (i < i1) V::load_partial(src + i, i1 - i, 0.0f).store_partial(dst + i, i1 - i);
                });
 }
 
@@ -81,12 +67,12 @@ void conv2d_staged(const Conv2dArgs<S>& a, float* y32, const Fwd& fwd) {
   const std::int64_t xs = a.c * a.h * a.w, ys = a.k * a.ho * a.wo;
   const std::int64_t nb = stage_images(xs + (y32 ? 0 : ys), a.n);
   Scratch<float> w32(wsize), b32(a.bias ? a.k : 1), x32(nb * xs), out(y32 ? 1 : nb * ys);
-  widen_into(a.weight, wsize, w32.data);
-  if (a.bias) widen_into(a.bias, a.k, b32.data);
+  convert_into(a.weight, wsize, w32.data);
+  if (a.bias) convert_into(a.bias, a.k, b32.data);
   for (std::int64_t n0 = 0; n0 < a.n; n0 += nb) {
     if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
     const std::int64_t cnt = a.n - n0 < nb ? a.n - n0 : nb;
-    widen_into(a.x + n0 * xs, cnt * xs, x32.data);
+    convert_into(a.x + n0 * xs, cnt * xs, x32.data);
     float* y = y32 ? y32 + n0 * ys : out.data;
     const Conv2dArgs<float> f{
         x32.data,  cnt,        a.c,     a.h,        a.w,
@@ -94,7 +80,7 @@ void conv2d_staged(const Conv2dArgs<S>& a, float* y32, const Fwd& fwd) {
         y,         a.ho,       a.wo,    a.stride_h, a.stride_w,
         a.pad_top, a.pad_left, a.dil_h, a.dil_w,    a.groups};
     fwd(f);
-    if (!y32) narrow_into(out.data, cnt * ys, a.y + n0 * ys);
+    if (!y32) convert_into(out.data, cnt * ys, a.y + n0 * ys);
   }
 }
 
