@@ -389,6 +389,42 @@ void test_sixteen() {
       check_close("cross_entropy_bf16 loss", loss[r], lse, 1e-5);
     }
   }
+  // gemm_bf16 with K over several KC blocks: float32 accumulation, C rounded once
+  for (std::int64_t m : {1, 5, 13}) {
+    const std::int64_t n = 19, kk = 500;
+    const std::vector<float> a32 = random_floats(m * kk, 7), b32 = random_floats(kk * n, 8);
+    std::vector<mlmath::bf16> a(m * kk), b(kk * n), c(m * n);
+    for (std::size_t i = 0; i < a.size(); ++i) a[i] = mlmath::to_bf16(a32[i]);
+    for (std::size_t i = 0; i < b.size(); ++i) b[i] = mlmath::to_bf16(b32[i]);
+    mlmath::GemmArgs<mlmath::bf16> g{};
+    g.m = m;
+    g.n = n;
+    g.k = kk;
+    g.a = a.data();
+    g.a_rs = kk;
+    g.a_cs = 1;
+    g.b = b.data();
+    g.b_rs = n;
+    g.b_cs = 1;
+    g.c = c.data();
+    g.c_rs = n;
+    g.batch = 1;
+    k.gemm_bf16(g);
+    for (std::int64_t i = 0; i < m; ++i)
+      for (std::int64_t j = 0; j < n; ++j) {
+        double want = 0, mag = 0;
+        for (std::int64_t q = 0; q < kk; ++q) {
+          const double t =
+              static_cast<double>(mlmath::to_float(a[i * kk + q])) * mlmath::to_float(b[q * n + j]);
+          want += t;
+          mag += std::fabs(t);
+        }
+        const double got = mlmath::to_float(c[i * n + j]);
+        if (!(std::fabs(got - want) <= 0x1p-8 * std::fabs(want) + 1e-5 * mag)) {
+          check_close("gemm_bf16", got, want, 0);
+        }
+      }
+  }
 }
 
 void test_errors() {
