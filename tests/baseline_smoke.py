@@ -42,6 +42,11 @@ def main() -> None:
     w = rng.standard_normal((4, 3, 3, 3))
     close(mn.conv2d(xc, w, padding=1), ref.convolution.conv2d(xc, w, padding=1), 1e-12)
 
+    # float16 without F16C: the scalar path converts in software (Note [16-bit storage])
+    h = x.astype(np.float16)
+    close(mn.softmax(h), ref.softmax.softmax(h.astype(np.float64)), 2.0**-11)
+    close(mn.matmul(h, h.T), h.astype(np.float64) @ h.astype(np.float64).T, 0.1)
+
     q, k, v = (rng.standard_normal((2, 9, 8)) for _ in range(3))
     close(
         mn.attention(q, k, v, causal=True),
