@@ -450,6 +450,7 @@ def test_bad_settings(kwargs, exc, text):
 
 
 def test_state_dtype_for_float64_params_and_sr_for_float16():
+    # refused before ml_dtypes is needed (this part runs without it too)
     with pytest.raises(ValueError, match="float64 params keep float64 state"):
         mn.SGD([np.zeros(3, np.float32), np.zeros(3)], lr=0.1, state_dtype="bfloat16")
     with pytest.raises(ValueError, match="stochastic_rounding is for bfloat16"):

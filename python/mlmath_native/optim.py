@@ -218,18 +218,16 @@ def _state_dtype_name(fn: str, value: object) -> str | None:
     return name
 
 
-def _state_dtype_for(
-    fn: str, name: str | None, param_dtype: np.dtype[Any], i: int
-) -> np.dtype[Any]:
-    """The dtype of a param's state buffers (Note [16-bit optimizers])."""
+def _state_dtype_for(fn: str, name: str | None, param_dtype: np.dtype[Any], i: int) -> str:
+    """The dtype name of a param's state buffers (Note [16-bit optimizers])."""
     if name is None:
-        return np.dtype(np.float64) if param_dtype == np.float64 else np.dtype(np.float32)
+        return "float64" if param_dtype == np.float64 else "float32"
     if param_dtype == np.float64:
         raise ValueError(
             f"{fn}: state_dtype {name!r} does not fit params[{i}], which is float64 (float64 "
             "params keep float64 state; expected state_dtype=None)"
         )
-    return np.dtype(np.float32) if name == "float32" else bfloat16_dtype(fn)
+    return name
 
 
 def _check_state(
@@ -377,10 +375,12 @@ class _Optimizer:
         self.step_count = 0
         self.master_weights = _flag(fn, "master_weights", master_weights)
         self.state_dtype = _state_dtype_name(fn, state_dtype)
-        self._state_dtypes = [
+        # every param is checked before ml_dtypes is needed for a bfloat16 state
+        names = [
             _state_dtype_for(fn, self.state_dtype, dtype, i)
             for i, (_, dtype) in enumerate(self._layout)
         ]
+        self._state_dtypes = [bfloat16_dtype(fn) if n == "bfloat16" else np.dtype(n) for n in names]
         self.stochastic_rounding = _flag(fn, "stochastic_rounding", stochastic_rounding)
         self.seed = _seed(fn, seed)
         _check_rounding(fn, self.stochastic_rounding, self.master_weights, self._layout)
