@@ -11,7 +11,8 @@
 //   (or NaN), else +0 (so 0 * inf terms can be dropped)
 //
 // Vec<float> also loads from and stores to the 16-bit storage types (bf16, f16; Note [16-bit
-// storage] in half.h): load / load_partial widen, store / store_partial round to nearest even.
+// storage] in half.h): load / load_partial widen, store / store_partial round to nearest even
+// (store_finite: the same for lanes known not to be NaN, without the NaN repair).
 // Scalar code uses widen(x) and narrow<S>(v); compute_t<S> is the type a storage type S
 // computes in (double for double, float for the rest).
 //
@@ -115,6 +116,10 @@ struct Vec {
   }
   template <class S, class = std::enable_if_t<is_16bit<S>>>
   void store_partial(S*, std::int64_t) const {}
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store_finite(S* p) const {
+    store(p);
+  }
 };
 template <class T>
 inline Vec<T> add(Vec<T> a, Vec<T> b) {
@@ -166,6 +171,11 @@ template <class T>
 inline Vec<T> keep_where_nonzero(Vec<T> c, Vec<T> v) {
   return {c.v != T(0) ? v.v : T(0)};
 }
+// Whether a < b in any lane (false where either is NaN).
+template <class T>
+inline bool any_less(Vec<T> a, Vec<T> b) {
+  return a.v < b.v;
+}
 // max(a, b) that is NaN where either is NaN (torch.maximum, np.maximum); max() above keeps b.
 template <class T>
 inline Vec<T> max_propagate_nan(Vec<T> a, Vec<T> b) {
@@ -214,6 +224,15 @@ inline __m128i narrow8(__m256 v, bf16*) {
 inline __m128i narrow8(__m256 v, f16*) {
   return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
+// narrow8 for lanes known not to be NaN: the nearest-even rounding without the NaN repair.
+inline __m128i narrow8_finite(__m256 v, bf16*) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+inline __m128i narrow8_finite(__m256 v, f16* tag) { return narrow8(v, tag); }
 
 template <>
 struct Vec<float> {
@@ -251,6 +270,11 @@ struct Vec<float> {
     alignas(16) S buf[8];
     store(buf);
     std::memcpy(p, buf, sizeof(S) * static_cast<std::size_t>(n));
+  }
+  // store() for values known not to be NaN (a few instructions fewer for bf16).
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store_finite(S* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow8_finite(v, static_cast<S*>(nullptr)));
   }
 };
 template <>
@@ -321,6 +345,12 @@ inline VF keep_where_nonzero(VF c, VF v) {
 inline VD keep_where_nonzero(VD c, VD v) {
   return {_mm256_and_pd(_mm256_cmp_pd(c.v, _mm256_setzero_pd(), _CMP_NEQ_UQ), v.v)};
 }
+inline bool any_less(VF a, VF b) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)) != 0;
+}
+inline bool any_less(VD a, VD b) {
+  return _mm256_movemask_pd(_mm256_cmp_pd(a.v, b.v, _CMP_LT_OQ)) != 0;
+}
 // maxps gives b where either is NaN; a where a is NaN is put back
 inline VF max_propagate_nan(VF a, VF b) {
   return {_mm256_blendv_ps(_mm256_max_ps(a.v, b.v), a.v, _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q))};
@@ -390,6 +420,10 @@ struct Vec<float> {
     alignas(32) S buf[16];
     store(buf);
     std::memcpy(p, buf, sizeof(S) * static_cast<std::size_t>(n));
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store_finite(S* p) const {
+    store(p);
   }
 };
 template <>
@@ -466,6 +500,8 @@ inline VF keep_where_nonzero(VF c, VF v) {
 inline VD keep_where_nonzero(VD c, VD v) {
   return {_mm512_maskz_mov_pd(_mm512_cmp_pd_mask(c.v, _mm512_setzero_pd(), _CMP_NEQ_UQ), v.v)};
 }
+inline bool any_less(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ) != 0; }
+inline bool any_less(VD a, VD b) { return _mm512_cmp_pd_mask(a.v, b.v, _CMP_LT_OQ) != 0; }
 inline VF max_propagate_nan(VF a, VF b) {
   return {
       _mm512_mask_mov_ps(_mm512_max_ps(a.v, b.v), _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), a.v)};

@@ -8,6 +8,9 @@
 //   results that are subnormal (x < -87.3 for float) or close to overflow are rounded once and
 //   correctly instead of being flushed; x is clamped first so that n stays small.
 //   exp(-inf) = 0, exp(+inf) = +inf, exp(NaN) = NaN.
+//   For x <= 0 (softmax's x - max), a vector whose lanes are all >= fast_min (or NaN) takes a
+//   shorter path: n = round(x / ln 2) from one fma with the rounding constant, and 2^n is a
+//   normal number (n >= -126), one factor, no clamps (the same polynomial, the same accuracy).
 #pragma once
 
 #include "common/vec.h"
@@ -24,6 +27,7 @@ struct ExpConstants<float> {
   static constexpr float ln2_hi = 0.693359375f;  // 9 significant bits: n * ln2_hi is exact
   static constexpr float ln2_lo = -2.12194440e-4f;
   static constexpr float n1_min = -126.0f, n1_max = 127.0f;
+  static constexpr float fast_min = -87.0f;  // round(-87 log2 e) = -126: 2^n still normal
 };
 template <>
 struct ExpConstants<double> {
@@ -33,6 +37,7 @@ struct ExpConstants<double> {
   static constexpr double ln2_hi = 6.93147180369123816490e-01;  // low 32 bits zero
   static constexpr double ln2_lo = 1.90821492927058770002e-10;
   static constexpr double n1_min = -1022.0, n1_max = 1023.0;
+  static constexpr double fast_min = -708.0;  // round(-708 log2 e) = -1021
 };
 
 // e^r on |r| <= ln2/2 (float): Cephes expf coefficients.
@@ -72,6 +77,17 @@ template <bool NonPositive = false, class T>
 inline Vec<T> exp(Vec<T> x) {
   using V = Vec<T>;
   using C = ExpConstants<T>;
+  if constexpr (NonPositive) {
+    if (!any_less(x, V::set1(C::fast_min))) {
+      // x + magic rounds x log2 e to an integer once (the magic's ulp is 1), exactly as
+      // round_nearest would; a NaN lane stays NaN throughout.
+      const V magic = V::set1(FloatBits<T>::round_magic);
+      const V n = sub(fma(x, V::set1(C::log2e), magic), magic);
+      V r = fma(n, V::set1(-C::ln2_hi), x);
+      r = fma(n, V::set1(-C::ln2_lo), r);
+      return mul(exp_reduced(r), pow2i(n));
+    }
+  }
   // Operand order matters: max/min return their second operand when one is NaN, so a NaN x
   // flows through every step and comes out as NaN without a separate select.
   V xc = max(V::set1(C::lo), x);

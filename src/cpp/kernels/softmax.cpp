@@ -61,6 +61,18 @@ void row_exp_scale(const S* x, S* y, std::int64_t n, T m, T scale) {
   }
 }
 
+// y_i = e_i * scale for a 16-bit row, from the float scratch row e; every e_i * scale is finite
+// (s is a finite positive sum), so the stores skip the NaN repair.
+template <class S>
+void row_scale_finite(const float* e, S* y, std::int64_t n, float scale) {
+  using V = Vec<float>;
+  constexpr std::int64_t W = V::width;
+  const V vs = V::set1(scale);
+  std::int64_t i = 0;
+  for (; i + W <= n; i += W) mul(V::load(e + i), vs).store_finite(y + i);
+  if (i < n) mul(V::load_partial(e + i, n - i, 0.0f), vs).store_partial(y + i, n - i);
+}
+
 template <Op op, class S, class T = compute_t<S>>
 void rows_forward(const S* x, S* y, std::int64_t n) {
   const T m = row_max(x, n);
@@ -68,7 +80,11 @@ void rows_forward(const S* x, S* y, std::int64_t n) {
     if (n <= kScratchRow) {
       float scratch[kScratchRow];
       const T s = row_exp_sum<true>(x, scratch, n, m);
-      row_affine(scratch, y, n, T(1) / s, T(0));
+      if (std::isfinite(s) && s > 0) {
+        row_scale_finite(scratch, y, n, T(1) / s);
+      } else {
+        row_affine(scratch, y, n, T(1) / s, T(0));  // a NaN/inf row: NaN where the formula is
+      }
     } else {
       S* no_store = nullptr;
       const T s = row_exp_sum<false>(x, no_store, n, m);
