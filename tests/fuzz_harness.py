@@ -194,6 +194,8 @@ def check_close(name: str, got: Any, want: Any, dtype: np.dtype[Any], bound: Any
     # require the result not to be finite where the reference is NaN/Inf with finite inputs.
     bad_nf = (~np.isfinite(want)) & finite_in & ~(np.isnan(g) | (g == want))
     tol = _eps(dtype) * (1.0 + bound[fin])
+    if dtype == np.float16:  # plus one rounding of the result itself (2**-11 relative)
+        tol = tol + 2.0**-11 * np.abs(want[fin])
     if dtype in (np.float32, np.float16):
         # float32 / float16 results beyond their range are inf
         big = np.abs(want[fin]) > (1e37 if dtype == np.float32 else 6e4)
