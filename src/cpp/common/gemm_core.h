@@ -154,25 +154,18 @@ void gemm_ukernel(std::int64_t kc, const T* a, const Panel& b, T* c, std::int64_
     for (int j = 0; j < NRV; ++j) {
       const std::int64_t cols = n - j * W;
       if (cols <= 0) break;
+      O* orow;  // C itself, or the 16-bit out that takes the sum's one rounding
       if constexpr (std::is_same_v<O, T>) {
-        if (full || cols >= W) {
-          const V sum = load_c ? add(acc[i][j], V::load(row + j * W)) : acc[i][j];
-          sum.store(row + j * W);
-        } else {
-          const V sum =
-              load_c ? add(acc[i][j], V::load_partial(row + j * W, cols, T(0))) : acc[i][j];
-          sum.store_partial(row + j * W, cols);
-        }
-      } else {  // one rounding into the 16-bit out
-        O* orow = out + i * ldo;
-        if (full || cols >= W) {
-          const V sum = load_c ? add(acc[i][j], V::load(row + j * W)) : acc[i][j];
-          sum.store(orow + j * W);
-        } else {
-          const V sum =
-              load_c ? add(acc[i][j], V::load_partial(row + j * W, cols, T(0))) : acc[i][j];
-          sum.store_partial(orow + j * W, cols);
-        }
+        orow = row;
+      } else {
+        orow = out + i * ldo;
+      }
+      if (full || cols >= W) {
+        const V sum = load_c ? add(acc[i][j], V::load(row + j * W)) : acc[i][j];
+        sum.store(orow + j * W);
+      } else {
+        const V sum = load_c ? add(acc[i][j], V::load_partial(row + j * W, cols, T(0))) : acc[i][j];
+        sum.store_partial(orow + j * W, cols);
       }
     }
   }

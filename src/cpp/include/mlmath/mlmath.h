@@ -196,31 +196,16 @@ struct Conv2dInputGradArgs {
   std::int64_t stride_h, stride_w, dil_h, dil_w, groups;
 };
 
-// The type attention computes in for storage type T: T itself for float and double, float for
-// bf16 and f16 (the scale, a float mask and the lse are of this type; Note [16-bit storage]).
-template <class T>
-struct attention_compute {
-  using type = T;
-};
-template <>
-struct attention_compute<bf16> {
-  using type = float;
-};
-template <>
-struct attention_compute<f16> {
-  using type = float;
-};
-
 // Scaled dot-product attention (kernels/attention.cpp).  Arrays are C-contiguous
 // [batch][heads][rows][features]; k and v may have one batch shared by all (batch stride 0).
 // Masks are read through strides (0 for broadcast axes), [batch][query head][i][j].  For bf16
 // and f16 storage, q, k, v and out are 16-bit and the float mask, scale and lse float32.
 template <class T>
 struct AttentionArgs {
-  using C = typename attention_compute<T>::type;
-  const T* q;  // [b][hq][lq][d]
-  const T* k;  // [b or 1][hkv][lk][d]
-  const T* v;  // [b or 1][hkv][lk][dv]
+  using C = typename ComputeType<T>::type;  // the scale, a float mask and the lse
+  const T* q;                               // [b][hq][lq][d]
+  const T* k;                               // [b or 1][hkv][lk][d]
+  const T* v;                               // [b or 1][hkv][lk][dv]
   std::int64_t batch, hq, hkv, lq, lk, d, dv;
   std::int64_t k_batch_stride, v_batch_stride;  // elements; 0: shared by every batch
   const void* mask;  // nullptr, bool (uint8: nonzero = may attend) or C (added to the scores)
