@@ -134,6 +134,27 @@ def test_extremes_overflow_exactly_where_the_result_does(dtype_name):
 
 
 @pytest.mark.parametrize("dtype_name", HALF_NAMES)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("low", [-86.0, -88.0, -100.0, -np.inf])
+def test_rows_inside_and_outside_the_short_exp_range(dtype_name, n, low, rng):
+    # Rows whose x - max all lie in [-87, 0] take the short exp (vmath.h, exp_normal_range_16bit);
+    # one value below that range, anywhere in the row (the partial tail included), sends the row
+    # down the full exp.  Both must match the golden, and a NaN must not hide a small value.
+    dtype = dtype_of(dtype_name)
+    base = rng.uniform(-80.0, 0.0, size=n)
+    for pos in sorted({0, n // 2, n - 1}):
+        x = base.copy()
+        x[pos] = low
+        x = np.stack([x, x + 3.0]).astype(dtype)
+        for name in FORWARD:
+            check_forward(name, x, with_torch=False)
+        if n > 2:
+            x[:, (pos + 1) % n] = np.nan  # NaN before or after the small value: the row is NaN
+            got = widen(mn.softmax(x))
+            assert np.isnan(got).all()
+
+
+@pytest.mark.parametrize("dtype_name", HALF_NAMES)
 def test_nan_and_inf_rows(dtype_name):
     dtype = dtype_of(dtype_name)
     x = np.array(

@@ -43,39 +43,89 @@ T row_max(const S* x, std::int64_t n) {
   return reduce_max(max(max(a0, a1), max(a2, a3)));
 }
 
-// sum_i exp(x_i - shift); with Store, also y_i = exp(x_i - shift) (y may alias x).
-// NonPositive: shift is the row maximum, so x_i - shift <= 0 (or NaN) and exp may skip its
-// overflow clamps; logsumexp shifts by 0 when the maximum is +inf and then passes false.
-template <bool Store, bool NonPositive = true, class S, class D, class T = compute_t<S>>
-T row_exp_sum(const S* x, D* y, std::int64_t n, T shift) {
+// The row's maximum m, and whether every x_i - m lies in exp_normal_range's domain (vmath.h):
+// then row_exp_sum may skip exp's per-vector range test.  The minimum is taken as min(x_i, lo),
+// which keeps lo when x_i is NaN (vector min returns its second operand), so a NaN cannot hide a
+// small x_i; a NaN lane itself stays NaN through exp_normal_range.
+template <class T>
+struct RowMax {
+  T max;
+  bool normal_range;
+};
+template <class S, class T = compute_t<S>>
+RowMax<T> row_max_range(const S* x, std::int64_t n) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  V hi0 = V::set1(-inf), hi1 = hi0, lo0 = V::set1(inf), lo1 = lo0;
+  std::int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const V a = V::load(x + i), b = V::load(x + i + W);
+    hi0 = max(hi0, a);
+    hi1 = max(hi1, b);
+    lo0 = min(a, lo0);
+    lo1 = min(b, lo1);
+  }
+  if (i + W <= n) {
+    const V a = V::load(x + i);
+    hi0 = max(hi0, a);
+    lo0 = min(a, lo0);
+    i += W;
+  }
+  if (i < n) {
+    hi1 = max(hi1, V::load_partial(x + i, n - i, -inf));
+    lo1 = min(V::load_partial(x + i, n - i, inf), lo1);
+  }
+  const T m = reduce_max(max(hi0, hi1)), lo = -reduce_max(sub(V::set1(0), min(lo0, lo1)));
+  return {m, lo - m >= ExpConstants<T>::fast_min};  // false for NaN and infinite m or lo
+}
+
+// sum_i exp(x_i - shift) with the exp function `expf`; with Store, also y_i = exp(x_i - shift)
+// (y may alias x).  The padding lanes of a partial vector hold -inf and always take the full exp.
+template <bool Store, class S, class D, class T, class Exp>
+T row_exp_sum_with(const S* x, D* y, std::int64_t n, T shift, Exp expf) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   const V vshift = V::set1(shift);
-  V s0 = V::set1(0), s1 = V::set1(0);
+  // One accumulator: exp needs most of the 16 AVX2 registers for its constants, and a second
+  // accumulator was spilled to the stack, a store-to-load round trip on every iteration.
+  V sum = V::set1(0);
   std::int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    const V e0 = exp<NonPositive>(sub(V::load(x + i), vshift));
-    const V e1 = exp<NonPositive>(sub(V::load(x + i + W), vshift));
+    const V e0 = expf(sub(V::load(x + i), vshift));
+    const V e1 = expf(sub(V::load(x + i + W), vshift));
     if (Store) {
       e0.store(y + i);
       e1.store(y + i + W);
     }
-    s0 = add(s0, e0);
-    s1 = add(s1, e1);
+    sum = add(sum, add(e0, e1));
   }
   for (; i + W <= n; i += W) {
-    const V e = exp<NonPositive>(sub(V::load(x + i), vshift));
+    const V e = expf(sub(V::load(x + i), vshift));
     if (Store) e.store(y + i);
-    s0 = add(s0, e);
+    sum = add(sum, e);
   }
   if (i < n) {
-    // Padding lanes hold -inf, whose exp is 0 (unless shift is -inf: the row is NaN anyway).
+    // exp(-inf) is 0 (unless shift is -inf: the row is NaN anyway).
     const V e =
         exp(sub(V::load_partial(x + i, n - i, -std::numeric_limits<T>::infinity()), vshift));
     if (Store) e.store_partial(y + i, n - i);
-    s1 = add(s1, e);
+    sum = add(sum, e);
   }
-  return reduce_add(add(s0, s1));
+  return reduce_add(sum);
+}
+
+// sum_i exp(x_i - shift); with Store, also y_i = exp(x_i - shift) (y may alias x).
+// NonPositive: shift is the row maximum, so x_i - shift <= 0 (or NaN) and exp may skip its
+// overflow clamps; logsumexp shifts by 0 when the maximum is +inf and then passes false.
+// normal_range (row_max_range): every x_i - shift is in exp_normal_range's domain.
+template <bool Store, bool NonPositive = true, class S, class D, class T = compute_t<S>>
+T row_exp_sum(const S* x, D* y, std::int64_t n, T shift, bool normal_range = false) {
+  using V = Vec<T>;
+  if (NonPositive && normal_range) {
+    return row_exp_sum_with<Store>(x, y, n, shift, [](V v) { return exp_normal_range(v); });
+  }
+  return row_exp_sum_with<Store>(x, y, n, shift, [](V v) { return exp<NonPositive>(v); });
 }
 
 // y_i = a * x_i + b  (softmax's scale pass).

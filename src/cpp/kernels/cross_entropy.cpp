@@ -150,8 +150,9 @@ void row_element(const CrossEntropyArgs<S>& a, std::int64_t r, compute_t<S>* scr
       if (out) row_fill(out, C, T(0));
       return;
     }
-    const T m = row_max(x, C);
-    const T s = g ? row_exp_sum<true>(x, g, C, m) : row_exp_sum<false>(x, g, C, m);
+    const auto [m, normal_range] = row_max_range(x, C);
+    const T s = g ? row_exp_sum<true>(x, g, C, m, normal_range)
+                  : row_exp_sum<false>(x, g, C, m, normal_range);
     // lse - shift, every lse - x as lse_shifted - (x - shift): Note [shifted logits]
     const T shift = finite_or_zero(m), lse_shifted = (m - shift) + std::log(s);
     const T wt = a.weight[t];
@@ -173,11 +174,12 @@ void row_element(const CrossEntropyArgs<S>& a, std::int64_t r, compute_t<S>* scr
     }
   } else {
     const S* y = a.target_prob + r * C;
-    const T m = row_max(x, C);
+    const auto [m, normal_range] = row_max_range(x, C);
     const T shift = finite_or_zero(m);  // Note [shifted logits]
     T wyx, wy;
     row_prob_sums(x, y, a.weight, C, keep, eps_c, shift, &wyx, &wy);
-    const T s = g ? row_exp_sum<true>(x, g, C, m) : row_exp_sum<false>(x, g, C, m);
+    const T s = g ? row_exp_sum<true>(x, g, C, m, normal_range)
+                  : row_exp_sum<false>(x, g, C, m, normal_range);
     a.loss[r] = ((m - shift) + std::log(s)) * wy - wyx;
     if (g) {
       row_prob_grad(g, y, a.weight, C, scale * wy / s, scale, keep, eps_c);
