@@ -55,6 +55,10 @@ struct GemmShape {
   static constexpr int MR = 8, NRV = 3;  // 24 of 32 zmm registers
 #elif defined(MLMATH_ISA_AVX2)
   static constexpr int MR = 6, NRV = 2;  // 12 of 16 ymm registers
+#elif defined(MLMATH_ISA_NEON)
+  // 24 of 32 q registers (8x12 float32, 8x6 float64); 3 hold the B row and the A column takes
+  // the rest, so the loop needs no spills.
+  static constexpr int MR = 8, NRV = 3;
 #else
   static constexpr int MR = 4, NRV = 4;  // scalar: 16 accumulators
 #endif
