@@ -684,6 +684,16 @@ inline VF max_propagate_nan(VF a, VF b) {
 inline VD max_propagate_nan(VD a, VD b) {
   return {vbslq_f64(vceqq_f64(a.v, a.v), max_x86(a.v, b.v), a.v)};
 }
+// c + a[L] * b (FMLA by element): the GEMM micro-kernel keeps a column of A in MR / width
+// registers instead of MR broadcasts, which leaves room for its accumulators.
+template <int L>
+inline VF fma_lane(VF a, VF b, VF c) {
+  return {vfmaq_laneq_f32(c.v, b.v, a.v, L)};
+}
+template <int L>
+inline VD fma_lane(VD a, VD b, VD c) {
+  return {vfmaq_laneq_f64(c.v, b.v, a.v, L)};
+}
 inline VF pow2i(VF k) {
   const float32x4_t biased = vaddq_f32(k.v, vdupq_n_f32(12582912.0f + 127.0f));
   return {vreinterpretq_f32_u32(vshlq_n_u32(vreinterpretq_u32_f32(biased), 23))};
