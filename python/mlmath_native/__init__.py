@@ -1,9 +1,9 @@
 """mlmath_native: fast CPU kernels for the core math of machine learning, on NumPy arrays.
 
 Kernels are C++ with OpenMP threads and SIMD code compiled for several instruction sets; the
-best one this CPU supports is picked at import (``MLMATH_NATIVE_ISA=scalar|avx2|avx512``
-forces one).  ``mlmath_native.reference`` holds the readable float64 NumPy versions that the
-tests use as the oracle.
+best one this CPU supports is picked at import (``MLMATH_NATIVE_ISA=scalar|avx2|avx512`` on
+x86-64, ``scalar|neon`` on arm64, forces one).  ``mlmath_native.reference`` holds the readable
+float64 NumPy versions that the tests use as the oracle.
 """
 
 from __future__ import annotations

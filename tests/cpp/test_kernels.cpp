@@ -1,11 +1,12 @@
 // C++ unit tests of mlmath's kernel table against plain double-precision loops.  Usage:
 // test_kernels FAMILY (softmax, cross_entropy, optim, gemm, conv2d, attention, errors, interrupt,
-// sixteen); each family runs once per ISA this CPU supports, with 1 and 2 threads.  Exit status
-// 1 on failure.
+// sixteen, float64, conversions, dispatch); each family runs once per ISA this CPU supports (only
+// the one MLMATH_NATIVE_ISA forces, when set), with 1 and 2 threads.  Exit status 1 on failure.
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -13,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "mlmath/mlmath.h"
@@ -20,7 +22,8 @@
 namespace {
 
 int failures = 0;
-std::string context;  // "<isa>, <threads> thread(s)"
+std::string context;        // "<isa>, <threads> thread(s)"
+std::string g_default_isa;  // the ISA selected before main() runs any family
 
 void check_close(const char* what, double got, double want, double tol) {
   if (!(std::fabs(got - want) <= tol * (1.0 + std::fabs(want)))) {
@@ -427,6 +430,147 @@ void test_sixteen() {
   }
 }
 
+// float64 through the vector layer (2 to 8 lanes): softmax along rows of every length up to
+// two vectors past the widest, and gemm_f64 around the register tile's edges (8x6 on NEON,
+// 6x8 on AVX2) and across a KC block (K > 192).
+void test_float64() {
+  const mlmath::KernelTable& k = mlmath::kernels();
+  for (std::int64_t n = 1; n <= 19; ++n) {
+    const std::int64_t rows = 3, size = rows * n;
+    std::mt19937 gen(static_cast<unsigned>(n));
+    std::normal_distribution<double> dist(0.0, 3.0);
+    std::vector<double> x(size), y(size);
+    for (double& v : x) v = dist(gen);
+    k.softmax_f64(x.data(), y.data(), mlmath::AxisLayout{rows, n, 1});
+    for (std::int64_t r = 0; r < rows; ++r) {
+      double m = -INFINITY, z = 0;
+      for (std::int64_t j = 0; j < n; ++j) m = std::fmax(m, x[r * n + j]);
+      for (std::int64_t j = 0; j < n; ++j) z += std::exp(x[r * n + j] - m);
+      for (std::int64_t j = 0; j < n; ++j)
+        check_close("softmax_f64", y[r * n + j], std::exp(x[r * n + j] - m) / z, 1e-13);
+    }
+  }
+  for (std::int64_t M : {1, 7, 8, 9, 17}) {
+    for (std::int64_t N : {5, 6, 7, 13}) {
+      for (std::int64_t K : {1, 3, 200}) {
+        std::mt19937 gen(static_cast<unsigned>(M * 1000 + N * 10 + K));
+        std::normal_distribution<double> dist(0.0, 1.0);
+        std::vector<double> a(M * K), b(K * N), c(M * N, -1.0);
+        for (double& v : a) v = dist(gen);
+        for (double& v : b) v = dist(gen);
+        mlmath::GemmArgs<double> g{};
+        g.m = M;
+        g.n = N;
+        g.k = K;
+        g.a = a.data();
+        g.a_rs = K;
+        g.a_cs = 1;
+        g.b = b.data();
+        g.b_rs = N;
+        g.b_cs = 1;
+        g.c = c.data();
+        g.c_rs = N;
+        g.batch = 1;
+        k.gemm_f64(g);
+        for (std::int64_t i = 0; i < M; ++i)
+          for (std::int64_t j = 0; j < N; ++j) {
+            double want = 0;
+            for (std::int64_t p = 0; p < K; ++p) want += a[i * K + p] * b[p * N + j];
+            check_close("gemm_f64", c[i * N + j], want, 1e-13 * std::sqrt(double(K)));
+          }
+      }
+    }
+  }
+}
+
+// The vector layer's 16-bit conversions, bit for bit, on every bf16 / f16 bit pattern:
+// C = A B with K = 2, A's rows (1, f) and B's rows (x, ulp(x)), so that C = x + f ulp(x) is
+// exact in float32 and rounded once into C.  B's full panels are widened in vector registers and
+// C is rounded by the micro-kernel's vector stores (the last, partial panel by its partial
+// stores); f = +-1/2 are ties (to even), 3/4 and -3/8 round up and down, 0 is the round trip,
+// and the largest finite value plus half an ulp overflows to inf.
+template <class S>
+void check_conversions(const char* what, void (*gemm)(const mlmath::GemmArgs<S>&)) {
+  const float fractions[] = {0.0f, 0.5f, -0.5f, 0.75f, -0.375f};
+  const std::int64_t M = 5, N = 65536 + 7, K = 2;  // N % 12, N % 16: a partial last panel
+  auto to_float = [](S v) { return mlmath::to_float(v); };
+  auto to_s = [](float f) {
+    if constexpr (std::is_same_v<S, mlmath::bf16>) {
+      return mlmath::to_bf16(f);
+    } else {
+      return mlmath::to_f16(f);
+    }
+  };
+  std::vector<S> a(M * K), b(K * N), c(M * N);
+  for (std::int64_t i = 0; i < M; ++i) {
+    a[i * K] = to_s(1.0f);
+    a[i * K + 1] = to_s(fractions[i]);
+  }
+  for (std::int64_t j = 0; j < N; ++j) {
+    const std::uint16_t bits = static_cast<std::uint16_t>(j);
+    const float x = to_float(S{bits});
+    float ulp = 0;
+    if (std::isfinite(x)) {
+      const float next = to_float(S{static_cast<std::uint16_t>(bits + 1)});
+      ulp = std::isfinite(next) ? std::fabs(next - x)
+                                : std::fabs(x - to_float(S{static_cast<std::uint16_t>(bits - 1)}));
+    }
+    b[j] = S{bits};
+    b[N + j] = to_s(ulp);
+  }
+  mlmath::GemmArgs<S> g{};
+  g.m = M;
+  g.n = N;
+  g.k = K;
+  g.a = a.data();
+  g.a_rs = K;
+  g.a_cs = 1;
+  g.b = b.data();
+  g.b_rs = N;
+  g.b_cs = 1;
+  g.c = c.data();
+  g.c_rs = N;
+  g.batch = 1;
+  gemm(g);
+  int bad = 0;
+  for (std::int64_t i = 0; i < M; ++i)
+    for (std::int64_t j = 0; j < N; ++j) {
+      const float sum = 0.0f + to_float(b[j]) + fractions[i] * to_float(b[N + j]);
+      const S want = to_s(sum), got = c[i * N + j];
+      const bool ok = std::isnan(sum) ? std::isnan(to_float(got)) : got.bits == want.bits;
+      if (!ok && ++bad <= 5) {
+        ++failures;
+        std::printf("FAIL [%s] %s: x bits 0x%04x + %g ulp gives 0x%04x, expected 0x%04x\n",
+                    context.c_str(), what, unsigned(b[j].bits), double(fractions[i]),
+                    unsigned(got.bits), unsigned(want.bits));
+      }
+    }
+  failures += bad > 5 ? bad - 5 : 0;
+}
+
+void test_conversions() {
+  check_conversions<mlmath::bf16>("bf16 rounding", mlmath::kernels().gemm_bf16);
+  check_conversions<mlmath::f16>("f16 rounding", mlmath::kernels().gemm_f16);
+}
+
+// The ISA chosen by default is the best supported one, unless MLMATH_NATIVE_ISA forces one; an
+// aarch64 build compiles and runs "neon" (Advanced SIMD is part of the base architecture).
+void test_dispatch() {
+  const std::vector<std::string> supported = mlmath::supported_isas();
+  const char* forced = std::getenv("MLMATH_NATIVE_ISA");
+  const std::string want = forced && *forced ? forced : supported.back();
+  if (g_default_isa != want) {
+    ++failures,
+        std::printf("FAIL default ISA %s, expected %s\n", g_default_isa.c_str(), want.c_str());
+  }
+#if defined(__aarch64__) || defined(_M_ARM64)
+  if (supported.back() != "neon") {
+    ++failures, std::printf("FAIL aarch64: best supported ISA %s, expected neon\n",
+                            supported.back().c_str());
+  }
+#endif
+}
+
 void test_errors() {
   bool threw = false;
   try {
@@ -505,20 +649,31 @@ void test_interrupt() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::map<std::string, std::function<void()>> families{
-      {"softmax", test_softmax}, {"cross_entropy", test_cross_entropy},
-      {"optim", test_optim},     {"gemm", test_gemm},
-      {"conv2d", test_conv2d},   {"attention", test_attention},
-      {"errors", test_errors},   {"interrupt", test_interrupt},
-      {"sixteen", test_sixteen}};
+  const std::map<std::string, std::function<void()>> families{{"softmax", test_softmax},
+                                                              {"cross_entropy", test_cross_entropy},
+                                                              {"optim", test_optim},
+                                                              {"gemm", test_gemm},
+                                                              {"conv2d", test_conv2d},
+                                                              {"attention", test_attention},
+                                                              {"errors", test_errors},
+                                                              {"interrupt", test_interrupt},
+                                                              {"sixteen", test_sixteen},
+                                                              {"float64", test_float64},
+                                                              {"conversions", test_conversions},
+                                                              {"dispatch", test_dispatch}};
   if (argc != 2 || !families.count(argv[1])) {
-    std::printf(
-        "usage: test_kernels "
-        "{softmax,cross_entropy,optim,gemm,conv2d,attention,errors,interrupt}\n");
+    std::printf("usage: test_kernels FAMILY, one of:");
+    for (const auto& f : families) std::printf(" %s", f.first.c_str());
+    std::printf("\n");
     return 2;
   }
   const std::string isa_before = mlmath::selected_isa();
-  for (const std::string& isa : mlmath::supported_isas()) {
+  g_default_isa = isa_before;
+  // MLMATH_NATIVE_ISA set: that ISA only (a run forced to the reference path runs nothing else)
+  const char* forced = std::getenv("MLMATH_NATIVE_ISA");
+  const std::vector<std::string> isas =
+      forced && *forced ? std::vector<std::string>{isa_before} : mlmath::supported_isas();
+  for (const std::string& isa : isas) {
     mlmath::select_isa(isa);
     for (int threads : {1, 2}) {
       mlmath::set_num_threads(threads);
@@ -528,7 +683,7 @@ int main(int argc, char** argv) {
   }
   mlmath::select_isa(isa_before);
   std::printf("%s: %s over ISAs", argv[1], failures ? "FAILED" : "passed");
-  for (const std::string& isa : mlmath::supported_isas()) std::printf(" %s", isa.c_str());
+  for (const std::string& isa : isas) std::printf(" %s", isa.c_str());
   std::printf(" (%d failure(s))\n", failures);
   return failures ? 1 : 0;
 }

@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <new>
 #include <type_traits>
+#include <utility>
 
 #include "common/parallel.h"
 #include "common/vec.h"
@@ -55,6 +56,10 @@ struct GemmShape {
   static constexpr int MR = 8, NRV = 3;  // 24 of 32 zmm registers
 #elif defined(MLMATH_ISA_AVX2)
   static constexpr int MR = 6, NRV = 2;  // 12 of 16 ymm registers
+#elif defined(MLMATH_ISA_NEON)
+  // 24 of 32 q registers (8x12 float32, 8x6 float64); 3 hold the B row and the A column takes
+  // the rest, so the loop needs no spills.
+  static constexpr int MR = 8, NRV = 3;
 #else
   static constexpr int MR = 4, NRV = 4;  // scalar: 16 accumulators
 #endif
@@ -124,6 +129,21 @@ struct RowPointers {
   const T* row(std::int64_t k) const { return rows[k] + col; }
 };
 
+#if defined(MLMATH_ISA_NEON)
+// One k step of the micro-kernel with A's column in registers: acc[i][j] += a[i] * b[j], with
+// a[i] lane i % width of av[i / width] (FMLA by element; MR a multiple of the width).
+template <int I, int MR, int NRV, class V>
+inline void fma_row_by_lane(V (&acc)[MR][NRV], const V* av, const V* bv) {
+  constexpr int W = V::width;
+  for (int j = 0; j < NRV; ++j) acc[I][j] = fma_lane<I % W>(av[I / W], bv[j], acc[I][j]);
+}
+template <int MR, int NRV, class V, int... I>
+inline void fma_rows_by_lane(V (&acc)[MR][NRV], const V* av, const V* bv,
+                             std::integer_sequence<int, I...>) {
+  (fma_row_by_lane<I>(acc, av, bv), ...);
+}
+#endif
+
 // acc[MR][NRV] = sum_k a[k][r] * b[k][c]; then C[0:m][0:n] = acc (+ C when load_c).
 // NRV * width may be less than the panel's width, so a narrower instance serves the last,
 // partial panel of a row of C without computing padding.  With a 16-bit O, the sum
@@ -142,11 +162,29 @@ void gemm_ukernel(std::int64_t kc, const T* a, const Panel& b, T* c, std::int64_
     const T* brow = b.row(k);
     V bv[NRV];
     for (int j = 0; j < NRV; ++j) bv[j] = V::load(brow + j * W);
+#if defined(MLMATH_ISA_NEON)
+    if constexpr (MR % W == 0) {
+      V av[MR / W];
+      for (int q = 0; q < MR / W; ++q) av[q] = V::load(a + k * MR + q * W);
+      fma_rows_by_lane(acc, av, bv, std::make_integer_sequence<int, MR>{});
+      continue;
+    }
+#endif
     for (int i = 0; i < MR; ++i) {
       const V av = V::set1(a[k * MR + i]);
       for (int j = 0; j < NRV; ++j) acc[i][j] = fma(av, bv[j], acc[i][j]);
     }
   }
+#if defined(MLMATH_ISA_NEON)
+  // GCC (12) spills the accumulators where they are defined, i.e. on every k step, when they
+  // are still live in the stores below; put them in memory once here and store from there.
+  alignas(16) T tile[MR][NRV * W];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NRV; ++j) acc[i][j].store(&tile[i][j * W]);
+  const auto acc_at = [&](int i, int j) { return V::load(&tile[i][j * W]); };
+#else
+  const auto acc_at = [&](int i, int j) { return acc[i][j]; };
+#endif
   const bool full = m == MR && n == NRV * W;
   for (int i = 0; i < MR; ++i) {
     if (i >= m) break;
@@ -161,10 +199,11 @@ void gemm_ukernel(std::int64_t kc, const T* a, const Panel& b, T* c, std::int64_
         orow = out + i * ldo;
       }
       if (full || cols >= W) {
-        const V sum = load_c ? add(acc[i][j], V::load(row + j * W)) : acc[i][j];
+        const V sum = load_c ? add(acc_at(i, j), V::load(row + j * W)) : acc_at(i, j);
         sum.store(orow + j * W);
       } else {
-        const V sum = load_c ? add(acc[i][j], V::load_partial(row + j * W, cols, T(0))) : acc[i][j];
+        const V sum =
+            load_c ? add(acc_at(i, j), V::load_partial(row + j * W, cols, T(0))) : acc_at(i, j);
         sum.store_partial(orow + j * W, cols);
       }
     }

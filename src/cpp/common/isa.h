@@ -1,7 +1,8 @@
 // Per-ISA compilation: every kernel source is compiled once per entry of the CMake ISA table,
-// with MLMATH_ISA_NS set to the entry's name (scalar, avx2, avx512) and exactly one of
-// MLMATH_ISA_SCALAR / MLMATH_ISA_AVX2 / MLMATH_ISA_AVX512 defined.  Everything such a source
-// defines lives in namespace mlmath::MLMATH_ISA_NS, so the copies never collide.
+// with MLMATH_ISA_NS set to the entry's name (scalar, avx2, avx512 on x86-64; scalar, neon on
+// arm64) and exactly one of MLMATH_ISA_SCALAR / MLMATH_ISA_AVX2 / MLMATH_ISA_AVX512 /
+// MLMATH_ISA_NEON defined.  Everything such a source defines lives in namespace
+// mlmath::MLMATH_ISA_NS, so the copies never collide.
 //
 // Note [inline functions across ISAs]
 // An inline function or template instantiated in two ISA copies with the same mangled name is

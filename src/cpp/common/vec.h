@@ -33,6 +33,8 @@
 
 #if defined(MLMATH_ISA_AVX2) || defined(MLMATH_ISA_AVX512)
 #include <immintrin.h>
+#elif defined(MLMATH_ISA_NEON)
+#include <arm_neon.h>
 #endif
 
 MLMATH_ISA_BEGIN
@@ -71,6 +73,10 @@ inline double widen(double x) { return x; }
 inline float widen(bf16 x) { return bf16_to_float(x); }
 #if defined(MLMATH_ISA_SCALAR)
 inline float widen(f16 x) { return f16_to_float(x); }
+#elif defined(MLMATH_ISA_NEON)
+inline float widen(f16 x) {
+  return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(x.bits))), 0);
+}
 #else
 inline float widen(f16 x) { return _cvtsh_ss(x.bits); }
 #endif
@@ -81,6 +87,8 @@ S narrow(compute_t<S> v) {
   } else if constexpr (std::is_same_v<S, f16>) {
 #if defined(MLMATH_ISA_SCALAR)
     return float_to_f16(v);
+#elif defined(MLMATH_ISA_NEON)
+    return f16{vget_lane_u16(vreinterpret_u16_f16(vcvt_f16_f32(vdupq_n_f32(v))), 0)};
 #else
     return f16{static_cast<std::uint16_t>(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT))};
 #endif
@@ -517,6 +525,182 @@ inline VF pow2i(VF k) {
 inline VD pow2i(VD k) {
   const __m512d biased = _mm512_add_pd(k.v, _mm512_set1_pd(6755399441055744.0 + 1023.0));
   return {_mm512_castsi512_pd(_mm512_slli_epi64(_mm512_castpd_si512(biased), 52))};
+}
+
+#elif defined(MLMATH_ISA_NEON)
+// ---------------------------------------------------------------------------------------------
+// AArch64 Advanced SIMD (NEON, part of every arm64 CPU): 4 floats / 2 doubles, fused FMLA.
+// NEON has no masked loads or stores: partial accesses go through a small buffer (never past n
+// elements), and NEON's own FMAX/FMIN (NaN if either is NaN, +0 > -0) are not used for max/min,
+// which follow the x86 convention of the other blocks lane for lane (a compare and a select).
+inline float32x4_t max_x86(float32x4_t a, float32x4_t b) {
+  return vbslq_f32(vcgtq_f32(a, b), a, b);
+}
+inline float64x2_t max_x86(float64x2_t a, float64x2_t b) {
+  return vbslq_f64(vcgtq_f64(a, b), a, b);
+}
+inline float32x4_t min_x86(float32x4_t a, float32x4_t b) {
+  return vbslq_f32(vcltq_f32(a, b), a, b);
+}
+inline float64x2_t min_x86(float64x2_t a, float64x2_t b) {
+  return vbslq_f64(vcltq_f64(a, b), a, b);
+}
+// All ones in the lanes below n (0 <= n <= 4).
+inline uint32x4_t tail_mask_u32(std::int64_t n) {
+  const std::uint32_t lanes[4] = {0, 1, 2, 3};
+  return vcltq_u32(vld1q_u32(lanes), vdupq_n_u32(static_cast<std::uint32_t>(n)));
+}
+
+// 4 x 16-bit <-> 4 floats: bf16 is the high half of a float (a widening shift); f16 through
+// FCVTL / FCVTN, which round to nearest even (the default FPCR mode), give +-inf past 65504,
+// keep subnormals (FPCR.FZ is off) and keep a NaN quiet with its sign and top payload bits, as
+// F16C and float_to_f16 do.
+inline float32x4_t widen4(uint16x4_t h, bf16*) { return vreinterpretq_f32_u32(vshll_n_u16(h, 16)); }
+inline float32x4_t widen4(uint16x4_t h, f16*) { return vcvt_f32_f16(vreinterpret_f16_u16(h)); }
+// bf16: round to nearest even at bit 16 in integer arithmetic (as float_to_bf16): add 0x7FFF,
+// plus 1 when the kept part is odd, and keep the high halves.
+inline uint16x4_t narrow4_finite(float32x4_t v, bf16*) {
+  const uint32x4_t u = vreinterpretq_u32_f32(v);
+  const uint32x4_t odd = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+  return vshrn_n_u32(vaddq_u32(u, vaddq_u32(vdupq_n_u32(0x7FFF), odd)), 16);
+}
+inline uint16x4_t narrow4(float32x4_t v, bf16* tag) {
+  const uint16x4_t quiet_nan =
+      vorr_u16(vshrn_n_u32(vreinterpretq_u32_f32(v), 16), vdup_n_u16(0x40));
+  const uint16x4_t is_nan = vmvn_u16(vmovn_u32(vceqq_f32(v, v)));
+  return vbsl_u16(is_nan, quiet_nan, narrow4_finite(v, tag));
+}
+inline uint16x4_t narrow4(float32x4_t v, f16*) { return vreinterpret_u16_f16(vcvt_f16_f32(v)); }
+inline uint16x4_t narrow4_finite(float32x4_t v, f16* tag) { return narrow4(v, tag); }
+
+template <>
+struct Vec<float> {
+  static constexpr int width = 4;
+  float32x4_t v;
+  static Vec load(const float* p) { return {vld1q_f32(p)}; }
+  static Vec load_partial(const float* p, std::int64_t n, float fill) {
+    float buf[4] = {fill, fill, fill, fill};
+    std::memcpy(buf, p, sizeof(float) * static_cast<std::size_t>(n));
+    return {vld1q_f32(buf)};
+  }
+  static Vec set1(float x) { return {vdupq_n_f32(x)}; }
+  void store(float* p) const { vst1q_f32(p, v); }
+  void store_partial(float* p, std::int64_t n) const {
+    float buf[4];
+    vst1q_f32(buf, v);
+    std::memcpy(p, buf, sizeof(float) * static_cast<std::size_t>(n));
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  static Vec load(const S* p) {
+    return {widen4(vld1_u16(reinterpret_cast<const std::uint16_t*>(p)), static_cast<S*>(nullptr))};
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  static Vec load_partial(const S* p, std::int64_t n, float fill) {
+    S buf[4] = {};
+    std::memcpy(buf, p, sizeof(S) * static_cast<std::size_t>(n));
+    return {vbslq_f32(tail_mask_u32(n), load(buf).v, vdupq_n_f32(fill))};
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store(S* p) const {
+    vst1_u16(reinterpret_cast<std::uint16_t*>(p), narrow4(v, static_cast<S*>(nullptr)));
+  }
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store_partial(S* p, std::int64_t n) const {
+    S buf[4];
+    store(buf);
+    std::memcpy(p, buf, sizeof(S) * static_cast<std::size_t>(n));
+  }
+  // store() for values known not to be NaN (a few instructions fewer for bf16).
+  template <class S, class = std::enable_if_t<is_16bit<S>>>
+  void store_finite(S* p) const {
+    vst1_u16(reinterpret_cast<std::uint16_t*>(p), narrow4_finite(v, static_cast<S*>(nullptr)));
+  }
+};
+template <>
+struct Vec<double> {
+  static constexpr int width = 2;
+  float64x2_t v;
+  static Vec load(const double* p) { return {vld1q_f64(p)}; }
+  static Vec load_partial(const double* p, std::int64_t n, double fill) {
+    const float64x2_t f = vdupq_n_f64(fill);
+    return {n > 0 ? vld1q_lane_f64(p, f, 0) : f};  // n < 2
+  }
+  static Vec set1(double x) { return {vdupq_n_f64(x)}; }
+  void store(double* p) const { vst1q_f64(p, v); }
+  void store_partial(double* p, std::int64_t n) const {
+    if (n > 0) vst1q_lane_f64(p, v, 0);
+  }
+};
+using VF = Vec<float>;
+using VD = Vec<double>;
+inline VF add(VF a, VF b) { return {vaddq_f32(a.v, b.v)}; }
+inline VD add(VD a, VD b) { return {vaddq_f64(a.v, b.v)}; }
+inline VF sub(VF a, VF b) { return {vsubq_f32(a.v, b.v)}; }
+inline VD sub(VD a, VD b) { return {vsubq_f64(a.v, b.v)}; }
+inline VF mul(VF a, VF b) { return {vmulq_f32(a.v, b.v)}; }
+inline VD mul(VD a, VD b) { return {vmulq_f64(a.v, b.v)}; }
+inline VF div(VF a, VF b) { return {vdivq_f32(a.v, b.v)}; }
+inline VD div(VD a, VD b) { return {vdivq_f64(a.v, b.v)}; }
+inline VF sqrt(VF a) { return {vsqrtq_f32(a.v)}; }
+inline VD sqrt(VD a) { return {vsqrtq_f64(a.v)}; }
+inline VF fma(VF a, VF b, VF c) { return {vfmaq_f32(c.v, a.v, b.v)}; }
+inline VD fma(VD a, VD b, VD c) { return {vfmaq_f64(c.v, a.v, b.v)}; }
+inline VF max(VF a, VF b) { return {max_x86(a.v, b.v)}; }
+inline VD max(VD a, VD b) { return {max_x86(a.v, b.v)}; }
+inline VF min(VF a, VF b) { return {min_x86(a.v, b.v)}; }
+inline VD min(VD a, VD b) { return {min_x86(a.v, b.v)}; }
+// Horizontal: (l0 + l2, l1 + l3), then the two; the same pairing as the x86 blocks' last steps.
+inline float reduce_add(VF a) { return vaddv_f32(vadd_f32(vget_low_f32(a.v), vget_high_f32(a.v))); }
+inline double reduce_add(VD a) { return vaddvq_f64(a.v); }
+inline float reduce_max(VF a) {
+  const float32x2_t lo = vget_low_f32(a.v), hi = vget_high_f32(a.v);
+  const float32x2_t s = vbsl_f32(vcgt_f32(lo, hi), lo, hi);
+  const float s0 = vget_lane_f32(s, 0), s1 = vget_lane_f32(s, 1);
+  return s0 > s1 ? s0 : s1;
+}
+inline double reduce_max(VD a) {
+  const double s0 = vgetq_lane_f64(a.v, 0), s1 = vgetq_lane_f64(a.v, 1);
+  return s0 > s1 ? s0 : s1;
+}
+inline VF round_nearest(VF a) { return {vrndnq_f32(a.v)}; }  // FRINTN: ties to even
+inline VD round_nearest(VD a) { return {vrndnq_f64(a.v)}; }
+// c == 0 is false for NaN, so a NaN c keeps v (as the x86 _CMP_NEQ_UQ).
+inline VF keep_where_nonzero(VF c, VF v) {
+  return {vreinterpretq_f32_u32(
+      vbicq_u32(vreinterpretq_u32_f32(v.v), vceqq_f32(c.v, vdupq_n_f32(0.0f))))};
+}
+inline VD keep_where_nonzero(VD c, VD v) {
+  return {vreinterpretq_f64_u64(
+      vbicq_u64(vreinterpretq_u64_f64(v.v), vceqq_f64(c.v, vdupq_n_f64(0.0))))};
+}
+inline bool any_less(VF a, VF b) { return vmaxvq_u32(vcltq_f32(a.v, b.v)) != 0; }
+inline bool any_less(VD a, VD b) {
+  return vmaxvq_u32(vreinterpretq_u32_u64(vcltq_f64(a.v, b.v))) != 0;
+}
+// max() gives b where either is NaN; a where a is NaN is put back.
+inline VF max_propagate_nan(VF a, VF b) {
+  return {vbslq_f32(vceqq_f32(a.v, a.v), max_x86(a.v, b.v), a.v)};
+}
+inline VD max_propagate_nan(VD a, VD b) {
+  return {vbslq_f64(vceqq_f64(a.v, a.v), max_x86(a.v, b.v), a.v)};
+}
+// c + a[L] * b (FMLA by element): the GEMM micro-kernel keeps a column of A in MR / width
+// registers instead of MR broadcasts, which leaves room for its accumulators.
+template <int L>
+inline VF fma_lane(VF a, VF b, VF c) {
+  return {vfmaq_laneq_f32(c.v, b.v, a.v, L)};
+}
+template <int L>
+inline VD fma_lane(VD a, VD b, VD c) {
+  return {vfmaq_laneq_f64(c.v, b.v, a.v, L)};
+}
+inline VF pow2i(VF k) {
+  const float32x4_t biased = vaddq_f32(k.v, vdupq_n_f32(12582912.0f + 127.0f));
+  return {vreinterpretq_f32_u32(vshlq_n_u32(vreinterpretq_u32_f32(biased), 23))};
+}
+inline VD pow2i(VD k) {
+  const float64x2_t biased = vaddq_f64(k.v, vdupq_n_f64(6755399441055744.0 + 1023.0));
+  return {vreinterpretq_f64_u64(vshlq_n_u64(vreinterpretq_u64_f64(biased), 52))};
 }
 
 #else

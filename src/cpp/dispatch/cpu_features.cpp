@@ -1,4 +1,6 @@
 // cpuid + xgetbv feature detection (x86-64); other architectures report no x86 features.
+// AArch64 needs no detection: its only vector ISA here, NEON (Advanced SIMD), is mandatory in
+// the base architecture, and no optional extension (SVE, BF16, FP16 arithmetic) is used.
 //
 // A CPU flag alone is not enough: the OS must also save the wider registers on a context
 // switch, which XCR0 (read with xgetbv, valid when CPUID.1:ECX.OSXSAVE is set) tells:
@@ -62,6 +64,12 @@ CpuFeatures detect() {
   const bool avx2 = bit(ebx7, 5), avx512f = bit(ebx7, 16);
   f.avx2_fma = os_ymm && avx2 && fma && f16c;
   f.avx512f = f.avx2_fma && os_zmm && avx512f;
+  return f;
+}
+#elif defined(__aarch64__) || defined(_M_ARM64)
+CpuFeatures detect() {
+  CpuFeatures f;
+  f.neon = true;
   return f;
 }
 #else

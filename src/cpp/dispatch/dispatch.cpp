@@ -42,6 +42,7 @@ bool cpu_runs(const std::string& isa) {
   if (isa == "scalar") return true;
   if (isa == "avx2") return f.avx2_fma;
   if (isa == "avx512") return f.avx512f;
+  if (isa == "neon") return f.neon;
   return false;
 }
 

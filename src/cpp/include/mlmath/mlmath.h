@@ -1,8 +1,8 @@
 // mlmath: the C++ API of mlmath_native, usable without Python.
 //
-// Kernels are compiled once per instruction set (scalar, avx2, avx512 on x86-64) and the best
-// one the CPU and OS support is chosen on first use, or forced with MLMATH_NATIVE_ISA or
-// select_isa().  Call kernels through kernels(), e.g.
+// Kernels are compiled once per instruction set (scalar, avx2, avx512 on x86-64; scalar, neon on
+// arm64) and the best one the CPU and OS support is chosen on first use, or forced with
+// MLMATH_NATIVE_ISA or select_isa().  Call kernels through kernels(), e.g.
 //
 //     mlmath::kernels().softmax_f32(x, y, mlmath::AxisLayout{rows, cols, 1});
 //
@@ -240,8 +240,8 @@ struct KernelTable {
 // first call; throws std::runtime_error if MLMATH_NATIVE_ISA names an unknown or unsupported ISA.
 const KernelTable& kernels();
 
-// Force an ISA by name ("scalar", "avx2", "avx512"); throws std::invalid_argument naming the
-// supported ones if the CPU/OS lacks it or it was not compiled.  Not thread-safe with running
+// Force an ISA by name ("scalar", "avx2", "avx512", "neon"); throws std::invalid_argument naming
+// the supported ones if the CPU/OS lacks it or it was not compiled.  Not thread-safe with running
 // kernels: call it before starting work.
 void select_isa(const std::string& name);
 std::string selected_isa();
