@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Guest instructions per element under qemu-aarch64, NEON vs scalar (issue 19: timings under
-# qemu mean nothing, instruction counts do).  For each kernel, tools/arm64_count/count_driver runs
+# qemu mean nothing, instruction counts do).  For each kernel, .ci/arm64_count/count_driver runs
 # one call between two getppid() markers (after an uncounted warm-up call at the same size) and
 # qemu-aarch64 -d nochain,exec,in_asm,strace logs every executed translation block;
-# tools/arm64_count/count_insns.awk sums their lengths between the markers, streaming (no log is
+# .ci/arm64_count/count_insns.awk sums their lengths between the markers, streaming (no log is
 # stored).  The count is exact: it matches qemu -singlestep (one logged block per instruction) on
 # every kernel (VALIDATE=1 checks that on small sizes).
 #
@@ -49,14 +49,14 @@ if [ ! -d "$PREFIX/$CMAKE_DIR_IN_PREFIX" ]; then
 fi
 
 build_driver() { # build_driver DIR PREFIX: the driver against the library installed in PREFIX
-  cmake -S tools/arm64_count -B "$1" -DCMAKE_TOOLCHAIN_FILE="$TOOLCHAIN" \
+  cmake -S .ci/arm64_count -B "$1" -DCMAKE_TOOLCHAIN_FILE="$TOOLCHAIN" \
     -DCMAKE_BUILD_TYPE=Release -Dmlmath_native_DIR="$2/$CMAKE_DIR_IN_PREFIX" --log-level=WARNING
   cmake --build "$1" -j "$JOBS" > /dev/null
 }
 
 echo "== arm64 count: building the driver"
 mkdir -p "$OUT"
-cc -O2 -shared -fPIC tools/arm64_count/unbuffered_log.c -o "$OUT/unbuffered_log.so" -ldl
+cc -O2 -shared -fPIC .ci/arm64_count/unbuffered_log.c -o "$OUT/unbuffered_log.so" -ldl
 build_driver "$OUT/driver" "$PREFIX"
 DRIVER="$OUT/driver/count_driver"
 if [ "$ONE_LANE" = 1 ]; then
@@ -77,7 +77,7 @@ fi
 count() {
   local out
   out=$(LD_PRELOAD="$PWD/$OUT/unbuffered_log.so" qemu-aarch64 -U LD_PRELOAD -L "$SYSROOT" \
-    -d nochain,exec,in_asm,strace -D /dev/stdout "$@" | mawk -f tools/arm64_count/count_insns.awk)
+    -d nochain,exec,in_asm,strace -D /dev/stdout "$@" | mawk -f .ci/arm64_count/count_insns.awk)
   set -- $out
   if [ "$3" != 0 ] || [ "$4" -lt 2 ]; then
     echo "arm64_count: bad log ($3 blocks of unknown length, $4 markers)" >&2
