@@ -50,6 +50,21 @@ def test_default_is_the_best_supported_unless_forced():
     assert INFO["isa"] == (forced or INFO["isa_supported"][-1])
 
 
+def test_each_architecture_compiles_its_vector_path():
+    # x86-64 builds avx2 and avx512 beside scalar; arm64 builds neon (Advanced SIMD is part of
+    # the base architecture, so it is always supported there).  Other machines: scalar only.
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        assert INFO["isa_compiled"] == ["scalar", "avx2", "avx512"]
+    elif machine in ("aarch64", "arm64"):
+        assert INFO["isa_compiled"] == ["scalar", "neon"]
+        assert INFO["isa_supported"] == ["scalar", "neon"]
+    else:
+        assert INFO["isa_compiled"] == ["scalar"]
+
+
 @pytest.mark.parametrize("isa", INFO["isa_supported"])
 def test_forcing_each_supported_isa(isa):
     code = (
