@@ -14,7 +14,9 @@ cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build/arm64-cpp}
 JOBS=${JOBS:-2}
 TOOLCHAIN="$PWD/.ci/aarch64-toolchain.cmake"
-PREFIX="$PWD/$BUILD/prefix"
+# PREFIX: an existing aarch64 install of the library (e.g. .ci/arm64.sh's build/arm64-pkg, which
+# carries the C++ library and its CMake package as the wheel does): the library is not rebuilt.
+PREFIX=${PREFIX:-}
 
 for tool in aarch64-linux-gnu-g++ qemu-aarch64 cmake ctest; do
   if ! command -v "$tool" > /dev/null; then
@@ -32,11 +34,16 @@ stage() { # stage NAME COMMAND...: run, then print how long it took
   echo "== arm64 C++: $name: $((SECONDS - t)) s"
 }
 
-stage "configure the library (aarch64 cross toolchain)" \
-  cmake -S . -B "$BUILD/lib" -DCMAKE_TOOLCHAIN_FILE="$TOOLCHAIN" -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_INSTALL_PREFIX="$PREFIX" --log-level=WARNING
-stage "build the library" cmake --build "$BUILD/lib" -j "$JOBS"
-stage "install the library" cmake --install "$BUILD/lib" > /dev/null
+if [ -z "$PREFIX" ]; then
+  PREFIX="$PWD/$BUILD/prefix"
+  stage "configure the library (aarch64 cross toolchain)" \
+    cmake -S . -B "$BUILD/lib" -DCMAKE_TOOLCHAIN_FILE="$TOOLCHAIN" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_INSTALL_PREFIX="$PREFIX" --log-level=WARNING
+  stage "build the library" cmake --build "$BUILD/lib" -j "$JOBS"
+  stage "install the library" cmake --install "$BUILD/lib" > /dev/null
+else
+  echo "== arm64 C++: the library installed in $PREFIX"
+fi
 stage "configure tests/cpp against the install" \
   cmake -S tests/cpp -B "$BUILD/tests" -DCMAKE_TOOLCHAIN_FILE="$TOOLCHAIN" \
   -DCMAKE_BUILD_TYPE=Release -Dmlmath_native_DIR="$PREFIX/mlmath_native/share/cmake/mlmath_native" \
