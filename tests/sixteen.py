@@ -73,6 +73,17 @@ def random(rng, shape, dtype, scale: float = 1.0) -> np.ndarray:
     return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)
 
 
+def optional_torch():
+    """torch, or None where it is not installed: a test then checks against the float64 golden
+    alone (the PyTorch comparison is the second oracle, not the first; emulated arm64 has no
+    torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
 def to_torch(a):
     """A NumPy 16-bit array as a torch tensor of the same dtype and values (a copy)."""
     torch = pytest.importorskip("torch")
