@@ -33,6 +33,26 @@ void check_close(const char* what, double got, double want, double tol) {
   }
 }
 
+// Arguments of one C[M][N] = A[M][K] B[K][N] with every matrix row-major and contiguous.
+template <class T>
+mlmath::GemmArgs<T> row_major_gemm(std::int64_t M, std::int64_t N, std::int64_t K, const T* a,
+                                   const T* b, T* c) {
+  mlmath::GemmArgs<T> g{};
+  g.m = M;
+  g.n = N;
+  g.k = K;
+  g.a = a;
+  g.a_rs = K;
+  g.a_cs = 1;
+  g.b = b;
+  g.b_rs = N;
+  g.b_cs = 1;
+  g.c = c;
+  g.c_rs = N;
+  g.batch = 1;
+  return g;
+}
+
 std::vector<float> random_floats(std::size_t n, unsigned seed, float scale = 1.0f) {
   std::mt19937 gen(seed);
   std::normal_distribution<float> dist(0.0f, scale);
@@ -181,19 +201,7 @@ void test_gemm() {
     const std::int64_t M = s[0], N = s[1], K = s[2];
     const std::vector<float> a = random_floats(M * K, 1), b = random_floats(K * N, 2);
     std::vector<float> c(M * N, -1.f);
-    mlmath::GemmArgs<float> g{};
-    g.m = M;
-    g.n = N;
-    g.k = K;
-    g.a = a.data();
-    g.a_rs = K;
-    g.a_cs = 1;
-    g.b = b.data();
-    g.b_rs = N;
-    g.b_cs = 1;
-    g.c = c.data();
-    g.c_rs = N;
-    g.batch = 1;
+    const mlmath::GemmArgs<float> g = row_major_gemm(M, N, K, a.data(), b.data(), c.data());
     k.gemm_f32(g);
     for (std::int64_t i = 0; i < M; ++i)
       for (std::int64_t j = 0; j < N; ++j) {
@@ -399,19 +407,7 @@ void test_sixteen() {
     std::vector<mlmath::bf16> a(m * kk), b(kk * n), c(m * n);
     for (std::size_t i = 0; i < a.size(); ++i) a[i] = mlmath::to_bf16(a32[i]);
     for (std::size_t i = 0; i < b.size(); ++i) b[i] = mlmath::to_bf16(b32[i]);
-    mlmath::GemmArgs<mlmath::bf16> g{};
-    g.m = m;
-    g.n = n;
-    g.k = kk;
-    g.a = a.data();
-    g.a_rs = kk;
-    g.a_cs = 1;
-    g.b = b.data();
-    g.b_rs = n;
-    g.b_cs = 1;
-    g.c = c.data();
-    g.c_rs = n;
-    g.batch = 1;
+    const mlmath::GemmArgs<mlmath::bf16> g = row_major_gemm(m, n, kk, a.data(), b.data(), c.data());
     k.gemm_bf16(g);
     for (std::int64_t i = 0; i < m; ++i)
       for (std::int64_t j = 0; j < n; ++j) {
@@ -458,19 +454,7 @@ void test_float64() {
         std::vector<double> a(M * K), b(K * N), c(M * N, -1.0);
         for (double& v : a) v = dist(gen);
         for (double& v : b) v = dist(gen);
-        mlmath::GemmArgs<double> g{};
-        g.m = M;
-        g.n = N;
-        g.k = K;
-        g.a = a.data();
-        g.a_rs = K;
-        g.a_cs = 1;
-        g.b = b.data();
-        g.b_rs = N;
-        g.b_cs = 1;
-        g.c = c.data();
-        g.c_rs = N;
-        g.batch = 1;
+        const mlmath::GemmArgs<double> g = row_major_gemm(M, N, K, a.data(), b.data(), c.data());
         k.gemm_f64(g);
         for (std::int64_t i = 0; i < M; ++i)
           for (std::int64_t j = 0; j < N; ++j) {
@@ -518,19 +502,7 @@ void check_conversions(const char* what, void (*gemm)(const mlmath::GemmArgs<S>&
     b[j] = S{bits};
     b[N + j] = to_s(ulp);
   }
-  mlmath::GemmArgs<S> g{};
-  g.m = M;
-  g.n = N;
-  g.k = K;
-  g.a = a.data();
-  g.a_rs = K;
-  g.a_cs = 1;
-  g.b = b.data();
-  g.b_rs = N;
-  g.b_cs = 1;
-  g.c = c.data();
-  g.c_rs = N;
-  g.batch = 1;
+  const mlmath::GemmArgs<S> g = row_major_gemm(M, N, K, a.data(), b.data(), c.data());
   gemm(g);
   int bad = 0;
   for (std::int64_t i = 0; i < M; ++i)
