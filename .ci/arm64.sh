@@ -44,6 +44,15 @@ ROOTFS_ID="$SUITE $PACKAGES format-1"
 # of 10,000 calls: qemu's own memory is counted) and test_reference (the float64 references
 # against SciPy: no kernel involved, the same on every CPU).
 # ARM64_TEST_FILES (space-separated) replaces the list.
+SIXTEEN_BIT_FILES=(
+  tests/test_16bit_conversions.py
+  tests/test_16bit_softmax.py
+  tests/test_16bit_cross_entropy.py
+  tests/test_16bit_optim.py
+  tests/test_16bit_matmul.py
+  tests/test_16bit_conv.py
+  tests/test_16bit_attention.py
+)
 TEST_FILES=(
   tests/test_softmax.py
   tests/test_cross_entropy.py
@@ -53,13 +62,7 @@ TEST_FILES=(
   tests/test_conv_padding.py
   tests/test_conv_nonfinite.py
   tests/test_attention.py
-  tests/test_16bit_conversions.py
-  tests/test_16bit_softmax.py
-  tests/test_16bit_cross_entropy.py
-  tests/test_16bit_optim.py
-  tests/test_16bit_matmul.py
-  tests/test_16bit_conv.py
-  tests/test_16bit_attention.py
+  "${SIXTEEN_BIT_FILES[@]}"
   tests/test_bad_input.py
   tests/test_bad_input_matrix.py
   tests/test_fuzz_regressions.py
@@ -77,13 +80,7 @@ SCALAR_TEST_FILES=(
   tests/test_cross_entropy.py
   tests/test_matmul.py
   tests/test_conv.py
-  tests/test_16bit_conversions.py
-  tests/test_16bit_softmax.py
-  tests/test_16bit_cross_entropy.py
-  tests/test_16bit_optim.py
-  tests/test_16bit_matmul.py
-  tests/test_16bit_conv.py
-  tests/test_16bit_attention.py
+  "${SIXTEEN_BIT_FILES[@]}"
   tests/test_dispatch.py
 )
 if [ -n "${ARM64_SCALAR_TEST_FILES:-}" ]; then
