@@ -11,7 +11,7 @@ import mlmath_native as mn
 from mlmath_native import _core
 
 #: package modules whose import needs an optional extra: (file name, the module it needs)
-_EXTRA_MODULES = {"dask.py": "dask"}
+_EXTRA_MODULES = {"dask.py": "dask", "torch.py": "torch"}
 
 
 class _DoctestsOfMissingExtras:
