@@ -16,7 +16,7 @@ y = torch.sin(x[:, :4].sum(dim=1, keepdim=True))
 def make():
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
     opt = mt.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2, state_dtype="bfloat16")
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=200)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=120)
     return model, opt, sched
 
 
@@ -31,7 +31,7 @@ def train(model, opt, sched, steps):
 
 
 model, opt, sched = make()
-print(f"loss after 100 steps: {train(model, opt, sched, 100):.4f}")
+print(f"loss after 60 steps: {train(model, opt, sched, 60):.4f}")
 with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "checkpoint.pt")
     torch.save(
@@ -42,4 +42,4 @@ model, opt, sched = make()  # a fresh run, restored from the checkpoint
 model.load_state_dict(checkpoint["model"])
 opt.load_state_dict(checkpoint["opt"])
 sched.load_state_dict(checkpoint["sched"])
-print(f"loss after 200 steps: {train(model, opt, sched, 100):.4f}")
+print(f"loss after 120 steps: {train(model, opt, sched, 60):.4f}")

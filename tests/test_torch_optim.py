@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import pathlib
+import runpy
 import subprocess
 import sys
 
@@ -485,13 +486,11 @@ def test_offload_of_cuda_params_matches_the_cpu_step():
 # -- the README example ------------------------------------------------------------------------
 
 
-def test_readme_torch_example_runs_and_learns():
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    losses = [float(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines()]
-    assert len(losses) == 2 and losses[1] < losses[0] < 1.0
+def test_readme_torch_example_runs_and_learns(capsys):
+    runpy.run_path(str(EXAMPLE), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    losses = [float(line.rsplit(" ", 1)[1]) for line in lines]
+    assert len(losses) == 2 and losses[1] < losses[0] < 0.5
 
 
 def test_copy_of_optimizer_state_dict_is_unaffected_by_later_steps():

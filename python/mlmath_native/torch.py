@@ -28,6 +28,7 @@ any param or state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -144,6 +145,15 @@ def _convert(
     return target.encode(buf, values)
 
 
+def _step_number(fn: str, label: str, step: object) -> int:
+    """A saved ``step`` (a scalar tensor, as torch keeps it, or a number) as an int >= 0."""
+    if isinstance(step, torch.Tensor):
+        step = step.item() if step.numel() == 1 else math.nan
+    if not (isinstance(step, int | float) and float(step).is_integer() and step >= 0):
+        raise ValueError(f"{fn}: {label} has step {step!r} (expected an integer >= 0)")
+    return int(step)
+
+
 # -- offload (Note [offload]) ------------------------------------------------------------------
 
 
@@ -171,8 +181,8 @@ class _Slot:
     index: int  # the param's index over all groups (names it in errors, seeds SR)
     param: torch.Tensor
     fmt: _Dense
-    view: NDArray[Any] = field(default=None)  # type: ignore[assignment]
-    grad: NDArray[Any] = field(default=None)  # type: ignore[assignment]
+    view: NDArray[Any]  # what the kernel writes: the param's memory or its host copy
+    grad: NDArray[Any]
     host: _Host | None = None
     new_host: bool = False
     state: dict[str, Any] = field(default_factory=dict)  # existing entries and new ones
@@ -212,7 +222,8 @@ class _Optimizer(torch.optim.Optimizer):
         self.offload = _optim._flag(fn, "offload", offload)
         #: what the last step did (applied, grad_norm, clip_coef), None before the first
         self.last_step: StepResult | None = None
-        self._host: dict[torch.Tensor, _Host] = {}
+        self._host: dict[torch.Tensor, _Host] = {}  # Note [offload]
+        self._stream: Any = None  # the side CUDA stream of the offload copies
         super().__init__(params, defaults)
 
     # what a subclass defines ---------------------------------------------------------------------
@@ -279,7 +290,7 @@ class _Optimizer(torch.optim.Optimizer):
             raise
 
     # the step ------------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every param that has a grad; returns ``closure()``'s value (the
         closure, if given, is called first with grad enabled).  ``self.last_step`` tells
         whether it was applied and the grad norm (Note [all or nothing])."""
@@ -301,13 +312,14 @@ class _Optimizer(torch.optim.Optimizer):
                 raise type(exc)(f"{fn}: param_groups[{i}].{message}") from None
         return hypers
 
-    def _slot(self, fn: str, index: int, p: torch.Tensor, hyper: dict[str, Any]) -> _Slot:
-        """Checks param ``p`` with its grad and state, and takes the views its update needs;
-        writes nothing (what it makes stays in the slot until the step commits)."""
+    def _slot(
+        self, fn: str, index: int, p: torch.Tensor, g: torch.Tensor, hyper: dict[str, Any]
+    ) -> _Slot:
+        """Checks param ``p`` with its grad ``g`` and its state, and takes the views its update
+        needs; writes nothing (what it makes stays in the slot until the step commits)."""
         label = f"params[{index}]"
         self._check_param(fn, p, label)
-        g = p.grad
-        if g.is_sparse or g.layout != torch.strided:
+        if g.layout != torch.strided:
             raise TypeError(f"{fn}: {label}.grad is sparse (expected a dense tensor)")
         if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
             raise ValueError(
@@ -315,49 +327,46 @@ class _Optimizer(torch.optim.Optimizer):
                 f"{g.device} (expected the param's dtype {p.dtype}, shape {tuple(p.shape)} "
                 f"and device {p.device})"
             )
-        slot = _Slot(index, p, self._fmt(fn, p, label))
-        if self.offload:
-            slot.host = self._host.get(p)
-            if (
-                slot.host is None
-                or slot.host.param.shape != p.shape
-                or slot.host.param.dtype != p.dtype
-            ):
+        host, new_host = None, False
+        if self.offload:  # the kernel works on the host copies (Note [offload])
+            host = self._host.get(p)
+            if host is None or host.param.shape != p.shape or host.param.dtype != p.dtype:
                 pin = torch.cuda.is_available()
-                slot.host = _Host(
+                host = _Host(
                     torch.empty(p.shape, dtype=p.dtype, pin_memory=pin),
                     torch.empty(p.shape, dtype=p.dtype, pin_memory=pin),
                 )
-                slot.new_host = True
-            slot.view = _optim._param_array(fn, label, slot.host.param)
-            slot.grad = _optim._param_array(fn, f"{label}.grad", slot.host.grad)
+                new_host = True
+            view = _optim._param_array(fn, label, host.param)
+            grad = _optim._param_array(fn, f"{label}.grad", host.grad)
         else:
-            slot.view = _optim._param_array(fn, label, p.detach())
-            slot.grad = _optim._grad_array(fn, f"{label}.grad", g.detach(), slot.view)
-        old = self.state.get(p, {})
-        state = dict(old)
-        step = state.get("step", 0)
-        if isinstance(step, torch.Tensor):
-            step = step.item() if step.numel() == 1 else math.nan
-        if not (isinstance(step, int | float) and float(step).is_integer() and step >= 0):
-            raise ValueError(f"{fn}: state of {label} has step {step!r} (expected an integer >= 0)")
-        slot.step = int(step)
+            view = _optim._param_array(fn, label, p.detach())
+            grad = _optim._grad_array(fn, f"{label}.grad", g.detach(), view)
+        slot = _Slot(index, p, self._fmt(fn, p, label), view, grad, host, new_host)
+        self._state_of(fn, slot, hyper)
+        return slot
+
+    def _state_of(self, fn: str, slot: _Slot, hyper: dict[str, Any]) -> None:
+        """The slot's state: the param's own entries, checked, and the buffers its first step
+        (or a newly enabled amsgrad) needs, made anew."""
+        p, label = slot.param, f"state of params[{slot.index}]"
+        state = dict(self.state.get(p, {}))  # self.state is a defaultdict: .get adds nothing
+        slot.step = _step_number(fn, label, state.get("step", 0))
         for buf in self._buffers(hyper):
-            if buf in state and state[buf] is not None:
-                slot.fmt.check(fn, f"state of {label}", buf, state, p.shape)
+            if state.get(buf) is not None:
+                slot.fmt.check(fn, label, buf, state, p.shape)
             else:
                 state.update(slot.fmt.new(buf, p.shape))
-                slot.created += list(slot.fmt.keys(buf))
-            slot.buffers[buf] = slot.fmt.array(fn, f"state of {label}", buf, state)
+                slot.created += slot.fmt.keys(buf)
+            slot.buffers[buf] = slot.fmt.array(fn, label, buf, state)
         if self.master_weights and p.dtype.itemsize == 2:
             if "master" in state:
-                _FORMATS["float32"].check(fn, f"state of {label}", "master", state, p.shape)
+                _FORMATS["float32"].check(fn, label, "master", state, p.shape)
             else:  # exact float32 copies of the param (Note [16-bit optimizers])
                 state["master"] = p.detach().to("cpu", torch.float32, copy=True)
                 slot.created.append("master")
-            slot.master = _optim._param_array(fn, f"state of {label}['master']", state["master"])
+            slot.master = _optim._param_array(fn, f"{label}['master']", state["master"])
         slot.state = state
-        return slot
 
     def _plan(self, fn: str, hypers: list[dict[str, Any]]) -> list[tuple[int, list[_Slot]]]:
         """Every param with a grad checked, batched (group, dtype, format, step, master) and
@@ -367,9 +376,9 @@ class _Optimizer(torch.optim.Optimizer):
         for number, (group, hyper) in enumerate(zip(self.param_groups, hypers, strict=True)):
             for p in group["params"]:
                 if p.grad is not None:
-                    slot = self._slot(fn, index, p, hyper)
-                    key = (number, p.dtype, slot.fmt.name, slot.step, slot.master is not None)
-                    key += self._batch_key(slot)
+                    slot = self._slot(fn, index, p, p.grad, hyper)
+                    key: tuple[Any, ...] = (number, p.dtype, slot.fmt.name, slot.step)
+                    key += (slot.master is not None, *self._batch_key(slot))
                     batches.setdefault(key, []).append(slot)
                 index += 1
         buckets = []
@@ -496,11 +505,7 @@ class _Optimizer(torch.optim.Optimizer):
         label = f"state of params[{index}]"
         fmt = self._fmt(fn, p, f"params[{index}]")
         out: dict[str, Any] = {}
-        step = entry.pop("step", 0)
-        if isinstance(step, torch.Tensor):
-            step = step.item() if step.numel() == 1 else math.nan
-        if not (isinstance(step, int | float) and float(step).is_integer() and step >= 0):
-            raise ValueError(f"{fn}: {label} has step {step!r} (expected an integer >= 0)")
+        step = _step_number(fn, label, entry.pop("step", 0))
         out["step"] = torch.tensor(float(step), dtype=torch.float32)
         master = entry.pop("master", None)
         for buf in self._all_buffers:
@@ -522,21 +527,27 @@ class _Optimizer(torch.optim.Optimizer):
 
 
 class _Copier:
-    """Note [offload]: the copies of an offloaded step.  Grads go to the host buffers bucket
-    by bucket (on a side CUDA stream, non-blocking, an event after each bucket) while the CPU
-    updates earlier buckets; each updated bucket goes back to its device the same way.  A host
-    copy is refreshed from its param first when the param changed since the last step (its
-    version counter or address moved: weights loaded into the model between steps)."""
+    """Note [offload]: with ``offload=True`` every param is updated through host copies: a
+    CPU copy of its values and a CPU buffer for its grad (``_Host``, pinned when CUDA exists),
+    the state (and float32 master) living on the CPU like any other.  A step copies the grads
+    in, bucket by bucket (``_BUCKET_ELEMENTS``), each bucket's copies non-blocking on a side
+    CUDA stream with an event after them, so that the CPU updates bucket k while bucket k + 1
+    is in flight; each updated bucket goes back to its device the same way, and the default
+    stream waits for the side stream before the step returns.  The params are not read each
+    step: a host copy is refreshed from its param only when the param changed in place since
+    the step wrote it (its version counter moved: ``model.load_state_dict``, in-place ops; a
+    change through ``.data`` is not seen) or when its memory moved.  For CPU params the same
+    path runs with plain copies: the test of this logic on machines without a GPU."""
 
     def __init__(self, opt: _Optimizer, buckets: list[tuple[int, list[_Slot]]]) -> None:
-        self.opt, self.buckets = opt, buckets
-        uses_cuda = torch.cuda.is_available() and any(
-            s.param.is_cuda for _, bucket in buckets for s in bucket
-        )
-        self.stream = torch.cuda.Stream() if uses_cuda else None
+        self.buckets = buckets
+        self.stream: Any = None
+        if torch.cuda.is_available() and any(s.param.is_cuda for _, b in buckets for s in b):
+            if opt._stream is None:
+                opt._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            self.stream = opt._stream
+            self.stream.wait_stream(torch.cuda.current_stream())  # the grads are ready there
         self.events: list[Any] = []
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream())
         for _, bucket in buckets:
             with self._on_stream():
                 for s in bucket:
@@ -545,15 +556,12 @@ class _Copier:
                         opt._host[s.param] = host
                     if host.seen != _mark(s.param):
                         host.param.copy_(s.param.detach(), non_blocking=self._async(s))
-                    host.grad.copy_(cast("torch.Tensor", s.param.grad), non_blocking=self._async(s))
+                    grad = cast("torch.Tensor", s.param.grad)
+                    host.grad.copy_(grad, non_blocking=self._async(s))
                 self.events.append(self._event())
 
     def _on_stream(self) -> Any:
-        if self.stream is None:
-            import contextlib
-
-            return contextlib.nullcontext()
-        return torch.cuda.stream(self.stream)
+        return contextlib.nullcontext() if self.stream is None else torch.cuda.stream(self.stream)
 
     def _async(self, s: _Slot) -> bool:
         return self.stream is not None and s.param.is_cuda
@@ -561,11 +569,12 @@ class _Copier:
     def _event(self) -> Any:
         if self.stream is None:
             return None
-        event = torch.cuda.Event()
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(self.stream)
         return event
 
     def wait(self, number: int) -> None:
+        """Until the grads of bucket ``number`` are on the host."""
         if self.events[number] is not None:
             self.events[number].synchronize()
 
@@ -574,6 +583,7 @@ class _Copier:
             self.wait(number)
 
     def send_back(self, number: int) -> None:
+        """The updated params of bucket ``number`` to their devices."""
         with self._on_stream():
             for s in self.buckets[number][1]:
                 host = cast("_Host", s.host)
