@@ -493,12 +493,15 @@ def test_readme_torch_example_runs_and_learns(capsys):
     assert len(losses) == 2 and losses[1] < losses[0] < 0.5
 
 
-def test_copy_of_optimizer_state_dict_is_unaffected_by_later_steps():
-    params = make_params()
-    opt = mt.AdamW(params, lr=0.01)
+def test_a_deep_copy_keeps_the_settings_and_continues_identically():
+    params = make_params(torch.bfloat16)
+    opt = mt.AdamW(params, lr=0.01, state_dtype="bfloat16", stochastic_rounding=True, seed=4)
     set_grads(params, 0)
     opt.step()
-    snapshot = copy.deepcopy(opt.state_dict())
-    set_grads(params, 1)
-    opt.step()
-    assert float(snapshot["state"][0]["step"]) == 1.0
+    twin = copy.deepcopy({"params": params, "opt": opt})  # the optimizer keeps its params
+    assert (twin["opt"].state_dtype, twin["opt"].seed) == ("bfloat16", 4)
+    for t in (1, 2):
+        for ps, o in ((params, opt), (twin["params"], twin["opt"])):
+            set_grads(ps, t)
+            o.step()
+    assert_same(list(params), list(twin["params"]))

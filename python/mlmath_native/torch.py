@@ -57,6 +57,16 @@ __all__ = ["SGD", "Adam", "AdamW", "StepResult"]
 _BUCKET_ELEMENTS = 1 << 22
 #: spreads the stochastic-rounding seeds of the kernel calls of one step (the golden ratio)
 _SEED_STRIDE = 0x9E3779B97F4A7C15
+#: the optimizer-wide settings (the hyper-parameters live in param_groups)
+_SETTINGS = (
+    "state_dtype",
+    "master_weights",
+    "max_grad_norm",
+    "skip_nonfinite",
+    "stochastic_rounding",
+    "seed",
+    "offload",
+)
 _PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -456,6 +466,17 @@ class _Optimizer(torch.optim.Optimizer):
         return StepResult(applied=True, grad_norm=grad_norm, clip_coef=coef)
 
     # state dicts ---------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's pickled state (defaults, state, param_groups) and this optimizer's settings,
+        so that ``copy.deepcopy`` and pickling keep them; host copies are made anew."""
+        state = super().__getstate__()
+        return state | {name: getattr(self, name) for name in _SETTINGS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._host, self._stream = {}, None
+        self.last_step = getattr(self, "last_step", None)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load_state_dict, the state converted to this optimizer's format and dtypes
         (Note [torch state]); every entry is checked before anything changes."""
