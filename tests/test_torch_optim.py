@@ -136,6 +136,10 @@ def test_add_param_group_closure_and_zero_grad():
     assert_close(ours_p, theirs_p)
     opt.zero_grad()
     assert all(p.grad is None for p in ours_p)
+    before = [p.detach().clone() for p in ours_p]
+    opt.step()  # no grads: nothing to do
+    assert_same([p.detach() for p in ours_p], before)
+    assert opt.last_step.applied and float(opt.state[ours_p[0]]["step"]) == STEPS
 
 
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
@@ -246,6 +250,25 @@ def test_checkpoints_move_to_and_from_torch_optim(name, opts):
             o.step()
     assert_close(ours_p, theirs_p)
     assert_close(back_p, theirs_p)
+
+
+def test_a_bad_checkpoint_changes_nothing():
+    params = make_params()
+    opt = mt.AdamW(groups(params, lr=0.02), lr=0.01)
+    set_grads(params, 0)
+    opt.step()
+    bad = saved(opt)
+    bad["param_groups"][0]["lr"] = 0.5
+    bad["state"][3]["exp_avg"] = torch.zeros(5)  # the second group's last param
+    before = states(opt, params)
+    with pytest.raises(ValueError, match=r"state of params\[3\]\['exp_avg'\] has shape"):
+        opt.load_state_dict(bad)
+    assert_same(states(opt, params), before)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.02]
+    bad = saved(opt)
+    bad["param_groups"][1]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\.betas\[1\] is invalid"):
+        opt.load_state_dict(bad)
 
 
 def test_master_weights_are_made_from_params_when_the_checkpoint_has_none():

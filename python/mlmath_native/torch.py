@@ -362,6 +362,9 @@ class _Optimizer(torch.optim.Optimizer):
         p, label = slot.param, f"state of params[{slot.index}]"
         state = dict(self.state.get(p, {}))  # self.state is a defaultdict: .get adds nothing
         slot.step = _step_number(fn, label, state.get("step", 0))
+        step = state.get("step")
+        if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and not step.ndim):
+            state["step"] = torch.tensor(float(slot.step), dtype=torch.float32)
         for buf in self._buffers(hyper):
             if state.get(buf) is not None:
                 slot.fmt.check(fn, label, buf, state, p.shape)
@@ -452,15 +455,7 @@ class _Optimizer(torch.optim.Optimizer):
             if copier is not None:
                 copier.send_back(number)
         for s in slots:
-            step = s.state.get("step")
-            if (
-                isinstance(step, torch.Tensor)
-                and step.dtype.is_floating_point
-                and step.numel() == 1
-            ):
-                step += 1
-            else:
-                s.state["step"] = torch.tensor(float(s.step + 1), dtype=torch.float32)
+            s.state["step"] += 1  # a float32 tensor, as torch keeps it (_state_of)
         if copier is not None:
             copier.finish()
         return StepResult(applied=True, grad_norm=grad_norm, clip_coef=coef)
