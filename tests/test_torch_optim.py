@@ -528,3 +528,13 @@ def test_a_deep_copy_keeps_the_settings_and_continues_identically():
             set_grads(ps, t)
             o.step()
     assert_same(list(params), list(twin["params"]))
+
+
+def test_hyper_parameters_a_checkpoint_lacks_take_the_defaults():
+    sgd = torch.optim.SGD(make_params(), lr=0.1)  # its groups have no betas, eps, amsgrad
+    opt = mt.AdamW(make_params(), betas=(0.8, 0.9))
+    opt.load_state_dict(saved(sgd))
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["betas"] == (0.8, 0.9)
+    set_grads(opt.param_groups[0]["params"], 0)
+    opt.step()
+    assert opt.last_step.applied

@@ -113,9 +113,11 @@ class _Dense:
                 f"param's shape {tuple(shape)})"
             )
 
-    def array(self, fn: str, label: str, buf: str, entry: dict[str, Any]) -> NDArray[Any]:
-        """What the kernel reads and writes: a view of the tensor's memory."""
-        return _optim._param_array(fn, f"{label}['{buf}']", entry[buf])
+    def arrays(
+        self, fn: str, label: str, buf: str, entry: dict[str, Any]
+    ) -> tuple[NDArray[Any], ...]:
+        """What the kernel reads and writes, one array per key: views of the tensors' memory."""
+        return tuple(_optim._param_array(fn, f"{label}['{k}']", entry[k]) for k in self.keys(buf))
 
 
 _FORMATS: dict[str, _Dense] = {
@@ -197,7 +199,7 @@ class _Slot:
     new_host: bool = False
     state: dict[str, Any] = field(default_factory=dict)  # existing entries and new ones
     created: list[str] = field(default_factory=list)  # keys made by this step
-    buffers: dict[str, NDArray[Any]] = field(default_factory=dict)
+    buffers: dict[str, tuple[NDArray[Any], ...]] = field(default_factory=dict)  # _Dense.arrays
     master: NDArray[Any] | None = None
     step: int = 0
 
@@ -371,7 +373,7 @@ class _Optimizer(torch.optim.Optimizer):
             else:
                 state.update(slot.fmt.new(buf, p.shape))
                 slot.created += slot.fmt.keys(buf)
-            slot.buffers[buf] = slot.fmt.array(fn, label, buf, state)
+            slot.buffers[buf] = slot.fmt.arrays(fn, label, buf, state)
         if self.master_weights and p.dtype.itemsize == 2:
             if "master" in state:
                 _FORMATS["float32"].check(fn, label, "master", state, p.shape)
@@ -421,7 +423,10 @@ class _Optimizer(torch.optim.Optimizer):
         slots = [s for _, bucket in buckets for s in bucket]
         written = [(f"params[{s.index}]", s.view) for s in slots]
         written += [
-            (f"state of params[{s.index}]['{b}']", a) for s in slots for b, a in s.buffers.items()
+            (f"state of params[{s.index}]['{b}']", a)
+            for s in slots
+            for b, arrays in s.buffers.items()
+            for a in arrays
         ]
         written += [
             (f"state of params[{s.index}]['master']", s.master)
@@ -490,9 +495,10 @@ class _Optimizer(torch.optim.Optimizer):
                 f"{fn}: state_dict has groups of {[len(s['params']) for s in saved_groups]} "
                 f"params (expected {[len(g['params']) for g in self.param_groups]})"
             )
-        for i, saved in enumerate(saved_groups):  # the hyper-parameters it would set
-            values = {k: v for k, v in self.param_groups[i].items() if k != "params"}
-            self._hypers_of(fn, i, values | {k: v for k, v in saved.items() if k != "params"})
+        for i, saved in enumerate(saved_groups):  # the hyper-parameters it will set
+            self._hypers_of(
+                fn, i, self.defaults | {k: v for k, v in saved.items() if k != "params"}
+            )
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         ids = list(chain.from_iterable(s["params"] for s in saved_groups))
         id_map = dict(zip(ids, range(len(params)), strict=True))
@@ -504,6 +510,9 @@ class _Optimizer(torch.optim.Optimizer):
             state[params[index]] = self._converted(fn, index, params[index], dict(entry))
         keep = {k: v for k, v in state_dict.items() if k != "state"}
         super().load_state_dict(keep | {"state": {}})
+        for group in self.param_groups:  # a key the checkpoint lacks takes its default
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
         self.state.clear()
         self.state.update(state)
 
@@ -611,6 +620,27 @@ class _Copier:
             torch.cuda.current_stream().wait_stream(self.stream)
 
 
+def _values(fn: str, group: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The hyper-parameters ``names`` of a param group, or ValueError naming a missing one."""
+    missing = [k for k in names if k not in group]
+    if missing:
+        raise ValueError(
+            f"{fn}: {missing[0]} is missing (expected a group with {', '.join(names)})"
+        )
+    return {k: group[k] for k in names}
+
+
+def _column(slots: list[_Slot], buf: str) -> list[NDArray[Any]]:
+    """The arrays of state buffer ``buf`` of a bucket, for the kernel (dense formats: one
+    array each; a format of several arrays would pass its others as further arguments)."""
+    return [s.buffers[buf][0] for s in slots]
+
+
+def _masters(slots: list[_Slot]) -> list[NDArray[Any]] | None:
+    """The float32 master weights of a bucket (all or none of its params have them)."""
+    return None if slots[0].master is None else [cast("NDArray[Any]", s.master) for s in slots]
+
+
 # -- the optimizers ----------------------------------------------------------------------------
 
 
@@ -667,7 +697,7 @@ class Adam(_Optimizer):
     @classmethod
     def _check_hyper(cls, fn: str, group: dict[str, Any]) -> dict[str, Any]:
         names = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
-        return _optim.Adam._check_hyper(fn, {k: group.get(k, False) for k in names})
+        return _optim.Adam._check_hyper(fn, _values(fn, group, names))
 
     def _buffers(self, hyper: dict[str, Any]) -> list[str]:
         return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hyper["amsgrad"] else [])
@@ -675,15 +705,12 @@ class Adam(_Optimizer):
     def _update(
         self, slots: list[_Slot], h: dict[str, Any], scale: float, sr_seed: int | None
     ) -> None:
-        masters = (
-            [cast("NDArray[Any]", s.master) for s in slots] if slots[0].master is not None else None
-        )
         _core.adam_step(
             [s.view for s in slots],
             [s.grad for s in slots],
-            [s.buffers["exp_avg"] for s in slots],
-            [s.buffers["exp_avg_sq"] for s in slots],
-            [s.buffers["max_exp_avg_sq"] for s in slots] if h["amsgrad"] else None,
+            _column(slots, "exp_avg"),
+            _column(slots, "exp_avg_sq"),
+            _column(slots, "max_exp_avg_sq") if h["amsgrad"] else None,
             slots[0].step + 1,
             h["lr"],
             h["beta1"],
@@ -692,7 +719,7 @@ class Adam(_Optimizer):
             h["weight_decay"],
             self._decoupled,
             scale,
-            masters,
+            _masters(slots),
             sr_seed,
         )
 
@@ -798,7 +825,7 @@ class SGD(_Optimizer):
     @classmethod
     def _check_hyper(cls, fn: str, group: dict[str, Any]) -> dict[str, Any]:
         names = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-        return _optim.SGD._check_hyper(fn, {k: group.get(k, 0) for k in names})
+        return _optim.SGD._check_hyper(fn, _values(fn, group, names))
 
     def _buffers(self, hyper: dict[str, Any]) -> list[str]:
         return ["momentum_buffer"] if hyper["momentum"] != 0 else []
@@ -810,13 +837,10 @@ class SGD(_Optimizer):
     def _update(
         self, slots: list[_Slot], h: dict[str, Any], scale: float, sr_seed: int | None
     ) -> None:
-        masters = (
-            [cast("NDArray[Any]", s.master) for s in slots] if slots[0].master is not None else None
-        )
         _core.sgd_step(
             [s.view for s in slots],
             [s.grad for s in slots],
-            [s.buffers["momentum_buffer"] for s in slots] if h["momentum"] != 0 else None,
+            _column(slots, "momentum_buffer") if h["momentum"] != 0 else None,
             h["lr"],
             h["momentum"],
             h["dampening"],
@@ -824,7 +848,7 @@ class SGD(_Optimizer):
             h["nesterov"],
             "momentum_buffer" in slots[0].created,
             scale,
-            masters,
+            _masters(slots),
             sr_seed,
             slots[0].step + 1,
         )
