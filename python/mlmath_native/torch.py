@@ -51,10 +51,11 @@ from .optim import StepResult
 
 __all__ = ["SGD", "Adam", "AdamW", "StepResult"]
 
-#: params of a step are batched into kernel calls of at most about this many elements; the
-#: offload path overlaps the copies of one bucket with the update of another, and both paths
-#: use the same buckets, so that they agree bit for bit (stochastic rounding included)
-_BUCKET_ELEMENTS = 1 << 22
+#: params of a step are batched into kernel calls of at most about this many elements (64 MB
+#: of float32): the offload path overlaps the copies of one bucket with the update of another,
+#: and both paths use the same buckets, so that they agree bit for bit (stochastic rounding
+#: included); smaller buckets cost the direct path a little (one parallel region each)
+_BUCKET_ELEMENTS = 1 << 24
 #: spreads the stochastic-rounding seeds of the kernel calls of one step (the golden ratio)
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 #: the optimizer-wide settings (the hyper-parameters live in param_groups)
