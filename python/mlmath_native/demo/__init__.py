@@ -1,7 +1,7 @@
 """Demos: small models trained end to end on mlmath_native's kernels.
 
-``python -m mlmath_native.demo {digits,transformer,regression} [--quick] [--seed N] [--out PATH]
-[--epochs N | --steps N] [--threads N] [--no-progress]``
+``python -m mlmath_native.demo {digits,transformer,regression,optim_formats} [--quick]
+[--seed N] [--out PATH] [--epochs N | --steps N] [--threads N] [--no-progress]``
 
 - ``digits``: a CNN (conv2d, conv2d_backward, cross_entropy, Adam) on scikit-learn's 8x8
   handwritten digits; writes a PNG of the curves and of test digits with their predictions.
@@ -10,11 +10,16 @@
   samples text.
 - ``regression``: linear (gradient_descent vs np.linalg.lstsq) and logistic regression
   (cross_entropy vs scikit-learn's LogisticRegression) on the breast-cancer data.
+- ``optim_formats``: the transformer and a PyTorch MLP trained with each AdamW state format
+  (float32, bfloat16 state, bfloat16 params with and without stochastic rounding or master
+  weights, int8 state when the build has it) against float32 AdamW; a table, the stall of
+  round-to-nearest at a tiny learning rate, and a PNG of the curves.
 
 Each is also a function returning a :class:`DemoResult` (``run_digits``, ``run_transformer``,
-``run_regression``; ``quick=True`` for a run of a few seconds).  They need the ``demo`` extra
-(scikit-learn, matplotlib, tqdm), imported only when a demo runs: ``import mlmath_native``
-never needs them.
+``run_regression``, ``run_optim_formats``; ``quick=True`` for a run of a few seconds).  They
+need the ``demo`` extra (scikit-learn, matplotlib, tqdm; ``optim_formats`` also uses torch and
+ml_dtypes when installed), imported only when a demo runs: ``import mlmath_native`` never
+needs them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import argparse
 import sys
 from typing import Any
 
-from . import digits, regression, transformer
+from . import digits, optim_formats, regression, transformer
 from ._common import DemoResult, KernelTimer, Progress
 
 __all__ = [
@@ -32,8 +37,10 @@ __all__ = [
     "Progress",
     "digits",
     "main",
+    "optim_formats",
     "regression",
     "run_digits",
+    "run_optim_formats",
     "run_regression",
     "run_transformer",
     "transformer",
@@ -48,6 +55,7 @@ def _config(module: Any, quick: bool, **overrides: Any) -> Any:
         digits: digits.DigitsConfig,
         transformer: transformer.TransformerConfig,
         regression: regression.RegressionConfig,
+        optim_formats: optim_formats.FormatsConfig,
     }[module]
     return cls(**overrides)
 
@@ -94,13 +102,30 @@ def run_regression(
     )
 
 
+def run_optim_formats(
+    *,
+    quick: bool = False,
+    out: str | None = "optim_formats.png",
+    progress: bool = True,
+    verbose: bool = True,
+    **config: Any,
+) -> DemoResult:
+    """Each AdamW state format against float32 AdamW; ``config`` overrides
+    :class:`optim_formats.FormatsConfig` fields."""
+    return optim_formats.run(
+        _config(optim_formats, quick, **config), out=out, progress=progress, verbose=verbose
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m mlmath_native.demo",
         description="Small models trained on mlmath_native's kernels (needs scikit-learn, "
         'matplotlib and tqdm: pip install "mlmath_native[demo]").',
     )
-    sub = p.add_subparsers(dest="demo", required=True, metavar="{digits,transformer,regression}")
+    sub = p.add_subparsers(
+        dest="demo", required=True, metavar="{digits,transformer,regression,optim_formats}"
+    )
 
     def common(sp: argparse.ArgumentParser, out_default: str | None, out_help: str) -> None:
         sp.add_argument("--quick", action="store_true", help="a run of a few seconds")
@@ -133,6 +158,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument(
         "--no-momentum", action="store_true", help="plain gradient descent (slow: see why)"
     )
+
+    o = sub.add_parser("optim_formats", help="AdamW state formats against float32 AdamW")
+    common(o, "optim_formats.png", "the plot (default: optim_formats.png); '' for none")
+    o.add_argument("--steps", type=int, help="transformer steps (default 300; quick: 40)")
+    o.add_argument("--seeds", type=int, metavar="N", help="initial weights per format (default 3)")
+    o.add_argument(
+        "--models", choices=("transformer", "mlp", "both"), help="default both (mlp: torch)"
+    )
     return p.parse_args(argv)
 
 
@@ -152,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
         )
         fn = run_transformer
+    elif args.demo == "optim_formats":
+        kw = {"threads": args.threads, "steps": args.steps}
+        if args.seed is not None or args.seeds is not None:
+            first, n = args.seed or 0, args.seeds or (2 if args.quick else 3)
+            kw["seeds"] = tuple(range(first, first + n))
+        if args.models in ("transformer", "mlp"):
+            kw["models"] = (args.models,)
+        fn = run_optim_formats
     else:
         kw.update(steps=args.steps, tol=args.tol, C=args.C)
         if args.no_momentum:

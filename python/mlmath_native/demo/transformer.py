@@ -29,7 +29,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -171,17 +171,24 @@ def decayed(name: str, value: Array) -> bool:
 
 class GroupedAdamW:
     """Two ``mn.AdamW`` over the two parameter groups (with and without weight decay), as
-    torch.optim.AdamW with two param groups."""
+    torch.optim.AdamW with two param groups.  ``options`` go to both ``mn.AdamW`` (e.g.
+    ``state_dtype``, ``stochastic_rounding``, ``master_weights``, ``seed``: the optimizer
+    formats demo)."""
 
-    def __init__(self, params: Params, lr: float, weight_decay: float) -> None:
+    def __init__(self, params: Params, lr: float, weight_decay: float, **options: Any) -> None:
         self.decay = [k for k, v in params.items() if decayed(k, v)]
         self.plain = [k for k, v in params.items() if not decayed(k, v)]
         self.opts = [
             (
-                mn.AdamW([params[k] for k in self.decay], lr=lr, weight_decay=weight_decay),
+                mn.AdamW(
+                    [params[k] for k in self.decay], lr=lr, weight_decay=weight_decay, **options
+                ),
                 self.decay,
             ),
-            (mn.AdamW([params[k] for k in self.plain], lr=lr, weight_decay=0.0), self.plain),
+            (
+                mn.AdamW([params[k] for k in self.plain], lr=lr, weight_decay=0.0, **options),
+                self.plain,
+            ),
         ]
 
     def set_lr(self, lr: float) -> None:
@@ -329,9 +336,18 @@ def backward(
     return grads
 
 
+class Optimizer(Protocol):
+    """What :func:`train` steps: :class:`GroupedAdamW`, or any object with the same two
+    methods (the optimizer formats demo wraps other optimizers this way)."""
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def step(self, grads: Params) -> Any: ...
+
+
 def train_step(
     params: Params,
-    opt: GroupedAdamW,
+    opt: Optimizer,
     x: Array,
     y: Array,
     cfg: TransformerConfig,
@@ -344,6 +360,39 @@ def train_step(
     grads = backward(params, caches, dlogits, cfg, kt)
     kt.call(opt.step, grads)
     return float(loss), float((logits.argmax(axis=1) == y.ravel()).mean())
+
+
+def train(
+    params: Params,
+    opt: Optimizer,
+    data: Array,
+    cfg: TransformerConfig,
+    kt: KernelTimer | None = None,
+    *,
+    progress: bool = False,
+    desc: str = "transformer",
+) -> dict[str, list[float]]:
+    """cfg.steps steps of ``opt`` on the batches of cfg.seed, the learning rate following
+    :func:`lr_at`; the history ``loss``/``accuracy``/``lr`` per step."""
+    kt = kt or KernelTimer()
+    hist: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
+    bar = Progress(cfg.steps, desc, enabled=progress)
+    for step, (x, y) in enumerate(batches(data, cfg.batch_size, cfg.block, cfg.steps, cfg.seed)):
+        lr = lr_at(step, cfg)
+        opt.set_lr(lr)
+        with kt.step():
+            loss, acc = train_step(params, opt, x, y, cfg, kt)
+        hist["loss"].append(loss)
+        hist["accuracy"].append(acc)
+        hist["lr"].append(lr)
+        recent = slice(-20, None)
+        bar.update(
+            1,
+            loss=float(np.mean(hist["loss"][recent])),
+            acc=float(np.mean(hist["accuracy"][recent])),
+        )
+    bar.close()
+    return hist
 
 
 def text_loss(params: Params, data: Array, cfg: TransformerConfig) -> float:
@@ -416,24 +465,8 @@ def run(
     params = init_params(cfg, len(vocab))
     opt = GroupedAdamW(params, cfg.lr, cfg.weight_decay)
     kt = KernelTimer()
-    hist: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
-    bar = Progress(cfg.steps, "transformer", enabled=progress)
     t0 = time.perf_counter()
-    for step, (x, y) in enumerate(batches(data, cfg.batch_size, cfg.block, cfg.steps, cfg.seed)):
-        lr = lr_at(step, cfg)
-        opt.set_lr(lr)
-        with kt.step():
-            loss, acc = train_step(params, opt, x, y, cfg, kt)
-        hist["loss"].append(loss)
-        hist["accuracy"].append(acc)
-        hist["lr"].append(lr)
-        recent = slice(-20, None)
-        bar.update(
-            1,
-            loss=float(np.mean(hist["loss"][recent])),
-            acc=float(np.mean(hist["accuracy"][recent])),
-        )
-    bar.close()
+    hist = train(params, opt, data, cfg, kt, progress=progress)
     wall = time.perf_counter() - t0
     final = text_loss(params, data, cfg)
     tail = max(1, min(50, cfg.steps // 10))
