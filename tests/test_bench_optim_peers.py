@@ -9,6 +9,7 @@ import pytest
 from mlmath_native.bench import optim_peers
 
 TINY = "4K"
+QUICK = ["--repeat", "1", "--threads", "1", "--copy-mib", "16"]
 
 
 def table_rows(out: str) -> list[list[str]]:
@@ -22,7 +23,7 @@ def table_rows(out: str) -> list[list[str]]:
 def test_our_rows_at_a_tiny_size_fill_every_column(capsys, tmp_path):
     ours = [r for r in optim_peers.ROWS if r.name.startswith("ours")]
     path = tmp_path / "peers.json"
-    argv = ["--sizes", TINY, "--repeat", "1", "--threads", "1", "--json", str(path)]
+    argv = ["--sizes", TINY, *QUICK, "--json", str(path)]
     assert optim_peers.main(argv, rows=ours) == 0
     rows = table_rows(capsys.readouterr().out)
     columns = optim_peers.HEADER.count("|") - 1
@@ -42,7 +43,7 @@ def test_our_rows_at_a_tiny_size_fill_every_column(capsys, tmp_path):
 
 def test_a_missing_peer_is_a_row_saying_so(capsys):
     missing = optim_peers.Row("nope", "a peer that is absent", 28.0, requires=("no_such_mod_xyz",))
-    argv = ["--sizes", TINY, "--repeat", "1", "--threads", "1"]
+    argv = ["--sizes", TINY, *QUICK]
     assert optim_peers.main(argv, rows=[missing]) == 0
     (cells,) = table_rows(capsys.readouterr().out)
     assert cells[0] == "a peer that is absent"

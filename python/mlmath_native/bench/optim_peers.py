@@ -250,6 +250,18 @@ FACTORIES: dict[str, Factory] = {
 
 
 def _max_rss_bytes() -> int:
+    """This process' peak resident set size in bytes.
+
+    On Linux the high-water mark of this process' memory map (``VmHWM``), which starts afresh
+    at exec: ``ru_maxrss`` does not, and a child would report at least the parent's RSS at the
+    fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
@@ -505,6 +517,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_MAX_RSS_GIB,
         help="GiB: skip a size whose peak RSS, extrapolated from a smaller one, exceeds it",
     )
+    ap.add_argument("--copy-mib", type=int, default=256, help="the copy bandwidth's array size")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
@@ -523,7 +536,13 @@ def main(argv: Sequence[str] | None = None, rows: Sequence[Row] | None = None) -
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     chosen = list(rows) if rows is not None else select(args.rows)
     results, copy_gbs = measure(
-        chosen, sizes, args.repeat, args.threads, args.tensors, max_rss=args.max_rss * GIB
+        chosen,
+        sizes,
+        args.repeat,
+        args.threads,
+        args.tensors,
+        copy_nbytes=args.copy_mib * MIB,
+        max_rss=args.max_rss * GIB,
     )
     print(format_table(results, copy_gbs, args.threads))
     if args.json:
