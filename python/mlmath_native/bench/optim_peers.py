@@ -405,6 +405,7 @@ def measure(
                 too_big = done[0].get("skip") if done else too_much_memory(row, n, runs, max_rss)
                 if too_big:
                     done.append({"skip": too_big, "error": too_big})
+                    log(f"  {row.name} {size_label(n)}: {too_big}")
                     continue
                 got = run_child(row, n, tensors, steps_for(row, n), threads)
                 done.append(got)
