@@ -61,3 +61,13 @@ def test_bytes_per_param_and_sizes():
         optim_peers.parse_size("16Q")
     with pytest.raises(ValueError, match="unknown"):
         optim_peers.select("ours-fp32,nope")
+
+
+def test_an_optional_row_that_does_not_run_is_left_out(capsys):
+    """A format ours may not have yet (ours-int8 before state_dtype="int8" lands) is not
+    listed; a peer is always listed, with the reason it does not run."""
+    optional = optim_peers.Row("later", "a format to come", 16.0, ("no_such_mod_xyz",), True)
+    missing = optim_peers.Row("absent", "a peer that is absent", 28.0, ("no_such_mod_xyz",))
+    assert optim_peers.main(["--sizes", TINY, *QUICK], rows=[optional, missing]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [cells[0] for cells in rows] == ["a peer that is absent"]

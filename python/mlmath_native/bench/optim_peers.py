@@ -211,13 +211,23 @@ def _torch_state_bytes(opt: Any) -> Callable[[], int]:
     return state_bytes
 
 
+#: {"note": ...} when a child's row ran another variant than its label says (shown in the table)
+VARIANT: dict[str, str] = {}
+
+
 def _torch_fused(sizes: Sequence[int], threads: int) -> Any:
     import torch
 
     params = _torch_params(sizes, threads)
-    opt = torch.optim.AdamW(
-        params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True
-    )
+    hyper = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    try:
+        opt = torch.optim.AdamW(params, **hyper, fused=True)
+        opt.step()  # a torch without the fused CPU kernel refuses here at the latest
+    except (RuntimeError, TypeError, ValueError) as e:
+        # older torch: no fused AdamW on CPU; its default (foreach) is the row, and says so
+        log(f"torch fused AdamW refused ({e}); timing torch's default (foreach) instead")
+        VARIANT["note"] = "foreach: fused refused on CPU"
+        opt = torch.optim.AdamW(params, **hyper, foreach=True)
     return opt.step, _torch_state_bytes(opt)
 
 
@@ -284,6 +294,7 @@ def child(name: str, n: int, tensors: int, steps: int, threads: int) -> dict[str
         times.append(time.perf_counter() - t0)
     return {
         "times": times,
+        "variant": VARIANT.get("note"),
         "state_bytes": state_bytes(),
         "rss_imports": rss_imports,
         "rss_peak": _max_rss_bytes(),
@@ -451,6 +462,7 @@ def summarise(row: Row, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "n": n,
         "median_s": statistics.median(times),
         "steps": len(times),
+        "variant": ok[0].get("variant"),
         "state_bytes": max(g["state_bytes"] for g in ok),
         "rss_peak": max(g["rss_peak"] for g in ok),
         "rss_imports": min(g["rss_imports"] for g in ok),
@@ -474,7 +486,7 @@ def format_table(results: Sequence[dict[str, Any]], copy_gbs: float, threads: in
         else:
             gbs = row.bytes_per_param * res["n"] / res["median_s"] / 1e9
             cells = [
-                row.label,
+                row.label + (f" ({res['variant']})" if res.get("variant") else ""),
                 size,
                 f"{row.bytes_per_param:g}",
                 f"{1e3 * res['median_s']:.2f}",
