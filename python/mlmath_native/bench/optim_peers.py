@@ -475,7 +475,9 @@ HEADER = (
 )
 
 
-def format_table(results: Sequence[dict[str, Any]], copy_gbs: float, threads: int) -> str:
+def format_table(
+    results: Sequence[dict[str, Any]], copy_gbs: float, threads: int, tensors: int = 1
+) -> str:
     cols = HEADER.count("|") - 1
     lines = [HEADER, "|" + "---|" * cols]
     for res in results:
@@ -498,8 +500,9 @@ def format_table(results: Sequence[dict[str, Any]], copy_gbs: float, threads: in
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        f"{threads} thread(s); copy bandwidth (np.copyto, read + write, best run): "
-        f"{copy_gbs:.1f} GB/s; GB/s = B/param/step x params / median step time."
+        f"{threads} thread(s), the params in {tensors} tensor(s); copy bandwidth (np.copyto, "
+        f"read + write, best run): {copy_gbs:.1f} GB/s; GB/s = B/param/step x params / median "
+        "step time."
     )
     return "\n".join(lines)
 
@@ -557,12 +560,13 @@ def main(argv: Sequence[str] | None = None, rows: Sequence[Row] | None = None) -
         copy_nbytes=args.copy_mib * MIB,
         max_rss=args.max_rss * GIB,
     )
-    print(format_table(results, copy_gbs, args.threads))
+    print(format_table(results, copy_gbs, args.threads, args.tensors))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
                 {
                     "threads": args.threads,
+                    "tensors": args.tensors,
                     "copy_gbs": copy_gbs,
                     "rows": [
                         {**{k: v for k, v in r.items() if k != "row"}, "row": r["row"].name}
