@@ -1,15 +1,17 @@
 """Optimizer step against its peers: ``python -m mlmath_native.bench.optim_peers
-[--sizes 16M,256M] [--repeat N] [--threads 2] [--tensors K] [--rows NAME,...] [--json PATH]``.
+[--sizes 16M,256M] [--repeat N] [--threads 2] [--tensors K] [--rows NAME,...] [--max-rss GIB]
+[--json PATH]``.
 
 One AdamW step (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0.01) over ``n`` float32
 (or bfloat16) parameters, for each row of ``ROWS``: ours in every state format, and the CPU
 optimizers people use instead (``torch.optim.AdamW(fused=True)``, DeepSpeed's
 ``DeepSpeedCPUAdam``, bitsandbytes' ``AdamW8bit``).  Prints a markdown table (progress goes to
-stderr): median step time, the bytes the format moves per parameter per step, the effective
-bandwidth (bytes / time) and its fraction of this machine's copy bandwidth (measured in the
-same run, with the same thread count), the optimizer state's size and the process' peak RSS.
+stderr): median and best step time, the bytes the format moves per parameter per step
+(Note [bytes per parameter]), the effective bandwidth (bytes / median time) and its fraction
+of this machine's copy bandwidth (measured in the same run, with the same thread count), the
+optimizer state's size and the process' peak RSS.
 
-Note [one process per row]: peak RSS (``ru_maxrss``) is a property of a process, so every
+Note [one process per row]: peak RSS (``VmHWM``) is a property of a process, so every
 (row, size) runs in a child process of its own that imports only what the row needs,
 allocates, warms up, times the steps and reports its step times and RSS as one JSON line.
 The children run one at a time (256M fp32 AdamW holds 4 GiB) and round-robin over the repeats,
@@ -17,7 +19,9 @@ so that the machine's noise (other processes on the shared cores) hits every row
 copy bandwidth is measured between the rounds and its best run is the machine's limit.
 Before timing, each row is probed once at a tiny size: a peer that is not installed, fails to
 build its kernel (DeepSpeed compiles its CPU Adam at first use) or fails to step gets a row
-saying why instead of a crash.  Sizes: ``16M`` is 16 * 2**20 parameters.
+saying why instead of a crash.  A size whose peak RSS, extrapolated from a smaller size of
+the same row, would exceed ``--max-rss`` (8 GiB: the machine is shared) is a row saying so.
+Sizes: ``16M`` is 16 * 2**20 parameters.
 """
 
 from __future__ import annotations
