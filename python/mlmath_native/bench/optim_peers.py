@@ -16,7 +16,7 @@ Note [one process per row]: peak RSS (``VmHWM``) is a property of a process, so 
 allocates, warms up, times the steps and reports its step times and RSS as one JSON line.
 The children run one at a time (256M fp32 AdamW holds 4 GiB) and round-robin over the repeats,
 so that the machine's noise (other processes on the shared cores) hits every row alike; the
-copy bandwidth is measured between the rounds and its best run is the machine's limit.
+copy bandwidth is measured before every child and its best run is the machine's limit.
 Before timing, each row is probed once at a tiny size: a peer that is not installed, fails to
 build its kernel (DeepSpeed compiles its CPU Adam at first use) or fails to step gets a row
 saying why instead of a crash.  A size whose peak RSS, extrapolated from a smaller size of
@@ -412,7 +412,6 @@ def measure(
     copy_gbs = 0.0
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in range(repeat):
-        copy_gbs = max(copy_gbs, machine.copy_bandwidth(copy_nbytes, threads=threads))
         log(f"round {r + 1}/{repeat}: copy {copy_gbs:.1f} GB/s (best so far)")
         for n in sorted(sizes):
             for row in runnable:
@@ -422,6 +421,9 @@ def measure(
                     done.append({"skip": too_big, "error": too_big})
                     log(f"  {row.name} {size_label(n)}: {too_big}")
                     continue
+                # the machine's limit is sampled next to every child (a quiet moment is rare
+                # on a shared machine; its best sample is the limit the rows are compared with)
+                copy_gbs = max(copy_gbs, machine.copy_bandwidth(copy_nbytes, threads=threads))
                 got = run_child(row, n, tensors, steps_for(row, n), threads)
                 done.append(got)
                 shown = got.get("error") or f"{1e3 * statistics.median(got['times']):.2f} ms"
