@@ -52,6 +52,7 @@ SIXTEEN_BIT_FILES=(
   tests/test_16bit_matmul.py
   tests/test_16bit_conv.py
   tests/test_16bit_attention.py
+  tests/test_optim_int8.py
 )
 TEST_FILES=(
   tests/test_softmax.py

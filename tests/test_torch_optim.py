@@ -186,6 +186,9 @@ STATE_CASES = [
     ("Adam", torch.bfloat16, dict(master_weights=True, state_dtype="bfloat16")),
     ("AdamW", torch.bfloat16, dict(stochastic_rounding=True, seed=3)),
     ("SGD", torch.float32, dict(momentum=0.9, state_dtype="bfloat16", stochastic_rounding=True)),
+    ("AdamW", torch.float32, dict(state_dtype="int8", amsgrad=True)),
+    ("AdamW", torch.bfloat16, dict(state_dtype="int8", stochastic_rounding=True, seed=2)),
+    ("SGD", torch.float32, dict(momentum=0.9, nesterov=True, state_dtype="int8")),
 ]
 
 
@@ -538,3 +541,50 @@ def test_hyper_parameters_a_checkpoint_lacks_take_the_defaults():
     set_grads(opt.param_groups[0]["params"], 0)
     opt.step()
     assert opt.last_step.applied
+
+
+@pytest.mark.parametrize(
+    ("name", "opts"), [("AdamW", {"amsgrad": True}), ("SGD", {"momentum": 0.9})]
+)
+def test_int8_state_is_the_numpy_optimizers_int8_state(name, opts):
+    """The torch face and mlmath_native.optim run the same kernel on the same codes."""
+    import mlmath_native as mn
+
+    t_p = make_params()
+    opt = getattr(mt, name)(t_p, lr=0.01, state_dtype="int8", **opts)
+    n_p = [p.detach().clone().numpy() for p in t_p]
+    ref = getattr(mn.optim, name)(n_p, lr=0.01, state_dtype="int8", **opts)
+    for t in range(3):
+        set_grads(t_p, t)
+        opt.step()
+        ref.step([p.grad.numpy().copy() for p in t_p])
+    for p, q in zip(t_p, n_p, strict=True):
+        assert torch.equal(p.detach(), torch.from_numpy(q))
+    buf = "exp_avg" if name == "AdamW" else "momentum_buffer"
+    for i, p in enumerate(t_p):
+        assert torch.equal(opt.state[p][buf], torch.from_numpy(ref.state[buf][i]))
+        assert torch.equal(
+            opt.state[p][f"{buf}_absmax"], torch.from_numpy(ref.state[f"{buf}_absmax"][i])
+        )
+
+
+def test_int8_checkpoint_converts_to_float32_and_torch_optim():
+    import mlmath_native as mn
+
+    a_p = make_params()
+    opt_a = mt.AdamW(a_p, lr=0.01, state_dtype="int8")
+    for t in range(2):
+        set_grads(a_p, t)
+        opt_a.step()
+    back = torch.optim.AdamW(clone(a_p), lr=0.01)
+    ours = mt.AdamW(clone(a_p), lr=0.01)  # float32 state from the int8 checkpoint
+    ours.load_state_dict(saved(opt_a))
+    for p, q in zip(a_p, ours.param_groups[0]["params"], strict=True):
+        codes = opt_a.state[p]["exp_avg"].numpy()
+        want = mn.optim.dequantize_blockwise(codes, opt_a.state[p]["exp_avg_absmax"].numpy())
+        assert torch.equal(ours.state[q]["exp_avg"], torch.from_numpy(want))
+    back.load_state_dict(saved(ours))  # and on into torch.optim
+    set_grads(a_p, 2)
+    for p, q in zip(a_p, back.param_groups[0]["params"], strict=True):
+        q.grad = p.grad.clone()
+    back.step()

@@ -178,6 +178,7 @@ def sgd_step(
     masters: Sequence[NDArray[Any]] | None = None,
     sr_seed: int | None = None,
     sr_step: int = 0,
+    absmaxes: Sequence[Sequence[NDArray[Any]]] | None = None,
 ) -> None:
     """One fused SGD step over lists of arrays, in place"""
 
@@ -197,5 +198,6 @@ def adam_step(
     grad_scale: float,
     masters: Sequence[NDArray[Any]] | None = None,
     sr_seed: int | None = None,
+    absmaxes: Sequence[Sequence[NDArray[Any]]] | None = None,
 ) -> None:
     """One fused Adam/AdamW step over lists of arrays, in place"""

@@ -33,6 +33,22 @@ compute in float32: each value is widened on load and each stored value rounded 
   training).  The random bits are a counter-based hash of (seed, step, tensor, element): the
   same seed gives bitwise the same results for any thread count.  It is bfloat16 only:
   float16 params need ``master_weights=True`` with it (else ValueError).
+
+Note [8-bit optimizer state]: ``state_dtype="int8"`` (float32, bfloat16 and float16 params)
+keeps each state buffer as one byte per element plus one float32 scale per block of
+:data:`QUANT_BLOCK` = 256 elements, the block's largest magnitude (``"<name>_absmax"`` in
+``state`` and the state dict).  exp_avg and momentum_buffer are int8 codes c in [-127, 127]
+for ``absmax * sign(c) * (c / 127)**2``; exp_avg_sq and max_exp_avg_sq uint8 codes c in
+[0, 255] for ``absmax * (c / 255)**4`` (the power laws keep small values a linear map would
+round to zero; a positive second moment is never coded as 0, which would make the next step
+divide by eps alone).  Each step dequantises, updates in float32 from the new moments at full
+precision, and requantises in the same pass (Note [8-bit optimizer state] in
+src/cpp/kernels/optim.cpp); :func:`quantize_blockwise` and :func:`dequantize_blockwise` are
+the same maps in NumPy.  Optimizer state is 2.03 bytes per parameter for Adam (0.254 of
+float32's 8).  A NaN or Inf moment makes its block's scale NaN: every value of the block
+decodes to NaN on the next step.
+``load_state_dict`` converts a state saved in another format (float32, bfloat16, int8) into
+this optimizer's.
 """
 
 from __future__ import annotations
@@ -57,8 +73,11 @@ __all__ = [
     "AdamW",
     "GradientDescentResult",
     "StepResult",
+    "QUANT_BLOCK",
     "adam_step",
+    "dequantize_blockwise",
     "gradient_descent",
+    "quantize_blockwise",
     "sgd_step",
 ]
 
@@ -199,7 +218,7 @@ def _is_16bit(dtype: np.dtype[Any]) -> bool:
 
 
 def _state_dtype_name(fn: str, value: object) -> str | None:
-    """None, "float32" or "bfloat16" (a name or a dtype), else ValueError/TypeError."""
+    """None, "float32", "bfloat16" or "int8" (a name or a dtype), else ValueError/TypeError."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -209,11 +228,12 @@ def _state_dtype_name(fn: str, value: object) -> str | None:
             name = np.dtype(cast("Any", value)).name
         except TypeError:
             raise TypeError(
-                f"{fn}: state_dtype must be None, 'float32' or 'bfloat16' (got {value!r})"
+                f"{fn}: state_dtype must be None, 'float32', 'bfloat16' or 'int8' (got {value!r})"
             ) from None
-    if name not in ("float32", "bfloat16"):
+    if name not in ("float32", "bfloat16", "int8"):
         raise ValueError(
-            f"{fn}: state_dtype is invalid (got {value!r}, expected None, 'float32' or 'bfloat16')"
+            f"{fn}: state_dtype is invalid (got {value!r}, expected None, 'float32', "
+            "'bfloat16' or 'int8')"
         )
     return name
 
@@ -231,17 +251,120 @@ def _state_dtype_for(fn: str, name: str | None, param_dtype: np.dtype[Any], i: i
 
 
 def _check_state(
-    fn: str, name: str, buf: object, param: NDArray[Any], dtype: np.dtype[Any] | None = None
+    fn: str,
+    name: str,
+    buf: object,
+    param: NDArray[Any],
+    dtype: np.dtype[Any] | None = None,
+    shape: tuple[int, ...] | None = None,
 ) -> NDArray[Any]:
-    """A state buffer of ``param``'s shape and of ``dtype`` (the param's own when None)."""
-    buf = _param_array(fn, name, buf)
+    """A state buffer of ``shape`` (the param's when None) and of ``dtype`` (the param's own
+    when None); 8-bit codes must be C-contiguous and writable NumPy arrays."""
+    if dtype is not None and dtype.kind in "iu":
+        buf = np.asarray(buf)
+        if not buf.flags.c_contiguous or not buf.flags.writeable:
+            raise ValueError(f"{fn}: {name} must be a C-contiguous, writable array")
+    else:
+        buf = _param_array(fn, name, buf)
     want = param.dtype if dtype is None else dtype
-    if buf.dtype != want or buf.shape != param.shape:
+    want_shape = param.shape if shape is None else shape
+    if buf.dtype != want or buf.shape != want_shape:
         raise ValueError(
-            f"{fn}: {name} has shape {buf.shape} and dtype {buf.dtype} (expected the param's "
-            f"shape {param.shape} and dtype {want})"
+            f"{fn}: {name} has shape {buf.shape} and dtype {buf.dtype} (expected "
+            f"shape {want_shape} and dtype {want})"
         )
     return buf
+
+
+# -- 8-bit state (Note [8-bit optimizer state]) ---------------------------------------------
+
+#: elements per block of an 8-bit state (one float32 scale each)
+QUANT_BLOCK = 256
+_SIGNED_LEVELS, _UNSIGNED_LEVELS = 127, 255
+#: the states coded as int8 (signed); the others are uint8
+_SIGNED_STATES = ("exp_avg", "momentum_buffer")
+
+
+def _blocks(n: int) -> int:
+    return -(-n // QUANT_BLOCK)
+
+
+def _padded_blocks(x: NDArray[Any]) -> NDArray[Any]:
+    """x flattened and zero-padded to whole blocks, shape (blocks, QUANT_BLOCK)."""
+    flat = x.reshape(-1)
+    out = np.zeros(_blocks(flat.size) * QUANT_BLOCK, flat.dtype)
+    out[: flat.size] = flat
+    return out.reshape(-1, QUANT_BLOCK)
+
+
+def _round_sqrt(y: NDArray[np.float32]) -> NDArray[np.float32]:
+    """round(sqrt(y)), ties up, exactly (the kernels' round_sqrt): the float square root
+    rounded, corrected by comparing y with the squares of the midpoints."""
+    c = np.rint(np.sqrt(y))
+    up, down = c + np.float32(0.5), c - np.float32(0.5)
+    c = c + (y >= up * up) - (y < down * down)
+    return np.maximum(c, np.float32(0)).astype(np.float32)
+
+
+def quantize_blockwise(x: ArrayLike, signed: bool) -> tuple[NDArray[Any], NDArray[np.float32]]:
+    """(codes, absmax): ``x`` coded as an 8-bit optimizer state, as the kernels code it.
+
+    ``signed``: int8 codes of the square law (exp_avg, momentum_buffer), else uint8 codes of
+    the fourth-power law (exp_avg_sq, max_exp_avg_sq; ``x`` >= 0); ``absmax`` holds one
+    float32 scale per block of :data:`QUANT_BLOCK` elements (Note [8-bit optimizer state]).
+    The arithmetic is float32 and the rounding exact; the kernels' codes for the same values
+    are the same, or one off where a value lies within a tenth of a code of a midpoint.
+
+    Examples
+    --------
+    >>> import numpy as np, mlmath_native as mn
+    >>> codes, absmax = mn.optim.quantize_blockwise(np.array([0.5, -2.0, 0.0]), signed=True)
+    >>> codes, absmax
+    (array([  64, -127,    0], dtype=int8), array([2.], dtype=float32))
+    >>> mn.optim.dequantize_blockwise(codes, absmax)
+    array([ 0.507874, -2.      ,  0.      ], dtype=float32)
+    """
+    x = np.asarray(x, dtype=np.float32)
+    blocks = _padded_blocks(x)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        kept = np.abs(blocks) if signed else np.sqrt(blocks)  # what the kernel's buffer keeps
+        top = np.max(kept, axis=1) if blocks.size else np.zeros(0, np.float32)  # NaN stays
+        usable = (top > 0) & np.isfinite(top)
+        levels = np.float32(_SIGNED_LEVELS if signed else _UNSIGNED_LEVELS)
+        safe_top = np.where(usable, top, np.float32(1))
+        to_code = np.where(usable, levels * levels / safe_top, np.float32(0)).astype(np.float32)
+        codes = _round_sqrt(kept * to_code[:, None])
+        if signed:
+            codes = np.copysign(codes, blocks)
+        else:
+            codes = np.maximum(codes, (blocks != 0).astype(np.float32))
+        codes = np.nan_to_num(codes, nan=0.0)
+    top = np.where(np.isfinite(top), top, np.float32(np.nan))  # a NaN or Inf block: NaN
+    absmax = (top if signed else top * top).astype(np.float32)
+    kind = np.int8 if signed else np.uint8
+    return codes.reshape(-1)[: x.size].astype(kind).reshape(x.shape), absmax
+
+
+def dequantize_blockwise(codes: ArrayLike, absmax: ArrayLike) -> NDArray[np.float32]:
+    """The float32 values of an 8-bit optimizer state: int8 ``codes`` by the square law,
+    uint8 by the fourth-power law, with ``absmax`` one scale per block of :data:`QUANT_BLOCK`
+    (Note [8-bit optimizer state])."""
+    codes = np.asarray(codes)
+    absmax = np.asarray(absmax, dtype=np.float32).reshape(-1)
+    if codes.dtype not in (np.int8, np.uint8):
+        raise TypeError(f"dequantize_blockwise: codes must be int8 or uint8 (got {codes.dtype})")
+    if absmax.size != _blocks(codes.size):
+        raise ValueError(
+            f"dequantize_blockwise: absmax has {absmax.size} scales (expected "
+            f"{_blocks(codes.size)}, one per block of {QUANT_BLOCK})"
+        )
+    c = _padded_blocks(codes).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if codes.dtype == np.int8:
+            x = c * np.abs(c) * (absmax / np.float32(_SIGNED_LEVELS**2))[:, None]
+        else:
+            x = (c * c) * (c * c) * (absmax / np.float32(float(_UNSIGNED_LEVELS) ** 4))[:, None]
+    return x.reshape(-1)[: codes.size].reshape(codes.shape)
 
 
 def _check_functional_state(fn: str, name: str, buf: object, param: NDArray[Any]) -> NDArray[Any]:
@@ -385,11 +508,8 @@ class _Optimizer:
         self.seed = _seed(fn, seed)
         _check_rounding(fn, self.stochastic_rounding, self.master_weights, self._layout)
         self.state: dict[str, list[NDArray[Any] | None]] = {
-            name: [
-                np.zeros(shape, dtype)
-                for (shape, _), dtype in zip(self._layout, self._state_dtypes, strict=True)
-            ]
-            for name in self._state_names()
+            name: [self._new_buffer(name, i) for i in range(len(self._layout))]
+            for name in self._with_scales(self._state_names())
         }
         if self.master_weights:  # Note [16-bit optimizers]: exact float32 copies
             self.state["master"] = [
@@ -399,6 +519,12 @@ class _Optimizer:
     # what a subclass defines ---------------------------------------------------------------------
     def _state_names(self) -> list[str]:
         raise NotImplementedError
+
+    def _with_scales(self, names: list[str]) -> list[str]:
+        """``names`` and, for an int8 state, the names of their block scales."""
+        if self.state_dtype != "int8":
+            return names
+        return names + [f"{n}_absmax" for n in names if n != "master"]
 
     def _hyper_names(self) -> list[str]:
         raise NotImplementedError
@@ -466,12 +592,20 @@ class _Optimizer:
         """The state buffers the step writes, checked; a missing one (max_exp_avg_sq when
         amsgrad was just turned on) is a new zero array, kept only if the step succeeds."""
         states: dict[str, list[NDArray[Any]]] = {}
-        for name in self._step_state(hyper) + (["master"] if self.master_weights else []):
+        names = self._with_scales(self._step_state(hyper))
+        for name in names + (["master"] if self.master_weights else []):
             bufs = self.state[name]
             states[name] = [
                 self._new_buffer(name, i)
                 if b is None
-                else _check_state(fn, f"{name}[{i}]", b, p, self._buffer_dtype(name, i))
+                else _check_state(
+                    fn,
+                    f"{name}[{i}]",
+                    b,
+                    p,
+                    self._buffer_dtype(name, i),
+                    self._buffer_shape(name, i),
+                )
                 for i, (b, p) in enumerate(zip(bufs, params, strict=True))
                 if b is not None or name != "master"
             ]
@@ -479,10 +613,27 @@ class _Optimizer:
 
     def _buffer_dtype(self, name: str, i: int) -> np.dtype[Any]:
         """The dtype of state buffer ``name`` of params[i]."""
-        return np.dtype(np.float32) if name == "master" else self._state_dtypes[i]
+        if name == "master" or name.endswith("_absmax"):
+            return np.dtype(np.float32)
+        if self.state_dtype == "int8":
+            return np.dtype(np.int8 if name in _SIGNED_STATES else np.uint8)
+        return self._state_dtypes[i]
+
+    def _buffer_shape(self, name: str, i: int) -> tuple[int, ...]:
+        """The shape of state buffer ``name`` of params[i]: the param's, or for block scales
+        one per block."""
+        shape = self._layout[i][0]
+        return (_blocks(math.prod(shape)),) if name.endswith("_absmax") else shape
 
     def _new_buffer(self, name: str, i: int) -> NDArray[Any]:
-        return np.zeros(self._layout[i][0], self._buffer_dtype(name, i))
+        return np.zeros(self._buffer_shape(name, i), self._buffer_dtype(name, i))
+
+    def _scales(self, states: dict[str, list[NDArray[Any]]], names: list[str]) -> Any:
+        """The block scales of the states ``names`` of a step (one list per state), or None
+        when the state is not int8."""
+        if self.state_dtype != "int8":
+            return None
+        return [states[f"{n}_absmax"] for n in names]
 
     def step(self, grads: _Arrays) -> StepResult:
         """Update every param in place from ``grads`` (an array or a list matching params).
@@ -585,7 +736,8 @@ class _Optimizer:
     def _state_keys(self) -> set[str]:
         keys = {"optimizer", "step", "max_grad_norm", "skip_nonfinite", *self._hyper_names()}
         keys |= {"master_weights", "state_dtype", "stochastic_rounding", "seed"}
-        return keys | {f"{n}.{i}" for n in self.state for i in range(len(self._layout))}
+        names = set(self.state) | {f"{n}_absmax" for n in self._state_names()}
+        return keys | {f"{n}.{i}" for n in names for i in range(len(self._layout))}
 
     def load_state_dict(self, d: Mapping[str, ArrayLike]) -> None:
         """Restore what :meth:`state_dict` returned (or ``dict(np.load(file))``); every entry is
@@ -638,14 +790,16 @@ class _Optimizer:
                     f"{fn}: the state was saved with master_weights={master} (expected "
                     f"{self.master_weights}, this optimizer's)"
                 )
+        saved_format = (
+            self.state_dtype
+        )  # another format is converted (Note [8-bit optimizer state])
         if "state_dtype" in d:
             kind = _state_array(fn, "state_dtype", d["state_dtype"])
-            saved = str(kind) if kind.dtype.kind == "U" and not kind.ndim else None
-            if saved != (self.state_dtype or ""):
-                raise ValueError(
-                    f"{fn}: the state was saved with state_dtype {d['state_dtype']!r} (expected "
-                    f"{self.state_dtype!r}, this optimizer's)"
-                )
+            if kind.dtype.kind != "U" or kind.ndim:
+                raise TypeError(f"{fn}: state_dtype must be a string (got {d['state_dtype']!r})")
+            saved_format = _state_dtype_name(fn, str(kind) or None)
+            for i, (_, dtype) in enumerate(self._layout):
+                _state_dtype_for(fn, saved_format, dtype, i)
         sr = self.stochastic_rounding
         if "stochastic_rounding" in d:
             sr = _state_scalar(fn, "stochastic_rounding", d["stochastic_rounding"])
@@ -655,7 +809,9 @@ class _Optimizer:
             seed = _seed(fn, _state_int(fn, "seed", d["seed"]))
         _check_rounding(fn, sr, self.master_weights, self._layout)
         buffers: dict[tuple[str, int], NDArray[Any]] = {}
-        for name in self.state:
+        if saved_format != self.state_dtype:
+            buffers = self._converted_state(fn, d, saved_format)
+        for name in self.state if saved_format == self.state_dtype else ["master"]:
             for i, (shape, _) in enumerate(self._layout):
                 key = f"{name}.{i}"
                 if key not in d:
@@ -673,12 +829,13 @@ class _Optimizer:
                     and dtype.name == "bfloat16"
                 ):
                     value = value.view(dtype)  # np.save stores bfloat16 as 2-byte voids
+                shape = self._buffer_shape(name, i)
                 if value.shape != shape:
                     raise ValueError(f"{fn}: {key} has shape {value.shape} (expected {shape})")
                 if value.dtype != dtype:
                     raise TypeError(f"{fn}: {key} has dtype {value.dtype} (expected {dtype})")
                 buffers[(name, i)] = value
-        required = self._required_state(step, hyper)
+        required = self._with_scales(self._required_state(step, hyper))
         missing = [
             f"{n}.{i}" for n in required for i in range(len(self._layout)) if (n, i) not in buffers
         ]
@@ -702,6 +859,52 @@ class _Optimizer:
 
     def _after_load(self, buffers: dict[tuple[str, int], NDArray[Any]]) -> None:
         pass
+
+    def _converted_state(
+        self, fn: str, d: Mapping[str, Any], saved_format: str | None
+    ) -> dict[tuple[str, int], NDArray[Any]]:
+        """The state buffers of ``d``, saved with state_dtype ``saved_format``, checked, read
+        as float32 (float64 for float64 params) and stored in this optimizer's format."""
+        out: dict[tuple[str, int], NDArray[Any]] = {}
+        for name in self._state_names():
+            for i, (shape, dtype) in enumerate(self._layout):
+                key = f"{name}.{i}"
+                if key not in d:
+                    continue
+                value = _state_array(fn, key, d[key])
+                if value.shape != shape:
+                    raise ValueError(f"{fn}: {key} has shape {value.shape} (expected {shape})")
+                want: np.dtype[Any]
+                if saved_format == "int8":
+                    want = np.dtype(np.int8 if name in _SIGNED_STATES else np.uint8)
+                    scale_key = f"{name}_absmax.{i}"
+                    if scale_key not in d:
+                        raise ValueError(f"{fn}: the state lacks {scale_key}")
+                    scales = _state_array(fn, scale_key, d[scale_key])
+                    if scales.dtype != np.float32 or scales.shape != (_blocks(value.size),):
+                        raise ValueError(
+                            f"{fn}: {scale_key} has shape {scales.shape} and dtype "
+                            f"{scales.dtype} (expected ({_blocks(value.size)},) and float32)"
+                        )
+                elif value.dtype.kind == "V" and value.dtype.itemsize == 2:
+                    value, want = value.view(bfloat16_dtype(fn)), bfloat16_dtype(fn)
+                else:
+                    want = np.dtype(np.float64 if dtype == np.float64 else np.float32)
+                    if saved_format == "bfloat16":
+                        want = bfloat16_dtype(fn)
+                if value.dtype != want:
+                    raise TypeError(f"{fn}: {key} has dtype {value.dtype} (expected {want})")
+                wide = (
+                    dequantize_blockwise(value, scales)
+                    if saved_format == "int8"
+                    else value.astype(np.float64 if dtype == np.float64 else np.float32)
+                )
+                if self.state_dtype == "int8":
+                    codes, absmax = quantize_blockwise(wide, signed=name in _SIGNED_STATES)
+                    out[(name, i)], out[(f"{name}_absmax", i)] = codes, absmax
+                else:
+                    out[(name, i)] = wide.astype(self._buffer_dtype(name, i))
+        return out
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._hyper_names())
@@ -817,7 +1020,11 @@ class SGD(_Optimizer):
     def state_dict(self) -> _StateDict:
         d = super().state_dict()
         if not self._momentum_started:
-            d = {k: v for k, v in d.items() if not k.startswith("momentum_buffer.")}
+            d = {
+                k: v
+                for k, v in d.items()
+                if not k.startswith(("momentum_buffer.", "momentum_buffer_absmax."))
+            }
         return d
 
     def _update(
@@ -844,6 +1051,7 @@ class SGD(_Optimizer):
             masters,
             sr_seed,
             self.step_count + 1,
+            self._scales(states, ["momentum_buffer"]) if "momentum_buffer" in states else None,
         )
 
     def _after_step(self, hyper: dict[str, Any]) -> None:
@@ -906,7 +1114,8 @@ class Adam(_Optimizer):
             seed=seed,
         )
         if not amsgrad:
-            self.state["max_exp_avg_sq"] = [None] * len(self.params)
+            for name in self._with_scales(["max_exp_avg_sq"]):
+                self.state[name] = [None] * len(self.params)
 
     def _state_names(self) -> list[str]:
         return ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
@@ -963,6 +1172,7 @@ class Adam(_Optimizer):
             scale,
             masters,
             sr_seed,
+            self._scales(states, self._step_state(h)),
         )
 
 

@@ -121,7 +121,69 @@ class _Dense:
         return tuple(_optim._param_array(fn, f"{label}['{k}']", entry[k]) for k in self.keys(buf))
 
 
+class _Quantized(_Dense):
+    """A state buffer stored as 8-bit codes ``buf`` (int8 for exp_avg and momentum_buffer,
+    uint8 for the second moments) and float32 block scales ``<buf>_absmax`` (Note [8-bit
+    optimizer state] in optim.py)."""
+
+    def __init__(self) -> None:
+        self.dtype = torch.int8
+        self.name = "int8"
+
+    @staticmethod
+    def _code_dtype(buf: str) -> torch.dtype:
+        return torch.int8 if buf in _optim._SIGNED_STATES else torch.uint8
+
+    def keys(self, buf: str) -> tuple[str, ...]:
+        return (buf, f"{buf}_absmax")
+
+    def holds(self, buf: str, entry: dict[str, Any]) -> bool:
+        value = entry.get(buf)
+        return (
+            f"{buf}_absmax" in entry
+            and isinstance(value, torch.Tensor)
+            and value.dtype == self._code_dtype(buf)
+        )
+
+    def new(self, buf: str, shape: torch.Size) -> dict[str, torch.Tensor]:
+        blocks = _optim._blocks(math.prod(shape))
+        return {
+            buf: torch.zeros(shape, dtype=self._code_dtype(buf)),
+            f"{buf}_absmax": torch.zeros(blocks, dtype=torch.float32),
+        }
+
+    def encode(self, buf: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        wide = values.detach().to("cpu", torch.float32).numpy()
+        codes, absmax = _optim.quantize_blockwise(wide, signed=buf in _optim._SIGNED_STATES)
+        return {buf: torch.from_numpy(codes), f"{buf}_absmax": torch.from_numpy(absmax)}
+
+    def decode(self, buf: str, entry: dict[str, Any]) -> torch.Tensor:
+        codes, absmax = entry[buf], entry[f"{buf}_absmax"]
+        return torch.from_numpy(_optim.dequantize_blockwise(codes.numpy(), absmax.numpy()))
+
+    def check(self, fn: str, label: str, buf: str, entry: dict[str, Any], shape: Any) -> None:
+        blocks = _optim._blocks(math.prod(shape))
+        wanted = ((buf, self._code_dtype(buf), tuple(shape)),) + (
+            (f"{buf}_absmax", torch.float32, (blocks,)),
+        )
+        for key, dtype, want in wanted:
+            value = entry.get(key)
+            if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+                raise TypeError(f"{fn}: {label}['{key}'] must be a CPU tensor (got {_what(value)})")
+            if value.dtype != dtype or tuple(value.shape) != want or not value.is_contiguous():
+                raise ValueError(
+                    f"{fn}: {label}['{key}'] has dtype {value.dtype} and shape "
+                    f"{tuple(value.shape)} (expected a contiguous {dtype} tensor of shape {want})"
+                )
+
+    def arrays(
+        self, fn: str, label: str, buf: str, entry: dict[str, Any]
+    ) -> tuple[NDArray[Any], ...]:
+        return (entry[buf].detach().numpy(), entry[f"{buf}_absmax"].detach().numpy())
+
+
 _FORMATS: dict[str, _Dense] = {
+    "int8": _Quantized(),  # first: holds() of the dense formats would not tell codes apart
     "float32": _Dense(torch.float32),
     "bfloat16": _Dense(torch.bfloat16),
     "float64": _Dense(torch.float64),  # float64 params with state_dtype=None
@@ -637,6 +699,14 @@ def _column(slots: list[_Slot], buf: str) -> list[NDArray[Any]]:
     return [s.buffers[buf][0] for s in slots]
 
 
+def _scales(slots: list[_Slot], bufs: list[str]) -> list[list[NDArray[Any]]] | None:
+    """The block scales of the 8-bit state buffers ``bufs`` of a bucket (one list per
+    buffer), or None for dense formats."""
+    if len(slots[0].buffers[bufs[0]]) == 1:
+        return None
+    return [[s.buffers[b][1] for s in slots] for b in bufs]
+
+
 def _masters(slots: list[_Slot]) -> list[NDArray[Any]] | None:
     """The float32 master weights of a bucket (all or none of its params have them)."""
     return None if slots[0].master is None else [cast("NDArray[Any]", s.master) for s in slots]
@@ -722,6 +792,7 @@ class Adam(_Optimizer):
             scale,
             _masters(slots),
             sr_seed,
+            _scales(slots, self._buffers(h)),
         )
 
 
@@ -852,4 +923,5 @@ class SGD(_Optimizer):
             _masters(slots),
             sr_seed,
             slots[0].step + 1,
+            _scales(slots, ["momentum_buffer"]) if h["momentum"] != 0 else None,
         )

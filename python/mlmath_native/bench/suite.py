@@ -396,6 +396,22 @@ def optimizer_cases() -> list[Case]:
                     work=lambda d: 7 * 4 * d["n"],  # read p, g, m, v; write p, m, v
                 )
             )
+    # int8 state (Note [8-bit optimizer state]) against torch's fused float32 AdamW
+    cases.append(
+        Case(
+            name="adamw int8 state",
+            shape=(total, 1),
+            quick_shape=(quick[0], 1),
+            label=label,
+            setup=_optim_inputs,
+            ours=_ours_optim(mn.AdamW, lr=1e-3, state_dtype="int8"),
+            numpy=None,
+            torch=_torch_optim("AdamW", lr=1e-3, fused=True),
+            # read p, g; write p (4 bytes each); read and write m, v (1 byte each) and their
+            # float32 block scales (4 bytes per 256 values)
+            work=lambda d: (3 * 4 + 4 * 1 + 4 * 4 / mn.optim.QUANT_BLOCK) * d["n"],
+        )
+    )
     return cases
 
 

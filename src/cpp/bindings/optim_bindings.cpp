@@ -94,16 +94,53 @@ void check_disjoint(const char* fn, const ArrayList& params, const ArrayList& gr
 // The arrays of one step, checked: params writable, all of one storage dtype (float32, float64,
 // bfloat16, float16), grads of the params' dtype and shapes; states writable, all of one state
 // dtype (the params' for float32/float64 params; float32 or bfloat16 for 16-bit params;
-// bfloat16 also for float32 params); masters (16-bit params only) float32; all C-contiguous,
-// and no written array overlapping another array of the step.  `states` holds 0..3 lists.
+// bfloat16 also for float32 params) or all 8-bit codes (params other than float64: the first
+// state int8, the others uint8, each with its float32 block scales in `absmaxes`); masters
+// (16-bit params only) float32; all C-contiguous, and no written array overlapping another
+// array of the step.  `states` holds 0..3 lists.
 struct CheckedStep {
   DType dtype = DType::f32;
   DType state_dtype = DType::f32;
+  bool quantised = false;  // 8-bit codes (q8) with block scales
 };
+
+// An int8 or uint8 array: the codes of an 8-bit state.
+bool is_codes(const py::array& a) {
+  return a.dtype().itemsize() == 1 && (a.dtype().kind() == 'i' || a.dtype().kind() == 'u');
+}
+
+// Codes of state number `s` (signed for the first state, else unsigned), C-contiguous, of the
+// param's shape and writable, and their block scales: float32, C-contiguous, aligned, writable,
+// ceil(n / kQuantBlock) of them.
+void check_codes(const char* fn, const std::string& name, const py::array& codes,
+                 const py::array& absmax, const py::array& param, std::size_t s) {
+  const char want = s == 0 ? 'i' : 'u';
+  if (!is_codes(codes) || codes.dtype().kind() != want) {
+    throw py::type_error(std::string(fn) + ": " + name + " has dtype " +
+                         py::str(codes.dtype()).cast<std::string>() + " (expected " +
+                         (want == 'i' ? "int8" : "uint8") + " codes, as the step's first state)");
+  }
+  if (!(codes.flags() & py::array::c_style)) {
+    throw std::invalid_argument(std::string(fn) + ": " + name + " must be C-contiguous");
+  }
+  require_same_shape(param, codes, fn, name.c_str());
+  require_writeable(codes, fn, name.c_str());
+  const std::string aname = name + ".absmax";
+  require_same_dtype(absmax, DType::f32, fn, aname.c_str());
+  const py::ssize_t blocks = (param.size() + kQuantBlock - 1) / kQuantBlock;
+  if (absmax.size() != blocks) {
+    throw std::invalid_argument(std::string(fn) + ": " + aname + " has " +
+                                std::to_string(absmax.size()) + " scales (expected " +
+                                std::to_string(blocks) + ", one per block of " +
+                                std::to_string(kQuantBlock) + ")");
+  }
+  require_writeable(absmax, fn, aname.c_str());
+}
 
 CheckedStep check_step(const char* fn, const ArrayList& params, const ArrayList& grads,
                        const std::vector<const ArrayList*>& states,
-                       const std::vector<const char*>& state_names, const ArrayList* masters) {
+                       const std::vector<const char*>& state_names, const ArrayList* masters,
+                       const std::vector<ArrayList>& absmaxes) {
   if (params.size() != grads.size()) {
     throw std::invalid_argument(std::string(fn) + ": got " + std::to_string(grads.size()) +
                                 " grads for " + std::to_string(params.size()) + " params");
@@ -127,6 +164,22 @@ CheckedStep check_step(const char* fn, const ArrayList& params, const ArrayList&
       }
       const std::string sname = std::string(state_names[s]) + idx;
       const py::array& st = (*states[s])[i];
+      if (!state_seen && is_codes(st)) {
+        if (dt == DType::f64 || absmaxes.size() != states.size()) {
+          throw py::type_error(std::string(fn) + ": " + sname + " holds 8-bit codes, which need " +
+                               "float32, bfloat16 or float16 params and block scales");
+        }
+        out.quantised = true;
+        state_seen = true;
+      }
+      if (out.quantised) {
+        if (absmaxes[s].size() != params.size()) {
+          throw std::invalid_argument(std::string(fn) + ": the block scales of " + state_names[s] +
+                                      " are not one array per param");
+        }
+        check_codes(fn, sname, st, absmaxes[s][i], params[i], s);
+        continue;
+      }
       const DType sdt = float_dtype(st, fn, sname.c_str(), true);
       if (!state_seen) {
         const bool ok = sdt == dt || (dt == DType::bf16 && sdt == DType::f32) ||
@@ -165,6 +218,9 @@ CheckedStep check_step(const char* fn, const ArrayList& params, const ArrayList&
     }
     written.push_back(masters);
   }
+  if (out.quantised) {
+    for (const ArrayList& a : absmaxes) written.push_back(&a);
+  }
   check_disjoint(fn, params, grads, written);
   return out;
 }
@@ -174,7 +230,8 @@ CheckedStep check_step(const char* fn, const ArrayList& params, const ArrayList&
 template <class S, class St>
 std::vector<OptimTensor<S, St>> step_tensors(const ArrayList& params, const ArrayList& grads,
                                              const std::vector<const ArrayList*>& states,
-                                             const ArrayList* masters) {
+                                             const ArrayList* masters,
+                                             const std::vector<ArrayList>& absmaxes) {
   std::vector<OptimTensor<S, St>> out;
   for (std::size_t i = 0; i < params.size(); ++i) {
     OptimTensor<S, St> t{};
@@ -187,6 +244,12 @@ std::vector<OptimTensor<S, St>> step_tensors(const ArrayList& params, const Arra
     if (masters != nullptr) {
       t.master = static_cast<float*>(const_cast<py::array&>((*masters)[i]).mutable_data());
     }
+    if constexpr (std::is_same_v<St, q8>) {
+      float** scales[3] = {&t.absmax1, &t.absmax2, &t.absmax3};
+      for (std::size_t s = 0; s < absmaxes.size(); ++s) {
+        *scales[s] = static_cast<float*>(const_cast<py::array&>(absmaxes[s][i]).mutable_data());
+      }
+    }
     t.n = params[i].size();
     out.push_back(t);
   }
@@ -197,6 +260,16 @@ std::vector<OptimTensor<S, St>> step_tensors(const ArrayList& params, const Arra
 template <class Fn>
 void with_step_types(const CheckedStep& st, const Fn& fn) {
   const bool bf16_state = st.state_dtype == DType::bf16;
+  if (st.quantised) {
+    if (st.dtype == DType::f32) {
+      fn(float{}, q8{});
+    } else if (st.dtype == DType::bf16) {
+      fn(bf16{}, q8{});
+    } else {
+      fn(f16{}, q8{});
+    }
+    return;
+  }
   switch (st.dtype) {
     case DType::f64:
       fn(double{}, double{});
@@ -215,7 +288,9 @@ void with_step_types(const CheckedStep& st, const Fn& fn) {
 
 template <class S, class St>
 auto sgd_kernel(const KernelTable& k) {
-  if constexpr (std::is_same_v<S, St>) {
+  if constexpr (std::is_same_v<St, q8>) {
+    return kernel_for<S>(k.sgd_step_f32_sq8, nullptr, k.sgd_step_bf16_sq8, k.sgd_step_f16_sq8);
+  } else if constexpr (std::is_same_v<S, St>) {
     if constexpr (std::is_same_v<S, float>) {
       return k.sgd_step_f32;
     } else if constexpr (std::is_same_v<S, double>) {
@@ -236,7 +311,9 @@ auto sgd_kernel(const KernelTable& k) {
 
 template <class S, class St>
 auto adam_kernel(const KernelTable& k) {
-  if constexpr (std::is_same_v<S, St>) {
+  if constexpr (std::is_same_v<St, q8>) {
+    return kernel_for<S>(k.adam_step_f32_sq8, nullptr, k.adam_step_bf16_sq8, k.adam_step_f16_sq8);
+  } else if constexpr (std::is_same_v<S, St>) {
     if constexpr (std::is_same_v<S, float>) {
       return k.adam_step_f32;
     } else if constexpr (std::is_same_v<S, double>) {
@@ -270,10 +347,14 @@ ArrayList optional_list(const py::object& o) {
   return o.is_none() ? ArrayList{} : o.cast<ArrayList>();
 }
 
+std::vector<ArrayList> optional_lists(const py::object& o) {
+  return o.is_none() ? std::vector<ArrayList>{} : o.cast<std::vector<ArrayList>>();
+}
+
 void sgd_step(const ArrayList& params, const ArrayList& grads, const py::object& momentum_buffers,
               double lr, double momentum, double dampening, double weight_decay, bool nesterov,
               bool first_step, double grad_scale, const py::object& masters_obj,
-              const py::object& sr_seed, std::int64_t sr_step) {
+              const py::object& sr_seed, std::int64_t sr_step, const py::object& absmaxes_obj) {
   std::vector<const ArrayList*> states;
   ArrayList bufs;
   if (!momentum_buffers.is_none()) {
@@ -284,13 +365,15 @@ void sgd_step(const ArrayList& params, const ArrayList& grads, const py::object&
   }
   const ArrayList masters = optional_list(masters_obj);
   const ArrayList* mp = masters_obj.is_none() ? nullptr : &masters;
-  const CheckedStep st = check_step("sgd_step", params, grads, states, {"momentum_buffer"}, mp);
+  const std::vector<ArrayList> absmaxes = optional_lists(absmaxes_obj);
+  const CheckedStep st =
+      check_step("sgd_step", params, grads, states, {"momentum_buffer"}, mp, absmaxes);
   const RoundingArgs rounding = rounding_args(sr_seed, sr_step);
   with_step_types(st, [&](auto stag, auto sttag) {
     using S = decltype(stag);
     using St = decltype(sttag);
     using T = optim_math_t<S>;
-    const auto tensors = step_tensors<S, St>(params, grads, states, mp);
+    const auto tensors = step_tensors<S, St>(params, grads, states, mp, absmaxes);
     SgdArgs<S, St> a{tensors.data(),
                      static_cast<std::int64_t>(tensors.size()),
                      static_cast<T>(lr),
@@ -312,7 +395,7 @@ void adam_step(const ArrayList& params, const ArrayList& grads, const ArrayList&
                const ArrayList& exp_avg_sqs, const py::object& max_exp_avg_sqs, std::int64_t step,
                double lr, double beta1, double beta2, double eps, double weight_decay,
                bool decoupled, double grad_scale, const py::object& masters_obj,
-               const py::object& sr_seed) {
+               const py::object& sr_seed, const py::object& absmaxes_obj) {
   if (step < 1) {
     throw std::invalid_argument("adam_step: step must be >= 1 (got " + std::to_string(step) + ")");
   }
@@ -327,7 +410,8 @@ void adam_step(const ArrayList& params, const ArrayList& grads, const ArrayList&
   }
   const ArrayList masters = optional_list(masters_obj);
   const ArrayList* mp = masters_obj.is_none() ? nullptr : &masters;
-  const CheckedStep st = check_step("adam_step", params, grads, states, names, mp);
+  const std::vector<ArrayList> absmaxes = optional_lists(absmaxes_obj);
+  const CheckedStep st = check_step("adam_step", params, grads, states, names, mp, absmaxes);
   const RoundingArgs rounding = rounding_args(sr_seed, step);
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
@@ -335,7 +419,7 @@ void adam_step(const ArrayList& params, const ArrayList& grads, const ArrayList&
     using S = decltype(stag);
     using St = decltype(sttag);
     using T = optim_math_t<S>;
-    const auto tensors = step_tensors<S, St>(params, grads, states, mp);
+    const auto tensors = step_tensors<S, St>(params, grads, states, mp, absmaxes);
     AdamArgs<S, St> a{tensors.data(),
                       static_cast<std::int64_t>(tensors.size()),
                       static_cast<T>(lr),
@@ -410,13 +494,18 @@ void bind_optim(py::module_& m) {
   m.def("sgd_step", &sgd_step, "params"_a, "grads"_a, "momentum_buffers"_a, "lr"_a, "momentum"_a,
         "dampening"_a, "weight_decay"_a, "nesterov"_a, "first_step"_a, "grad_scale"_a,
         "masters"_a = py::none(), "sr_seed"_a = py::none(), "sr_step"_a = 0,
+        "absmaxes"_a = py::none(),
         "One fused SGD step over lists of arrays, in place (16-bit params: float32 masters "
-        "optional; sr_seed: stochastic rounding of bfloat16 stores)");
+        "optional; sr_seed: stochastic rounding of bfloat16 stores; absmaxes: the block scales "
+        "of int8 momentum buffers, [[float32 array per param]])");
   m.def("adam_step", &adam_step, "params"_a, "grads"_a, "exp_avgs"_a, "exp_avg_sqs"_a,
         "max_exp_avg_sqs"_a, "step"_a, "lr"_a, "beta1"_a, "beta2"_a, "eps"_a, "weight_decay"_a,
         "decoupled"_a, "grad_scale"_a, "masters"_a = py::none(), "sr_seed"_a = py::none(),
+        "absmaxes"_a = py::none(),
         "One fused Adam/AdamW step over lists of arrays, in place (16-bit params: float32 "
-        "masters optional; sr_seed: stochastic rounding of bfloat16 stores)");
+        "masters optional; sr_seed: stochastic rounding of bfloat16 stores; absmaxes: with "
+        "int8 exp_avgs and uint8 exp_avg_sqs (and max_exp_avg_sqs), their block scales, one list "
+        "per state of one float32 array per param)");
   m.def("find_overlaps", &find_overlaps_py, "written"_a, "read"_a,
         "(None or (i, j) written arrays sharing memory, read indices overlapping a written one)");
   m.def("grad_norm", &grad_norm, "grads"_a,

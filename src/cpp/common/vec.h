@@ -10,6 +10,12 @@
 //   for integer-valued k inside the normal exponent range keep_where_nonzero(c, v) v where c != 0
 //   (or NaN), else +0 (so 0 * inf terms can be dropped)
 //
+// Vec<float> also has rsqrt_estimate(a) (1/sqrt(a), relative error < 2^-11, for a > 0),
+// copy_sign(a, b) (|a| with the sign of b), and
+// load_codes<Signed> /
+// store_codes<Signed>: width 8-bit codes (q8, read as int8 when Signed, else uint8) widened to
+// float lanes, and float lanes holding integers in the code range narrowed back.
+//
 // Vec<float> also loads from and stores to the 16-bit storage types (bf16, f16; Note [16-bit
 // storage] in half.h): load / load_partial widen, store / store_partial round to nearest even
 // (store_finite: the same for lanes known not to be NaN, without the NaN repair).
@@ -189,6 +195,18 @@ template <class T>
 inline Vec<T> max_propagate_nan(Vec<T> a, Vec<T> b) {
   return {a.v != a.v ? a.v : (a.v > b.v ? a.v : b.v)};
 }
+inline Vec<float> copy_sign(Vec<float> a, Vec<float> b) { return {std::copysign(a.v, b.v)}; }
+inline Vec<float> rsqrt_estimate(Vec<float> a) { return {1.0f / std::sqrt(a.v)}; }
+template <bool Signed>
+inline Vec<float> load_codes(const q8* p) {
+  return {Signed ? static_cast<float>(static_cast<std::int8_t>(p->bits))
+                 : static_cast<float>(p->bits)};
+}
+template <bool Signed>
+inline void store_codes(Vec<float> v, q8* p) {
+  const int code = static_cast<int>(v.v);  // already an integer in range
+  p->bits = static_cast<std::uint8_t>(Signed ? static_cast<std::int8_t>(code) : code);
+}
 template <class T>
 inline Vec<T> pow2i(Vec<T> k) {
   using B = FloatBits<T>;
@@ -366,6 +384,23 @@ inline VF max_propagate_nan(VF a, VF b) {
 inline VD max_propagate_nan(VD a, VD b) {
   return {_mm256_blendv_pd(_mm256_max_pd(a.v, b.v), a.v, _mm256_cmp_pd(a.v, a.v, _CMP_UNORD_Q))};
 }
+inline VF rsqrt_estimate(VF a) { return {_mm256_rsqrt_ps(a.v)}; }  // 2^-11.4
+inline VF copy_sign(VF a, VF b) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  return {_mm256_or_ps(_mm256_andnot_ps(sign, a.v), _mm256_and_ps(sign, b.v))};
+}
+template <bool Signed>
+inline VF load_codes(const q8* p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return {_mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes))};
+}
+template <bool Signed>
+inline void store_codes(VF v, q8* p) {
+  const __m256i i = _mm256_cvtps_epi32(v.v);
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  const __m128i b = Signed ? _mm_packs_epi16(w, w) : _mm_packus_epi16(w, w);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), b);
+}
 inline VF pow2i(VF k) {
   const __m256 biased = _mm256_add_ps(k.v, _mm256_set1_ps(12582912.0f + 127.0f));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(biased), 23))};
@@ -517,6 +552,23 @@ inline VF max_propagate_nan(VF a, VF b) {
 inline VD max_propagate_nan(VD a, VD b) {
   return {
       _mm512_mask_mov_pd(_mm512_max_pd(a.v, b.v), _mm512_cmp_pd_mask(a.v, a.v, _CMP_UNORD_Q), a.v)};
+}
+inline VF rsqrt_estimate(VF a) { return {_mm512_rsqrt14_ps(a.v)}; }  // 2^-14
+inline VF copy_sign(VF a, VF b) {  // integer logic: the _ps forms need AVX512DQ
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  return {_mm512_castsi512_ps(_mm512_or_si512(_mm512_andnot_si512(sign, _mm512_castps_si512(a.v)),
+                                              _mm512_and_si512(sign, _mm512_castps_si512(b.v))))};
+}
+template <bool Signed>
+inline VF load_codes(const q8* p) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return {_mm512_cvtepi32_ps(Signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes))};
+}
+template <bool Signed>
+inline void store_codes(VF v, q8* p) {
+  const __m512i i = _mm512_cvtps_epi32(v.v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   Signed ? _mm512_cvtsepi32_epi8(i) : _mm512_cvtusepi32_epi8(i));
 }
 inline VF pow2i(VF k) {
   const __m512 biased = _mm512_add_ps(k.v, _mm512_set1_ps(12582912.0f + 127.0f));
@@ -693,6 +745,39 @@ inline VF fma_lane(VF a, VF b, VF c) {
 template <int L>
 inline VD fma_lane(VD a, VD b, VD c) {
   return {vfmaq_laneq_f64(c.v, b.v, a.v, L)};
+}
+// FRSQRTE gives 8 bits; one Newton step (FRSQRTS) brings it past the 2^-11 of the contract.
+inline VF rsqrt_estimate(VF a) {
+  const float32x4_t r = vrsqrteq_f32(a.v);
+  return {vmulq_f32(r, vrsqrtsq_f32(vmulq_f32(a.v, r), r))};
+}
+inline VF copy_sign(VF a, VF b) { return {vbslq_f32(vdupq_n_u32(0x80000000u), b.v, a.v)}; }
+template <bool Signed>
+inline VF load_codes(const q8* p) {
+  std::uint32_t word;  // the 4 codes of 4 lanes
+  std::memcpy(&word, p, sizeof word);
+  const uint8x8_t bytes = vreinterpret_u8_u32(vdup_n_u32(word));
+  if constexpr (Signed) {
+    const int16x8_t h = vmovl_s8(vreinterpret_s8_u8(bytes));
+    return {vcvtq_f32_s32(vmovl_s16(vget_low_s16(h)))};
+  } else {
+    const uint16x8_t h = vmovl_u8(bytes);
+    return {vcvtq_f32_u32(vmovl_u16(vget_low_u16(h)))};
+  }
+}
+template <bool Signed>
+inline void store_codes(VF v, q8* p) {
+  const int32x4_t i = vcvtnq_s32_f32(v.v);
+  uint8x8_t bytes;
+  if constexpr (Signed) {
+    const int16x4_t h = vqmovn_s32(i);
+    bytes = vreinterpret_u8_s8(vqmovn_s16(vcombine_s16(h, h)));
+  } else {
+    const uint16x4_t h = vqmovun_s32(i);
+    bytes = vqmovn_u16(vcombine_u16(h, h));
+  }
+  const std::uint32_t word = vget_lane_u32(vreinterpret_u32_u8(bytes), 0);
+  std::memcpy(p, &word, sizeof word);
 }
 inline VF pow2i(VF k) {
   const float32x4_t biased = vaddq_f32(k.v, vdupq_n_f32(12582912.0f + 127.0f));

@@ -31,6 +31,30 @@
 // mantissa moves to the next binade, as it should; NaN is kept a quiet NaN).  The bits of
 // element i come from a hash of (seed, step, tensor index in the call, which array, i) — no
 // shared generator state — so results depend neither on the thread count nor on the chunking.
+//
+// Note [8-bit optimizer state]
+// With St = q8 each state array is one byte per element plus one float32 scale per block of
+// kQuantBlock elements (the block's largest magnitude, "absmax"), and the codes map to values
+// through a power law, so that small values keep relative precision that a linear map would
+// round away:
+//   signed (SGD's momentum, Adam's exp_avg):  c in [-127, 127],  x = absmax * sign(c) (c/127)^2
+//   unsigned (exp_avg_sq, max_exp_avg_sq):   c in [0, 255],     x = absmax * (c/255)^4
+// The first moment is signed and spans a few decades within a block: the square law resolves
+// |x| down to absmax * 6e-5 (linear codes: absmax * 4e-3) with ~1 % relative steps where most
+// values lie.  The second moment is >= 0 and spans the square of that range; the fourth-power
+// law resolves it down to absmax * 2.4e-10, and Adam uses sqrt(v), which the law makes a square
+// law again.  A positive v never gets code 0: decoded as 0 it would turn the next step's
+// m / (sqrt(v) + eps) into m / eps, the 8-bit optimizers' known blow-up, so its smallest code is
+// 1 (rounding it up, a smaller step).  Codes round to nearest, or to the next code where the
+// value lies within a tenth of a code of a midpoint (round_sqrt).
+// One pass per block: the step dequantises the codes it reads, computes in float32, updates the
+// param from the new moments at full precision, and keeps the new moments in a block buffer in
+// L1 (never a full-size array); at the end of the block their absmax is known and the buffer is
+// quantised into the codes.  The second moment's buffer keeps sqrt(v), which Adam computed
+// anyway, so that requantising costs one more square root per value instead of two.  A NaN or
+// infinite moment makes its block's absmax NaN or inf, and every value of that block decodes
+// to NaN on the next step (8-bit states cannot keep the other 255 apart from it); chunks are
+// whole blocks (kChunk is a multiple of kQuantBlock), so results are independent of threads.
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -157,52 +181,171 @@ inline void store_rounded(Vec<compute_t<S>> v, S* p, std::int64_t i, std::int64_
   }
 }
 
+// -- state access -------------------------------------------------------------------------------
+
+static_assert(kChunk % kQuantBlock == 0, "chunks must be whole blocks of an 8-bit state");
+
+// How a step reads and writes one state array: element i of a tensor, n (<= width) lanes.
+// Plain states (float, double, bf16) load and store directly; blocks are the whole chunk.
+template <class St, bool Signed, bool SR>
+struct StateIO {
+  static constexpr std::int64_t kBlock = kChunk;
+  St* data;
+  Rounder rounder;
+  StateIO(St* d, float*, Rounder r) : data(d), rounder(r) {}
+  void begin_block(std::int64_t) {}
+  Vec<compute_t<St>> load(std::int64_t i, std::int64_t n) const { return load_n(data + i, n); }
+  // store(x, root_x, i, n, top): root_x = sqrt(x) is what a q8 second moment keeps, top the
+  // running largest magnitude of a q8 block (a local of the step, so that it stays in a
+  // register: kept in this struct, it was reloaded after every float store); unused here.
+  using V = Vec<compute_t<St>>;
+  void store(V x, V, std::int64_t i, std::int64_t n, V&) {
+    store_rounded<SR>(x, data + i, i, n, rounder);
+  }
+  void end_block(std::int64_t, std::int64_t, V) {}
+};
+
+// round(sqrt(y)) for y in [0, 2^16], nearly: y * rsqrt_estimate(y) is within 2^-11 relative of
+// sqrt(y), i.e. within 0.13 of it below 256, so the code is the nearest one, or one off where
+// sqrt(y) lies within 0.13 of a midpoint.  A square root per value (vsqrtps shares the divider
+// with Adam's own sqrt and division) made the 8-bit step 3x slower than float32's; an exact
+// correction against the squares of the midpoints cost 10 more instructions per vector.
+inline Vec<float> round_sqrt(Vec<float> y) {
+  using V = Vec<float>;
+  const V tiny = V::set1(std::numeric_limits<float>::min());  // rsqrt(0) = inf: 0 * inf = NaN
+  return round_nearest(mul(y, rsqrt_estimate(max(y, tiny))));
+}
+
+// A q8 state (Note [8-bit optimizer state]): Signed is the square law on [-127, 127], else the
+// fourth-power law on [0, 255] with the block buffer holding sqrt(x).
+template <bool Signed, bool SR>
+struct StateIO<q8, Signed, SR> {
+  using V = Vec<float>;
+  static constexpr std::int64_t kBlock = kQuantBlock;
+  static constexpr float kLevels = Signed ? 127.0f : 255.0f;  // largest code
+  // decoded x = code_power(c) * absmax / kRange
+  static constexpr float kRange =
+      Signed ? kLevels * kLevels : kLevels * kLevels * kLevels * kLevels;
+  q8* codes;
+  float* absmax;
+  std::int64_t block_begin = 0;
+  V decode_scale;                       // absmax / kRange of the block read
+  alignas(64) float kept[kQuantBlock];  // x (Signed) or sqrt(x) of the block's new values
+
+  StateIO(q8* c, float* a, Rounder) : codes(c), absmax(a) {}
+  void begin_block(std::int64_t b) {
+    block_begin = b;
+    decode_scale = V::set1(absmax[b / kQuantBlock] / kRange);
+  }
+  V load(std::int64_t i, std::int64_t n) const {
+    V c;
+    if (n == V::width) {
+      c = load_codes<Signed>(codes + i);
+    } else {  // the tensor's last lanes: zero codes beyond n
+      q8 tail[V::width] = {};
+      std::memcpy(tail, codes + i, static_cast<std::size_t>(n));
+      c = load_codes<Signed>(tail);
+    }
+    if constexpr (Signed) {
+      return mul(mul(c, max(c, sub(V::set1(0.0f), c))), decode_scale);  // c |c| absmax / 127^2
+    } else {
+      const V c2 = mul(c, c);
+      return mul(mul(c2, c2), decode_scale);
+    }
+  }
+  // Whole vectors: lanes past n are zero (the step computed them from zero-filled loads).  A NaN
+  // leaves top as it was (max keeps its second operand); end_block finds it.
+  void store(V x, V root_x, std::int64_t i, std::int64_t, V& top) {
+    const V keep = Signed ? x : root_x;
+    keep.store(kept + (i - block_begin));
+    top = max(Signed ? max(keep, sub(V::set1(0.0f), keep)) : keep, top);
+  }
+  void end_block(std::int64_t b, std::int64_t e, V top_lanes) {
+    const float top = reduce_max(top_lanes);  // of |x| or of sqrt(x), NaN not counted
+    const bool usable = top > 0.0f && top <= std::numeric_limits<float>::max();
+    V nan_probe = V::set1(0.0f);  // stays 0 unless a kept value is NaN or infinite
+    // Signed: c = round(sqrt(|x| * 127^2 / top)) with x's sign;  else c = round(sqrt(r * 255^2 /
+    // top)) for r = sqrt(x), at least 1 where x > 0.
+    const V to_code = V::set1(usable ? kLevels * kLevels / top : 0.0f);
+    vector_loop<float>(b, e, [&](std::int64_t i, std::int64_t n) {
+      const V k = V::load(kept + (i - b));
+      nan_probe = fma(k, V::set1(0.0f), nan_probe);
+      V c = round_sqrt(mul(max(k, sub(V::set1(0.0f), k)), to_code));
+      if constexpr (Signed) {
+        c = copy_sign(c, k);
+      } else {
+        c = max(c, keep_where_nonzero(k, V::set1(1.0f)));
+      }
+      if (n == V::width) {
+        store_codes<Signed>(c, codes + i);
+      } else {
+        q8 tail[V::width];
+        store_codes<Signed>(c, tail);
+        std::memcpy(codes + i, tail, static_cast<std::size_t>(n));
+      }
+    });
+    const float scale = reduce_add(nan_probe) == 0.0f ? top : reduce_add(nan_probe);  // NaN
+    absmax[b / kQuantBlock] = Signed ? scale : scale * scale;
+  }
+};
+
+// body(b, e) over [begin, end) in blocks of the state's block size (begin is block-aligned).
+template <class St, class Body>
+void block_loop(std::int64_t begin, std::int64_t end, const Body& body) {
+  constexpr std::int64_t B = StateIO<St, true, false>::kBlock;
+  for (std::int64_t b = begin; b < end; b += B) body(b, b + B < end ? b + B : end);
+}
+
 // -- the steps ----------------------------------------------------------------------------------
+
+// The local copy of the tensor's pointers in both steps: read through the reference they were
+// reloaded after every store (a float store may alias the struct for all the compiler knows):
+// 6 extra loads per vector in the NEON Adam loop.
 
 template <bool Momentum, bool Nesterov, bool FirstStep, bool WeightDecay, bool Master, bool SR,
           class S, class St>
 void sgd_chunk(const SgdArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::int64_t tensor,
                std::int64_t begin, std::int64_t end) {
-  // The array pointers in a local copy: read through the reference they were reloaded after
-  // every store (a float store may alias the struct for all the compiler knows): 6 extra loads
-  // per vector in the NEON Adam loop.
   const OptimTensor<S, St> t = t_ref;
   using T = compute_t<S>;
   using V = Vec<T>;
   const V scale = V::set1(a.grad_scale), wd = V::set1(a.weight_decay), mu = V::set1(a.momentum),
           damp = V::set1(T(1) - a.dampening), neg_lr = V::set1(-a.lr);
-  const Rounder rp{SR ? rounding_key(a.rounding, tensor, 0) : 0},
-      r1{SR ? rounding_key(a.rounding, tensor, 1) : 0};
-  vector_loop<T>(begin, end, [&](std::int64_t i, std::int64_t n) {
-    V p;
-    if constexpr (Master) {
-      p = load_n(t.master + i, n);
-    } else {
-      p = load_n(t.param + i, n);
-    }
-    V d = mul(scale, load_n(t.grad + i, n));
-    if (WeightDecay) d = fma(wd, p, d);
-    if (Momentum) {
-      V b = FirstStep ? d : fma(mu, load_n(t.state1 + i, n), mul(damp, d));
-      store_rounded<SR>(b, t.state1 + i, i, n, r1);
-      d = Nesterov ? fma(mu, b, d) : b;
-    }
-    const V q = fma(neg_lr, d, p);
-    if constexpr (Master) {
-      store_n(q, t.master + i, n);
-      store_n(q, t.param + i, n);  // round to nearest even from the master
-    } else {
-      store_rounded<SR>(q, t.param + i, i, n, rp);
-    }
+  const Rounder rp{SR ? rounding_key(a.rounding, tensor, 0) : 0};
+  StateIO<St, true, SR> buf(t.state1, t.absmax1,
+                            Rounder{SR ? rounding_key(a.rounding, tensor, 1) : 0});
+  block_loop<St>(begin, end, [&](std::int64_t block_begin, std::int64_t block_end) {
+    if (Momentum) buf.begin_block(block_begin);
+    V top = V::set1(T(0));
+    vector_loop<T>(block_begin, block_end, [&](std::int64_t i, std::int64_t n) {
+      V p;
+      if constexpr (Master) {
+        p = load_n(t.master + i, n);
+      } else {
+        p = load_n(t.param + i, n);
+      }
+      V d = mul(scale, load_n(t.grad + i, n));
+      if (WeightDecay) d = fma(wd, p, d);
+      if (Momentum) {
+        V b = FirstStep ? d : fma(mu, buf.load(i, n), mul(damp, d));
+        buf.store(b, b, i, n, top);
+        d = Nesterov ? fma(mu, b, d) : b;
+      }
+      const V q = fma(neg_lr, d, p);
+      if constexpr (Master) {
+        store_n(q, t.master + i, n);
+        store_n(q, t.param + i, n);  // round to nearest even from the master
+      } else {
+        store_rounded<SR>(q, t.param + i, i, n, rp);
+      }
+    });
+    if (Momentum) buf.end_block(block_begin, block_end, top);
   });
 }
 
 template <bool Amsgrad, bool Decoupled, bool WeightDecay, bool Master, bool SR, class S, class St>
 void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::int64_t tensor,
                 std::int64_t begin, std::int64_t end) {
-  // The array pointers in a local copy: read through the reference they were reloaded after
-  // every store (a float store may alias the struct for all the compiler knows): 6 extra loads
-  // per vector in the NEON Adam loop.
   const OptimTensor<S, St> t = t_ref;
   using T = compute_t<S>;
   using V = Vec<T>;
@@ -213,38 +356,54 @@ void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::
           inv_c2 = V::set1(a.inv_bias_correction2_sqrt), neg_step = V::set1(-a.step_size);
   Rounder r[4];
   for (int k = 0; k < 4; ++k) r[k] = Rounder{SR ? rounding_key(a.rounding, tensor, k) : 0};
-  vector_loop<T>(begin, end, [&](std::int64_t i, std::int64_t n) {
-    V p;
-    if constexpr (Master) {
-      p = load_n(t.master + i, n);
-    } else {
-      p = load_n(t.param + i, n);
-    }
-    V d = mul(scale, load_n(t.grad + i, n));
-    if (WeightDecay) {
-      if (Decoupled) {
-        p = mul(p, decay);
+  StateIO<St, true, SR> exp_avg(t.state1, t.absmax1, r[1]);
+  StateIO<St, false, SR> exp_avg_sq(t.state2, t.absmax2, r[2]), max_sq(t.state3, t.absmax3, r[3]);
+  constexpr bool kQuantised = std::is_same_v<St, q8>;
+  block_loop<St>(begin, end, [&](std::int64_t block_begin, std::int64_t block_end) {
+    exp_avg.begin_block(block_begin);
+    exp_avg_sq.begin_block(block_begin);
+    if (Amsgrad) max_sq.begin_block(block_begin);
+    V top1 = V::set1(T(0)), top2 = top1, top3 = top1;  // of each state's kept values
+    vector_loop<T>(block_begin, block_end, [&](std::int64_t i, std::int64_t n) {
+      V p;
+      if constexpr (Master) {
+        p = load_n(t.master + i, n);
       } else {
-        d = fma(wd, p, d);
+        p = load_n(t.param + i, n);
       }
-    }
-    const V m = fma(b1, load_n(t.state1 + i, n), mul(one_minus_b1, d));
-    const V v = fma(b2, load_n(t.state2 + i, n), mul(one_minus_b2, mul(d, d)));
-    store_rounded<SR>(m, t.state1 + i, i, n, r[1]);
-    store_rounded<SR>(v, t.state2 + i, i, n, r[2]);
-    V vv = v;
-    if (Amsgrad) {
-      vv = max_propagate_nan(load_n(t.state3 + i, n), v);  // NaN stays NaN, as in torch
-      store_rounded<SR>(vv, t.state3 + i, i, n, r[3]);
-    }
-    const V denom = fma(sqrt(vv), inv_c2, eps);
-    const V q = fma(neg_step, div(m, denom), p);
-    if constexpr (Master) {
-      store_n(q, t.master + i, n);
-      store_n(q, t.param + i, n);  // round to nearest even from the master
-    } else {
-      store_rounded<SR>(q, t.param + i, i, n, r[0]);
-    }
+      V d = mul(scale, load_n(t.grad + i, n));
+      if (WeightDecay) {
+        if (Decoupled) {
+          p = mul(p, decay);
+        } else {
+          d = fma(wd, p, d);
+        }
+      }
+      const V m = fma(b1, exp_avg.load(i, n), mul(one_minus_b1, d));
+      const V v = fma(b2, exp_avg_sq.load(i, n), mul(one_minus_b2, mul(d, d)));
+      exp_avg.store(m, m, i, n, top1);
+      V root;  // sqrt of the second moment the denominator uses
+      if (Amsgrad) {
+        const V vmax = max_propagate_nan(max_sq.load(i, n), v);  // NaN stays NaN, as in torch
+        root = sqrt(vmax);
+        max_sq.store(vmax, root, i, n, top3);
+        exp_avg_sq.store(v, kQuantised ? sqrt(v) : v, i, n, top2);
+      } else {
+        root = sqrt(v);
+        exp_avg_sq.store(v, root, i, n, top2);
+      }
+      const V denom = fma(root, inv_c2, eps);
+      const V q = fma(neg_step, div(m, denom), p);
+      if constexpr (Master) {
+        store_n(q, t.master + i, n);
+        store_n(q, t.param + i, n);  // round to nearest even from the master
+      } else {
+        store_rounded<SR>(q, t.param + i, i, n, r[0]);
+      }
+    });
+    exp_avg.end_block(block_begin, block_end, top1);
+    exp_avg_sq.end_block(block_begin, block_end, top2);
+    if (Amsgrad) max_sq.end_block(block_begin, block_end, top3);
   });
 }
 
@@ -421,6 +580,12 @@ void adam_step_bf16_sbf16(const AdamArgs<bf16, bf16>& args) { adam_step(args); }
 void adam_step_f16_sf32(const AdamArgs<f16, float>& args) { adam_step(args); }
 void adam_step_f16_sbf16(const AdamArgs<f16, bf16>& args) { adam_step(args); }
 void adam_step_f32_sbf16(const AdamArgs<float, bf16>& args) { adam_step(args); }
+void sgd_step_f32_sq8(const SgdArgs<float, q8>& args) { sgd_step(args); }
+void sgd_step_bf16_sq8(const SgdArgs<bf16, q8>& args) { sgd_step(args); }
+void sgd_step_f16_sq8(const SgdArgs<f16, q8>& args) { sgd_step(args); }
+void adam_step_f32_sq8(const AdamArgs<float, q8>& args) { adam_step(args); }
+void adam_step_bf16_sq8(const AdamArgs<bf16, q8>& args) { adam_step(args); }
+void adam_step_f16_sq8(const AdamArgs<f16, q8>& args) { adam_step(args); }
 void grad_norm_bf16(const OptimTensor<bf16>* tensors, std::int64_t count, double* out) {
   grad_norm(tensors, count, out);
 }

@@ -28,6 +28,15 @@ struct bf16 {
 struct f16 {
   std::uint16_t bits;
 };
+// One code of a blockwise-quantised 8-bit optimizer state (OptimTensor<S, q8>); a signed or an
+// unsigned byte depending on the state (Note [8-bit optimizer state] in kernels/optim.cpp).
+struct q8 {
+  std::uint8_t bits;
+};
+// Elements per block of an 8-bit state: each block has its own float32 scale (its largest
+// magnitude), 4 / 256 = 1.6 % on top of the byte per element, and a block is small enough that
+// one outlier coarsens the codes of 255 neighbours only (bitsandbytes' and torchao's size).
+constexpr std::int64_t kQuantBlock = 256;
 // Conversions for callers (the kernels use their own vector forms): exact widening, and
 // narrowing rounded to nearest even (NaN stays a quiet NaN of the same sign; values past the
 // largest finite 16-bit value round to +-inf).
@@ -82,6 +91,11 @@ struct CrossEntropyArgs {
 // in float32 (Note [16-bit optimizer steps] in kernels/optim.cpp); `master`, when not null, is
 // a float32 copy of a 16-bit param: the step reads and writes it and stores its value rounded to
 // nearest even into param.
+//
+// St = q8: the state is blockwise quantised to 8 bits (Note [8-bit optimizer state] in
+// kernels/optim.cpp): state1 holds signed codes (int8), state2 and state3 unsigned codes
+// (uint8), one byte per element, and absmax1..3 one float32 scale per block of kQuantBlock
+// elements (ceil(n / kQuantBlock) of them), for params of any storage type but double.
 template <class S, class St = S>
 struct OptimTensor {
   S* param;
@@ -90,7 +104,10 @@ struct OptimTensor {
   St* state2;  // Adam: exp_avg_sq
   St* state3;  // Adam with amsgrad: max_exp_avg_sq
   std::int64_t n;
-  float* master = nullptr;  // 16-bit params only: the float32 master weights
+  float* master = nullptr;   // 16-bit params only: the float32 master weights
+  float* absmax1 = nullptr;  // q8 state only: the block scales of state1..3
+  float* absmax2 = nullptr;
+  float* absmax3 = nullptr;
 };
 
 // The type an optimizer step of storage type S computes in: double for double, else float.
