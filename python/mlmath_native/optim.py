@@ -322,7 +322,7 @@ def quantize_blockwise(x: ArrayLike, signed: bool) -> tuple[NDArray[Any], NDArra
     >>> codes, absmax
     (array([  64, -127,    0], dtype=int8), array([2.], dtype=float32))
     >>> mn.optim.dequantize_blockwise(codes, absmax)
-    array([ 0.507874, -2.      ,  0.      ], dtype=float32)
+    array([ 0.507905, -2.      ,  0.      ], dtype=float32)
     """
     x = np.asarray(x, dtype=np.float32)
     blocks = _padded_blocks(x)
