@@ -682,10 +682,11 @@ class _Optimizer:
         master_of = {}
         if masters is not None:
             master_of = {i: m for i, m in zip(_sixteen_bit(params), masters, strict=True)}
-        # one fused call per (param dtype, state dtype) group (params of several dtypes may mix)
-        groups: dict[tuple[str, str], list[int]] = {}
+        # one fused call per (param dtype, state dtype) group (params of several dtypes may mix;
+        # keyed by the dtypes themselves: dtype.name costs ~4 us, a tenth of a 4K tensor's step)
+        groups: dict[tuple[np.dtype[Any], np.dtype[Any]], list[int]] = {}
         for i, p in enumerate(params):
-            groups.setdefault((p.dtype.name, self._state_dtypes[i].name), []).append(i)
+            groups.setdefault((p.dtype, self._state_dtypes[i]), []).append(i)
         for number, idx in enumerate(groups.values()):
             sr_seed = None
             if self.stochastic_rounding:  # a seed per group: tensor indices restart in each
