@@ -11,7 +11,7 @@ import io
 
 import numpy as np
 import pytest
-from sixteen import dtype_of, widen
+from sixteen import dtype_of, unit_roundoff, widen
 from test_16bit_optim import golden_step  # the float64 reference step of both files
 
 import mlmath_native as mn
@@ -150,7 +150,7 @@ def test_each_step_against_the_float64_reference(cls, opts, param_dtype, rng):
             )
             got = widen(opt.state["master"][i]) if master else widen(params[i])
             # float32 math on the same inputs; 16-bit params are rounded once more
-            ulp = EPS32 if dtype == np.float32 or master else float(np.finfo(dtype).eps)
+            ulp = EPS32 if dtype == np.float32 or master else 2 * unit_roundoff(dtype)
             tol = 8 * EPS32 * (np.abs(q) + np.abs(before_p[i]) + 1) + ulp * np.abs(q)
             assert np.all(np.abs(got - q) <= tol), (t, n)
             for name, want in state.items():
