@@ -228,6 +228,96 @@ def test_stochastic_rounding_is_seeded_and_thread_independent():
     assert np.mean(one.view(np.uint16) != other.view(np.uint16)) > 0.4
 
 
+_M64 = 2**64 - 1
+
+
+def _mix64(z):
+    """splitmix64's finaliser on a Python int (optim.cpp's mix64)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _hash32(x):
+    """lowbias32 on a uint32 array (vec.h's hash32; the multiplications wrap modulo 2**32)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def _stochastic_bits(values, seed, step, tensor, array):
+    """Note [stochastic rounding]'s bf16 bits of float32 `values` (element i of its array):
+    (bits + (hash32(uint32(i) + key) >> 16)) >> 16, key = the chunk's 32-bit key (i < 2**32)."""
+    k = _mix64((seed + 0x9E3779B97F4A7C15) & _M64)
+    k = _mix64(k ^ step)
+    k = _mix64(k ^ (tensor << 2 | array))
+    key = np.uint32(_mix64(k) & 0xFFFFFFFF)  # i >> 32 is 0 here
+    i = np.arange(values.size, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        random16 = _hash32(i + key) >> np.uint32(16)
+        return ((values.view(np.uint32) + random16) >> np.uint32(16)).astype(np.uint16)
+
+
+def test_stochastic_rounding_bits_follow_the_counter_hash(rng):
+    """Every stored bf16 bit as the Note defines it, on every ISA (the lanes of each ISA's
+    hash32 and the tail buffers included): two tensors of lengths that leave tails, SGD of lr 1,
+    so that the float32 value rounded is p - g exactly as NumPy rounds it."""
+    dtype = bf16()
+    sizes = [N_SR, 67]
+    params = make(rng, sizes, dtype)
+    grads = make(rng, sizes, dtype, scale=0.01)
+    exact = [
+        p.astype(np.float32) - g.astype(np.float32) for p, g in zip(params, grads, strict=True)
+    ]
+    for threads in (1, 2):
+        ps = [p.copy() for p in params]
+        old = mn.get_num_threads()
+        try:
+            mn.set_num_threads(threads)
+            mn.SGD(ps, lr=1.0, stochastic_rounding=True, seed=1234).step(grads)
+        finally:
+            mn.set_num_threads(old)
+        for tensor, (p, x) in enumerate(zip(ps, exact, strict=True)):
+            want = _stochastic_bits(x, seed=1234, step=1, tensor=tensor, array=0)
+            np.testing.assert_array_equal(p.view(np.uint16), want)
+
+
+def test_stochastic_rounding_decisions_are_independent():
+    """Rounding up is a coin of probability f per element, with no correlation between
+    neighbours (lanes of one vector, across vectors), two steps, or an element's param and
+    state (each array has its own key)."""
+    dtype = bf16()
+    n = N_SR
+    quarter = 2.0**-9  # a quarter of bf16's ulp at 1
+    p = np.full(n, 1.0, dtype)
+    opt = mn.SGD(p, lr=1.0, stochastic_rounding=True, seed=3)
+    ups = []
+    for _ in range(2):  # two steps: two keys
+        p[:] = 1.0
+        opt.step(np.full(n, -quarter, dtype))  # 1 + 1/4 ulp: up with probability 1/4
+        ups.append((widen(p) > 1.0).astype(np.float64))
+    a, b = ups
+    assert abs(a.mean() - 0.25) < 5 * np.sqrt(0.25 * 0.75 / n)
+    pairs = [(a[:-1], a[1:]), (a[:-8], a[8:]), (a[:-16], a[16:]), (a, b)]
+    # momentum 1: the second step's buffer is 1 + 1/4 ulp (up with probability 1/4) and the
+    # param 4 - (1 + 2^-9) = 3 - 2^-9, 7/8 of the way from 3 - 2^-6 up to 3
+    p = np.full(n, 4.0, dtype)
+    opt = mn.SGD(p, lr=1.0, momentum=1.0, state_dtype="bfloat16", stochastic_rounding=True, seed=3)
+    opt.step(np.full(n, 1.0, dtype))
+    p[:] = 4.0
+    opt.step(np.full(n, quarter, dtype))
+    state_up = widen(opt.state["momentum_buffer"][0]) > 1.0
+    param_up = widen(p) == 3.0
+    assert set(np.unique(widen(p))) == {3.0, 3.0 - 2.0**-6}
+    assert abs(param_up.mean() - 0.875) < 5 * np.sqrt(0.875 * 0.125 / n)
+    pairs.append((state_up.astype(np.float64), param_up.astype(np.float64)))
+    for x, y in pairs:
+        r = np.corrcoef(x, y)[0, 1]
+        assert abs(r) < 5 / np.sqrt(n), r
+
+
 def test_stochastic_rounding_of_bfloat16_state_is_unbiased():
     """A momentum buffer in bf16: its first value is the grad (exact); the second,
     0.9 b + g, lies between bf16 neighbours and is rounded stochastically."""

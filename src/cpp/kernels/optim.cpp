@@ -31,6 +31,10 @@
 // mantissa moves to the next binade, as it should; NaN is kept a quiet NaN).  The bits of
 // element i come from a hash of (seed, step, tensor index in the call, which array, i) — no
 // shared generator state — so results depend neither on the thread count nor on the chunking.
+// The hash runs in the vector lanes: a 64-bit key per (seed, step, tensor, array, i >> 32) made
+// by splitmix64 once per chunk, folded to 32 bits, and per element the high 16 bits of
+// hash32(uint32(i) + key) (vec.h; 32-bit lane arithmetic, which every ISA has: a 64-bit hash
+// per element ran in scalar code and made the bf16 step 5x slower than the float32 one).
 //
 // Note [8-bit optimizer state]
 // With St = q8 each state array is one byte per element plus one float32 scale per block of
@@ -57,6 +61,7 @@
 // whole blocks (kChunk is a multiple of kQuantBlock), so results are independent of threads.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -149,16 +154,17 @@ inline std::uint64_t rounding_key(const RoundingArgs& r, std::int64_t tensor, in
   return k;
 }
 
-inline bf16 stochastic_bf16(float x, std::uint32_t random16) {
-  const std::uint32_t u = float_bits(x);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return float_to_bf16(x);  // NaN: quiet, sign kept
-  return bf16{static_cast<std::uint16_t>((u + random16) >> 16)};
-}
-
-// Where a step stores 16-bit values: the key of that array's stochastic rounding.
+// Where a step stores 16-bit values: the 32-bit key of that array's stochastic rounding for the
+// elements of one chunk (a chunk never crosses a multiple of 2^32: kChunk divides it).
 struct Rounder {
-  std::uint64_t key;
+  std::uint32_t key;
 };
+inline Rounder make_rounder(bool stochastic, const RoundingArgs& r, std::int64_t tensor, int array,
+                            std::int64_t chunk_begin) {
+  if (!stochastic) return Rounder{0};
+  const std::uint64_t high = static_cast<std::uint64_t>(chunk_begin) >> 32;
+  return Rounder{static_cast<std::uint32_t>(mix64(rounding_key(r, tensor, array) ^ high))};
+}
 
 // Stores count values of v into p (element index i of its array): with Stochastic, stochastic
 // rounding for bf16; else the vector layer's round to nearest even.  A compile-time flag, so
@@ -168,13 +174,13 @@ template <bool Stochastic, class S>
 inline void store_rounded(Vec<compute_t<S>> v, S* p, std::int64_t i, std::int64_t count,
                           const Rounder& r) {
   if constexpr (Stochastic && std::is_same_v<S, bf16>) {
-    constexpr int W = Vec<float>::width;
-    alignas(64) float buf[W];
-    v.store(buf);
-    for (std::int64_t k = 0; k < count; ++k) {
-      const std::uint64_t h =
-          mix64(r.key + static_cast<std::uint64_t>(i + k) * 0x9E3779B97F4A7C15ull);
-      p[k] = stochastic_bf16(buf[k], static_cast<std::uint32_t>(h >> 48));
+    const auto first = static_cast<std::uint32_t>(i);  // i modulo 2^32 (the key has i >> 32)
+    if (count == Vec<float>::width) {
+      store_bf16_stochastic(v, p, r.key, first);
+    } else {
+      bf16 tail[Vec<float>::width];
+      store_bf16_stochastic(v, tail, r.key, first);
+      std::memcpy(p, tail, sizeof(bf16) * static_cast<std::size_t>(count));
     }
   } else {
     store_n(v, p, count);
@@ -247,7 +253,7 @@ struct StateIO<q8, Signed, SR> {
       c = load_codes<Signed>(tail);
     }
     if constexpr (Signed) {
-      return mul(mul(c, max(c, sub(V::set1(0.0f), c))), decode_scale);  // c |c| absmax / 127^2
+      return mul(mul(c, abs(c)), decode_scale);  // c |c| absmax / 127^2
     } else {
       const V c2 = mul(c, c);
       return mul(mul(c2, c2), decode_scale);
@@ -258,7 +264,7 @@ struct StateIO<q8, Signed, SR> {
   void store(V x, V root_x, std::int64_t i, std::int64_t, V& top) {
     const V keep = Signed ? x : root_x;
     keep.store(kept + (i - block_begin));
-    top = max(Signed ? max(keep, sub(V::set1(0.0f), keep)) : keep, top);
+    top = max(Signed ? abs(keep) : keep, top);
   }
   void end_block(std::int64_t b, std::int64_t e, V top_lanes) {
     const float top = reduce_max(top_lanes);  // of |x| or of sqrt(x), NaN not counted
@@ -270,7 +276,7 @@ struct StateIO<q8, Signed, SR> {
     vector_loop<float>(b, e, [&](std::int64_t i, std::int64_t n) {
       const V k = V::load(kept + (i - b));
       nan_probe = fma(k, V::set1(0.0f), nan_probe);
-      V c = round_sqrt(mul(max(k, sub(V::set1(0.0f), k)), to_code));
+      V c = round_sqrt(mul(abs(k), to_code));
       if constexpr (Signed) {
         c = copy_sign(c, k);
       } else {
@@ -298,9 +304,32 @@ void block_loop(std::int64_t begin, std::int64_t end, const Body& body) {
 
 // -- the steps ----------------------------------------------------------------------------------
 
-// The local copy of the tensor's pointers in both steps: read through the reference they were
-// reloaded after every store (a float store may alias the struct for all the compiler knows):
-// 6 extra loads per vector in the NEON Adam loop.
+// Both steps read the tensor's pointers from a local copy (t, of t_ref): read through the
+// reference they were reloaded after every store (a float store may alias the struct for all
+// the compiler knows): 6 extra loads per vector in the NEON Adam loop.
+
+// The param of elements [i, i + n): the float32 master's where there is one.
+template <bool Master, class S, class St>
+Vec<compute_t<S>> load_param(const OptimTensor<S, St>& t, std::int64_t i, std::int64_t n) {
+  if constexpr (Master) {
+    return load_n(t.master + i, n);
+  } else {
+    return load_n(t.param + i, n);
+  }
+}
+
+// Stores the new param q: into the master and, rounded to nearest even from it, into the param;
+// without a master into the param, rounded stochastically where SR (bf16 params).
+template <bool Master, bool SR, class S, class St>
+void store_param(Vec<compute_t<S>> q, const OptimTensor<S, St>& t, std::int64_t i, std::int64_t n,
+                 const Rounder& r) {
+  if constexpr (Master) {
+    store_n(q, t.master + i, n);
+    store_n(q, t.param + i, n);
+  } else {
+    store_rounded<SR>(q, t.param + i, i, n, r);
+  }
+}
 
 template <bool Momentum, bool Nesterov, bool FirstStep, bool WeightDecay, bool Master, bool SR,
           class S, class St>
@@ -311,19 +340,13 @@ void sgd_chunk(const SgdArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::in
   using V = Vec<T>;
   const V scale = V::set1(a.grad_scale), wd = V::set1(a.weight_decay), mu = V::set1(a.momentum),
           damp = V::set1(T(1) - a.dampening), neg_lr = V::set1(-a.lr);
-  const Rounder rp{SR ? rounding_key(a.rounding, tensor, 0) : 0};
-  StateIO<St, true, SR> buf(t.state1, t.absmax1,
-                            Rounder{SR ? rounding_key(a.rounding, tensor, 1) : 0});
+  const Rounder rp = make_rounder(SR, a.rounding, tensor, 0, begin);
+  StateIO<St, true, SR> buf(t.state1, t.absmax1, make_rounder(SR, a.rounding, tensor, 1, begin));
   block_loop<St>(begin, end, [&](std::int64_t block_begin, std::int64_t block_end) {
     if (Momentum) buf.begin_block(block_begin);
     V top = V::set1(T(0));
     vector_loop<T>(block_begin, block_end, [&](std::int64_t i, std::int64_t n) {
-      V p;
-      if constexpr (Master) {
-        p = load_n(t.master + i, n);
-      } else {
-        p = load_n(t.param + i, n);
-      }
+      const V p = load_param<Master>(t, i, n);
       V d = mul(scale, load_n(t.grad + i, n));
       if (WeightDecay) d = fma(wd, p, d);
       if (Momentum) {
@@ -331,13 +354,7 @@ void sgd_chunk(const SgdArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::in
         buf.store(b, b, i, n, top);
         d = Nesterov ? fma(mu, b, d) : b;
       }
-      const V q = fma(neg_lr, d, p);
-      if constexpr (Master) {
-        store_n(q, t.master + i, n);
-        store_n(q, t.param + i, n);  // round to nearest even from the master
-      } else {
-        store_rounded<SR>(q, t.param + i, i, n, rp);
-      }
+      store_param<Master, SR>(fma(neg_lr, d, p), t, i, n, rp);
     });
     if (Momentum) buf.end_block(block_begin, block_end, top);
   });
@@ -355,7 +372,7 @@ void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::
           one_minus_b2 = V::set1(T(1) - a.beta2), eps = V::set1(a.eps),
           inv_c2 = V::set1(a.inv_bias_correction2_sqrt), neg_step = V::set1(-a.step_size);
   Rounder r[4];
-  for (int k = 0; k < 4; ++k) r[k] = Rounder{SR ? rounding_key(a.rounding, tensor, k) : 0};
+  for (int k = 0; k < 4; ++k) r[k] = make_rounder(SR, a.rounding, tensor, k, begin);
   StateIO<St, true, SR> exp_avg(t.state1, t.absmax1, r[1]);
   StateIO<St, false, SR> exp_avg_sq(t.state2, t.absmax2, r[2]), max_sq(t.state3, t.absmax3, r[3]);
   constexpr bool kQuantised = std::is_same_v<St, q8>;
@@ -365,12 +382,7 @@ void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::
     if (Amsgrad) max_sq.begin_block(block_begin);
     V top1 = V::set1(T(0)), top2 = top1, top3 = top1;  // of each state's kept values
     vector_loop<T>(block_begin, block_end, [&](std::int64_t i, std::int64_t n) {
-      V p;
-      if constexpr (Master) {
-        p = load_n(t.master + i, n);
-      } else {
-        p = load_n(t.param + i, n);
-      }
+      V p = load_param<Master>(t, i, n);
       V d = mul(scale, load_n(t.grad + i, n));
       if (WeightDecay) {
         if (Decoupled) {
@@ -393,13 +405,7 @@ void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::
         exp_avg_sq.store(v, root, i, n, top2);
       }
       const V denom = fma(root, inv_c2, eps);
-      const V q = fma(neg_step, div(m, denom), p);
-      if constexpr (Master) {
-        store_n(q, t.master + i, n);
-        store_n(q, t.param + i, n);  // round to nearest even from the master
-      } else {
-        store_rounded<SR>(q, t.param + i, i, n, r[0]);
-      }
+      store_param<Master, SR>(fma(neg_step, div(m, denom), p), t, i, n, r[0]);
     });
     exp_avg.end_block(block_begin, block_end, top1);
     exp_avg_sq.end_block(block_begin, block_end, top2);
