@@ -16,7 +16,7 @@
 // store_codes<Signed>: width 8-bit codes (q8, read as int8 when Signed, else uint8) widened to
 // float lanes, and float lanes holding integers in the code range narrowed back, and
 // store_bf16_stochastic(v, p, key, first): width bf16 values rounded stochastically, lane k
-// with the random bits hash32(first + k + key) (Note [stochastic rounding] in optim.cpp).
+// with the random bits hash32_high16(first + k + key) (Note [stochastic rounding] in optim.cpp).
 //
 // Vec<float> also loads from and stores to the 16-bit storage types (bf16, f16; Note [16-bit
 // storage] in half.h): load / load_partial widen, store / store_partial round to nearest even
@@ -105,15 +105,16 @@ S narrow(compute_t<S> v) {
   }
 }
 
-// A 32-bit integer hash with good avalanche (Chris Wellons' "lowbias32": two xorshift-multiply
-// rounds, each output bit flips with probability 0.5 +- 0.002 per flipped input bit), the
+// The high 16 bits of a 32-bit integer hash with good avalanche (Chris Wellons' "lowbias32":
+// two xorshift-multiply rounds, each output bit flips with probability 0.5 +- 0.002 per flipped
+// input bit; its final x ^= x >> 16 changes only the low half, so it is left out), the
 // counter-based random bits of stochastic rounding.  Each ISA block below has it lane-wise
 // with the same constants, so every ISA rounds every value the same way.
 constexpr std::uint32_t kHashMul1 = 0x7FEB352Du, kHashMul2 = 0x846CA68Bu;
-inline std::uint32_t hash32(std::uint32_t x) {
+inline std::uint32_t hash32_high16(std::uint32_t x) {
   x = (x ^ (x >> 16)) * kHashMul1;
   x = (x ^ (x >> 15)) * kHashMul2;
-  return x ^ (x >> 16);
+  return x >> 16;
 }
 // x rounded to bf16 stochastically with 16 random bits r: (bits(x) + r) >> 16, NaN kept quiet.
 inline bf16 bf16_stochastic(float x, std::uint32_t random16) {
@@ -228,7 +229,7 @@ inline void store_codes(Vec<float> v, q8* p) {
   p->bits = static_cast<std::uint8_t>(Signed ? static_cast<std::int8_t>(code) : code);
 }
 inline void store_bf16_stochastic(Vec<float> v, bf16* p, std::uint32_t key, std::uint32_t first) {
-  *p = bf16_stochastic(v.v, hash32(first + key) >> 16);
+  *p = bf16_stochastic(v.v, hash32_high16(first + key));
 }
 template <class T>
 inline Vec<T> pow2i(Vec<T> k) {
@@ -425,18 +426,18 @@ inline void store_codes(VF v, q8* p) {
   const __m128i b = Signed ? _mm_packs_epi16(w, w) : _mm_packus_epi16(w, w);
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), b);
 }
-inline __m256i hash32(__m256i x) {
+inline __m256i hash32_high16(__m256i x) {
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kHashMul1)));
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kHashMul2)));
-  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  return _mm256_srli_epi32(x, 16);
 }
 inline void store_bf16_stochastic(VF v, bf16* p, std::uint32_t key, std::uint32_t first) {
   const __m256i counter = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first + key)),
                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   const __m256i u = _mm256_castps_si256(v.v);
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_srli_epi32(hash32(counter), 16)), 16);
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, hash32_high16(counter)), 16);
   const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
   r = _mm256_blendv_epi8(r, quiet_nan, _mm256_castps_si256(_mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q)));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
@@ -613,19 +614,19 @@ inline void store_codes(VF v, q8* p) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    Signed ? _mm512_cvtsepi32_epi8(i) : _mm512_cvtusepi32_epi8(i));
 }
-inline __m512i hash32(__m512i x) {
+inline __m512i hash32_high16(__m512i x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kHashMul1)));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kHashMul2)));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  return _mm512_srli_epi32(x, 16);
 }
 inline void store_bf16_stochastic(VF v, bf16* p, std::uint32_t key, std::uint32_t first) {
   const __m512i counter =
       _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first + key)),
                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   const __m512i u = _mm512_castps_si512(v.v);
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_srli_epi32(hash32(counter), 16)), 16);
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, hash32_high16(counter)), 16);
   const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), quiet_nan);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
@@ -840,16 +841,16 @@ inline void store_codes(VF v, q8* p) {
   const std::uint32_t word = vget_lane_u32(vreinterpret_u32_u8(bytes), 0);
   std::memcpy(p, &word, sizeof word);
 }
-inline uint32x4_t hash32(uint32x4_t x) {
+inline uint32x4_t hash32_high16(uint32x4_t x) {
   x = vmulq_u32(veorq_u32(x, vshrq_n_u32(x, 16)), vdupq_n_u32(kHashMul1));
   x = vmulq_u32(veorq_u32(x, vshrq_n_u32(x, 15)), vdupq_n_u32(kHashMul2));
-  return veorq_u32(x, vshrq_n_u32(x, 16));
+  return vshrq_n_u32(x, 16);
 }
 inline void store_bf16_stochastic(VF v, bf16* p, std::uint32_t key, std::uint32_t first) {
   const std::uint32_t lanes[4] = {0, 1, 2, 3};
   const uint32x4_t counter = vaddq_u32(vdupq_n_u32(first + key), vld1q_u32(lanes));
   const uint32x4_t u = vreinterpretq_u32_f32(v.v);
-  const uint16x4_t r = vshrn_n_u32(vaddq_u32(u, vshrq_n_u32(hash32(counter), 16)), 16);
+  const uint16x4_t r = vshrn_n_u32(vaddq_u32(u, hash32_high16(counter)), 16);
   const uint16x4_t quiet_nan = vorr_u16(vshrn_n_u32(u, 16), vdup_n_u16(0x40));
   const uint16x4_t is_nan = vmvn_u16(vmovn_u32(vceqq_f32(v.v, v.v)));
   vst1_u16(reinterpret_cast<std::uint16_t*>(p), vbsl_u16(is_nan, quiet_nan, r));

@@ -32,9 +32,9 @@
 // element i come from a hash of (seed, step, tensor index in the call, which array, i) — no
 // shared generator state — so results depend neither on the thread count nor on the chunking.
 // The hash runs in the vector lanes: a 64-bit key per (seed, step, tensor, array, i >> 32) made
-// by splitmix64 once per chunk, folded to 32 bits, and per element the high 16 bits of
-// hash32(uint32(i) + key) (vec.h; 32-bit lane arithmetic, which every ISA has: a 64-bit hash
-// per element ran in scalar code and made the bf16 step 5x slower than the float32 one).
+// by splitmix64 once per chunk, folded to 32 bits, and per element hash32_high16(uint32(i) +
+// key) (vec.h; 32-bit lane arithmetic, which every ISA has: a 64-bit hash per element ran in
+// scalar code and made the bf16 step 5x slower than the float32 one).
 //
 // Note [8-bit optimizer state]
 // With St = q8 each state array is one byte per element plus one float32 scale per block of
