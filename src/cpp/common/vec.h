@@ -11,7 +11,7 @@
 //   (or NaN), else +0 (so 0 * inf terms can be dropped)
 //
 // Vec<float> also has rsqrt_estimate(a) (1/sqrt(a), relative error < 2^-11, for a > 0),
-// abs(a), copy_sign(a, b) (|a| with the sign of b), and
+// abs(a), and
 // load_codes<Signed> /
 // store_codes<Signed>: width 8-bit codes (q8, read as int8 when Signed, else uint8) widened to
 // float lanes, and float lanes holding integers in the code range narrowed back, and
@@ -216,7 +216,6 @@ inline Vec<T> max_propagate_nan(Vec<T> a, Vec<T> b) {
   return {a.v != a.v ? a.v : (a.v > b.v ? a.v : b.v)};
 }
 inline Vec<float> abs(Vec<float> a) { return {std::fabs(a.v)}; }
-inline Vec<float> copy_sign(Vec<float> a, Vec<float> b) { return {std::copysign(a.v, b.v)}; }
 inline Vec<float> rsqrt_estimate(Vec<float> a) { return {1.0f / std::sqrt(a.v)}; }
 template <bool Signed>
 inline Vec<float> load_codes(const q8* p) {
@@ -410,10 +409,6 @@ inline VD max_propagate_nan(VD a, VD b) {
 }
 inline VF rsqrt_estimate(VF a) { return {_mm256_rsqrt_ps(a.v)}; }  // 2^-11.4
 inline VF abs(VF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
-inline VF copy_sign(VF a, VF b) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  return {_mm256_or_ps(_mm256_andnot_ps(sign, a.v), _mm256_and_ps(sign, b.v))};
-}
 template <bool Signed>
 inline VF load_codes(const q8* p) {
   const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
@@ -596,13 +591,7 @@ inline VD max_propagate_nan(VD a, VD b) {
       _mm512_mask_mov_pd(_mm512_max_pd(a.v, b.v), _mm512_cmp_pd_mask(a.v, a.v, _CMP_UNORD_Q), a.v)};
 }
 inline VF rsqrt_estimate(VF a) { return {_mm512_rsqrt14_ps(a.v)}; }  // 2^-14
-// abs is AVX-512F (an integer and inside); copy_sign in integer logic: the _ps forms need DQ
-inline VF abs(VF a) { return {_mm512_abs_ps(a.v)}; }
-inline VF copy_sign(VF a, VF b) {
-  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-  return {_mm512_castsi512_ps(_mm512_or_si512(_mm512_andnot_si512(sign, _mm512_castps_si512(a.v)),
-                                              _mm512_and_si512(sign, _mm512_castps_si512(b.v))))};
-}
+inline VF abs(VF a) { return {_mm512_abs_ps(a.v)}; }  // AVX-512F (an integer and inside)
 template <bool Signed>
 inline VF load_codes(const q8* p) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -813,7 +802,6 @@ inline VF rsqrt_estimate(VF a) {
   return {vmulq_f32(r, vrsqrtsq_f32(vmulq_f32(a.v, r), r))};
 }
 inline VF abs(VF a) { return {vabsq_f32(a.v)}; }
-inline VF copy_sign(VF a, VF b) { return {vbslq_f32(vdupq_n_u32(0x80000000u), b.v, a.v)}; }
 template <bool Signed>
 inline VF load_codes(const q8* p) {
   std::uint32_t word;  // the 4 codes of 4 lanes

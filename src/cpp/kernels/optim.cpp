@@ -192,22 +192,29 @@ inline void store_rounded(Vec<compute_t<S>> v, S* p, std::int64_t i, std::int64_
 static_assert(kChunk % kQuantBlock == 0, "chunks must be whole blocks of an 8-bit state");
 
 // How a step reads and writes one state array: element i of a tensor, n (<= width) lanes.
+// begin_block(b) returns the Block the step loads from and stores to: a small value of its own
+// that the loop keeps in registers (its fields were members of StateIO before, and the float
+// stores into a q8 block buffer, which may alias the struct for all the compiler knows, made
+// it reload them from the stack on every vector: 6 loads per vector of the 8-bit Adam loop).
+// Block::store(x, root_x, i, n, top): root_x = sqrt(x) is what a q8 second moment keeps, top
+// the running largest magnitude of a q8 block (a local of the step, likewise).
 // Plain states (float, double, bf16) load and store directly; blocks are the whole chunk.
 template <class St, bool Signed, bool SR>
 struct StateIO {
+  using V = Vec<compute_t<St>>;
   static constexpr std::int64_t kBlock = kChunk;
+  struct Block {
+    St* data;
+    Rounder rounder;
+    V load(std::int64_t i, std::int64_t n) const { return load_n(data + i, n); }
+    void store(V x, V, std::int64_t i, std::int64_t n, V&) const {
+      store_rounded<SR>(x, data + i, i, n, rounder);
+    }
+  };
   St* data;
   Rounder rounder;
   StateIO(St* d, float*, Rounder r) : data(d), rounder(r) {}
-  void begin_block(std::int64_t) {}
-  Vec<compute_t<St>> load(std::int64_t i, std::int64_t n) const { return load_n(data + i, n); }
-  // store(x, root_x, i, n, top): root_x = sqrt(x) is what a q8 second moment keeps, top the
-  // running largest magnitude of a q8 block (a local of the step, so that it stays in a
-  // register: kept in this struct, it was reloaded after every float store); unused here.
-  using V = Vec<compute_t<St>>;
-  void store(V x, V, std::int64_t i, std::int64_t n, V&) {
-    store_rounded<SR>(x, data + i, i, n, rounder);
-  }
+  Block begin_block(std::int64_t) const { return Block{data, rounder}; }
   void end_block(std::int64_t, std::int64_t, V) {}
 };
 
@@ -216,10 +223,13 @@ struct StateIO {
 // sqrt(y) lies within 0.13 of a midpoint.  A square root per value (vsqrtps shares the divider
 // with Adam's own sqrt and division) made the 8-bit step 3x slower than float32's; an exact
 // correction against the squares of the midpoints cost 10 more instructions per vector.
+// Signed: sign(y) round(sqrt(|y|)), the same rounding mirrored (y * rsqrt(|y|) has y's sign;
+// a copy of the sign after the rounding cost 3 more instructions per vector).
+template <bool Signed>
 inline Vec<float> round_sqrt(Vec<float> y) {
   using V = Vec<float>;
   const V tiny = V::set1(std::numeric_limits<float>::min());  // rsqrt(0) = inf: 0 * inf = NaN
-  return round_nearest(mul(y, rsqrt_estimate(max(y, tiny))));
+  return round_nearest(mul(y, rsqrt_estimate(max(Signed ? abs(y) : y, tiny))));
 }
 
 // A q8 state (Note [8-bit optimizer state]): Signed is the square law on [-127, 127], else the
@@ -232,39 +242,42 @@ struct StateIO<q8, Signed, SR> {
   // decoded x = code_power(c) * absmax / kRange
   static constexpr float kRange =
       Signed ? kLevels * kLevels : kLevels * kLevels * kLevels * kLevels;
+  struct Block {
+    const q8* codes;
+    float* kept;  // the block buffer, element i at kept[i - begin]
+    std::int64_t begin;
+    V decode_scale;  // absmax / kRange of the block read
+    V load(std::int64_t i, std::int64_t n) const {
+      V c;
+      if (n == V::width) {
+        c = load_codes<Signed>(codes + i);
+      } else {  // the tensor's last lanes: zero codes beyond n
+        q8 tail[V::width] = {};
+        std::memcpy(tail, codes + i, static_cast<std::size_t>(n));
+        c = load_codes<Signed>(tail);
+      }
+      if constexpr (Signed) {
+        return mul(mul(c, abs(c)), decode_scale);  // c |c| absmax / 127^2
+      } else {
+        const V c2 = mul(c, c);
+        return mul(mul(c2, c2), decode_scale);
+      }
+    }
+    // Whole vectors: lanes past n are zero (the step computed them from zero-filled loads).  A
+    // NaN leaves top as it was (max keeps its second operand); end_block finds it.
+    void store(V x, V root_x, std::int64_t i, std::int64_t, V& top) const {
+      const V keep = Signed ? x : root_x;
+      keep.store(kept + (i - begin));
+      top = max(Signed ? abs(keep) : keep, top);
+    }
+  };
   q8* codes;
   float* absmax;
-  std::int64_t block_begin = 0;
-  V decode_scale;                       // absmax / kRange of the block read
   alignas(64) float kept[kQuantBlock];  // x (Signed) or sqrt(x) of the block's new values
 
   StateIO(q8* c, float* a, Rounder) : codes(c), absmax(a) {}
-  void begin_block(std::int64_t b) {
-    block_begin = b;
-    decode_scale = V::set1(absmax[b / kQuantBlock] / kRange);
-  }
-  V load(std::int64_t i, std::int64_t n) const {
-    V c;
-    if (n == V::width) {
-      c = load_codes<Signed>(codes + i);
-    } else {  // the tensor's last lanes: zero codes beyond n
-      q8 tail[V::width] = {};
-      std::memcpy(tail, codes + i, static_cast<std::size_t>(n));
-      c = load_codes<Signed>(tail);
-    }
-    if constexpr (Signed) {
-      return mul(mul(c, abs(c)), decode_scale);  // c |c| absmax / 127^2
-    } else {
-      const V c2 = mul(c, c);
-      return mul(mul(c2, c2), decode_scale);
-    }
-  }
-  // Whole vectors: lanes past n are zero (the step computed them from zero-filled loads).  A NaN
-  // leaves top as it was (max keeps its second operand); end_block finds it.
-  void store(V x, V root_x, std::int64_t i, std::int64_t, V& top) {
-    const V keep = Signed ? x : root_x;
-    keep.store(kept + (i - block_begin));
-    top = max(Signed ? abs(keep) : keep, top);
+  Block begin_block(std::int64_t b) {
+    return Block{codes, kept, b, V::set1(absmax[b / kQuantBlock] / kRange)};
   }
   void end_block(std::int64_t b, std::int64_t e, V top_lanes) {
     const float top = reduce_max(top_lanes);  // of |x| or of sqrt(x), NaN not counted
@@ -276,12 +289,8 @@ struct StateIO<q8, Signed, SR> {
     vector_loop<float>(b, e, [&](std::int64_t i, std::int64_t n) {
       const V k = V::load(kept + (i - b));
       nan_probe = fma(k, V::set1(0.0f), nan_probe);
-      V c = round_sqrt(mul(abs(k), to_code));
-      if constexpr (Signed) {
-        c = copy_sign(c, k);
-      } else {
-        c = max(c, keep_where_nonzero(k, V::set1(1.0f)));
-      }
+      V c = round_sqrt<Signed>(mul(k, to_code));  // k >= 0 (or NaN) when unsigned
+      if constexpr (!Signed) c = max(c, keep_where_nonzero(k, V::set1(1.0f)));
       if (n == V::width) {
         store_codes<Signed>(c, codes + i);
       } else {
@@ -343,15 +352,15 @@ void sgd_chunk(const SgdArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::in
   const Rounder rp = make_rounder(SR, a.rounding, tensor, 0, begin);
   StateIO<St, true, SR> buf(t.state1, t.absmax1, make_rounder(SR, a.rounding, tensor, 1, begin));
   block_loop<St>(begin, end, [&](std::int64_t block_begin, std::int64_t block_end) {
-    if (Momentum) buf.begin_block(block_begin);
+    const auto buf_io = Momentum ? buf.begin_block(block_begin) : decltype(buf.begin_block(0)){};
     V top = V::set1(T(0));
     vector_loop<T>(block_begin, block_end, [&](std::int64_t i, std::int64_t n) {
       const V p = load_param<Master>(t, i, n);
       V d = mul(scale, load_n(t.grad + i, n));
       if (WeightDecay) d = fma(wd, p, d);
       if (Momentum) {
-        V b = FirstStep ? d : fma(mu, buf.load(i, n), mul(damp, d));
-        buf.store(b, b, i, n, top);
+        V b = FirstStep ? d : fma(mu, buf_io.load(i, n), mul(damp, d));
+        buf_io.store(b, b, i, n, top);
         d = Nesterov ? fma(mu, b, d) : b;
       }
       store_param<Master, SR>(fma(neg_lr, d, p), t, i, n, rp);
@@ -377,9 +386,10 @@ void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::
   StateIO<St, false, SR> exp_avg_sq(t.state2, t.absmax2, r[2]), max_sq(t.state3, t.absmax3, r[3]);
   constexpr bool kQuantised = std::is_same_v<St, q8>;
   block_loop<St>(begin, end, [&](std::int64_t block_begin, std::int64_t block_end) {
-    exp_avg.begin_block(block_begin);
-    exp_avg_sq.begin_block(block_begin);
-    if (Amsgrad) max_sq.begin_block(block_begin);
+    const auto m_io = exp_avg.begin_block(block_begin);
+    const auto v_io = exp_avg_sq.begin_block(block_begin);
+    const auto vmax_io =
+        Amsgrad ? max_sq.begin_block(block_begin) : decltype(max_sq.begin_block(0)){};
     V top1 = V::set1(T(0)), top2 = top1, top3 = top1;  // of each state's kept values
     vector_loop<T>(block_begin, block_end, [&](std::int64_t i, std::int64_t n) {
       V p = load_param<Master>(t, i, n);
@@ -391,18 +401,18 @@ void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::
           d = fma(wd, p, d);
         }
       }
-      const V m = fma(b1, exp_avg.load(i, n), mul(one_minus_b1, d));
-      const V v = fma(b2, exp_avg_sq.load(i, n), mul(one_minus_b2, mul(d, d)));
-      exp_avg.store(m, m, i, n, top1);
+      const V m = fma(b1, m_io.load(i, n), mul(one_minus_b1, d));
+      const V v = fma(b2, v_io.load(i, n), mul(one_minus_b2, mul(d, d)));
+      m_io.store(m, m, i, n, top1);
       V root;  // sqrt of the second moment the denominator uses
       if (Amsgrad) {
-        const V vmax = max_propagate_nan(max_sq.load(i, n), v);  // NaN stays NaN, as in torch
+        const V vmax = max_propagate_nan(vmax_io.load(i, n), v);  // NaN stays NaN, as in torch
         root = sqrt(vmax);
-        max_sq.store(vmax, root, i, n, top3);
-        exp_avg_sq.store(v, kQuantised ? sqrt(v) : v, i, n, top2);
+        vmax_io.store(vmax, root, i, n, top3);
+        v_io.store(v, kQuantised ? sqrt(v) : v, i, n, top2);
       } else {
         root = sqrt(v);
-        exp_avg_sq.store(v, root, i, n, top2);
+        v_io.store(v, root, i, n, top2);
       }
       const V denom = fma(root, inv_c2, eps);
       store_param<Master, SR>(fma(neg_step, div(m, denom), p), t, i, n, r[0]);
