@@ -261,14 +261,20 @@ inline __m256 widen8(__m128i h, bf16*) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 inline __m256 widen8(__m128i h, f16*) { return _mm256_cvtph_ps(h); }
+// The rounded bf16 bits r of v (in the low halves of the lanes), with v's quiet NaN (sign kept)
+// where v is NaN, packed to 8 x 16 bits: the NaN repair of every bf16 rounding.
+inline __m128i pack_bf16_keep_nan(__m256 v, __m256i r) {
+  const __m256i quiet_nan =
+      _mm256_or_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, quiet_nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
 inline __m128i narrow8(__m256 v, bf16*) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r =
-      _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
-  const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  r = _mm256_blendv_epi8(r, quiet_nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  return pack_bf16_keep_nan(
+      v,
+      _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16));
 }
 inline __m128i narrow8(__m256 v, f16*) {
   return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -432,11 +438,8 @@ inline void store_bf16_stochastic(VF v, bf16* p, std::uint32_t key, std::uint32_
   const __m256i counter = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first + key)),
                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   const __m256i u = _mm256_castps_si256(v.v);
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, hash32_high16(counter)), 16);
-  const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  r = _mm256_blendv_epi8(r, quiet_nan, _mm256_castps_si256(_mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q)));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, hash32_high16(counter)), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack_bf16_keep_nan(v.v, r));
 }
 inline VF pow2i(VF k) {
   const __m256 biased = _mm256_add_ps(k.v, _mm256_set1_ps(12582912.0f + 127.0f));
@@ -455,14 +458,20 @@ inline __m512 widen16(__m256i h, bf16*) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline __m512 widen16(__m256i h, f16*) { return _mm512_cvtph_ps(h); }
+// The rounded bf16 bits r of v (in the low halves of the lanes), with v's quiet NaN (sign kept)
+// where v is NaN, packed to 16 x 16 bits: the NaN repair of every bf16 rounding.
+inline __m256i pack_bf16_keep_nan(__m512 v, __m512i r) {
+  const __m512i quiet_nan =
+      _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(
+      _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan));
+}
 inline __m256i narrow16(__m512 v, bf16*) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r =
-      _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
-  const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
-  return _mm512_cvtepi32_epi16(r);
+  return pack_bf16_keep_nan(
+      v,
+      _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16));
 }
 inline __m256i narrow16(__m512 v, f16*) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -615,10 +624,8 @@ inline void store_bf16_stochastic(VF v, bf16* p, std::uint32_t key, std::uint32_
       _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first + key)),
                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   const __m512i u = _mm512_castps_si512(v.v);
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, hash32_high16(counter)), 16);
-  const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), quiet_nan);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, hash32_high16(counter)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack_bf16_keep_nan(v.v, r));
 }
 inline VF pow2i(VF k) {
   const __m512 biased = _mm512_add_ps(k.v, _mm512_set1_ps(12582912.0f + 127.0f));
@@ -666,11 +673,16 @@ inline uint16x4_t narrow4_finite(float32x4_t v, bf16*) {
   const uint32x4_t odd = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
   return vshrn_n_u32(vaddq_u32(u, vaddq_u32(vdupq_n_u32(0x7FFF), odd)), 16);
 }
-inline uint16x4_t narrow4(float32x4_t v, bf16* tag) {
+// The rounded bf16 bits r of v, with v's quiet NaN (sign kept) where v is NaN: the NaN repair
+// of every bf16 rounding.
+inline uint16x4_t bf16_keep_nan(float32x4_t v, uint16x4_t r) {
   const uint16x4_t quiet_nan =
       vorr_u16(vshrn_n_u32(vreinterpretq_u32_f32(v), 16), vdup_n_u16(0x40));
   const uint16x4_t is_nan = vmvn_u16(vmovn_u32(vceqq_f32(v, v)));
-  return vbsl_u16(is_nan, quiet_nan, narrow4_finite(v, tag));
+  return vbsl_u16(is_nan, quiet_nan, r);
+}
+inline uint16x4_t narrow4(float32x4_t v, bf16* tag) {
+  return bf16_keep_nan(v, narrow4_finite(v, tag));
 }
 inline uint16x4_t narrow4(float32x4_t v, f16*) { return vreinterpret_u16_f16(vcvt_f16_f32(v)); }
 inline uint16x4_t narrow4_finite(float32x4_t v, f16* tag) { return narrow4(v, tag); }
@@ -839,9 +851,7 @@ inline void store_bf16_stochastic(VF v, bf16* p, std::uint32_t key, std::uint32_
   const uint32x4_t counter = vaddq_u32(vdupq_n_u32(first + key), vld1q_u32(lanes));
   const uint32x4_t u = vreinterpretq_u32_f32(v.v);
   const uint16x4_t r = vshrn_n_u32(vaddq_u32(u, hash32_high16(counter)), 16);
-  const uint16x4_t quiet_nan = vorr_u16(vshrn_n_u32(u, 16), vdup_n_u16(0x40));
-  const uint16x4_t is_nan = vmvn_u16(vmovn_u32(vceqq_f32(v.v, v.v)));
-  vst1_u16(reinterpret_cast<std::uint16_t*>(p), vbsl_u16(is_nan, quiet_nan, r));
+  vst1_u16(reinterpret_cast<std::uint16_t*>(p), bf16_keep_nan(v.v, r));
 }
 inline VF pow2i(VF k) {
   const float32x4_t biased = vaddq_f32(k.v, vdupq_n_f32(12582912.0f + 127.0f));
