@@ -21,6 +21,7 @@ from ._conv import (
     correlate2d,
 )
 from ._cross_entropy import cross_entropy
+from ._linear_ce import linear_cross_entropy
 from ._matmul import matmul
 from ._softmax import (
     log_softmax,
@@ -52,6 +53,7 @@ __all__ = [
     "convolve2d",
     "correlate2d",
     "cross_entropy",
+    "linear_cross_entropy",
     "get_cmake_dir",
     "get_include",
     "get_num_threads",

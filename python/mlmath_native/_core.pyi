@@ -52,6 +52,31 @@ def cross_entropy_into(
 ) -> None:
     """Per-element cross-entropy losses into `loss`, and the gradient into `grad` unless None"""
 
+def linear_cross_entropy_into(
+    hidden: NDArray[Any],
+    weight: NDArray[Any],
+    bias: NDArray[Any] | None,
+    target: NDArray[Any],
+    class_weight: NDArray[Any],
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    inv_temperature: float,
+    chunk: int,
+    loss: NDArray[Any],
+    lse: NDArray[Any],
+    logprob: NDArray[Any] | None,
+    entropy: NDArray[Any] | None,
+    d_hidden: NDArray[Any] | None,
+    d_weight: NDArray[Any] | None,
+    d_bias: NDArray[Any] | None,
+    ce_scale: NDArray[Any] | None,
+    ce_scale_all: float,
+    z_scale: NDArray[Any] | None,
+    z_scale_all: float,
+) -> None:
+    """Per-token fused linear + cross-entropy losses into `loss` and `lse`; gradients unless None"""
+
 # -- matrix product and convolution ---------------------------------------------------------------
 
 def gemm_into(

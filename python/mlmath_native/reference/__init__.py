@@ -17,6 +17,10 @@ softmax
 cross_entropy
     ``L = − Σ_i y_i log ŷ_i``: ``cross_entropy`` (from logits, PyTorch's options),
     ``cross_entropy_grad``, ``cross_entropy_from_probs``.
+linear_cross_entropy
+    ``L = cross_entropy(softcap(H Wᵀ + b) / T, t) + z_loss · lse²``:
+    ``linear_cross_entropy`` (the logits materialised; loss, gradients, log-probabilities,
+    entropy).
 adam_optimizer
     ``θ ← θ − η m̂ / (√v̂ + ε)``: ``adam_step`` (Adam/AdamW, amsgrad, maximize),
     ``adam_minimize``.
@@ -39,6 +43,7 @@ from . import (
     convolution,
     cross_entropy,
     gradient_descent,
+    linear_cross_entropy,
     softmax,
     transformer_attention,
 )
@@ -48,6 +53,7 @@ __all__ = [
     "convolution",
     "cross_entropy",
     "gradient_descent",
+    "linear_cross_entropy",
     "softmax",
     "transformer_attention",
 ]

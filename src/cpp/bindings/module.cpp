@@ -10,6 +10,7 @@ namespace mlmath::bindings {
 void bind_softmax(pybind11::module_& m);
 void bind_output_cache(pybind11::module_& m);
 void bind_cross_entropy(pybind11::module_& m);
+void bind_linear_cross_entropy(pybind11::module_& m);
 void bind_optim(pybind11::module_& m);
 void bind_gemm(pybind11::module_& m);
 void bind_conv(pybind11::module_& m);
@@ -42,6 +43,7 @@ PYBIND11_MODULE(_core, m) {
   mlmath::bindings::bind_softmax(m);
   mlmath::bindings::bind_output_cache(m);
   mlmath::bindings::bind_cross_entropy(m);
+  mlmath::bindings::bind_linear_cross_entropy(m);
   mlmath::bindings::bind_optim(m);
   mlmath::bindings::bind_gemm(m);
   mlmath::bindings::bind_conv(m);

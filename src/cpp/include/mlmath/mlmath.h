@@ -84,6 +84,43 @@ struct CrossEntropyArgs {
   T grad_scale_all;
 };
 
+// Fused linear + cross-entropy (kernels/linear_ce.cpp): per token r of hidden (n x d, element
+// (r, k) at hidden[r * hidden_rs + k * hidden_cs]) the cross-entropy of the logits
+// softcap(hidden_r W^T + bias) * inv_temperature over v classes (weight: v x d, element (j, k) at
+// weight[j * weight_rs + k * weight_cs]), never holding more than `chunk` rows of logits (0: the
+// kernel's choice).  softcap 0 means none.  Per-token outputs are T (float32 for 16-bit inputs);
+// loss holds each token's cross-entropy without the z-loss, lse its logsumexp (the z-loss is
+// z_scale lse^2, added by the caller).  With d_hidden set, d_hidden (n x d, contiguous),
+// d_weight (v x d, contiguous) and d_bias (v, or null) receive the gradients of
+// sum_r ce_scale_r loss_r + z_scale_r lse_r^2 (null scale arrays: the *_all value everywhere).
+template <class S>
+struct LinearCrossEntropyArgs {
+  using T = typename ComputeType<S>::type;
+  std::int64_t n, d, v;
+  const S* hidden;
+  std::int64_t hidden_rs, hidden_cs;
+  const S* weight;
+  std::int64_t weight_rs, weight_cs;
+  const S* bias;               // [v] or null
+  const std::int64_t* target;  // [n]: a class in [0, v) or ignore_index
+  const T* class_weight;       // [v] (all ones when the user gave none)
+  T class_weight_sum;
+  std::int64_t ignore_index;
+  T label_smoothing, softcap, inv_temperature;
+  std::int64_t chunk;
+  T* loss;      // out [n]
+  T* lse;       // out [n]
+  T* logprob;   // out [n] or null: log p(target), 0 for ignored tokens
+  T* entropy;   // out [n] or null
+  S* d_hidden;  // out, or null for no gradients
+  S* d_weight;
+  S* d_bias;
+  const T* ce_scale;
+  T ce_scale_all;
+  const T* z_scale;
+  T z_scale_all;
+};
+
 // One tensor of an optimizer step: n elements in each array; state pointers a step does not use
 // are null.  Arrays are contiguous and do not overlap.  S is the storage type of param and grad
 // (float, double, bf16, f16) and St that of the state buffers: S itself for float32 / float64
