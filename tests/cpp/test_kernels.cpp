@@ -1,7 +1,8 @@
 // C++ unit tests of mlmath's kernel table against plain double-precision loops.  Usage:
-// test_kernels FAMILY (softmax, cross_entropy, optim, gemm, conv2d, attention, errors, interrupt,
-// sixteen, float64, conversions, dispatch); each family runs once per ISA this CPU supports (only
-// the one MLMATH_NATIVE_ISA forces, when set), with 1 and 2 threads.  Exit status 1 on failure.
+// test_kernels FAMILY (softmax, cross_entropy, linear_ce, optim, gemm, conv2d, attention, errors,
+// interrupt, sixteen, float64, conversions, dispatch); each family runs once per ISA this CPU
+// supports (only the one MLMATH_NATIVE_ISA forces, when set), with 1 and 2 threads.  Exit status 1
+// on failure.
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -133,6 +134,92 @@ void test_cross_entropy() {
       }
     }
   }
+}
+
+// fused linear + cross-entropy (float64, softcap, temperature, smoothing, an ignored token,
+// chunks of 3 tokens) against the logits formed in plain loops
+void test_linear_ce() {
+  const mlmath::KernelTable& k = mlmath::kernels();
+  const std::int64_t n = 7, d = 5, v = 11;
+  const double cap = 4.0, inv_t = 1.0 / 0.8, eps = 0.1, z_scale = 1e-3;
+  std::mt19937 gen(21);
+  std::normal_distribution<double> dist(0.0, 1.0);
+  std::vector<double> h(n * d), w(v * d), b(v), cw(v, 1.0), loss(n), lse(n), logprob(n);
+  std::vector<double> dh(n * d), dw(v * d), db(v);
+  for (double& x : h) x = dist(gen);
+  for (double& x : w) x = dist(gen);
+  for (double& x : b) x = dist(gen);
+  std::vector<std::int64_t> target(n);
+  for (std::int64_t r = 0; r < n; ++r) target[r] = (3 * r + 1) % v;
+  target[2] = -100;
+  mlmath::LinearCrossEntropyArgs<double> a{};
+  a.n = n;
+  a.d = d;
+  a.v = v;
+  a.hidden = h.data();
+  a.hidden_rs = d;
+  a.hidden_cs = 1;
+  a.weight = w.data();
+  a.weight_rs = d;
+  a.weight_cs = 1;
+  a.bias = b.data();
+  a.target = target.data();
+  a.class_weight = cw.data();
+  a.class_weight_sum = static_cast<double>(v);
+  a.ignore_index = -100;
+  a.label_smoothing = eps;
+  a.softcap = cap;
+  a.inv_temperature = inv_t;
+  a.chunk = 3;
+  a.loss = loss.data();
+  a.lse = lse.data();
+  a.logprob = logprob.data();
+  a.d_hidden = dh.data();
+  a.d_weight = dw.data();
+  a.d_bias = db.data();
+  a.ce_scale_all = 1.0;
+  a.z_scale_all = z_scale;
+  k.linear_cross_entropy_f64(a);
+  std::vector<double> want_dh(n * d, 0.0), want_dw(v * d, 0.0), want_db(v, 0.0);
+  for (std::int64_t r = 0; r < n; ++r) {
+    std::vector<double> x(v), tanh_z(v), p(v);
+    double m = -INFINITY;
+    for (std::int64_t j = 0; j < v; ++j) {
+      double z = b[j];
+      for (std::int64_t q = 0; q < d; ++q) z += h[r * d + q] * w[j * d + q];
+      tanh_z[j] = std::tanh(z / cap);
+      x[j] = cap * tanh_z[j] * inv_t;
+      m = std::fmax(m, x[j]);
+    }
+    double s = 0;
+    for (std::int64_t j = 0; j < v; ++j) s += std::exp(x[j] - m);
+    const double l = m + std::log(s);
+    check_close("linear_ce lse", lse[r], l, 1e-12);
+    const std::int64_t t = target[r];
+    if (t < 0) {
+      check_close("linear_ce ignored loss", loss[r], 0.0, 0.0);
+      continue;
+    }
+    double smooth = 0;
+    for (std::int64_t j = 0; j < v; ++j) smooth += l - x[j];
+    check_close("linear_ce loss", loss[r], (1 - eps) * (l - x[t]) + eps / v * smooth, 1e-12);
+    check_close("linear_ce logprob", logprob[r], x[t] - l, 1e-12);
+    for (std::int64_t j = 0; j < v; ++j) {
+      p[j] = std::exp(x[j] - l);
+      const double dx = p[j] - eps / v - (j == t ? 1 - eps : 0.0) + 2 * z_scale * l * p[j];
+      const double dz = dx * inv_t * (1 - tanh_z[j] * tanh_z[j]);
+      want_db[j] += dz;
+      for (std::int64_t q = 0; q < d; ++q) {
+        want_dh[r * d + q] += dz * w[j * d + q];
+        want_dw[j * d + q] += dz * h[r * d + q];
+      }
+    }
+  }
+  for (std::int64_t i = 0; i < n * d; ++i)
+    check_close("linear_ce d_hidden", dh[i], want_dh[i], 1e-12);
+  for (std::int64_t i = 0; i < v * d; ++i)
+    check_close("linear_ce d_weight", dw[i], want_dw[i], 1e-12);
+  for (std::int64_t j = 0; j < v; ++j) check_close("linear_ce d_bias", db[j], want_db[j], 1e-12);
 }
 
 // one SGD-with-momentum step and two Adam steps over tensors of several sizes
@@ -621,18 +708,14 @@ void test_interrupt() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::map<std::string, std::function<void()>> families{{"softmax", test_softmax},
-                                                              {"cross_entropy", test_cross_entropy},
-                                                              {"optim", test_optim},
-                                                              {"gemm", test_gemm},
-                                                              {"conv2d", test_conv2d},
-                                                              {"attention", test_attention},
-                                                              {"errors", test_errors},
-                                                              {"interrupt", test_interrupt},
-                                                              {"sixteen", test_sixteen},
-                                                              {"float64", test_float64},
-                                                              {"conversions", test_conversions},
-                                                              {"dispatch", test_dispatch}};
+  const std::map<std::string, std::function<void()>> families{
+      {"softmax", test_softmax},     {"cross_entropy", test_cross_entropy},
+      {"linear_ce", test_linear_ce}, {"optim", test_optim},
+      {"gemm", test_gemm},           {"conv2d", test_conv2d},
+      {"attention", test_attention}, {"errors", test_errors},
+      {"interrupt", test_interrupt}, {"sixteen", test_sixteen},
+      {"float64", test_float64},     {"conversions", test_conversions},
+      {"dispatch", test_dispatch}};
   if (argc != 2 || !families.count(argv[1])) {
     std::printf("usage: test_kernels FAMILY, one of:");
     for (const auto& f : families) std::printf(" %s", f.first.c_str());
