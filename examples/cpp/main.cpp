@@ -1,6 +1,6 @@
-// softmax, cross-entropy with its gradient, and causal attention through mlmath's C++ API,
-// each checked against values worked out by hand (or by a plain loop); exit status 1 on any
-// mismatch.  Build: see CMakeLists.txt beside this file.
+// softmax, cross-entropy with its gradient, fused linear + cross-entropy and causal attention
+// through mlmath's C++ API, each checked against values worked out by hand (or by a plain loop);
+// exit status 1 on any mismatch.  Build: see CMakeLists.txt beside this file.
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -55,6 +55,39 @@ int main() {
   expect_near("dlogits[0][2] = p_2 - 1", grad[2], std::exp(3.0) / z - 1.0, 1e-12);
   expect_near("dlogits[1][0] = 1/3 - 1", grad[3], 1.0 / 3.0 - 1.0, 1e-12);
   expect_near("dlogits[1][1] = 1/3", grad[4], 1.0 / 3.0, 1e-12);
+
+  // fused linear + cross-entropy: hidden [[1, 0], [0, 1]] times weight [[2, 0], [0, 0], [0, 0]]
+  // gives the logits [[2, 0, 0], [0, 0, 0]] without forming them; targets [0, 2]
+  std::printf("linear_cross_entropy(hidden, weight, [0, 2]) with gradients:\n");
+  const std::vector<double> hidden{1, 0, 0, 1}, lin_w{2, 0, 0, 0, 0, 0};
+  const std::vector<std::int64_t> lin_t{0, 2};
+  std::vector<double> lin_loss(2), lse(2), d_hidden(4), d_weight(6);
+  mlmath::LinearCrossEntropyArgs<double> lce{};
+  lce.n = 2;
+  lce.d = 2;
+  lce.v = 3;
+  lce.hidden = hidden.data();
+  lce.hidden_rs = 2;
+  lce.hidden_cs = 1;
+  lce.weight = lin_w.data();
+  lce.weight_rs = 2;
+  lce.weight_cs = 1;
+  lce.target = lin_t.data();
+  lce.class_weight = weight.data();
+  lce.class_weight_sum = 3.0;
+  lce.ignore_index = -100;
+  lce.inv_temperature = 1.0;
+  lce.loss = lin_loss.data();
+  lce.lse = lse.data();
+  lce.d_hidden = d_hidden.data();
+  lce.d_weight = d_weight.data();
+  lce.ce_scale_all = 1.0;
+  k.linear_cross_entropy_f64(lce);
+  const double z2 = std::exp(2.0) + 2.0;
+  expect_near("loss[0] = log(e^2 + 2) - 2", lin_loss[0], std::log(z2) - 2.0, 1e-12);
+  expect_near("loss[1] = log 3", lin_loss[1], std::log(3.0), 1e-12);
+  expect_near("d_hidden[0][0] = 2 (p_0 - 1)", d_hidden[0], 2.0 * (std::exp(2.0) / z2 - 1.0), 1e-12);
+  expect_near("d_weight[0][1] = p_0 of token 1", d_weight[1], 1.0 / 3.0, 1e-12);
 
   // causal attention, one head, L = 3, D = 2: row i averages v over keys j <= i with
   // weights softmax_j(q_i . k_j / sqrt(2)); checked against the plain loop
