@@ -1,4 +1,5 @@
-"""Scale-out on Dask: the softmax family, cross-entropy and attention on ``dask.array`` inputs.
+"""Scale-out on Dask: the softmax family, cross-entropy, fused linear + cross-entropy and
+attention on ``dask.array`` inputs.
 
 Each function builds a lazy Dask graph whose tasks call the in-memory kernels of
 :mod:`mlmath_native` on one block each (``map_blocks`` / ``blockwise``); reductions are
@@ -14,6 +15,11 @@ Chunking rules (the rest of the chunking is kept):
 - ``cross_entropy``: the class axis of the logits (and of probability targets) is rechunked to
   one chunk; the targets' chunks are aligned with the logits' other axes (Dask's usual
   ``blockwise`` alignment).
+- ``linear_cross_entropy``: the rows (tokens) of ``hidden`` (..., D) keep their chunks along
+  the leading axes and D is rechunked to one chunk; ``target`` (and a per-token
+  ``grad_output``) is rechunked to hidden's leading chunks; ``weight``, ``bias`` and
+  ``weight_classes`` are one chunk, read whole by every block.  The weight's gradients are sums
+  over the blocks.
 - ``attention``: the sequence axes (Lq, Lk) and feature axes (D, Dv) are rechunked to one chunk;
   batch and head axes may be chunked.  Batch chunks follow q (or the first of k, v, mask with
   the full batch size there); the others are rechunked to them, and size-1 (broadcast) batch
@@ -46,11 +52,20 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from . import _attention, _cross_entropy
 from . import attention as _attention_np
 from . import cross_entropy as _cross_entropy_np
+from . import linear_cross_entropy as _linear_ce_np
 from . import log_softmax as _log_softmax_np
 from . import softmax as _softmax_np
-from ._checks import compute_dtype, is_bfloat16, normalize_axis
+from ._checks import (
+    FLOAT_DTYPES,
+    as_float_array,
+    as_input,
+    check_size,
+    compute_dtype,
+    is_bfloat16,
+    normalize_axis,
+)
 
-__all__ = ["attention", "cross_entropy", "log_softmax", "softmax"]
+__all__ = ["attention", "cross_entropy", "linear_cross_entropy", "log_softmax", "softmax"]
 
 _REDUCTIONS = ("none", "mean", "sum")
 #: Note [dropout hash] (src/cpp/kernels/attention.cpp, reference.transformer_attention):
@@ -327,6 +342,448 @@ def cross_entropy(
         drop_axis=0,
         meta=_meta(0, loss_dtype),
     )
+
+
+# --- fused linear + cross-entropy -----------------------------------------------------------
+
+_LCE = "dask.linear_cross_entropy"
+#: the positions in the tuple that every block of linear_cross_entropy returns
+_LOSS, _D_HIDDEN, _D_WEIGHT, _D_BIAS, _LOGPROBS, _ENTROPY = range(6)
+
+
+def _lce_positive(value: Any, name: str) -> float:
+    number = _cross_entropy._scalar(value, name, _LCE)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{_LCE}: {name} must be finite and > 0 (got {value!r})")
+    return number
+
+
+def _lce_whole(x: Any, name: str) -> da.Array:
+    """``x`` (NumPy or Dask, dtype kept) as a dask array of one chunk: it goes whole to every
+    block."""
+    if isinstance(x, da.Array):
+        return _as_dask(x, _LCE, name, real=False).rechunk(-1)
+    return da.from_array(as_input(x, _LCE, name), chunks=-1)
+
+
+def _lce_check_targets(
+    target: NDArray[Any],
+    starts: tuple[NDArray[Any], ...],
+    num_classes: int,
+    ignore_index: int,
+    lead_shape: tuple[int, ...],
+) -> None:
+    """ValueError naming the first label of this block outside [0, V) that is not
+    ``ignore_index``, by its flat position in the whole target (the in-memory message)."""
+    with np.errstate(invalid="ignore"):
+        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bad.any():
+        local = np.unravel_index(int(np.flatnonzero(bad.ravel())[0]), target.shape)
+        index = tuple(int(i) + int(s[0]) for i, s in zip(local, starts, strict=True))
+        flat = int(np.ravel_multi_index(index, lead_shape)) if lead_shape else 0
+        raise ValueError(
+            f"{_LCE}: target holds {target[local]} at flat position {flat} but there are "
+            f"{num_classes} classes"
+        )
+
+
+def _lce_denominators(
+    target: NDArray[Any],
+    class_weights: NDArray[Any] | None,
+    *starts: NDArray[Any],
+    num_classes: int,
+    ignore_index: int,
+    lead_shape: tuple[int, ...],
+) -> NDArray[Any]:
+    """One block of targets: [sum of w[t], count] over its tokens that are not ignored, in
+    float64, shaped (1, ..., 1, 2)."""
+    _lce_check_targets(target, starts, num_classes, ignore_index, lead_shape)
+    labels = target[target != ignore_index]
+    part = np.empty((1,) * target.ndim + (2,), np.float64)
+    part[..., 1] = labels.size
+    if class_weights is None:
+        part[..., 0] = labels.size
+    else:
+        part[..., 0] = class_weights.astype(np.float64)[labels].sum()
+    return part
+
+
+def _lce_block(
+    hidden: NDArray[Any],
+    target: NDArray[Any],
+    weight: NDArray[Any],
+    bias: NDArray[Any] | None,
+    class_weights: NDArray[Any] | None,
+    grad: Any,
+    totals: NDArray[Any] | None,
+    *starts: NDArray[Any],
+    num_classes: int,
+    ignore_index: int,
+    lead_shape: tuple[int, ...],
+    reduction: str,
+    z_loss: float,
+    work_dtype: np.dtype[Any],
+    options: dict[str, Any],
+) -> tuple[Any, ...]:
+    """One block of tokens: :func:`mlmath_native.linear_cross_entropy` on its rows, once.
+
+    Returns (loss, d_hidden, d_weight, d_bias, logprobs, entropy), None where not asked for;
+    the loss is per token ("none") or this block's sum as a float ("sum"; for "mean" the sum
+    rescaled by the global denominators ``totals`` = [sum of w[t], count], see
+    :func:`linear_cross_entropy`)."""
+    _lce_check_targets(target, starts, num_classes, ignore_index, lead_shape)
+    if reduction == "mean":
+        assert totals is not None
+        ce_denominator, count = float(totals[0]), float(totals[1])
+        scale = 1.0 if grad is None else float(grad)
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0: NaN, as in-memory
+            grad = np.float64(scale) / np.float64(ce_denominator)
+        z_loss = z_loss * ce_denominator / count if count else 0.0
+        if not math.isfinite(z_loss):  # non-finite class weights: the loss is NaN anyway
+            z_loss = 0.0
+    result = _linear_ce_np(
+        hidden if hidden.dtype == work_dtype else hidden.astype(work_dtype),
+        weight,
+        target,
+        bias,
+        ignore_index=ignore_index,
+        reduction="sum" if reduction == "mean" else reduction,
+        weight_classes=class_weights,
+        z_loss=z_loss,
+        grad_output=grad,
+        **options,
+    )
+    outputs = list(result) if isinstance(result, tuple) else [result]
+    loss = outputs.pop(0)
+    d_hidden = d_weight = d_bias = logprobs = entropy = None
+    if options["return_grad"]:
+        d_hidden, d_weight, d_bias = outputs.pop(0)
+        d_hidden = d_hidden.astype(hidden.dtype, copy=False)  # 16-bit: rounded once, here
+    if options["return_logprobs"]:
+        logprobs = outputs.pop(0)
+    if options["return_entropy"]:
+        entropy = outputs.pop(0)
+    if reduction != "none":
+        loss = float(loss)
+    return loss, d_hidden, d_weight, d_bias, logprobs, entropy
+
+
+def _lce_pick(parts: tuple[Any, ...], index: int) -> Any:
+    return parts[index]
+
+
+def _lce_partial(parts: tuple[Any, ...], index: int, ndim: int) -> NDArray[Any]:
+    """A block's term of a sum over blocks (the loss, d_weight or d_bias) with ``ndim`` leading
+    axes of length 1 (one entry per block along the token axes)."""
+    term = np.asarray(parts[index])
+    return term.reshape((1,) * ndim + term.shape)
+
+
+def _lce_finish(
+    total: NDArray[Any], totals: NDArray[Any] | None, out_dtype: np.dtype[Any]
+) -> NDArray[Any]:
+    """The sum of the blocks' losses -> the loss ("mean": divided by the sum of w[t])."""
+    value = float(total)
+    if totals is not None:
+        denominator = float(totals[0])
+        value = value / denominator if denominator != 0 else math.nan
+    return np.asarray(value, dtype=out_dtype)
+
+
+def linear_cross_entropy(
+    hidden: ArrayLike | da.Array,
+    weight: ArrayLike | da.Array,
+    target: ArrayLike | da.Array,
+    bias: ArrayLike | da.Array | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    weight_classes: ArrayLike | da.Array | None = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    return_grad: bool = False,
+    return_logprobs: bool = False,
+    return_entropy: bool = False,
+    grad_output: ArrayLike | da.Array | None = None,
+    chunk_size: int | None = None,
+) -> Any:
+    """Fused linear + cross-entropy on the rows of a chunked ``hidden``:
+    :func:`mlmath_native.linear_cross_entropy` on each block of tokens, with the reduction and
+    the weight's gradients summed over all blocks.
+
+    Same definition, options, return order and forms as the in-memory function (``hidden``
+    (..., D), ``weight`` (V, D), ``bias`` (V,), ``target`` of hidden's leading shape;
+    ``label_smoothing``, ``weight_classes``, ``z_loss``, ``softcap``, ``temperature``,
+    ``ignore_index``, ``grad_output``, ``chunk_size`` per block).  ``hidden`` may be chunked
+    along its token (leading) axes in any way; its last axis D is rechunked to one chunk.
+    ``weight``, ``bias`` and ``weight_classes`` go whole to every block (NumPy arrays, or dask
+    arrays rechunked to one chunk).  ``target`` (and a per-token ``grad_output`` for "none")
+    is rechunked to hidden's leading chunks.
+
+    Every block makes one call of the in-memory function, which gives all of its outputs:
+    compute the outputs you need together (``dask.compute(loss, d_weight)``) so that the
+    blocks run once.  With ``reduction="none"`` the call is per token.  With "sum" each block
+    returns its sum (float64 partials, added with Dask's ``sum``).  "mean" needs the global
+    denominators first: W = sum of w[t] and K = the count over the tokens that are not ignored,
+    computed from ``target`` and ``weight_classes`` alone (a cheap reduction every block
+    waits for).  Each block then calls the in-memory function with ``reduction="sum"``,
+    ``grad_output=g / W`` and ``z_loss=z_loss * W / K``: its loss is W times its share of
+    ``sum ce / W + z_loss * sum lse^2 / K`` and its gradients are exactly the mean's (the
+    cross-entropy and z-loss terms scaled by 1/W and 1/K), so the mean is the sum of the
+    blocks' sums divided by W (NaN when W is 0, e.g. every token ignored, as in-memory).
+
+    Returns
+    -------
+    The loss alone, or the tuple ``(loss, [(d_hidden, d_weight, d_bias)], [logprobs],
+    [entropy])`` with the parts asked for, all lazy dask arrays: the loss per token ("none":
+    hidden's leading shape and chunks) or 0-d ("sum", "mean"); d_hidden chunked like
+    ``hidden``; d_weight (V, D) and d_bias (V,) (None without a bias) of one chunk, summed over
+    the blocks with Dask's tree reduction (a fixed order: the same graph gives the same bits);
+    logprobs and entropy per token.  dtypes as in-memory (losses float32 for float32 and 16-bit
+    inputs, float64 for float64; gradients in hidden's dtype).  16-bit inputs compute in
+    float32 per block (the weight is converted once) and their d_weight and d_bias are summed
+    in float32, then rounded once.
+
+    Raises
+    ------
+    TypeError, ValueError
+        At once, as the in-memory function (prefixed ``dask.linear_cross_entropy:``): dtypes,
+        shapes (D, V, target, grad_output), options.  A label outside [0, V) that is not
+        ``ignore_index`` raises ``ValueError`` naming its flat position in the whole target
+        when the graph is computed.
+
+    Examples
+    --------
+    >>> import dask.array as da, numpy as np, mlmath_native as mn, mlmath_native.dask as mnd
+    >>> rng = np.random.default_rng(0)
+    >>> hidden, weight = rng.standard_normal((6, 4)), rng.standard_normal((5, 4))
+    >>> target = np.array([0, 1, -100, 3, 4, 2])
+    >>> loss, (d_hidden, d_weight, _) = mnd.linear_cross_entropy(
+    ...     da.from_array(hidden, chunks=(2, 4)), weight, target, return_grad=True)
+    >>> d_hidden.chunks
+    ((2, 2, 2), (4,))
+    >>> np.allclose(loss.compute(), mn.linear_cross_entropy(hidden, weight, target))
+    True
+    """
+    fn = _LCE
+    smoothing, ignore_index = _cross_entropy.check_options(
+        fn, reduction, label_smoothing, ignore_index
+    )
+    z_coef = _cross_entropy._scalar(z_loss, "z_loss", fn)
+    if not (math.isfinite(z_coef) and z_coef >= 0):
+        raise ValueError(f"{fn}: z_loss must be finite and >= 0 (got {z_loss!r})")
+    tau = _lce_positive(temperature, "temperature")
+    cap = None if softcap is None else _lce_positive(softcap, "softcap")
+    chunk = None
+    if chunk_size is not None:
+        chunk = int(_cross_entropy._scalar(chunk_size, "chunk_size", fn))
+        if chunk != chunk_size or chunk < 1:
+            raise ValueError(f"{fn}: chunk_size must be a positive integer (got {chunk_size!r})")
+
+    h = _as_dask(hidden, fn, "hidden")
+    if h.ndim == 0:
+        raise ValueError(f"{fn}: hidden is 0-d (expected shape (..., D))")
+    dtype = h.dtype
+    loss_dtype = np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    work_dtype = dtype if dtype in FLOAT_DTYPES else np.dtype(np.float32)  # 16-bit: float32
+    lead_shape = tuple(int(n) for n in h.shape[:-1])
+    d = int(h.shape[-1])
+    h = h.rechunk({h.ndim - 1: -1})
+    lead_chunks = h.chunks[:-1]
+    nl = len(lead_shape)
+
+    w = _lce_whole(weight, "weight")
+    if w.ndim != 2 or w.shape[1] != d:
+        raise ValueError(
+            f"{fn}: weight has shape {w.shape} but hidden has D = {d} (expected (V, {d}))"
+        )
+    w = w.astype(compute_dtype(fn, "weight", w.dtype)).astype(work_dtype)
+    v = int(w.shape[0])
+    if v == 0:
+        raise ValueError(f"{fn}: weight has no rows (expected V >= 1 classes)")
+    check_size(fn, "the products", (math.prod(lead_shape), v, max(d, 1)))
+    b = None
+    if bias is not None:
+        b = _lce_whole(bias, "bias")
+        b = b.astype(compute_dtype(fn, "bias", b.dtype))
+        if b.shape != (v,):
+            raise ValueError(f"{fn}: bias has shape {b.shape} (expected ({v},))")
+        b = b.astype(work_dtype)
+    cw = None
+    if weight_classes is not None:
+        cw = _lce_whole(weight_classes, "weight_classes")
+        cw = cw.astype(compute_dtype(fn, "weight_classes", cw.dtype))
+        if cw.shape != (v,):
+            raise ValueError(f"{fn}: weight_classes has shape {cw.shape} (expected ({v},))")
+        cw = cw.astype(loss_dtype)
+
+    t: Any  # a dask array, or a NumPy one until it has been checked
+    if isinstance(target, da.Array):
+        t = _as_dask(target, fn, "target", real=False)
+    else:
+        t = as_input(target, fn, "target")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{fn}: target has dtype {t.dtype} (expected integer class indices)")
+    if t.shape != lead_shape:
+        raise ValueError(
+            f"{fn}: target has shape {t.shape} (expected {lead_shape}, hidden's leading shape)"
+        )
+    t = t.rechunk(lead_chunks) if isinstance(t, da.Array) else da.from_array(t, lead_chunks)
+
+    lead_ind = tuple(range(nl))
+    DI, VI, KI = nl, nl + 1, nl + 2  # noqa: N806 - the D, V and [W, K] axes
+    g_arg: Any = None
+    g_ind: tuple[int, ...] | None = None
+    if grad_output is not None:
+        g: Any
+        if isinstance(grad_output, da.Array):
+            g = _as_dask(grad_output, fn, "grad_output")
+        else:
+            g = as_float_array(grad_output, fn, "grad_output")
+        if reduction == "none":
+            if g.ndim != 0 and g.shape != lead_shape:
+                raise ValueError(
+                    f"{fn}: grad_output has shape {g.shape} (expected the loss's shape "
+                    f"{lead_shape} or a scalar)"
+                )
+        elif g.ndim != 0:
+            raise ValueError(
+                f"{fn}: grad_output must be a scalar for reduction={reduction!r} (got shape "
+                f"{g.shape})"
+            )
+        if g.ndim != 0:  # per token: chunked as the tokens
+            g_ind = lead_ind
+            g_arg = (
+                g.rechunk(lead_chunks) if isinstance(g, da.Array) else da.from_array(g, lead_chunks)
+            )
+        elif isinstance(g, da.Array):
+            g_arg, g_ind = g, ()
+        else:
+            g_arg = float(g)
+
+    # the first global index of each block along each token axis (for error messages)
+    starts: list[Any] = []
+    for i, (n, c) in enumerate(zip(lead_shape, lead_chunks, strict=True)):
+        starts += [da.arange(n, chunks=(c,)), (i,)]
+    checks = dict(num_classes=v, ignore_index=ignore_index, lead_shape=lead_shape)
+    cw_arg = (cw, (VI,)) if cw is not None else (None, None)
+
+    totals = None
+    if reduction == "mean":  # [W, K]: they depend on the targets and class weights alone
+        dens = da.blockwise(
+            _lce_denominators,
+            lead_ind + (KI,),
+            t,
+            lead_ind,
+            *cw_arg,
+            *starts,
+            new_axes={KI: 2},
+            adjust_chunks={i: 1 for i in lead_ind},
+            concatenate=True,
+            dtype=np.float64,
+            meta=_meta(nl + 1, np.float64),
+            **checks,
+        )
+        totals = dens.sum(axis=lead_ind, dtype=np.float64).rechunk(-1) if nl else dens
+    options = dict(
+        label_smoothing=smoothing,
+        softcap=cap,
+        temperature=tau,
+        chunk_size=chunk,
+        return_grad=bool(return_grad),
+        return_logprobs=bool(return_logprobs),
+        return_entropy=bool(return_entropy),
+    )
+    parts = da.blockwise(  # a tuple per block: never computed itself, only picked from
+        _lce_block,
+        lead_ind,
+        h,
+        lead_ind + (DI,),
+        t,
+        lead_ind,
+        w,
+        (VI, DI),
+        *((b, (VI,)) if b is not None else (None, None)),
+        *cw_arg,
+        g_arg,
+        g_ind,
+        *((totals, (KI,)) if totals is not None else (None, None)),
+        *starts,
+        concatenate=True,
+        dtype=object,
+        meta=_meta(nl, object),
+        reduction=reduction,
+        z_loss=z_coef,
+        work_dtype=work_dtype,
+        options=options,
+        **checks,
+    )
+
+    def per_token(index: int, out_dtype: np.dtype[Any]) -> da.Array:
+        return da.blockwise(
+            _lce_pick,
+            lead_ind,
+            parts,
+            lead_ind,
+            dtype=out_dtype,
+            meta=_meta(nl, out_dtype),
+            index=index,
+        )
+
+    def summed(index: int, sizes: tuple[int, ...], out_dtype: np.dtype[Any]) -> da.Array:
+        new = tuple(range(nl, nl + len(sizes)))
+        partial = da.blockwise(
+            _lce_partial,
+            lead_ind + new,
+            parts,
+            lead_ind,
+            new_axes=dict(zip(new, sizes, strict=True)),
+            adjust_chunks={i: 1 for i in lead_ind},
+            dtype=out_dtype,
+            meta=_meta(nl + len(new), out_dtype),
+            index=index,
+            ndim=nl,
+        )
+        return partial.sum(axis=lead_ind, dtype=out_dtype) if nl else partial
+
+    if reduction == "none":
+        result: Any = per_token(_LOSS, loss_dtype)
+    else:
+        result = da.blockwise(
+            _lce_finish,
+            (),
+            summed(_LOSS, (), np.dtype(np.float64)),
+            (),
+            *((totals, (KI,)) if totals is not None else (None, None)),
+            concatenate=True,
+            dtype=loss_dtype,
+            meta=_meta(0, loss_dtype),
+            out_dtype=loss_dtype,
+        )
+    if not (return_grad or return_logprobs or return_entropy):
+        return result
+    out: list[Any] = [result]
+    if return_grad:
+        d_hidden = da.blockwise(
+            _lce_pick,
+            lead_ind + (DI,),
+            parts,
+            lead_ind,
+            new_axes={DI: d},
+            dtype=dtype,
+            meta=_meta(nl + 1, dtype),
+            index=_D_HIDDEN,
+        )
+        d_weight = summed(_D_WEIGHT, (v, d), work_dtype).astype(dtype)
+        d_bias = summed(_D_BIAS, (v,), work_dtype).astype(dtype) if b is not None else None
+        out.append((d_hidden, d_weight, d_bias))
+    if return_logprobs:
+        out.append(per_token(_LOGPROBS, loss_dtype))
+    if return_entropy:
+        out.append(per_token(_ENTROPY, loss_dtype))
+    return tuple(out)
 
 
 # --- attention ------------------------------------------------------------------------------
