@@ -63,6 +63,17 @@ def _ce():
     }
 
 
+def _lce():
+    r = _rng()
+    return {
+        "hidden": r.standard_normal((4, 3)).astype(F),
+        "lin_weight": r.standard_normal((5, 3)).astype(F),
+        "target": np.array([0, 4, -100, 1]),
+        "bias": r.standard_normal(5).astype(F),
+        "weight_classes": np.linspace(0.5, 1.5, 5).astype(F),
+    }
+
+
 def _mm():
     r = _rng()
     return {"a": r.standard_normal((3, 4)).astype(F), "b": r.standard_normal((4, 2)).astype(F)}
@@ -171,6 +182,20 @@ SPECS = [
         lambda a: mn.cross_entropy(a["logits"], a["target"], weight=a["weight"], return_grad=True),
         {"logits": 2, "target": 1, "weight": 1},
     ),
+    Spec(
+        "linear_cross_entropy",
+        _lce,
+        lambda a: mn.linear_cross_entropy(
+            a["hidden"],
+            a["lin_weight"],
+            a["target"],
+            a["bias"],
+            weight_classes=a["weight_classes"],
+            return_grad=True,
+        ),
+        # hidden (..., D) and target (...) may have any number of leading axes (together)
+        {"hidden": None, "lin_weight": 2, "target": None, "bias": 1, "weight_classes": 1},
+    ),
     # leading dimensions broadcast (matmul, attention): any ndim >= 2 is valid there
     Spec("matmul", _mm, lambda a: mn.matmul(a["a"], a["b"]), {"a": None, "b": None}),
     Spec(
@@ -261,10 +286,16 @@ SPECS = [
 
 # How a mutation names the argument in the message: SGD([p0, p1]) says params[0], a step
 # grads[0]; everything else uses the argument's own name.
-ALIASES = {"p0": "params[0]", "p1": "params[1]", "g0": "grads[0]", "g1": "grads[1]"}
+ALIASES = {
+    "p0": "params[0]",
+    "p1": "params[1]",
+    "g0": "grads[0]",
+    "g1": "grads[1]",
+    "lin_weight": "weight",
+}
 
 # Arguments for which None is a valid value (no weights, no bias, no mask).
-OPTIONAL = {"weight", "bias", "mask"}
+OPTIONAL = {"weight", "bias", "mask", "weight_classes"}
 
 # Wrong values: (label, build(valid_array) -> the wrong value)
 WRONG_VALUES: list[tuple[str, Callable[[np.ndarray], Any]]] = [
@@ -354,6 +385,13 @@ HUGE_CALLS = [
         "matmul work",
         lambda: mn.matmul(_huge((2**20, 2**40)), _huge((2**40, 2**10))),
         "matmul: the work",
+    ),
+    (
+        "linear_cross_entropy products",
+        lambda: mn.linear_cross_entropy(
+            _huge((2**40, 2**10)), _huge((2**20, 2**10)), np.broadcast_to(np.int64(0), (2**40,))
+        ),
+        "linear_cross_entropy: the products would have shape",
     ),
     (
         "conv2d output",
