@@ -9,7 +9,11 @@ and its gradients d_hidden and d_weight, for each row of ``ROWS``:
   logits a chunk of tokens at a time and never holds them whole;
 - ``ours unfused``: ``mn.matmul`` for the logits, ``mn.cross_entropy(return_grad=True)``, then
   two ``mn.matmul`` for the gradients (the N x V logits and their gradient are materialised);
-- ``torch eager``: ``F.linear`` + ``F.cross_entropy`` + ``backward()``.
+- ``torch eager``: ``F.linear`` + ``F.cross_entropy`` + ``backward()``;
+- ``ours: the 3 GEMMs alone`` and ``torch: the 3 GEMMs alone``: the three products every path
+  computes (the logits, d_hidden = dZ W, d_weight = dZ^T H; the logits stand in for dZ) with
+  ``mn.matmul`` and with ``torch.mm``, and nothing else: the floor of the paths above at each
+  library's GEMM rate (no loss: NaN in the JSON).
 
 Prints a markdown table (progress goes to stderr): median and best seconds per call, the time
 ratios to torch eager and to ours unfused at the same size, the child's peak RSS, the RSS above
@@ -121,6 +125,8 @@ ROWS: tuple[Row, ...] = (
     Row("ours-fused", "ours fused", logit_copies=0),
     Row("ours-unfused", "ours unfused", logit_copies=2),
     Row("torch-eager", "torch eager", logit_copies=3, requires=("torch",)),
+    Row("ours-gemms", "ours: the 3 GEMMs alone", logit_copies=1),
+    Row("torch-gemms", "torch: the 3 GEMMs alone", logit_copies=1, requires=("torch",)),
 )
 TORCH, UNFUSED = "torch-eager", "ours-unfused"  # the rows the ratios compare with
 
@@ -197,10 +203,41 @@ def _torch_eager(shape: Shape, threads: int) -> Callable[[], tuple[Any, Any, Any
     return call
 
 
+def _ours_gemms(shape: Shape, threads: int) -> Callable[[], tuple[Any, Any, Any]]:
+    """The three products alone (logits, d_hidden, d_weight; the logits stand in for their
+    gradient): the time any of the paths above needs at our GEMM's rate, a floor for them."""
+    import mlmath_native as mn
+
+    mn.set_num_threads(threads)
+    h, w, _ = _numpy_inputs(shape)
+
+    def call() -> tuple[Any, Any, Any]:
+        logits = mn.matmul(h, w.T)
+        return float("nan"), mn.matmul(logits, w), mn.matmul(logits.T, h)
+
+    return call
+
+
+def _torch_gemms(shape: Shape, threads: int) -> Callable[[], tuple[Any, Any, Any]]:
+    """The same three products with torch.mm (PyTorch's BLAS): torch eager's floor."""
+    import torch
+
+    torch.set_num_threads(threads)
+    h, w, _ = (torch.from_numpy(a) for a in _numpy_inputs(shape))
+
+    def call() -> tuple[Any, Any, Any]:
+        logits = torch.mm(h, w.T)
+        return float("nan"), torch.mm(logits, w), torch.mm(logits.T, h)
+
+    return call
+
+
 FACTORIES: dict[str, Factory] = {
     "ours-fused": _ours_fused,
     "ours-unfused": _ours_unfused,
     "torch-eager": _torch_eager,
+    "ours-gemms": _ours_gemms,
+    "torch-gemms": _torch_gemms,
 }
 
 
