@@ -248,25 +248,17 @@ def test_16bit_inputs_compute_in_float32(rng, name):
         np.testing.assert_allclose(got, want, rtol=2 * u, atol=1e-5 * np.max(np.abs(want)))
 
 
-def test_against_pytorch_autograd(rng):
-    torch = pytest.importorskip("torch")
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(sorted(o)) or "plain")
+def test_against_pytorch_autograd(rng, options):
+    """Every output against F.linear + F.cross_entropy (+ the z-loss) and autograd in float64."""
+    pytest.importorskip("torch")
+    from test_linear_ce_reference import torch_lce  # needs torch: imported once it is there
+
     hidden, weight, target, bias = problem(rng, 9, 7, 23, ignored=(4,))
-    cw = rng.random(23) + 0.5
-    kw = dict(label_smoothing=0.1, weight_classes=cw)
-    loss, (dh, dw, db) = mn.linear_cross_entropy(
-        hidden, weight, target, bias, return_grad=True, **kw
-    )
-    h, w, b = (torch.tensor(a, requires_grad=True) for a in (hidden, weight, bias))
-    tl = torch.nn.functional.cross_entropy(
-        torch.nn.functional.linear(h, w, b),
-        torch.tensor(target),
-        weight=torch.tensor(cw),
-        label_smoothing=0.1,
-    )
-    tl.backward()
-    np.testing.assert_allclose(loss, tl.item(), rtol=1e-12)
-    for ours, theirs in ((dh, h), (dw, w), (db, b)):
-        np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-11, atol=1e-15)
+    kw = resolve(options, rng, 9, 23)
+    ours = mn.linear_cross_entropy(hidden, weight, target, bias, chunk_size=4, **kw, **ALL_OUT)
+    theirs = torch_lce(hidden, weight, target, bias, **kw)
+    assert_matches(ours, theirs, rtol_for(np.float64, 7, 23, 9))
 
 
 BAD = [
