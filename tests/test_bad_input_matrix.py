@@ -74,6 +74,12 @@ def _lce():
     }
 
 
+def _flat_lce(result):
+    """(loss, d_hidden, d_weight, d_bias): one flat tuple, as the other specs return."""
+    loss, grads = result
+    return (loss, *grads)
+
+
 def _mm():
     r = _rng()
     return {"a": r.standard_normal((3, 4)).astype(F), "b": r.standard_normal((4, 2)).astype(F)}
@@ -185,13 +191,15 @@ SPECS = [
     Spec(
         "linear_cross_entropy",
         _lce,
-        lambda a: mn.linear_cross_entropy(
-            a["hidden"],
-            a["lin_weight"],
-            a["target"],
-            a["bias"],
-            weight_classes=a["weight_classes"],
-            return_grad=True,
+        lambda a: _flat_lce(
+            mn.linear_cross_entropy(
+                a["hidden"],
+                a["lin_weight"],
+                a["target"],
+                a["bias"],
+                weight_classes=a["weight_classes"],
+                return_grad=True,
+            )
         ),
         # hidden (..., D) and target (...) may have any number of leading axes (together)
         {"hidden": None, "lin_weight": 2, "target": None, "bias": 1, "weight_classes": 1},

@@ -322,7 +322,7 @@ print(json.dumps({{"extra": peak() - before - dh.nbytes - dw.nbytes, "loss": flo
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM reset")
 def test_memory_stays_bounded_at_a_large_vocabulary():
     """D = 256, V = 131072: the logits of 512 tokens would be 256 MiB (and their gradient as much
-    again); the fused call may add at most 96 MiB above its inputs and outputs (the 64 MiB chunk
+    again); the fused call may add at most 160 MiB above its inputs and outputs (the 128 MiB chunk
     of logits, the GEMM's packing buffers and the per-token vectors)."""
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(PEAK_SCRIPT.format(n=512))],
@@ -332,4 +332,4 @@ def test_memory_stays_bounded_at_a_large_vocabulary():
     )
     result = json.loads(out.stdout)
     assert np.isfinite(result["loss"])
-    assert result["extra"] <= 96 * 2**20, result
+    assert result["extra"] <= 160 * 2**20, result

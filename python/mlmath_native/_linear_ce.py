@@ -126,7 +126,8 @@ def linear_cross_entropy(
     grad_output : array_like, optional
         The upstream gradient: a scalar ("mean", "sum"), or the loss's shape ("none").
     chunk_size : int, optional
-        Tokens per chunk (default: as many as fit 64 MiB of logits, at least 16).
+        Tokens per chunk (default: as many as fit 64 MiB of float32 logits; at least 256 while
+        their logits fit 256 MiB, so for vocabularies up to 262144; at least 16).
 
     Returns
     -------

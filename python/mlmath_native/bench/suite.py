@@ -273,6 +273,51 @@ def cross_entropy_cases() -> list[Case]:
 CASES.extend(cross_entropy_cases())
 
 
+# --- fused linear + cross-entropy: loss and d_hidden, d_weight (no bias) -----------------------
+
+
+def _lce_inputs(shape: tuple[int, ...]) -> Inputs:
+    n, d, v = shape
+    w = randn((v, d), seed=2) * np.float32(d**-0.5)
+    return {"h": randn((n, d)), "w": w, "t": np.random.default_rng(1).integers(0, v, n)}
+
+
+def np_linear_cross_entropy_grad(h: np.ndarray, w: np.ndarray, t: np.ndarray):
+    """The NumPy way: the logits, the cross-entropy's gradient, two products."""
+    loss, g = np_cross_entropy_grad(h @ w.T, t)
+    return loss, g @ w, g.T @ h
+
+
+def _torch_lce_grad(d: Inputs):
+    """F.linear + F.cross_entropy + backward (PyTorch eager; it holds the logits)."""
+    import torch
+
+    h, w, t = tensor(d["h"]), tensor(d["w"]), torch.from_numpy(d["t"])
+
+    def step():
+        hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
+        torch.nn.functional.cross_entropy(torch.nn.functional.linear(hg, wg), t).backward()
+        return hg.grad, wg.grad
+
+    return step
+
+
+CASES.append(
+    Case(
+        name="linear_cross_entropy+grad",
+        shape=(1024, 1024, 32000),
+        setup=_lce_inputs,
+        ours=lambda d: lambda: mn.linear_cross_entropy(d["h"], d["w"], d["t"], return_grad=True),
+        numpy=lambda d: lambda: np_linear_cross_entropy_grad(d["h"], d["w"], d["t"]),
+        torch=_torch_lce_grad,
+        work=lambda d: 6.0 * d["h"].shape[0] * d["w"].size,  # three N x V x D products
+        unit="flops",
+        label="N{0} D{1} V{2}",
+        quick_shape=(256, 256, 8000),
+    )
+)
+
+
 # --- optimizers: 16M float32 params, one step -------------------------------------------------
 
 

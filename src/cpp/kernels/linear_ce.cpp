@@ -2,8 +2,8 @@
 // its gradients, without ever holding the N x V logits.
 //
 // Note [fused linear cross-entropy]
-// Tokens are taken in chunks of Nc rows (Nc V logits in one scratch block of at most
-// kScratchBytes).  For each chunk, in token order:
+// Tokens are taken in chunks of Nc rows (Nc V logits in one scratch block; chunk_tokens says how
+// many).  For each chunk, in token order:
 //   1. Z = H_c W^T  (the GEMM core), then per row, in place:  x = softcap(Z + b) / temperature,
 //      softcap(z) = c tanh(z / c);  the row's max m, s = sum_j exp(x_j - m), lse = m + log s;
 //      the loss, log p(target), the entropy lse - sum_j p_j x_j.
@@ -27,6 +27,7 @@
 // Memory: the scratch block, plus for 16-bit operands a float32 accumulator of dW (V x D, the size
 // of the output itself, widened) and of db.  16-bit H, W and b are widened as they are packed;
 // dH is rounded once from its float32 sum, dW and db once at the end.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -42,8 +43,14 @@ namespace {
 // Logits of one token chunk: 64 MiB is 512 tokens of a 32k vocabulary in float32, enough rows for
 // the GEMM to run at full rate, and small beside the 0.5-4 GiB of logits it replaces.
 constexpr std::int64_t kScratchBytes = std::int64_t{64} << 20;
-// At least this many tokens per chunk even for huge vocabularies (GEMM rows: a few MR tiles).
-constexpr std::int64_t kMinChunkTokens = 16;
+// Each chunk packs all of W twice (W^T for the logits, W for d_hidden) and reads and writes all
+// of dW: with few tokens per chunk that costs as much as the products (D = 256, V = 131072: 128
+// tokens 17-20 s, 256 tokens 14-17 s), so larger vocabularies take at least this many tokens...
+constexpr std::int64_t kMinChunkTokens = 256;
+// ...as long as their logits fit this much (past V = 262144 chunks get fewer tokens again).
+constexpr std::int64_t kMaxScratchBytes = std::int64_t{256} << 20;
+// The fewest tokens per chunk for any vocabulary (a few GEMM row tiles).
+constexpr std::int64_t kFewestChunkTokens = 16;
 // Note [long row sums]
 // A row's sums run over the whole vocabulary (262144 classes and more).  One float accumulator
 // per lane drifts by up to (V / width) eps: with the scalar path's one lane, 1.6e-2 at V = 2^18
@@ -82,8 +89,10 @@ std::int64_t chunk_tokens(const LinearCrossEntropyArgs<S>& a) {
   using T = compute_t<S>;
   std::int64_t c = a.chunk;
   if (c <= 0) {
-    c = kScratchBytes / (static_cast<std::int64_t>(sizeof(T)) * (a.v > 0 ? a.v : 1));
-    if (c < kMinChunkTokens) c = kMinChunkTokens;
+    const std::int64_t row_bytes = static_cast<std::int64_t>(sizeof(T)) * (a.v > 0 ? a.v : 1);
+    c = kScratchBytes / row_bytes;
+    if (c < kMinChunkTokens) c = std::min(kMinChunkTokens, kMaxScratchBytes / row_bytes);
+    if (c < kFewestChunkTokens) c = kFewestChunkTokens;
   }
   return c < a.n ? c : a.n;
 }
