@@ -22,7 +22,7 @@ def test_list_and_only(capsys):
 
 def small_shape(case):
     """A quick shape of the case's kind: (params, tensors), (m, k, n), (N, C, HW, K, R),
-    (B, H, L, D), 2-d."""
+    (B, H, L, D), (N, D, V), 2-d."""
     if "params" in (case.label or ""):
         return (1000, case.shape[1])
     if case.name.startswith("matmul") and "dot-like" not in case.name:
@@ -34,6 +34,8 @@ def small_shape(case):
         return (1, c, 2 * r + 3, k, r)
     if case.name.startswith("attention"):
         return (1, 2, 37, 16)
+    if case.name.startswith("linear_cross_entropy"):
+        return (9, 17, 37)
     return (8, 37)
 
 
