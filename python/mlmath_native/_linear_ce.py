@@ -16,11 +16,53 @@ from ._cross_entropy import _scalar, check_options
 _FN = "linear_cross_entropy"
 
 
-def _positive(value: Any, name: str) -> float:
-    number = _scalar(value, name, _FN)
+def _positive(fn: str, value: Any, name: str) -> float:
+    number = _scalar(value, name, fn)
     if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{_FN}: {name} must be finite and > 0 (got {value!r})")
+        raise ValueError(f"{fn}: {name} must be finite and > 0 (got {value!r})")
     return number
+
+
+def check_scalar_options(
+    fn: str,
+    reduction: object,
+    label_smoothing: object,
+    ignore_index: object,
+    z_loss: object,
+    temperature: object,
+    softcap: object,
+    chunk_size: object,
+) -> tuple[float, int, float, float, float | None, int | None]:
+    """The scalar options checked (shared with mlmath_native.dask): label_smoothing,
+    ignore_index, z_loss, temperature, softcap (None: none) and chunk_size (None: automatic)."""
+    smoothing, index = check_options(fn, reduction, label_smoothing, ignore_index)
+    z_coef = _scalar(z_loss, "z_loss", fn)
+    if not (math.isfinite(z_coef) and z_coef >= 0):
+        raise ValueError(f"{fn}: z_loss must be finite and >= 0 (got {z_loss!r})")
+    tau = _positive(fn, temperature, "temperature")
+    cap = None if softcap is None else _positive(fn, softcap, "softcap")
+    chunk = None
+    if chunk_size is not None:
+        chunk = int(_scalar(chunk_size, "chunk_size", fn))
+        if chunk != chunk_size or chunk < 1:
+            raise ValueError(f"{fn}: chunk_size must be a positive integer (got {chunk_size!r})")
+    return smoothing, index, z_coef, tau, cap, chunk
+
+
+def check_grad_output_shape(
+    fn: str, reduction: str, shape: tuple[int, ...], lead_shape: tuple[int, ...]
+) -> None:
+    """grad_output: a scalar, or for reduction="none" also the loss's (hidden's leading) shape."""
+    if reduction == "none":
+        if len(shape) != 0 and shape != lead_shape:
+            raise ValueError(
+                f"{fn}: grad_output has shape {shape} (expected the loss's shape "
+                f"{lead_shape} or a scalar)"
+            )
+    elif len(shape) != 0:
+        raise ValueError(
+            f"{fn}: grad_output must be a scalar for reduction={reduction!r} (got shape {shape})"
+        )
 
 
 def _matrix(x: ArrayLike, name: str, dtype: np.dtype[Any] | None) -> NDArray[Any]:
@@ -47,17 +89,7 @@ def _grad_scales(
     g: Any = 1.0
     if grad_output is not None:
         g = as_float_array(grad_output, _FN, "grad_output")
-        if reduction == "none":
-            if g.ndim != 0 and g.shape != lead_shape:
-                raise ValueError(
-                    f"{_FN}: grad_output has shape {g.shape} (expected the loss's shape "
-                    f"{lead_shape} or a scalar)"
-                )
-        elif g.ndim != 0:
-            raise ValueError(
-                f"{_FN}: grad_output must be a scalar for reduction={reduction!r} (got shape "
-                f"{g.shape})"
-            )
+        check_grad_output_shape(_FN, reduction, g.shape, lead_shape)
     if np.ndim(g) != 0:
         return np.asarray(g, dtype=compute).reshape(-1), 0.0, 0.0
     scale = float(g)
@@ -144,17 +176,9 @@ def linear_cross_entropy(
     >>> print(np.round(mn.linear_cross_entropy(hidden, weight, [0, 2], reduction="none"), 4))
     [0.2395 1.0986]
     """
-    smoothing, ignore_index = check_options(_FN, reduction, label_smoothing, ignore_index)
-    z_coef = _scalar(z_loss, "z_loss", _FN)
-    if not (math.isfinite(z_coef) and z_coef >= 0):
-        raise ValueError(f"{_FN}: z_loss must be finite and >= 0 (got {z_loss!r})")
-    inv_temperature = 1.0 / _positive(temperature, "temperature")
-    cap = 0.0 if softcap is None else _positive(softcap, "softcap")
-    chunk = 0
-    if chunk_size is not None:
-        chunk = int(_scalar(chunk_size, "chunk_size", _FN))
-        if chunk != chunk_size or chunk < 1:
-            raise ValueError(f"{_FN}: chunk_size must be a positive integer (got {chunk_size!r})")
+    smoothing, ignore_index, z_coef, tau, cap, chunk = check_scalar_options(
+        _FN, reduction, label_smoothing, ignore_index, z_loss, temperature, softcap, chunk_size
+    )
 
     h = as_float_array(hidden, _FN, "hidden")
     if h.ndim == 0:
@@ -226,9 +250,9 @@ def linear_cross_entropy(
         cw,
         ignore_index,
         smoothing,
-        cap,
-        inv_temperature,
-        chunk,
+        0.0 if cap is None else cap,
+        1.0 / tau,
+        chunk or 0,
         loss,
         lse,
         logprobs,

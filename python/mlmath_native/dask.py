@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         f'(or pip install "dask[array]"); the import failed with: {exc}'
     ) from exc
 
-from . import _attention, _cross_entropy
+from . import _attention, _cross_entropy, _linear_ce
 from . import attention as _attention_np
 from . import cross_entropy as _cross_entropy_np
 from . import linear_cross_entropy as _linear_ce_np
@@ -351,13 +351,6 @@ _LCE = "dask.linear_cross_entropy"
 _LOSS, _D_HIDDEN, _D_WEIGHT, _D_BIAS, _LOGPROBS, _ENTROPY = range(6)
 
 
-def _lce_positive(value: Any, name: str) -> float:
-    number = _cross_entropy._scalar(value, name, _LCE)
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{_LCE}: {name} must be finite and > 0 (got {value!r})")
-    return number
-
-
 def _lce_whole(x: Any, name: str) -> da.Array:
     """``x`` (NumPy or Dask, dtype kept) as a dask array of one chunk: it goes whole to every
     block."""
@@ -568,19 +561,9 @@ def linear_cross_entropy(
     True
     """
     fn = _LCE
-    smoothing, ignore_index = _cross_entropy.check_options(
-        fn, reduction, label_smoothing, ignore_index
+    smoothing, ignore_index, z_coef, tau, cap, chunk = _linear_ce.check_scalar_options(
+        fn, reduction, label_smoothing, ignore_index, z_loss, temperature, softcap, chunk_size
     )
-    z_coef = _cross_entropy._scalar(z_loss, "z_loss", fn)
-    if not (math.isfinite(z_coef) and z_coef >= 0):
-        raise ValueError(f"{fn}: z_loss must be finite and >= 0 (got {z_loss!r})")
-    tau = _lce_positive(temperature, "temperature")
-    cap = None if softcap is None else _lce_positive(softcap, "softcap")
-    chunk = None
-    if chunk_size is not None:
-        chunk = int(_cross_entropy._scalar(chunk_size, "chunk_size", fn))
-        if chunk != chunk_size or chunk < 1:
-            raise ValueError(f"{fn}: chunk_size must be a positive integer (got {chunk_size!r})")
 
     h = _as_dask(hidden, fn, "hidden")
     if h.ndim == 0:
@@ -642,17 +625,7 @@ def linear_cross_entropy(
             g = _as_dask(grad_output, fn, "grad_output")
         else:
             g = as_float_array(grad_output, fn, "grad_output")
-        if reduction == "none":
-            if g.ndim != 0 and g.shape != lead_shape:
-                raise ValueError(
-                    f"{fn}: grad_output has shape {g.shape} (expected the loss's shape "
-                    f"{lead_shape} or a scalar)"
-                )
-        elif g.ndim != 0:
-            raise ValueError(
-                f"{fn}: grad_output must be a scalar for reduction={reduction!r} (got shape "
-                f"{g.shape})"
-            )
+        _linear_ce.check_grad_output_shape(fn, reduction, g.shape, lead_shape)
         if g.ndim != 0:  # per token: chunked as the tokens
             g_ind = lead_ind
             g_arg = (
