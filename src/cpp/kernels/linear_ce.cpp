@@ -188,13 +188,12 @@ template <class S, class T = compute_t<S>>
 void row_backward(const LinearCrossEntropyArgs<S>& a, std::int64_t r, const RowStats& st, T* x) {
   using V = Vec<T>;
   const std::int64_t C = a.v, t = a.target[r];
-  const bool ignored = t == a.ignore_index;
-  const T ce_scale = ignored ? T(0) : (a.ce_scale ? a.ce_scale[r] : a.ce_scale_all);
-  const T z_scale = ignored ? T(0) : (a.z_scale ? a.z_scale[r] : a.z_scale_all);
-  if (ignored) {
+  if (t == a.ignore_index) {
     row_fill(x, C, T(0));
     return;
   }
+  const T ce_scale = a.ce_scale ? a.ce_scale[r] : a.ce_scale_all;
+  const T z_scale = a.z_scale ? a.z_scale[r] : a.z_scale_all;
   const T eps = a.label_smoothing, keep = T(1) - eps, eps_c = eps / T(C), w_t = a.class_weight[t];
   const T lse = static_cast<T>(st.shift + st.lse_shifted);
   const T target_weight = eps > 0 ? keep * w_t + eps_c * a.class_weight_sum : w_t;
