@@ -16,7 +16,13 @@
 // store_codes<Signed>: width 8-bit codes (q8, read as int8 when Signed, else uint8) widened to
 // float lanes, and float lanes holding integers in the code range narrowed back, and
 // store_bf16_stochastic(v, p, key, first): width bf16 values rounded stochastically, lane k
-// with the random bits hash32_high16(first + k + key) (Note [stochastic rounding] in optim.cpp).
+// being element first + k of its array (Note [stochastic rounding] in optim.cpp); and for bf16
+// arrays taken two vectors at a time (the pair layout: `even` holds elements 0, 2, 4, ... and
+// `odd` 1, 3, 5, ..., the two halves of each 32-bit lane, so that widening and narrowing are a
+// shift and a mask instead of shuffles): load_bf16_pairs, store_bf16_pairs (nearest even) and
+// store_bf16_pairs_stochastic(even, odd, p, counter) (lane j of both: hash32(counter + j));
+// with KeepNaN = false, for values known not to be NaN, they skip the NaN repair.  any_nan(a):
+// whether a lane of a is NaN.
 //
 // Vec<float> also loads from and stores to the 16-bit storage types (bf16, f16; Note [16-bit
 // storage] in half.h): load / load_partial widen, store / store_partial round to nearest even
@@ -105,16 +111,22 @@ S narrow(compute_t<S> v) {
   }
 }
 
-// The high 16 bits of a 32-bit integer hash with good avalanche (Chris Wellons' "lowbias32":
-// two xorshift-multiply rounds, each output bit flips with probability 0.5 +- 0.002 per flipped
-// input bit; its final x ^= x >> 16 changes only the low half, so it is left out), the
-// counter-based random bits of stochastic rounding.  Each ISA block below has it lane-wise
-// with the same constants, so every ISA rounds every value the same way.
+// A 32-bit integer hash with good avalanche (Chris Wellons' "lowbias32": two xorshift-multiply
+// rounds and a last xorshift; each output bit flips with probability 0.5 +- 0.002 per flipped
+// input bit), the counter-based random bits of stochastic rounding: its high half rounds one
+// element and its low half the next.  Each ISA block below has it lane-wise with the same
+// constants, so every ISA rounds every value the same way.
 constexpr std::uint32_t kHashMul1 = 0x7FEB352Du, kHashMul2 = 0x846CA68Bu;
-inline std::uint32_t hash32_high16(std::uint32_t x) {
+inline std::uint32_t hash32(std::uint32_t x) {
   x = (x ^ (x >> 16)) * kHashMul1;
   x = (x ^ (x >> 15)) * kHashMul2;
-  return x >> 16;
+  return x ^ (x >> 16);
+}
+// The 16 random bits of element i of an array whose key is `key` (i modulo 2^32): the high half
+// of hash32((i >> 1) + key) for even i, its low half for odd i.
+inline std::uint32_t random16(std::uint32_t key, std::uint32_t i) {
+  const std::uint32_t h = hash32((i >> 1) + key);
+  return (i & 1u) != 0 ? h & 0xFFFFu : h >> 16;
 }
 // x rounded to bf16 stochastically with 16 random bits r: (bits(x) + r) >> 16, NaN kept quiet.
 inline bf16 bf16_stochastic(float x, std::uint32_t random16) {
@@ -215,6 +227,7 @@ template <class T>
 inline Vec<T> max_propagate_nan(Vec<T> a, Vec<T> b) {
   return {a.v != a.v ? a.v : (a.v > b.v ? a.v : b.v)};
 }
+inline bool any_nan(Vec<float> a) { return a.v != a.v; }
 inline Vec<float> abs(Vec<float> a) { return {std::fabs(a.v)}; }
 inline Vec<float> rsqrt_estimate(Vec<float> a) { return {1.0f / std::sqrt(a.v)}; }
 template <bool Signed>
@@ -228,7 +241,23 @@ inline void store_codes(Vec<float> v, q8* p) {
   p->bits = static_cast<std::uint8_t>(Signed ? static_cast<std::int8_t>(code) : code);
 }
 inline void store_bf16_stochastic(Vec<float> v, bf16* p, std::uint32_t key, std::uint32_t first) {
-  *p = bf16_stochastic(v.v, hash32_high16(first + key));
+  *p = bf16_stochastic(v.v, random16(key, first));
+}
+inline void load_bf16_pairs(const bf16* p, Vec<float>& even, Vec<float>& odd) {
+  even = {widen(p[0])};
+  odd = {widen(p[1])};
+}
+template <bool KeepNaN = true>  // the scalar path always keeps NaN (it is one compare)
+inline void store_bf16_pairs(Vec<float> even, Vec<float> odd, bf16* p) {
+  p[0] = narrow<bf16>(even.v);
+  p[1] = narrow<bf16>(odd.v);
+}
+template <bool KeepNaN = true>
+inline void store_bf16_pairs_stochastic(Vec<float> even, Vec<float> odd, bf16* p,
+                                        std::uint32_t counter) {
+  const std::uint32_t h = hash32(counter);
+  p[0] = bf16_stochastic(even.v, h >> 16);
+  p[1] = bf16_stochastic(odd.v, h & 0xFFFFu);
 }
 template <class T>
 inline Vec<T> pow2i(Vec<T> k) {
@@ -413,6 +442,7 @@ inline VF max_propagate_nan(VF a, VF b) {
 inline VD max_propagate_nan(VD a, VD b) {
   return {_mm256_blendv_pd(_mm256_max_pd(a.v, b.v), a.v, _mm256_cmp_pd(a.v, a.v, _CMP_UNORD_Q))};
 }
+inline bool any_nan(VF a) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)) != 0; }
 inline VF rsqrt_estimate(VF a) { return {_mm256_rsqrt_ps(a.v)}; }  // 2^-11.4
 inline VF abs(VF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 template <bool Signed>
@@ -427,19 +457,68 @@ inline void store_codes(VF v, q8* p) {
   const __m128i b = Signed ? _mm_packs_epi16(w, w) : _mm_packus_epi16(w, w);
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), b);
 }
-inline __m256i hash32_high16(__m256i x) {
+inline __m256i hash32(__m256i x) {
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kHashMul1)));
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kHashMul2)));
-  return _mm256_srli_epi32(x, 16);
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+// bits(v) + r, whose high halves are v rounded to bf16 (r: the rounding's addend below 2^16);
+// where v is NaN, its bits with the quiet bit set and nothing added: its quiet NaN, sign kept.
+template <bool KeepNaN = true>
+inline __m256i bf16_round_bits(__m256 v, __m256i r) {
+  if constexpr (!KeepNaN) return _mm256_add_epi32(_mm256_castps_si256(v), r);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i u = _mm256_castps_si256(v);
+  return _mm256_add_epi32(_mm256_or_si256(u, _mm256_and_si256(nan, _mm256_set1_epi32(0x00400000))),
+                          _mm256_andnot_si256(nan, r));
+}
+template <bool KeepNaN = true>
+inline __m256i bf16_nearest_even_bits(__m256 v) {
+  const __m256i odd =
+      _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(1));
+  return bf16_round_bits<KeepNaN>(v, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
 }
 inline void store_bf16_stochastic(VF v, bf16* p, std::uint32_t key, std::uint32_t first) {
-  const __m256i counter = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first + key)),
-                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const __m256i u = _mm256_castps_si256(v.v);
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, hash32_high16(counter)), 16);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack_bf16_keep_nan(v.v, r));
+  const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i h = hash32(
+      _mm256_add_epi32(_mm256_srli_epi32(index, 1), _mm256_set1_epi32(static_cast<int>(key))));
+  const __m256i r = _mm256_castps_si256(  // odd elements (bit 0 moved to the sign): the low half
+      _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_srli_epi32(h, 16)),
+                       _mm256_castsi256_ps(_mm256_and_si256(h, _mm256_set1_epi32(0xFFFF))),
+                       _mm256_castsi256_ps(_mm256_slli_epi32(index, 31))));
+  const __m256i bits = _mm256_srli_epi32(bf16_round_bits(v.v, r), 16);
+  _mm_storeu_si128(
+      reinterpret_cast<__m128i*>(p),
+      _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+}
+inline void load_bf16_pairs(const bf16* p, VF& even, VF& odd) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = {_mm256_castsi256_ps(_mm256_slli_epi32(x, 16))};
+  odd = {
+      _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+}
+// The high halves of even_bits and odd_bits, interleaved back into 16 bf16 values.
+inline void store_bf16_halves(__m256i even_bits, __m256i odd_bits, bf16* p) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  _mm256_storeu_si256(
+      reinterpret_cast<__m256i*>(p),
+      _mm256_or_si256(_mm256_srli_epi32(even_bits, 16), _mm256_and_si256(odd_bits, high)));
+}
+template <bool KeepNaN = true>
+inline void store_bf16_pairs(VF even, VF odd, bf16* p) {
+  store_bf16_halves(bf16_nearest_even_bits<KeepNaN>(even.v), bf16_nearest_even_bits<KeepNaN>(odd.v),
+                    p);
+}
+template <bool KeepNaN = true>
+inline void store_bf16_pairs_stochastic(VF even, VF odd, bf16* p, std::uint32_t counter) {
+  const __m256i h = hash32(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(counter)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  store_bf16_halves(bf16_round_bits<KeepNaN>(even.v, _mm256_srli_epi32(h, 16)),
+                    bf16_round_bits<KeepNaN>(odd.v, _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF))),
+                    p);
 }
 inline VF pow2i(VF k) {
   const __m256 biased = _mm256_add_ps(k.v, _mm256_set1_ps(12582912.0f + 127.0f));
@@ -599,6 +678,7 @@ inline VD max_propagate_nan(VD a, VD b) {
   return {
       _mm512_mask_mov_pd(_mm512_max_pd(a.v, b.v), _mm512_cmp_pd_mask(a.v, a.v, _CMP_UNORD_Q), a.v)};
 }
+inline bool any_nan(VF a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q) != 0; }
 inline VF rsqrt_estimate(VF a) { return {_mm512_rsqrt14_ps(a.v)}; }  // 2^-14
 inline VF abs(VF a) { return {_mm512_abs_ps(a.v)}; }  // AVX-512F (an integer and inside)
 template <bool Signed>
@@ -612,20 +692,68 @@ inline void store_codes(VF v, q8* p) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    Signed ? _mm512_cvtsepi32_epi8(i) : _mm512_cvtusepi32_epi8(i));
 }
-inline __m512i hash32_high16(__m512i x) {
+inline __m512i hash32(__m512i x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kHashMul1)));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kHashMul2)));
-  return _mm512_srli_epi32(x, 16);
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+// bits(v) + r, whose high halves are v rounded to bf16 (r: the rounding's addend below 2^16);
+// where v is NaN, its bits with the quiet bit set and nothing added: its quiet NaN, sign kept.
+template <bool KeepNaN = true>
+inline __m512i bf16_round_bits(__m512 v, __m512i r) {
+  if constexpr (!KeepNaN) return _mm512_add_epi32(_mm512_castps_si512(v), r);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i u = _mm512_castps_si512(v);
+  return _mm512_add_epi32(_mm512_mask_or_epi32(u, nan, u, _mm512_set1_epi32(0x00400000)),
+                          _mm512_maskz_mov_epi32(static_cast<__mmask16>(~nan), r));
+}
+template <bool KeepNaN = true>
+inline __m512i bf16_nearest_even_bits(__m512 v) {
+  const __m512i odd =
+      _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(1));
+  return bf16_round_bits<KeepNaN>(v, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+}
+inline __m512i lane_index16() {
+  return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 inline void store_bf16_stochastic(VF v, bf16* p, std::uint32_t key, std::uint32_t first) {
-  const __m512i counter =
-      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first + key)),
-                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __m512i u = _mm512_castps_si512(v.v);
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, hash32_high16(counter)), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack_bf16_keep_nan(v.v, r));
+  const __m512i index =
+      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)), lane_index16());
+  const __m512i h = hash32(
+      _mm512_add_epi32(_mm512_srli_epi32(index, 1), _mm512_set1_epi32(static_cast<int>(key))));
+  const __m512i r =  // odd elements: the low half
+      _mm512_mask_blend_epi32(_mm512_test_epi32_mask(index, _mm512_set1_epi32(1)),
+                              _mm512_srli_epi32(h, 16),
+                              _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round_bits(v.v, r), 16)));
+}
+inline void load_bf16_pairs(const bf16* p, VF& even, VF& odd) {
+  const __m512i x = _mm512_loadu_si512(p);
+  even = {_mm512_castsi512_ps(_mm512_slli_epi32(x, 16))};
+  odd = {
+      _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+}
+// The high halves of even_bits and odd_bits, interleaved back into 32 bf16 values.
+inline void store_bf16_halves(__m512i even_bits, __m512i odd_bits, bf16* p) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  _mm512_storeu_si512(
+      p, _mm512_or_si512(_mm512_srli_epi32(even_bits, 16), _mm512_and_si512(odd_bits, high)));
+}
+template <bool KeepNaN = true>
+inline void store_bf16_pairs(VF even, VF odd, bf16* p) {
+  store_bf16_halves(bf16_nearest_even_bits<KeepNaN>(even.v), bf16_nearest_even_bits<KeepNaN>(odd.v),
+                    p);
+}
+template <bool KeepNaN = true>
+inline void store_bf16_pairs_stochastic(VF even, VF odd, bf16* p, std::uint32_t counter) {
+  const __m512i h =
+      hash32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(counter)), lane_index16()));
+  store_bf16_halves(bf16_round_bits<KeepNaN>(even.v, _mm512_srli_epi32(h, 16)),
+                    bf16_round_bits<KeepNaN>(odd.v, _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF))),
+                    p);
 }
 inline VF pow2i(VF k) {
   const __m512 biased = _mm512_add_ps(k.v, _mm512_set1_ps(12582912.0f + 127.0f));
@@ -809,6 +937,7 @@ inline VD fma_lane(VD a, VD b, VD c) {
   return {vfmaq_laneq_f64(c.v, b.v, a.v, L)};
 }
 // FRSQRTE gives 8 bits; one Newton step (FRSQRTS) brings it past the 2^-11 of the contract.
+inline bool any_nan(VF a) { return vmaxvq_u32(vmvnq_u32(vceqq_f32(a.v, a.v))) != 0; }
 inline VF rsqrt_estimate(VF a) {
   const float32x4_t r = vrsqrteq_f32(a.v);
   return {vmulq_f32(r, vrsqrtsq_f32(vmulq_f32(a.v, r), r))};
@@ -841,17 +970,57 @@ inline void store_codes(VF v, q8* p) {
   const std::uint32_t word = vget_lane_u32(vreinterpret_u32_u8(bytes), 0);
   std::memcpy(p, &word, sizeof word);
 }
-inline uint32x4_t hash32_high16(uint32x4_t x) {
+inline uint32x4_t hash32(uint32x4_t x) {
   x = vmulq_u32(veorq_u32(x, vshrq_n_u32(x, 16)), vdupq_n_u32(kHashMul1));
   x = vmulq_u32(veorq_u32(x, vshrq_n_u32(x, 15)), vdupq_n_u32(kHashMul2));
-  return vshrq_n_u32(x, 16);
+  return veorq_u32(x, vshrq_n_u32(x, 16));
+}
+// bits(v) + r, whose high halves are v rounded to bf16 (r: the rounding's addend below 2^16);
+// where v is NaN, its bits with the quiet bit set and nothing added: its quiet NaN, sign kept.
+template <bool KeepNaN = true>
+inline uint32x4_t bf16_round_bits(float32x4_t v, uint32x4_t r) {
+  if constexpr (!KeepNaN) return vaddq_u32(vreinterpretq_u32_f32(v), r);
+  const uint32x4_t nan = vmvnq_u32(vceqq_f32(v, v));
+  const uint32x4_t u = vreinterpretq_u32_f32(v);
+  return vaddq_u32(vorrq_u32(u, vandq_u32(nan, vdupq_n_u32(0x00400000))), vbicq_u32(r, nan));
+}
+template <bool KeepNaN = true>
+inline uint32x4_t bf16_nearest_even_bits(float32x4_t v) {
+  const uint32x4_t odd = vandq_u32(vshrq_n_u32(vreinterpretq_u32_f32(v), 16), vdupq_n_u32(1));
+  return bf16_round_bits<KeepNaN>(v, vaddq_u32(vdupq_n_u32(0x7FFF), odd));
+}
+inline uint32x4_t lane_index4() {
+  const std::uint32_t lanes[4] = {0, 1, 2, 3};
+  return vld1q_u32(lanes);
 }
 inline void store_bf16_stochastic(VF v, bf16* p, std::uint32_t key, std::uint32_t first) {
-  const std::uint32_t lanes[4] = {0, 1, 2, 3};
-  const uint32x4_t counter = vaddq_u32(vdupq_n_u32(first + key), vld1q_u32(lanes));
-  const uint32x4_t u = vreinterpretq_u32_f32(v.v);
-  const uint16x4_t r = vshrn_n_u32(vaddq_u32(u, hash32_high16(counter)), 16);
-  vst1_u16(reinterpret_cast<std::uint16_t*>(p), bf16_keep_nan(v.v, r));
+  const uint32x4_t index = vaddq_u32(vdupq_n_u32(first), lane_index4());
+  const uint32x4_t h = hash32(vaddq_u32(vshrq_n_u32(index, 1), vdupq_n_u32(key)));
+  const uint32x4_t r = vbslq_u32(vtstq_u32(index, vdupq_n_u32(1)),  // odd elements: the low half
+                                 vandq_u32(h, vdupq_n_u32(0xFFFF)), vshrq_n_u32(h, 16));
+  vst1_u16(reinterpret_cast<std::uint16_t*>(p), vshrn_n_u32(bf16_round_bits(v.v, r), 16));
+}
+inline void load_bf16_pairs(const bf16* p, VF& even, VF& odd) {
+  const uint32x4_t x = vreinterpretq_u32_u16(vld1q_u16(reinterpret_cast<const std::uint16_t*>(p)));
+  even = {vreinterpretq_f32_u32(vshlq_n_u32(x, 16))};
+  odd = {vreinterpretq_f32_u32(vandq_u32(x, vdupq_n_u32(0xFFFF0000u)))};
+}
+// The high halves of even_bits and odd_bits, interleaved back into 8 bf16 values (SRI: shift
+// right and insert keeps the high half of odd_bits).
+inline void store_bf16_halves(uint32x4_t even_bits, uint32x4_t odd_bits, bf16* p) {
+  vst1q_u16(reinterpret_cast<std::uint16_t*>(p),
+            vreinterpretq_u16_u32(vsriq_n_u32(odd_bits, even_bits, 16)));
+}
+template <bool KeepNaN = true>
+inline void store_bf16_pairs(VF even, VF odd, bf16* p) {
+  store_bf16_halves(bf16_nearest_even_bits<KeepNaN>(even.v), bf16_nearest_even_bits<KeepNaN>(odd.v),
+                    p);
+}
+template <bool KeepNaN = true>
+inline void store_bf16_pairs_stochastic(VF even, VF odd, bf16* p, std::uint32_t counter) {
+  const uint32x4_t h = hash32(vaddq_u32(vdupq_n_u32(counter), lane_index4()));
+  store_bf16_halves(bf16_round_bits<KeepNaN>(even.v, vshrq_n_u32(h, 16)),
+                    bf16_round_bits<KeepNaN>(odd.v, vandq_u32(h, vdupq_n_u32(0xFFFF))), p);
 }
 inline VF pow2i(VF k) {
   const float32x4_t biased = vaddq_f32(k.v, vdupq_n_f32(12582912.0f + 127.0f));

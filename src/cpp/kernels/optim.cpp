@@ -32,9 +32,14 @@
 // element i come from a hash of (seed, step, tensor index in the call, which array, i) — no
 // shared generator state — so results depend neither on the thread count nor on the chunking.
 // The hash runs in the vector lanes: a 64-bit key per (seed, step, tensor, array, i >> 32) made
-// by splitmix64 once per chunk, folded to 32 bits, and per element hash32_high16(uint32(i) +
-// key) (vec.h; 32-bit lane arithmetic, which every ISA has: a 64-bit hash per element ran in
-// scalar code and made the bf16 step 5x slower than the float32 one).
+// by splitmix64 once per chunk, folded to 32 bits, and h = hash32((uint32(i) >> 1) + key) (vec.h:
+// 32-bit lane arithmetic, which every ISA has) whose high half rounds element i when i is even
+// and whose low half rounds i when i is odd: one hash per two elements.  Where every array is
+// bf16, the step works in vec.h's pair layout (lane j of a pair of vectors holds elements 2j and
+// 2j + 1), so lane j's hash serves both its elements with no shuffle.  History: a 64-bit hash per
+// element in scalar code made the bf16 step 5x slower than the float32 one; a 32-bit hash per
+// element in the lanes and a widening/narrowing shuffle per vector still took 10.4 instructions
+// per parameter of AdamW (7.1 with rounding to nearest).
 //
 // Note [8-bit optimizer state]
 // With St = q8 each state array is one byte per element plus one float32 scale per block of
@@ -340,6 +345,19 @@ void store_param(Vec<compute_t<S>> q, const OptimTensor<S, St>& t, std::int64_t 
   }
 }
 
+// The stores of the pair layout (vec.h): rounded stochastically where SR, the random bits of
+// element i (even) and i + 1 from one hash (Note [stochastic rounding]); KeepNaN false where no
+// value is NaN (the NaN repair was a quarter of the bf16 AdamW step's instructions).
+template <bool SR, bool KeepNaN>
+void store_pairs(Vec<float> even, Vec<float> odd, bf16* p, std::int64_t i, const Rounder& r) {
+  if constexpr (SR) {
+    store_bf16_pairs_stochastic<KeepNaN>(even, odd, p,
+                                         (static_cast<std::uint32_t>(i) >> 1) + r.key);
+  } else {
+    store_bf16_pairs<KeepNaN>(even, odd, p);
+  }
+}
+
 template <bool Momentum, bool Nesterov, bool FirstStep, bool WeightDecay, bool Master, bool SR,
           class S, class St>
 void sgd_chunk(const SgdArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::int64_t tensor,
@@ -349,21 +367,50 @@ void sgd_chunk(const SgdArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::in
   using V = Vec<T>;
   const V scale = V::set1(a.grad_scale), wd = V::set1(a.weight_decay), mu = V::set1(a.momentum),
           damp = V::set1(T(1) - a.dampening), neg_lr = V::set1(-a.lr);
+  // One vector's update: the momentum buffer b in and out (where Momentum); returns the new param.
+  const auto update = [&](V p, V g, V& b) {
+    V d = mul(scale, g);
+    if (WeightDecay) d = fma(wd, p, d);
+    if (Momentum) {
+      b = FirstStep ? d : fma(mu, b, mul(damp, d));
+      d = Nesterov ? fma(mu, b, d) : b;
+    }
+    return fma(neg_lr, d, p);
+  };
   const Rounder rp = make_rounder(SR, a.rounding, tensor, 0, begin);
-  StateIO<St, true, SR> buf(t.state1, t.absmax1, make_rounder(SR, a.rounding, tensor, 1, begin));
-  block_loop<St>(begin, end, [&](std::int64_t block_begin, std::int64_t block_end) {
+  const Rounder rb = make_rounder(SR, a.rounding, tensor, 1, begin);
+  StateIO<St, true, SR> buf(t.state1, t.absmax1, rb);
+  // Every array it touches bf16: whole pairs of vectors in the pair layout first (vec.h).
+  constexpr bool kPairs =
+      std::is_same_v<S, bf16> && (std::is_same_v<St, bf16> || !Momentum) && !Master;
+  std::int64_t pairs_end = begin;
+  if constexpr (kPairs) {
+    for (; pairs_end + 2 * V::width <= end; pairs_end += 2 * V::width) {
+      const std::int64_t i = pairs_end;
+      V p[2], g[2], b[2];
+      load_bf16_pairs(t.param + i, p[0], p[1]);
+      load_bf16_pairs(t.grad + i, g[0], g[1]);
+      if constexpr (Momentum && !FirstStep) load_bf16_pairs(t.state1 + i, b[0], b[1]);
+      for (int k = 0; k < 2; ++k) p[k] = update(p[k], g[k], b[k]);
+      const auto store_all = [&](auto keep_nan) {
+        constexpr bool kKeepNaN = decltype(keep_nan)::value;
+        if constexpr (Momentum) store_pairs<SR, kKeepNaN>(b[0], b[1], t.state1 + i, i, rb);
+        store_pairs<SR, kKeepNaN>(p[0], p[1], t.param + i, i, rp);
+      };
+      V sum = add(p[0], p[1]);  // NaN when any is (so may inf - inf, harmlessly)
+      if (Momentum) sum = add(sum, add(b[0], b[1]));
+      with_flag(any_nan(sum), store_all);
+    }
+  }
+  block_loop<St>(pairs_end, end, [&](std::int64_t block_begin, std::int64_t block_end) {
     const auto buf_io = Momentum ? buf.begin_block(block_begin) : decltype(buf.begin_block(0)){};
     V top = V::set1(T(0));
     vector_loop<T>(block_begin, block_end, [&](std::int64_t i, std::int64_t n) {
-      const V p = load_param<Master>(t, i, n);
-      V d = mul(scale, load_n(t.grad + i, n));
-      if (WeightDecay) d = fma(wd, p, d);
-      if (Momentum) {
-        V b = FirstStep ? d : fma(mu, buf_io.load(i, n), mul(damp, d));
-        buf_io.store(b, b, i, n, top);
-        d = Nesterov ? fma(mu, b, d) : b;
-      }
-      store_param<Master, SR>(fma(neg_lr, d, p), t, i, n, rp);
+      V b = V::set1(T(0));
+      if (Momentum && !FirstStep) b = buf_io.load(i, n);
+      const V q = update(load_param<Master>(t, i, n), load_n(t.grad + i, n), b);
+      if (Momentum) buf_io.store(b, b, i, n, top);
+      store_param<Master, SR>(q, t, i, n, rp);
     });
     if (Momentum) buf.end_block(block_begin, block_end, top);
   });
@@ -380,42 +427,73 @@ void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::
           one_minus_b1 = V::set1(T(1) - a.beta1), b2 = V::set1(a.beta2),
           one_minus_b2 = V::set1(T(1) - a.beta2), eps = V::set1(a.eps),
           inv_c2 = V::set1(a.inv_bias_correction2_sqrt), neg_step = V::set1(-a.step_size);
+  // One vector's update: the moments m, v (and vmax) in and out; returns the new param; root is
+  // the square root of the second moment that the denominator used.
+  const auto update = [&](V p, V g, V& m, V& v, V& vmax, V& root) {
+    V d = mul(scale, g);
+    if (WeightDecay) {
+      if (Decoupled) {
+        p = mul(p, decay);
+      } else {
+        d = fma(wd, p, d);
+      }
+    }
+    m = fma(b1, m, mul(one_minus_b1, d));
+    v = fma(b2, v, mul(one_minus_b2, mul(d, d)));
+    if (Amsgrad) vmax = max_propagate_nan(vmax, v);  // NaN stays NaN, as in torch
+    root = sqrt(Amsgrad ? vmax : v);
+    return fma(neg_step, div(m, fma(root, inv_c2, eps)), p);
+  };
   Rounder r[4];
   for (int k = 0; k < 4; ++k) r[k] = make_rounder(SR, a.rounding, tensor, k, begin);
   StateIO<St, true, SR> exp_avg(t.state1, t.absmax1, r[1]);
   StateIO<St, false, SR> exp_avg_sq(t.state2, t.absmax2, r[2]), max_sq(t.state3, t.absmax3, r[3]);
   constexpr bool kQuantised = std::is_same_v<St, q8>;
-  block_loop<St>(begin, end, [&](std::int64_t block_begin, std::int64_t block_end) {
+  // Everything bf16: whole pairs of vectors in the pair layout first (vec.h), the rest below.
+  constexpr bool kPairs = std::is_same_v<S, bf16> && std::is_same_v<St, bf16> && !Master;
+  std::int64_t pairs_end = begin;
+  if constexpr (kPairs) {
+    constexpr std::int64_t kPair = 2 * V::width;
+    for (; pairs_end + kPair <= end; pairs_end += kPair) {
+      const std::int64_t i = pairs_end;
+      V p[2], g[2], m[2], v[2], vmax[2], root[2];
+      load_bf16_pairs(t.param + i, p[0], p[1]);
+      load_bf16_pairs(t.grad + i, g[0], g[1]);
+      load_bf16_pairs(t.state1 + i, m[0], m[1]);
+      load_bf16_pairs(t.state2 + i, v[0], v[1]);
+      if (Amsgrad) load_bf16_pairs(t.state3 + i, vmax[0], vmax[1]);
+      for (int k = 0; k < 2; ++k) p[k] = update(p[k], g[k], m[k], v[k], vmax[k], root[k]);
+      const auto store_all = [&](auto keep_nan) {
+        constexpr bool kKeepNaN = decltype(keep_nan)::value;
+        store_pairs<SR, kKeepNaN>(m[0], m[1], t.state1 + i, i, r[1]);
+        store_pairs<SR, kKeepNaN>(v[0], v[1], t.state2 + i, i, r[2]);
+        if (Amsgrad) store_pairs<SR, kKeepNaN>(vmax[0], vmax[1], t.state3 + i, i, r[3]);
+        store_pairs<SR, kKeepNaN>(p[0], p[1], t.param + i, i, r[0]);
+      };
+      // one test for all: a NaN anywhere makes the sum NaN (so may inf - inf, harmlessly)
+      V sum = add(add(add(p[0], p[1]), add(m[0], m[1])), add(v[0], v[1]));
+      if (Amsgrad) sum = add(sum, add(vmax[0], vmax[1]));
+      with_flag(any_nan(sum), store_all);
+    }
+  }
+  block_loop<St>(pairs_end, end, [&](std::int64_t block_begin, std::int64_t block_end) {
     const auto m_io = exp_avg.begin_block(block_begin);
     const auto v_io = exp_avg_sq.begin_block(block_begin);
     const auto vmax_io =
         Amsgrad ? max_sq.begin_block(block_begin) : decltype(max_sq.begin_block(0)){};
     V top1 = V::set1(T(0)), top2 = top1, top3 = top1;  // of each state's kept values
     vector_loop<T>(block_begin, block_end, [&](std::int64_t i, std::int64_t n) {
-      V p = load_param<Master>(t, i, n);
-      V d = mul(scale, load_n(t.grad + i, n));
-      if (WeightDecay) {
-        if (Decoupled) {
-          p = mul(p, decay);
-        } else {
-          d = fma(wd, p, d);
-        }
-      }
-      const V m = fma(b1, m_io.load(i, n), mul(one_minus_b1, d));
-      const V v = fma(b2, v_io.load(i, n), mul(one_minus_b2, mul(d, d)));
+      V m = m_io.load(i, n), v = v_io.load(i, n), vmax = m, root;
+      if (Amsgrad) vmax = vmax_io.load(i, n);
+      const V q = update(load_param<Master>(t, i, n), load_n(t.grad + i, n), m, v, vmax, root);
       m_io.store(m, m, i, n, top1);
-      V root;  // sqrt of the second moment the denominator uses
       if (Amsgrad) {
-        const V vmax = max_propagate_nan(vmax_io.load(i, n), v);  // NaN stays NaN, as in torch
-        root = sqrt(vmax);
         vmax_io.store(vmax, root, i, n, top3);
         v_io.store(v, kQuantised ? sqrt(v) : v, i, n, top2);
       } else {
-        root = sqrt(v);
         v_io.store(v, root, i, n, top2);
       }
-      const V denom = fma(root, inv_c2, eps);
-      store_param<Master, SR>(fma(neg_step, div(m, denom), p), t, i, n, r[0]);
+      store_param<Master, SR>(q, t, i, n, r[0]);
     });
     exp_avg.end_block(block_begin, block_end, top1);
     exp_avg_sq.end_block(block_begin, block_end, top2);
