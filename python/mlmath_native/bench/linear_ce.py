@@ -42,14 +42,14 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from . import _children
+from ._children import log, missing_module
 
 MODULE = "mlmath_native.bench.linear_ce"  # what a child runs (__name__ is "__main__" under -m)
 MIB = 1 << 20
@@ -67,11 +67,6 @@ PROBE_SHAPE = "16x8x32"  # a probe only checks that the row runs
 #: one warm-up and one timed call at 8192x256x131072 take about a minute on 2 cores
 CHILD_TIMEOUT_S = 1800
 WEIGHT_SEED, HIDDEN_SEED = 0, 1
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr so that stdout holds only the table."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -- shapes and rows ---------------------------------------------------------------------------
@@ -284,54 +279,15 @@ def child(name: str, shape: Shape, threads: int) -> dict[str, Any]:
 # -- the parent ----------------------------------------------------------------------------------
 
 
-def child_env(threads: int) -> dict[str, str]:
-    """The children's environment: every OpenMP and BLAS runtime limited to `threads`."""
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
-    return env
-
-
-def _failure(done: subprocess.CompletedProcess[str]) -> str:
-    """Why a child failed: the last line of its stderr, or the signal that ended it."""
-    if done.returncode < 0:
-        sig = signal.Signals(-done.returncode).name
-        hint = " (out of memory?)" if sig == "SIGKILL" else ""
-        return f"killed by {sig}{hint}"
-    err = [ln.strip() for ln in done.stderr.strip().splitlines() if ln.strip()]
-    return (err[-1] if err else f"exit status {done.returncode}")[:300]
-
-
 def run_child(row: Row, shape: Shape, threads: int) -> dict[str, Any]:
     """One child; {"error": reason} when it fails."""
-    cmd = [sys.executable, "-m", MODULE, "--child", row.name, "--sizes", shape.label]
-    cmd += ["--threads", str(threads)]
-    try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, env=child_env(threads), timeout=CHILD_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    return {"error": _failure(done)}
-
-
-def missing_module(row: Row) -> str | None:
-    for mod in row.requires:
-        try:
-            found = importlib.util.find_spec(mod) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            return mod
-    return None
+    args = ["--child", row.name, "--sizes", shape.label, "--threads", str(threads)]
+    return _children.run_child(MODULE, args, threads, CHILD_TIMEOUT_S)
 
 
 def probe(row: Row, threads: int) -> str | None:
     """None if the row runs here, else why not (Note [one process per row])."""
-    mod = missing_module(row)
+    mod = missing_module(row.requires)
     if mod is not None:
         return f"not installed (no module {mod!r})"
     got = run_child(row, parse_shape(PROBE_SHAPE), threads)

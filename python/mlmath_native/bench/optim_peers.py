@@ -27,17 +27,17 @@ Sizes: ``16M`` is 16 * 2**20 parameters.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from . import _children
+from ._children import log, missing_module
 
 MODULE = "mlmath_native.bench.optim_peers"  # what a child runs (__name__ is "__main__" under -m)
 MIB = 1 << 20
@@ -50,11 +50,6 @@ PROBE_SIZE = 4096
 TARGET_BYTES = 4 * 10**9
 MIN_STEPS, MAX_STEPS = 3, 50
 CHILD_TIMEOUT_S = 1800  # DeepSpeed's first build of its CPU Adam takes minutes on 2 cores
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr so that stdout holds only the table."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -- bytes a format moves per parameter per step -----------------------------------------------
@@ -308,51 +303,16 @@ def child(name: str, n: int, tensors: int, steps: int, threads: int) -> dict[str
 # -- the parent ----------------------------------------------------------------------------------
 
 
-def child_env(threads: int) -> dict[str, str]:
-    """The children's environment: every OpenMP runtime (ours, torch's, DeepSpeed's op,
-    bitsandbytes') limited to `threads`."""
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
-    return env
-
-
 def run_child(row: Row, n: int, tensors: int, steps: int, threads: int) -> dict[str, Any]:
     """One child; {"error": reason} when it fails (the last line of its stderr)."""
-    cmd = [sys.executable, "-m", MODULE, "--child", row.name]
-    cmd += ["--n", str(n), "--tensors", str(tensors), "--steps", str(steps)]
-    cmd += ["--threads", str(threads)]
-    try:
-        done = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            env=child_env(threads),
-            timeout=CHILD_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    err = [ln.strip() for ln in done.stderr.strip().splitlines() if ln.strip()]
-    return {"error": (err[-1] if err else f"exit status {done.returncode}")[:300]}
-
-
-def missing_module(row: Row) -> str | None:
-    for mod in row.requires:
-        try:
-            found = importlib.util.find_spec(mod) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            return mod
-    return None
+    args = ["--child", row.name, "--n", str(n), "--tensors", str(tensors)]
+    args += ["--steps", str(steps), "--threads", str(threads)]
+    return _children.run_child(MODULE, args, threads, CHILD_TIMEOUT_S)
 
 
 def probe(row: Row, threads: int) -> str | None:
     """None if the row runs here, else why not (Note [one process per row])."""
-    mod = missing_module(row)
+    mod = missing_module(row.requires)
     if mod is not None:
         return f"not installed (no module {mod!r})"
     got = run_child(row, PROBE_SIZE, 1, 1, threads)
