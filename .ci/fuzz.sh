@@ -75,6 +75,7 @@ start=$(date +%s)
 cmake -S "$ROOT" -B "$BUILD" -G Ninja \
   -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DMLMATH_NATIVE_OPT_LEVEL=-O1 \
   -DMLMATH_NATIVE_PYTHON=ON \
   -DMLMATH_NATIVE_OPENMP=OFF \
   -DMLMATH_NATIVE_ISAS="${FUZZ_ISAS:-scalar}" \
