@@ -389,21 +389,21 @@ def test_backward_takes_a_16bit_lse_and_the_kernel_refuses_a_wrong_one(dtype_nam
     grads = mn.attention_backward(q, k, v, out, lse.astype(dtype), g)
     assert all(a.dtype == dtype for a in grads)
     # the binding: lse of the input dtype, out of another dtype: a clear error, nothing written
-    opts = (None, 0, 0.5, 0.0, 0)
+    opts = (None, 0, 0.5, 0.0, 0, _core.AttentionExtras(-1, -1, 0.0, None, None))
     bad_out = np.full((1, 1, 5, 4), 7.0, np.float32)
-    with pytest.raises(TypeError, match="out"):
+    with pytest.raises(TypeError, match="^attention: out has dtype"):
         _core.attention_into(q, k, v, *opts, bad_out, None)
     assert np.all(bad_out == 7.0)
     good_out = np.zeros((1, 1, 5, 4), dtype)
     bad_lse = np.zeros((1, 1, 5), dtype)
-    with pytest.raises(TypeError, match="lse"):
+    with pytest.raises(TypeError, match="^attention: lse has dtype"):
         _core.attention_into(q, k, v, *opts, good_out, bad_lse)
     assert np.all(widen(good_out) == 0) and np.all(widen(bad_lse) == 0)
     dq, dk, dv = (np.zeros_like(a) for a in (q, k, v))
-    with pytest.raises(TypeError, match="lse"):
-        _core.attention_backward_into(q, k, v, out, lse.astype(dtype), g, *opts, dq, dk, dv)
-    with pytest.raises(TypeError, match="mask"):  # a float mask must be float32
-        _core.attention_into(q, k, v, np.zeros((1, 1, 5, 6), dtype), 0, 0.5, 0.0, 0, good_out, None)
+    with pytest.raises(TypeError, match="^attention_backward: lse has dtype"):
+        _core.attention_backward_into(q, k, v, out, lse.astype(dtype), g, *opts, dq, dk, dv, None)
+    with pytest.raises(TypeError, match="^attention: mask"):  # a float mask must be float32
+        _core.attention_into(q, k, v, np.zeros((1, 1, 5, 6), dtype), *opts[1:], good_out, None)
     assert not any(np.any(widen(a)) for a in (dq, dk, dv, good_out))
 
 

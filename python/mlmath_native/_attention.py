@@ -107,6 +107,59 @@ def check_dropout(fn: str, dropout_p: float, seed: int | None) -> tuple[float, i
     return p, s
 
 
+def check_window(fn: str, window: object) -> tuple[int, int]:
+    """``window=(left, right)`` (each a non-negative int or None, unlimited) as the kernel's
+    (left, right), -1 for an unlimited side; ``None`` is (-1, -1)."""
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(
+            f"{fn}: window must be a pair (left, right) of non-negative ints or None (got "
+            f"{window!r})"
+        )
+    sides = []
+    for side, w in zip(("left", "right"), window, strict=True):
+        if w is None:
+            sides.append(-1)
+            continue
+        if isinstance(w, (bool, np.bool_)):
+            raise TypeError(f"{fn}: window {side} must be an int or None (got {w!r})")
+        try:
+            value = operator.index(w)
+        except TypeError:
+            raise TypeError(f"{fn}: window {side} must be an int or None (got {w!r})") from None
+        if value < 0:
+            raise ValueError(f"{fn}: window {side} must be >= 0 or None (got {value})")
+        sides.append(min(value, 2**62))  # wider than any sequence: unlimited in effect
+    return sides[0], sides[1]
+
+
+def check_softcap(fn: str, softcap: object) -> float:
+    """``softcap`` as the kernel's value: None is 0 (none), else a finite number > 0."""
+    if softcap is None:
+        return 0.0
+    try:
+        value = float(softcap)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: softcap must be a number or None (got {softcap!r})") from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{fn}: softcap must be finite and > 0, or None (got {softcap!r})")
+    return value
+
+
+def check_per_head(fn: str, name: str, x: Any, hq: int, dtype: np.dtype[Any]) -> Any:
+    """``sinks`` or ``alibi_slopes``: None, or a real (Hq,) array as a contiguous one of the
+    compute dtype of inputs of ``dtype`` (:func:`stat_dtype`)."""
+    if x is None:
+        return None
+    arr = as_float_array(x, fn, name)
+    if arr.shape != (hq,):
+        raise ValueError(
+            f"{fn}: {name} has shape {arr.shape} (expected ({hq},), one per query head)"
+        )
+    return np.ascontiguousarray(arr, dtype=stat_dtype(dtype))
+
+
 class _Plan:
     """Checked arguments in the kernel's layout: q (B, Hq, Lq, D), k (B or 1, Hkv, Lk, D),
     v (B or 1, Hkv, Lk, Dv), mask None or a (B, Hq, Lq, Lk) view; ``batch`` the broadcast
@@ -133,6 +186,9 @@ class _Plan:
     dv: int
     two_d: bool
     dtype: np.dtype[Any]
+    extras: Any  # _core.AttentionExtras
+    sinks: NDArray[Any] | None
+    sinks_dtype: np.dtype[Any]
 
 
 def _batch_view(a: NDArray[Any], batch: tuple[int, ...], b: int) -> NDArray[Any]:
@@ -194,6 +250,10 @@ def _plan(
     scale: float | None,
     dropout_p: float,
     seed: int | None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: ArrayLike | None = None,
+    alibi_slopes: ArrayLike | None = None,
 ) -> _Plan:
     q = as_float_array(q, fn, "q")
     k = as_float_array(k, fn, "k")
@@ -209,6 +269,16 @@ def _plan(
     check_size(fn, "the output", (*batch, hq, lq, v4.shape[-1]), itemsize)
     check_size(fn, "the work (multiply-adds)", (*batch, hq, lq, lk, d + v4.shape[-1]))
     code, scale, p, s = check_options(fn, causal, scale, d, dropout_p, seed)
+    left, right = check_window(fn, window)
+    cap = check_softcap(fn, softcap)
+    sink_arr = check_per_head(fn, "sinks", sinks, hq, dtype)
+    # dsinks: of the sinks' dtype when they are floating (bfloat16 included), else q's (as dq)
+    sinks_dtype = dtype
+    if sinks is not None:
+        given = as_input(sinks, fn, "sinks").dtype
+        if given.kind == "f" or is_storage_dtype(given):
+            sinks_dtype = given
+    slopes = check_per_head(fn, "alibi_slopes", alibi_slopes, hq, dtype)
     m4 = None
     if mask is not None:
         full = batch + (hq, lq, lk)
@@ -233,6 +303,8 @@ def _plan(
     plan.mask, plan.causal, plan.scale, plan.dropout_p, plan.seed = m4, code, scale, p, s
     plan.batch, plan.b, plan.hq, plan.lq, plan.dv = batch, b, hq, lq, v4.shape[-1]
     plan.two_d, plan.dtype = two_d, dtype
+    plan.extras = _core.AttentionExtras(left, right, cap, sink_arr, slopes)
+    plan.sinks, plan.sinks_dtype = sink_arr, np.dtype(sinks_dtype)
     return plan
 
 
@@ -247,6 +319,10 @@ def attention(
     scale: float | None = ...,
     dropout_p: float = ...,
     seed: int | None = ...,
+    window: tuple[int | None, int | None] | None = ...,
+    softcap: float | None = ...,
+    sinks: ArrayLike | None = ...,
+    alibi_slopes: ArrayLike | None = ...,
     return_lse: Literal[False] = ...,
 ) -> NDArray[Any]: ...
 
@@ -262,6 +338,10 @@ def attention(
     scale: float | None = ...,
     dropout_p: float = ...,
     seed: int | None = ...,
+    window: tuple[int | None, int | None] | None = ...,
+    softcap: float | None = ...,
+    sinks: ArrayLike | None = ...,
+    alibi_slopes: ArrayLike | None = ...,
     return_lse: Literal[True],
 ) -> tuple[NDArray[Any], NDArray[Any]]: ...
 
@@ -277,6 +357,10 @@ def attention(
     scale: float | None = ...,
     dropout_p: float = ...,
     seed: int | None = ...,
+    window: tuple[int | None, int | None] | None = ...,
+    softcap: float | None = ...,
+    sinks: ArrayLike | None = ...,
+    alibi_slopes: ArrayLike | None = ...,
     return_lse: bool = ...,
 ) -> NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]: ...
 
@@ -291,6 +375,10 @@ def attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: ArrayLike | None = None,
+    alibi_slopes: ArrayLike | None = None,
     return_lse: bool = False,
 ) -> NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]:
     """Scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, blocked (no L x L
@@ -320,6 +408,21 @@ def attention(
         (required when dropout_p > 0; Note [dropout hash] in the kernel, the same function as
         ``reference.transformer_attention.dropout_keep``): the same seed gives the same result.
     seed : int in [0, 2**64), optional
+    window : (left, right), optional
+        Sliding-window attention: query i sees keys ``i + off - left <= j <= i + off + right``,
+        off = Lk - Lq for ``causal="lower_right"``, else 0; a side of None is unlimited.
+        With ``causal`` the window is intersected with it (right is 0).  Key blocks wholly
+        outside the window are skipped: the cost is O(Lq x window), not O(Lq x Lk).
+    softcap : float > 0, optional
+        Scores become ``softcap * tanh(scores / softcap)`` (Gemma 2) before ALiBi and the
+        masks.
+    sinks : array_like, (Hq,), optional
+        One logit per query head that joins every row's softmax denominator and attends to no
+        value (gpt-oss, StreamingLLM): the weights of the keys sum to ``1 - p_sink``; ``-inf``
+        is no sink.  A query that sees no key gets zeros and ``lse = sinks[h]``.
+    alibi_slopes : array_like, (Hq,), optional
+        ALiBi: ``slope[h] * |i + off - j|`` is subtracted from the scores (after the softcap),
+        with ``off`` as for ``window``; never materialised.
     return_lse : bool
         Also return the logsumexp of each query's scores, (..., Hq, Lq) (of the undropped
         weights), which :func:`attention_backward` uses.
@@ -357,11 +460,13 @@ def attention(
      [1.5 0. ]]
     """
     fn = "attention"
-    p = _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed)
+    p = _plan(
+        fn, q, k, v, mask, causal, scale, dropout_p, seed, window, softcap, sinks, alibi_slopes
+    )
     out = _core.empty((p.b, p.hq, p.lq, p.dv), p.dtype)
     lse = _core.empty((p.b, p.hq, p.lq), stat_dtype(p.dtype)) if return_lse else None
     if out.size or (lse is not None and lse.size):  # (Dv = 0 without lse: nothing to compute)
-        args = (p.mask, p.causal, p.scale, p.dropout_p, p.seed)
+        args = (p.mask, p.causal, p.scale, p.dropout_p, p.seed, p.extras)
         _core.attention_into(p.q, p.k, p.v, *args, out, lse)
     out = out.reshape(p.batch + out.shape[1:])
     if p.two_d:  # q had no head axis: neither has the result
@@ -399,8 +504,19 @@ def attention_backward(
     scale: float | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
-) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
-    """Gradients of :func:`attention`: ``(dq, dk, dv)``, with the shapes of q, k and v.
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: ArrayLike | None = None,
+    alibi_slopes: ArrayLike | None = None,
+) -> tuple[NDArray[Any], ...]:
+    """Gradients of :func:`attention`: ``(dq, dk, dv)``, with the shapes of q, k and v, and
+    ``(dq, dk, dv, dsinks)`` when ``sinks`` is given.
+
+    Every option is :func:`attention`'s and must be the forward's.  ``dsinks`` (Hq,) has the
+    sinks' dtype (q's when they are not floating): ``-sum over batch and queries of p_sink *
+    (dO . O)``, the softmax backward of a logit whose value is 0, summed in float64.  The
+    softcap's derivative ``1 - tanh^2`` is applied to the scores' gradient; ALiBi slopes and
+    the window are constants.
 
     ``out`` and ``lse`` are the forward's results (``attention(..., return_lse=True)``) for the
     same arguments; ``grad_out`` is the gradient of the loss with respect to ``out``.  The
@@ -432,7 +548,9 @@ def attention_backward(
            [5., 5., 5., 5.]])
     """
     fn = "attention_backward"
-    p = _plan(fn, q, k, v, mask, causal, scale, dropout_p, seed)
+    p = _plan(
+        fn, q, k, v, mask, causal, scale, dropout_p, seed, window, softcap, sinks, alibi_slopes
+    )
     want_out = p.batch + (p.hq, p.lq, p.dv)
     if p.two_d:
         want_out = want_out[:-3] + want_out[-2:]
@@ -452,11 +570,12 @@ def attention_backward(
     dq = np.empty(p.q.shape, p.dtype)
     dk = np.empty(p.k.shape, p.dtype)
     dv = np.empty(p.v.shape, p.dtype)
+    dsinks = None if p.sinks is None else np.zeros(p.hq, p.sinks.dtype)
     # Without queries, keys or value features every gradient is 0 (Dv = 0: dP = dO V^T and
     # delta = rowsum(dO * O) are empty sums), so the kernel runs only when all are present.
     if grad4.size and p.k.shape[2]:
-        args = (p.mask, p.causal, p.scale, p.dropout_p, p.seed)
-        _core.attention_backward_into(p.q, p.k, p.v, out4, lse3, grad4, *args, dq, dk, dv)
+        args = (p.mask, p.causal, p.scale, p.dropout_p, p.seed, p.extras)
+        _core.attention_backward_into(p.q, p.k, p.v, out4, lse3, grad4, *args, dq, dk, dv, dsinks)
     else:
         dq[...], dk[...], dv[...] = 0, 0, 0
     # back to the inputs' shapes: batch as broadcast, then each input's own leading shape
@@ -464,4 +583,7 @@ def attention_backward(
     dq = _sum_to(dq.reshape(p.batch + dq.shape[1:]), p.q4_shape)
     dk = _sum_to(dk.reshape(kv_batch + dk.shape[1:]), p.k4_shape)
     dv = _sum_to(dv.reshape(kv_batch + dv.shape[1:]), p.v4_shape)
-    return dq.reshape(p.q_shape), dk.reshape(p.k_shape), dv.reshape(p.v_shape)
+    grads = dq.reshape(p.q_shape), dk.reshape(p.k_shape), dv.reshape(p.v_shape)
+    if dsinks is None:
+        return grads
+    return (*grads, dsinks.astype(p.sinks_dtype))

@@ -231,7 +231,72 @@ def _sum_to_shape(g, shape):
     return np.sum(g, axis=stretched, keepdims=True)
 
 
-def _setup(name, q, k, v, mask, causal, scale, dropout_p, seed):
+def _check_window(window, name):
+    """``window`` as (left, right), each a non-negative int or None (unlimited)."""
+    if window is None:
+        return None, None
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name}: window must be a pair (left, right) of non-negative ints or None "
+            f"(got {window!r})"
+        ) from None
+    sides = []
+    for side, w in (("left", left), ("right", right)):
+        if w is not None:
+            if isinstance(w, (bool, np.bool_)):
+                raise TypeError(f"{name}: window {side} must be an int or None (got {w!r})")
+            try:
+                w = operator.index(w)
+            except TypeError:
+                raise TypeError(
+                    f"{name}: window {side} must be an int or None (got {w!r})"
+                ) from None
+            if w < 0:
+                raise ValueError(f"{name}: window {side} must be >= 0 (got {w})")
+        sides.append(w)
+    return sides[0], sides[1]
+
+
+def _check_softcap(softcap, name):
+    if softcap is None:
+        return None
+    value = float(softcap)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: softcap must be a finite number > 0 or None (got {softcap!r})")
+    return value
+
+
+def _per_head(x, hq, arg, name):
+    """A (Hq,) float64 vector (sinks, alibi_slopes), or None."""
+    if x is None:
+        return None
+    x = np.asarray(x)
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ValueError(f"{name}: {arg} has dtype {x.dtype} (expected a real dtype)")
+    if x.shape != (hq,):
+        raise ValueError(
+            f"{name}: {arg} has shape {x.shape} (expected ({hq},), one per query head)"
+        )
+    return x.astype(np.float64)
+
+
+def _setup(
+    name,
+    q,
+    k,
+    v,
+    mask,
+    causal,
+    scale,
+    dropout_p,
+    seed,
+    window=None,
+    softcap=None,
+    sinks=None,
+    alibi_slopes=None,
+):
     """Validate the arguments and compute everything the forward and backward share.
 
     Returns a dict with the inputs expanded to the computation's shape
@@ -290,6 +355,14 @@ def _setup(name, q, k, v, mask, causal, scale, dropout_p, seed):
     dropout_p = _check_dropout_p(dropout_p, name)
     if dropout_p > 0.0 or seed is not None:
         seed = _check_seed(seed, name)
+    left, right = _check_window(window, name)
+    softcap = _check_softcap(softcap, name)
+    sinks = _per_head(sinks, hq, "sinks", name)
+    alibi_slopes = _per_head(alibi_slopes, hq, "alibi_slopes", name)
+    # the diagonal of the causal alignment in force: query i sits at key position i + offset
+    offset = lk - lq if causal == "lower_right" else 0
+    i_pos = np.arange(lq)[:, np.newaxis] + offset
+    j_pos = np.arange(lk)[np.newaxis, :]
 
     # Expanded inputs: q (batch, Hq, Lq, D); k and v with kv head h // group repeated
     # for query head h: (batch, Hq, Lk, D) and (batch, Hq, Lk, Dv).
@@ -300,7 +373,14 @@ def _setup(name, q, k, v, mask, causal, scale, dropout_p, seed):
     # 1. Scores S[..., i, j] = (q_i · k_j) · scale.                 shape (batch, Hq, Lq, Lk)
     # (inf or NaN inputs may make NaN here; forbidden positions are replaced below.)
     with np.errstate(invalid="ignore"):
-        scores = np.matmul(qe, np.swapaxes(ke, -1, -2)) * scale
+        raw = np.matmul(qe, np.swapaxes(ke, -1, -2)) * scale
+    # 1b. Softcapping (Gemma 2): S = c · tanh(S / c), before any bias or mask.
+    tanh = None if softcap is None else np.tanh(raw / softcap)
+    scores = raw if softcap is None else softcap * tanh
+    # 1c. ALiBi: S −= slope_h · |i + offset − j| (the distance to the query's own position).
+    if alibi_slopes is not None:
+        distance = np.abs(i_pos - j_pos).astype(np.float64)
+        scores = scores - alibi_slopes[:, np.newaxis, np.newaxis] * distance
 
     # 2-3. Which positions may be attended to, and the float bias.
     allowed = np.ones(work + (lq, lk), dtype=bool)
@@ -330,10 +410,11 @@ def _setup(name, q, k, v, mask, causal, scale, dropout_p, seed):
             with np.errstate(invalid="ignore"):  # inf + (−inf) at forbidden positions
                 scores = scores + bias
     if causal is not None:
-        i = np.arange(lq)[:, np.newaxis]
-        j = np.arange(lk)[np.newaxis, :]
-        offset = 0 if causal == "upper_left" else lk - lq
-        allowed &= j <= i + offset  # upper left: j <= i; lower right: j <= i + Lk − Lq
+        allowed &= j_pos <= i_pos  # upper left: j <= i; lower right: j <= i + Lk − Lq
+    if left is not None:  # sliding window: i + offset − left <= j <= i + offset + right
+        allowed &= j_pos >= i_pos - left
+    if right is not None:
+        allowed &= j_pos <= i_pos + right
     scores = np.where(allowed, scores, -np.inf)
 
     # P = softmax over the keys. A fully masked row (all −∞, or no keys) gives NaN
@@ -341,8 +422,19 @@ def _setup(name, q, k, v, mask, causal, scale, dropout_p, seed):
     # for other reasons (NaN or +inf scores) keep their NaN.
     with np.errstate(invalid="ignore"):
         fully_masked = np.all(scores == -np.inf, axis=-1, keepdims=True)
-    weights = np.where(fully_masked, 0.0, softmax(scores, axis=-1))
-    lse = logsumexp(scores, axis=-1)  # −∞ for fully masked rows
+    if sinks is None:
+        weights = np.where(fully_masked, 0.0, softmax(scores, axis=-1))
+        lse = logsumexp(scores, axis=-1)  # −∞ for fully masked rows
+        sink_weights = None
+    else:
+        # A sink joins every row's denominator with logit sinks[h] and no value: the weights
+        # of the keys sum to 1 − P_sink.  lse = log(Σ_j e^S_j + e^sink); a fully masked row
+        # has lse = sink, P = 0 and P_sink = 1.
+        sink = np.broadcast_to(sinks[:, np.newaxis], work + (lq,))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lse = np.logaddexp(logsumexp(scores, axis=-1), sink)
+            weights = np.where(allowed, np.exp(scores - lse[..., np.newaxis]), 0.0)
+            sink_weights = np.where(sink == -np.inf, 0.0, np.exp(sink - lse))  # −∞: no sink
 
     # Dropout factor keep / (1 − p), with bh the flat index over (batch..., Hq).
     drop = None
@@ -366,6 +458,9 @@ def _setup(name, q, k, v, mask, causal, scale, dropout_p, seed):
         "ve": ve,
         "scale": scale,
         "weights": weights,
+        "sink_weights": sink_weights,
+        "softcap": softcap,
+        "tanh": tanh,  # tanh(raw / softcap), for the backward
         "lse": lse,
         "drop": drop,
         "batch": batch,
@@ -377,7 +472,19 @@ def _setup(name, q, k, v, mask, causal, scale, dropout_p, seed):
 
 
 def attention(
-    q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, seed=None, return_lse=False
+    q,
+    k,
+    v,
+    mask=None,
+    causal=False,
+    scale=None,
+    dropout_p=0.0,
+    seed=None,
+    return_lse=False,
+    window=None,
+    softcap=None,
+    sinks=None,
+    alibi_slopes=None,
 ):
     """Scaled dot-product attention: ``softmax(Q Kᵀ · scale + M) V``.
 
@@ -464,7 +571,21 @@ def attention(
     >>> print(np.round(lse[0], 4))  # log(3 · e^(q_i · k_j / √2))
     [1.8057 3.2199]
     """
-    c = _setup("attention", q, k, v, mask, causal, scale, dropout_p, seed)
+    c = _setup(
+        "attention",
+        q,
+        k,
+        v,
+        mask,
+        causal,
+        scale,
+        dropout_p,
+        seed,
+        window,
+        softcap,
+        sinks,
+        alibi_slopes,
+    )
     weights = c["weights"]
     if c["drop"] is not None:
         weights = weights * c["drop"]  # P_drop = P · keep / (1 − p)
@@ -478,7 +599,21 @@ def attention(
 
 
 def attention_backward(
-    q, k, v, out, lse, grad_out, mask=None, causal=False, scale=None, dropout_p=0.0, seed=None
+    q,
+    k,
+    v,
+    out,
+    lse,
+    grad_out,
+    mask=None,
+    causal=False,
+    scale=None,
+    dropout_p=0.0,
+    seed=None,
+    window=None,
+    softcap=None,
+    sinks=None,
+    alibi_slopes=None,
 ):
     """Gradients of ``attention`` with respect to q, k and v.
 
@@ -529,7 +664,9 @@ def attention_backward(
      [0.6667 0.6667]]
     """
     name = "attention_backward"
-    c = _setup(name, q, k, v, mask, causal, scale, dropout_p, seed)
+    c = _setup(
+        name, q, k, v, mask, causal, scale, dropout_p, seed, window, softcap, sinks, alibi_slopes
+    )
     out_shape = c["out_shape"]
     for arg, arr, shape in (
         ("out", out, out_shape),
@@ -551,7 +688,14 @@ def attention_backward(
         # dP = ∂L/∂P: through the matmul, then the dropout factor.    (batch, Hq, Lq, Lk)
         dp = np.matmul(d_out, np.swapaxes(ve, -1, -2)) * drop
         # Softmax backward along the keys: dS = P · (dP − Σ_j P_j dP_j).
-        ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+        delta = np.sum(dp * p, axis=-1, keepdims=True)  # = dO · O, the sink having no value
+        ds = p * (dp - delta)
+        if c["tanh"] is not None:  # through S = c · tanh(raw / c): dS_raw = dS (1 − tanh²)
+            ds = ds * (1.0 - c["tanh"] ** 2)
+        dsinks = None
+        if c["sink_weights"] is not None:  # the sink's softmax backward: −P_sink · delta
+            dsinks = -np.sum(c["sink_weights"] * delta[..., 0], axis=-1)
+            dsinks = np.sum(dsinks.reshape(-1, hq), axis=0)
         # S = Q Kᵀ · scale:  dQ = dS K · scale,  dK = dSᵀ Q · scale.
         dqe = np.matmul(ds, ke) * scale  # (batch, Hq, Lq, D)
         dke = np.matmul(np.swapaxes(ds, -1, -2), qe) * scale  # (batch, Hq, Lk, D)
@@ -567,4 +711,6 @@ def attention_backward(
     dq = to_input(dqe, c["q"], hq)
     dk = to_input(dke, c["k"], c["hkv"])
     dv = to_input(dve, c["v"], c["hkv"])
+    if dsinks is not None:
+        return dq, dk, dv, dsinks
     return dq, dk, dv

@@ -71,7 +71,44 @@ struct AttentionCall {
   int causal;
   double scale, dropout_p;
   std::uint64_t seed;
+  std::int64_t window_left = -1, window_right = -1;  // -1: unlimited
+  double softcap = 0;                                // 0: none
+  const void* sinks = nullptr;                       // (Hq,) of the compute dtype
+  const void* alibi = nullptr;                       // (Hq,) of the compute dtype
 };
+
+// The options of issue 22, as the kernels take them: window sides >= -1 (-1 unlimited), softcap
+// finite and >= 0 (0 none), sinks and alibi_slopes None or contiguous (Hq,) arrays of q's compute
+// dtype.
+struct AttentionExtras {
+  std::int64_t window_left, window_right;
+  double softcap;
+  py::object sinks, alibi;
+};
+
+const void* per_head(const py::object& x, DType dt, std::int64_t hq, const char* fn,
+                     const char* name) {
+  if (x.is_none()) return nullptr;
+  py::array a = x.cast<py::array>();
+  require_same_dtype(a, compute_dtype(dt), fn, name);
+  require_aligned(a, fn, name);
+  if (a.ndim() != 1 || a.shape(0) != hq ||
+      (hq > 1 && a.strides(0) != static_cast<py::ssize_t>(a.itemsize()))) {
+    throw std::invalid_argument(std::string(fn) + ": " + name +
+                                " must be a contiguous (Hq,) array");
+  }
+  return a.data();
+}
+
+void check_extras(AttentionCall& c, const AttentionExtras& e, const char* fn) {
+  if (e.window_left < -1 || e.window_right < -1 || !(e.softcap >= 0.0) ||
+      !std::isfinite(e.softcap)) {
+    throw std::invalid_argument(std::string(fn) + ": bad window or softcap");
+  }
+  c.window_left = e.window_left, c.window_right = e.window_right, c.softcap = e.softcap;
+  c.sinks = per_head(e.sinks, c.dtype, c.hq, fn, "sinks");
+  c.alibi = per_head(e.alibi, c.dtype, c.hq, fn, "alibi_slopes");
+}
 
 AttentionCall check_call(const char* fn, const py::array& q, const py::array& k, const py::array& v,
                          const py::object& mask, int causal, double scale, double dropout_p,
@@ -126,6 +163,11 @@ AttentionArgs<T> kernel_args(const AttentionCall& c, const py::array& q, const p
   a.scale = static_cast<typename AttentionArgs<T>::C>(c.scale);
   a.dropout_p = c.dropout_p;
   a.seed = c.seed;
+  using C = typename AttentionArgs<T>::C;
+  a.window_left = c.window_left, a.window_right = c.window_right;
+  a.softcap = static_cast<C>(c.softcap);
+  a.sinks = static_cast<const C*>(c.sinks);
+  a.alibi = static_cast<const C*>(c.alibi);
   return a;
 }
 
@@ -133,9 +175,11 @@ AttentionArgs<T> kernel_args(const AttentionCall& c, const py::array& q, const p
 // attention of q over k and v (check_call).
 void attention_into(const py::array& q, const py::array& k, const py::array& v,
                     const py::object& mask, int causal, double scale, double dropout_p,
-                    std::uint64_t seed, py::array& out, const py::object& lse) {
+                    std::uint64_t seed, const AttentionExtras& extras, py::array& out,
+                    const py::object& lse) {
   const char* fn = "attention";
-  const AttentionCall c = check_call(fn, q, k, v, mask, causal, scale, dropout_p, seed);
+  AttentionCall c = check_call(fn, q, k, v, mask, causal, scale, dropout_p, seed);
+  check_extras(c, extras, fn);
   require_same_dtype(out, c.dtype, fn, "out");
   require_writeable(out, fn, "out");
   if (!has_shape(out, {c.B, c.hq, c.lq, c.dv})) {
@@ -169,9 +213,18 @@ void attention_into(const py::array& q, const py::array& k, const py::array& v,
 void attention_backward_into(const py::array& q, const py::array& k, const py::array& v,
                              const py::array& out, const py::array& lse, const py::array& grad_out,
                              const py::object& mask, int causal, double scale, double dropout_p,
-                             std::uint64_t seed, py::array& dq, py::array& dk, py::array& dv) {
+                             std::uint64_t seed, const AttentionExtras& extras, py::array& dq,
+                             py::array& dk, py::array& dv, const py::object& dsinks) {
   const char* fn = "attention_backward";
-  const AttentionCall c = check_call(fn, q, k, v, mask, causal, scale, dropout_p, seed);
+  AttentionCall c = check_call(fn, q, k, v, mask, causal, scale, dropout_p, seed);
+  check_extras(c, extras, fn);
+  void* dsp = nullptr;
+  if (!dsinks.is_none()) {
+    if (c.sinks == nullptr) throw std::invalid_argument("attention_backward: dsinks without sinks");
+    py::array d = dsinks.cast<py::array>();
+    require_writeable(d, fn, "dsinks");
+    dsp = const_cast<void*>(per_head(dsinks, c.dtype, c.hq, fn, "dsinks"));
+  }
   require_same_dtype(lse, compute_dtype(c.dtype), fn, "lse");
   for (const auto& [arr, name] : {std::pair<const py::array*, const char*>{&out, "out"},
                                   {&grad_out, "grad_out"},
@@ -201,6 +254,7 @@ void attention_backward_into(const py::array& q, const py::array& k, const py::a
     g.dq = static_cast<T*>(dq.mutable_data());
     g.dk = static_cast<T*>(dk.mutable_data());
     g.dv = static_cast<T*>(dv.mutable_data());
+    g.dsinks = static_cast<C*>(dsp);
     const auto kernel = MLMATH_KERNEL_FOR(kernels(), attention_backward, T);
     WithoutGil nogil(Interruptible::yes);
     kernel(g);
@@ -212,12 +266,20 @@ void attention_backward_into(const py::array& q, const py::array& k, const py::a
 
 void bind_attention(py::module_& m) {
   using namespace pybind11::literals;
+  py::class_<AttentionExtras>(m, "AttentionExtras",
+                              "window, softcap, sinks and ALiBi slopes of an attention call")
+      .def(py::init([](std::int64_t wl, std::int64_t wr, double softcap, py::object sinks,
+                       py::object alibi) {
+             return AttentionExtras{wl, wr, softcap, std::move(sinks), std::move(alibi)};
+           }),
+           "window_left"_a, "window_right"_a, "softcap"_a, "sinks"_a, "alibi_slopes"_a);
   m.def("attention_into", &attention_into, "q"_a, "k"_a, "v"_a, "mask"_a, "causal"_a, "scale"_a,
-        "dropout_p"_a, "seed"_a, "out"_a, "lse"_a,
+        "dropout_p"_a, "seed"_a, "extras"_a, "out"_a, "lse"_a,
         "out (and lse) = scaled dot-product attention of 4-D q, k, v (see _attention.py)");
   m.def("attention_backward_into", &attention_backward_into, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a,
-        "grad_out"_a, "mask"_a, "causal"_a, "scale"_a, "dropout_p"_a, "seed"_a, "dq"_a, "dk"_a,
-        "dv"_a, "dq, dk, dv = the gradients of attention (see _attention.py)");
+        "grad_out"_a, "mask"_a, "causal"_a, "scale"_a, "dropout_p"_a, "seed"_a, "extras"_a, "dq"_a,
+        "dk"_a, "dv"_a, "dsinks"_a,
+        "dq, dk, dv (and dsinks) = the gradients of attention (see _attention.py)");
 }
 
 }  // namespace mlmath::bindings

@@ -12,7 +12,16 @@
 //   from one fma with the rounding constant, and 2^n is a normal number (n >= -126), one factor,
 //   no clamps (the same polynomial, the same accuracy).  exp<NonPositive> takes it per vector;
 //   a row whose whole range fits (row_max_range in axis_ops.h) takes it without the test.
+//
+// tanh(x) = 1 - 2 / (e^{2x} + 1) (e^{2x} = inf gives 1, 0 gives -1, NaN stays NaN): absolute error
+//   a few ulp of 1, which near 0 is a large relative error; float therefore takes tanh's Taylor
+//   series to x^11 for |x| <= 1/4 (truncation < 3e-11 relative), blended in without a select:
+//   w = round(min(1, 2|x|)) is 0 there and 1 past 3/4, and between them the exp form, which is
+//   within 8 ulp of tanh from 1/4 on, is used.  Double keeps the exp form (its absolute error,
+//   ~1e-16, is far below any double tolerance of a score).
 #pragma once
+
+#include <type_traits>
 
 #include "common/vec.h"
 
@@ -134,6 +143,29 @@ inline Vec<T> exp(Vec<T> x) {
   if (!NonPositive) n1 = min(V::set1(C::n1_max), n1);
   const V n2 = sub(n, n1);
   return mul(mul(exp_reduced(r), pow2i(n1)), pow2i(n2));
+}
+
+template <class T>
+inline Vec<T> tanh(Vec<T> x) {
+  using V = Vec<T>;
+  const V one = V::set1(T(1));
+  const V by_exp = sub(one, div(V::set1(T(2)), add(exp(add(x, x)), one)));
+  if constexpr (std::is_same_v<T, double>) {
+    return by_exp;
+  } else {
+    constexpr float kSeriesEnd = 0.25f;  // the series' range; w below must be 0 on it
+    // the series on x clamped to its range (a NaN x passes through min and max)
+    const V xs = max(V::set1(-kSeriesEnd), min(V::set1(kSeriesEnd), x));
+    const V x2 = mul(xs, xs);
+    V p = fma(x2, V::set1(-1382.0f / 155925.0f), V::set1(62.0f / 2835.0f));
+    p = fma(x2, p, V::set1(-17.0f / 315.0f));
+    p = fma(x2, p, V::set1(2.0f / 15.0f));
+    p = fma(x2, p, V::set1(-1.0f / 3.0f));
+    const V series = fma(mul(x2, xs), p, xs);
+    const V ax = max(x, sub(V::set1(0.0f), x));
+    const V w = round_nearest(min(one, add(ax, ax)));
+    return fma(w, sub(by_exp, series), series);
+  }
 }
 
 MLMATH_ISA_END

@@ -52,16 +52,99 @@ inline std::uint64_t mix64(std::uint64_t z) {
 // Queries per task (a multiple of every ISA's NR) and keys per block (one KC block of V^T).
 constexpr std::int64_t kBlockQ = 96;
 
+// Note [attention band]
+// Which keys a query may see under causal and the sliding window together: query i sits at key
+// position i + off (off = lk - lq in the lower-right alignment, else 0) and sees the keys
+//   i + off - left <= j <= i + off + right,
+// where -1 leaves a side unlimited and causal makes right 0 (the window is intersected with it).
+// Blocks of keys wholly outside a block's band are never visited (the cost of a window is
+// O(L x window)), and blocks wholly inside it are not masked.
+struct Band {
+  std::int64_t off, left, right, lq, lk;
+  template <class S>
+  explicit Band(const AttentionArgs<S>& a)
+      : off(a.causal == 2 ? a.lk - a.lq : 0),
+        left(a.window_left),
+        right(a.causal != 0 ? 0 : a.window_right),
+        lq(a.lq),
+        lk(a.lk) {}
+  static std::int64_t clamp(std::int64_t x, std::int64_t hi) { return x < 0 ? 0 : x < hi ? x : hi; }
+  bool limited() const { return left >= 0 || right >= 0; }
+  // keys [key_begin(i0), key_end(i1)) are those queries [i0, i1) may see (none if begin >= end)
+  std::int64_t key_begin(std::int64_t i0) const {
+    return left < 0 ? 0 : clamp(i0 + off - left, lk);
+  }
+  std::int64_t key_end(std::int64_t i1) const {
+    return right < 0 ? lk : clamp(i1 + off + right, lk);
+  }
+  // queries [query_begin(j0), query_end(j1)) are those that may see a key of [j0, j1)
+  std::int64_t query_begin(std::int64_t j0) const {
+    return right < 0 ? 0 : clamp(j0 - off - right, lq);
+  }
+  std::int64_t query_end(std::int64_t j1) const {
+    return left < 0 ? lq : clamp(j1 - off + left, lq);
+  }
+  // whether every query of [i0, i1) sees every key of [j0, j1)
+  bool covers(std::int64_t i0, std::int64_t i1, std::int64_t j0, std::int64_t j1) const {
+    return (left < 0 || j0 >= i1 - 1 + off - left) && (right < 0 || j1 - 1 <= i0 + off + right);
+  }
+};
+
+// Softcapping and ALiBi on a block of raw scores s[(i - i0) * si + (j - j0) * sj] of query head
+// h (queries i0 <= i < i0 + nq, keys j0 <= j < j0 + nk), one of si and sj being 1:
+//   s = c tanh(s / c)          (tanh kept in tanh_out, laid out like s, when it is not null)
+//   s -= slope_h |i + off - j|
+template <class S, class T>
+void transform_block(const AttentionArgs<S>& a, std::int64_t h, std::int64_t i0, std::int64_t nq,
+                     std::int64_t j0, std::int64_t nk, T* s, std::int64_t si, std::int64_t sj,
+                     T* tanh_out) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  const bool queries_inner = si == 1;  // S^T (the forward) rather than S (the backward)
+  const std::int64_t n_outer = queries_inner ? nk : nq, n_inner = queries_inner ? nq : nk;
+  const std::int64_t stride = queries_inner ? sj : si;
+  const std::int64_t off = Band(a).off;
+  const T cap = a.softcap, inv_cap = cap > T(0) ? T(1) / cap : T(0);
+  const T slope = a.alibi != nullptr ? a.alibi[h] : T(0);
+  T lane[W];
+  for (std::int64_t e = 0; e < W; ++e) lane[e] = T(e);
+  const V iota = V::load(lane);
+  for (std::int64_t o = 0; o < n_outer; ++o) {
+    T* row = s + o * stride;
+    T* trow = tanh_out != nullptr ? tanh_out + o * stride : nullptr;
+    // |i + off - j| = |inner index - t|
+    const T t = queries_inner ? T(j0 + o - i0 - off) : T(i0 + o + off - j0);
+    for (std::int64_t c = 0; c < n_inner; c += W) {
+      const std::int64_t n = n_inner - c < W ? n_inner - c : W;
+      V x = n == W ? V::load(row + c) : V::load_partial(row + c, n, T(0));
+      if (cap > T(0)) {
+        const V th = tanh(mul(x, V::set1(inv_cap)));
+        if (trow != nullptr) (n == W ? th.store(trow + c) : th.store_partial(trow + c, n));
+        x = mul(th, V::set1(cap));
+      }
+      if (a.alibi != nullptr) {
+        const V d = sub(add(iota, V::set1(T(c))), V::set1(t));
+        x = sub(x, mul(V::set1(slope), max(d, sub(V::set1(T(0)), d))));
+      }
+      if (n == W) {
+        x.store(row + c);
+      } else {
+        x.store_partial(row + c, n);
+      }
+    }
+  }
+}
+
 // The masks, by selection, on a block of scores of (batch b, query head h):
 // s[(i - i0) * si + (j - j0) * sj] for queries i0 <= i < i0 + nq and keys j0 <= j < j0 + nk.
 // A float mask is added (a -inf entry selects -inf, whatever the score); a boolean mask and
-// the causal limit (j <= i + offset) select -inf.
+// the band of causal and the window (Note [attention band]) select -inf.
 template <class S, class T>
 void mask_block(const AttentionArgs<S>& a, std::int64_t b, std::int64_t h, std::int64_t i0,
                 std::int64_t nq, std::int64_t j0, std::int64_t nk, T* s, std::int64_t si,
                 std::int64_t sj) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const std::int64_t offset = a.causal == 2 ? a.lk - a.lq : 0;
+  const Band band(a);
   const std::int64_t* ms = a.mask_stride;
   for (std::int64_t i = 0; i < nq; ++i) {
     T* row = s + i * si;
@@ -79,10 +162,13 @@ void mask_block(const AttentionArgs<S>& a, std::int64_t b, std::int64_t h, std::
         }
       }
     }
-    if (a.causal != 0)  // key j0 + j is seen iff j0 + j <= i0 + i + offset
-      for (std::int64_t j = (i0 + i + offset + 1 - j0 > 0 ? i0 + i + offset + 1 - j0 : 0); j < nk;
-           ++j)
-        row[j * sj] = neg_inf;
+    if (band.limited()) {  // the block's keys j0 + j outside [lo, hi] of query i0 + i
+      const std::int64_t pos = i0 + i + band.off - j0;
+      const std::int64_t lo = band.left < 0 ? 0 : pos - band.left;
+      const std::int64_t hi = band.right < 0 ? nk : pos + band.right + 1;
+      for (std::int64_t j = 0; j < nk && j < lo; ++j) row[j * sj] = neg_inf;
+      for (std::int64_t j = hi < 0 ? 0 : hi; j < nk; ++j) row[j * sj] = neg_inf;
+    }
   }
 }
 
@@ -149,6 +235,8 @@ void attention(const AttentionArgs<St>& a) {
   const std::int64_t qblocks = (Lq + BQ - 1) / BQ;
   const std::int64_t tasks = a.batch * a.hq * qblocks;
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const Band band(a);
+  const bool transformed = a.softcap > T(0) || a.alibi != nullptr;
   parallel_for(tasks, BQ * Lk * (D + Dv) * 2, [&](std::int64_t t0, std::int64_t t1) {
     Scratch<T> qt(D * BQ + 1), st(BK * BQ), ot(Dv * BQ + 1), m(BQ), l(BQ), alpha(BQ);
     for (std::int64_t t = t0; t < t1; ++t) {
@@ -171,14 +259,10 @@ void attention(const AttentionArgs<St>& a) {
         l.data[c] = T(0);
       }
       for (std::int64_t e = 0; e < Dv * BQ; ++e) ot.data[e] = T(0);
-      // keys this block may see: causal limits them to j <= i + offset
-      const std::int64_t offset = a.causal == 2 ? Lk - Lq : 0;
-      std::int64_t kend = Lk;
-      if (a.causal != 0) {
-        const std::int64_t last = i0 + nq - 1 + offset + 1;
-        kend = last < kend ? last : kend;
-      }
-      for (std::int64_t j0 = 0; j0 < kend; j0 += BK) {
+      // the key blocks this block of queries may see (Note [attention band]); blocks start at
+      // multiples of BK, as V^T's packed blocks do
+      const std::int64_t kbegin = band.key_begin(i0) / BK * BK, kend = band.key_end(i0 + nq);
+      for (std::int64_t j0 = kbegin; j0 < kend; j0 += BK) {
         const std::int64_t nk = kend - j0 < BK ? kend - j0 : BK;
         gemm_rows<T>(
             nk, nc, D,
@@ -186,8 +270,11 @@ void attention(const AttentionArgs<St>& a) {
               return kp + prepacked_a_index<T>(Lk, j0 + r0, D, k0);
             },
             [&](std::int64_t dd) { return qt.data + dd * BQ; }, st.data, BQ);
+        if (transformed)
+          transform_block(a, h, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ,
+                          static_cast<T*>(nullptr));
         // masks, by selection (S^T: queries along a row)
-        if (a.mask != nullptr || (a.causal != 0 && j0 + nk - 1 > i0 + offset))
+        if (a.mask != nullptr || !band.covers(i0, i0 + nq, j0, j0 + nk))
           mask_block(a, b, h, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ);
         // online softmax, a vector of queries at a time
         for (std::int64_t c = 0; c < nc; c += W) {
@@ -233,15 +320,21 @@ void attention(const AttentionArgs<St>& a) {
             },
             [&](std::int64_t j) { return st.data + j * BQ; }, ot.data, BQ, true);
       }
-      // out = O / l (0 for rows that saw no key), lse = m + log l
+      // out = O / l (0 for rows that saw no key), lse = m + log l.  A sink joins l with its
+      // logit: m' = max(m, sink), l' = e^{m - m'} l + e^{sink - m'}, out = e^{m - m'} O / l'.
       St* ob = a.out + (bh * Lq + i0) * Dv;
       for (std::int64_t c = 0; c < nq; ++c) {
-        const T lc = l.data[c];
-        const T inv = lc == T(0) ? T(0) : T(1) / lc;
+        T lc = l.data[c], mc = m.data[c], weight = T(1);
+        if (a.sinks != nullptr && a.sinks[h] != neg_inf) {  // a sink of -inf is none
+          const T sink = a.sinks[h], m_all = mc > sink ? mc : sink;
+          weight = lc == T(0) ? T(0) : std::exp(mc - m_all);
+          lc = weight * lc + std::exp(sink - m_all);
+          mc = m_all;
+        }
+        const T inv = lc == T(0) ? T(0) : weight / lc;
         for (std::int64_t dd = 0; dd < Dv; ++dd)
           ob[c * Dv + dd] = narrow<St>(ot.data[dd * BQ + c] * inv);
-        if (a.lse != nullptr)
-          a.lse[bh * Lq + i0 + c] = lc == T(0) ? neg_inf : m.data[c] + std::log(lc);
+        if (a.lse != nullptr) a.lse[bh * Lq + i0 + c] = lc == T(0) ? neg_inf : mc + std::log(lc);
       }
     }
   });
@@ -283,6 +376,8 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
   for (std::int64_t e = 0; e < q_heads * Lq * D; ++e) g.dq[e] = St{};
   for (std::int64_t e = 0; e < kv_heads * Lk * D; ++e) g.dk[e] = St{};
   for (std::int64_t e = 0; e < kv_heads * Lk * Dv; ++e) g.dv[e] = St{};
+  if (g.dsinks != nullptr)
+    for (std::int64_t h = 0; h < a.hq; ++h) g.dsinks[h] = 0;
   if (q_heads == 0 || Lq == 0 || Lk == 0) return;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const T inf = std::numeric_limits<T>::infinity();
@@ -358,9 +453,10 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
       }
     }
   });
-  const std::int64_t offset = a.causal == 2 ? Lk - Lq : 0;
-  auto block_needs_mask = [&](std::int64_t i0, std::int64_t j0, std::int64_t nk) {
-    return a.mask != nullptr || (a.causal != 0 && j0 + nk - 1 > i0 + offset);
+  const Band band(a);
+  const bool transformed = a.softcap > T(0) || a.alibi != nullptr;
+  auto block_needs_mask = [&](std::int64_t i0, std::int64_t nq, std::int64_t j0, std::int64_t nk) {
+    return a.mask != nullptr || !band.covers(i0, i0 + nq, j0, j0 + nk);
   };
   // P = exp(S - lse) along a run of n scores of one query (lse -inf: a row with no key, P = 0)
   auto probabilities = [&](T* s, std::int64_t n, T lse) {
@@ -380,6 +476,7 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
   const std::int64_t work = BK * Lq * (D + Dv) * 5 * group * (shared ? B : 1) * kblocks / groups;
   parallel_for(kv_heads * groups, work, [&](std::int64_t t0, std::int64_t t1) {
     Scratch<T> p(BQ * BK), pd(BQ * BK), dp(BQ * BK), dkt(D * BK + 1), dvt(Dv * BK + 1);
+    Scratch<T> th(a.softcap > T(0) ? BQ * BK : 1);  // tanh(raw / softcap) of the block
     for (std::int64_t t = t0; t < t1; ++t) {
       const std::int64_t hh = t / groups, gi = t % groups;
       const std::int64_t bk = hh / a.hkv, hk = hh % a.hkv;
@@ -401,15 +498,15 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
         const std::int64_t j0 = kb * BK, nk = Lk - j0 < BK ? Lk - j0 : BK;
         for (std::int64_t e = 0; e < D * BK; ++e) dkt.data[e] = T(0);
         for (std::int64_t e = 0; e < Dv * BK; ++e) dvt.data[e] = T(0);
-        // queries that see a key of this block: i + offset >= j0
-        std::int64_t first = a.causal != 0 ? j0 - offset : 0;
-        first = first < 0 ? 0 : first / BQ * BQ;
+        // the query blocks that see a key of this block (Note [attention band])
+        const std::int64_t first = band.query_begin(j0) / BQ * BQ, qend = band.query_end(j0 + nk);
         for (std::int64_t b = b_first; b < b_end; ++b) {
           for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
             const std::int64_t bh = b * a.hq + h;
             T* part = dq_part.data + (bh * groups + gi) * Lq * D;
-            for (std::int64_t i0 = first; i0 < Lq; i0 += BQ) {
+            for (std::int64_t i0 = first; i0 < qend; i0 += BQ) {
               if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
+              // whole blocks up to Lq, as Q^T and dO^T are packed (their kc), masked past qend
               const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
               // S (nq x nk) = (Q scale) K^T
               gemm_rows<T>(
@@ -419,7 +516,10 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
                     return qa.data + bh * qa_size + prepacked_a_index<T>(Lq, i0 + r0, D, k0);
                   },
                   [&](std::int64_t d) { return kth + d * lk_ + j0; }, p.data, BK);
-              if (block_needs_mask(i0, j0, nk))
+              if (transformed)
+                transform_block(a, h, i0, nq, j0, nk, p.data, BK, std::int64_t{1},
+                                a.softcap > T(0) ? th.data : nullptr);
+              if (block_needs_mask(i0, nq, j0, nk))
                 mask_block(a, b, h, i0, nq, j0, nk, p.data, BK, std::int64_t{1});
               for (std::int64_t i = 0; i < nq; ++i)
                 probabilities(p.data + i * BK, nk, a.lse[bh * Lq + i0 + i]);
@@ -452,6 +552,10 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
                 const T di = dr.data[bh * Lq + i0 + i];
                 for (std::int64_t j = 0; j < nk; ++j)
                   row[j] = pr[j] == T(0) ? T(0) : pr[j] * (row[j] - di);
+                if (a.softcap > T(0)) {  // through s = c tanh(raw / c): dS_raw = dS (1 - tanh^2)
+                  const T* tr = th.data + i * BK;
+                  for (std::int64_t j = 0; j < nk; ++j) row[j] *= T(1) - tr[j] * tr[j];
+                }
               }
               // dK^T (D x nk) += Q^T (D x nq) dS (nq x nk)    (scale at the end)
               gemm_rows<T>(
@@ -480,6 +584,20 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
       }
     }
   });
+  // dsinks_h = -sum over (batch, query) of P_sink Dr, P_sink = e^{sink_h - lse}: the softmax
+  // backward of a logit whose value row is 0 (in double, in a fixed order)
+  if (a.sinks != nullptr && g.dsinks != nullptr) {
+    for (std::int64_t h = 0; h < a.hq; ++h) {
+      if (a.sinks[h] == neg_inf) continue;  // no sink: P_sink = 0
+      double sum = 0;
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t i = 0; i < Lq; ++i) {
+          const std::int64_t row = (b * a.hq + h) * Lq + i;
+          sum -= std::exp(double(a.sinks[h]) - double(a.lse[row])) * double(dr.data[row]);
+        }
+      g.dsinks[h] = static_cast<typename AttentionArgs<St>::C>(sum);
+    }
+  }
   // dQ = scale * the group partials, added in group order
   parallel_for(q_heads, Lq * D * groups, [&](std::int64_t h0, std::int64_t h1) {
     for (std::int64_t bh = h0; bh < h1; ++bh) {

@@ -271,6 +271,13 @@ struct AttentionArgs {
   std::uint64_t seed;
   T* out;  // [b][hq][lq][dv]
   C* lse;  // [b][hq][lq], or nullptr
+  // Options that default to off (a value-initialised AttentionArgs{} has none of them).
+  // Sliding window: query i sees keys i + off - window_left <= j <= i + off + window_right, off
+  // the causal alignment's (lk - lq for causal 2, else 0); -1 = unlimited on that side.
+  std::int64_t window_left = -1, window_right = -1;
+  C softcap = 0;             // > 0: scores become softcap * tanh(scores / softcap) before masks
+  const C* sinks = nullptr;  // [hq]: one logit per query head in every row's denominator
+  const C* alibi = nullptr;  // [hq]: slopes; scores -= slope * |i + off - j|
 };
 
 // Gradients of attention (kernels/attention.cpp): dq [b][hq][lq][d], and dk, dv with k's and
@@ -282,6 +289,7 @@ struct AttentionBackwardArgs {
   T* dq;
   T* dk;
   T* dv;
+  typename AttentionArgs<T>::C* dsinks = nullptr;  // [hq], written when fwd.sinks is set
 };
 
 struct KernelTable {
