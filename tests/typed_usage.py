@@ -85,6 +85,18 @@ def self_attention(rng: np.random.Generator) -> tuple[Array, Array, Array]:
     return mn.attention_backward(q, k, v, out, lse, np.ones_like(out), causal=True)
 
 
+def attention_with_sinks(rng: np.random.Generator) -> Array:
+    """With sinks the backward's fourth result is dsinks (its own overload)."""
+    q, k, v = (rng.standard_normal((4, 5, 8)) for _ in range(3))
+    opts = {"window": (2, None), "softcap": 5.0, "alibi_slopes": np.full(4, 0.1)}
+    out, lse = mn.attention(q, k, v, return_lse=True, sinks=np.zeros(4), **opts)
+    dq, dk, dv, dsinks = mn.attention_backward(
+        q, k, v, out, lse, np.ones_like(out), sinks=np.zeros(4), **opts
+    )
+    assert dq.shape == q.shape and dsinks.shape == (4,)
+    return dsinks
+
+
 def minimise() -> GradientDescentResult:
     """argmin of |x - 3|^2 by gradient descent, stopping early from a callback."""
     target = np.full(3, 3.0)
@@ -108,6 +120,7 @@ def main() -> None:
     losses = linear_classifier(rng)
     convolution(rng)
     dq, dk, dv = self_attention(rng)
+    attention_with_sinks(rng)
     res = minimise()
     print(
         f"mlmath_native {mn.__version__} ({info['isa']}): loss {losses[0]:.3f} -> "

@@ -491,6 +491,48 @@ def _sum_to(g: NDArray[Any], shape: tuple[int, ...]) -> NDArray[Any]:
     return total.astype(g.dtype, copy=False).reshape(shape)
 
 
+@overload
+def attention_backward(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    out: ArrayLike,
+    lse: ArrayLike,
+    grad_out: ArrayLike,
+    *,
+    mask: ArrayLike | None = ...,
+    causal: _Causal = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    seed: int | None = ...,
+    window: tuple[int | None, int | None] | None = ...,
+    softcap: float | None = ...,
+    sinks: None = ...,
+    alibi_slopes: ArrayLike | None = ...,
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]: ...
+
+
+@overload
+def attention_backward(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    out: ArrayLike,
+    lse: ArrayLike,
+    grad_out: ArrayLike,
+    *,
+    mask: ArrayLike | None = ...,
+    causal: _Causal = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    seed: int | None = ...,
+    window: tuple[int | None, int | None] | None = ...,
+    softcap: float | None = ...,
+    sinks: ArrayLike,
+    alibi_slopes: ArrayLike | None = ...,
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]: ...
+
+
 def attention_backward(
     q: ArrayLike,
     k: ArrayLike,
@@ -508,7 +550,10 @@ def attention_backward(
     softcap: float | None = None,
     sinks: ArrayLike | None = None,
     alibi_slopes: ArrayLike | None = None,
-) -> tuple[NDArray[Any], ...]:
+) -> (
+    tuple[NDArray[Any], NDArray[Any], NDArray[Any]]
+    | tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]
+):
     """Gradients of :func:`attention`: ``(dq, dk, dv)``, with the shapes of q, k and v, and
     ``(dq, dk, dv, dsinks)`` when ``sinks`` is given.
 

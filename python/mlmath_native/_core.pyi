@@ -147,6 +147,18 @@ def conv2d_grad_weight_into(
 
 # -- attention ------------------------------------------------------------------------------------
 
+class AttentionExtras:
+    """window, softcap, sinks and ALiBi slopes of an attention call"""
+
+    def __init__(
+        self,
+        window_left: int,
+        window_right: int,
+        softcap: float,
+        sinks: NDArray[Any] | None,
+        alibi_slopes: NDArray[Any] | None,
+    ) -> None: ...
+
 def attention_into(
     q: NDArray[Any],
     k: NDArray[Any],
@@ -156,6 +168,7 @@ def attention_into(
     scale: float,
     dropout_p: float,
     seed: int,
+    extras: AttentionExtras,
     out: NDArray[Any],
     lse: NDArray[Any] | None,
 ) -> None:
@@ -173,11 +186,13 @@ def attention_backward_into(
     scale: float,
     dropout_p: float,
     seed: int,
+    extras: AttentionExtras,
     dq: NDArray[Any],
     dk: NDArray[Any],
     dv: NDArray[Any],
+    dsinks: NDArray[Any] | None,
 ) -> None:
-    """dq, dk, dv = the gradients of attention (see _attention.py)"""
+    """dq, dk, dv (and dsinks) = the gradients of attention (see _attention.py)"""
 
 # -- optimizers -----------------------------------------------------------------------------------
 

@@ -62,6 +62,27 @@ gradients are 0 too. NaN scores at allowed positions (from NaN inputs) still
 propagate as NaN, and so do NaN or inf values in v, even in rows of v that a
 query may not attend to (P = 0 there, and 0 · NaN = NaN, as in a plain matmul).
 
+Options for today's models
+--------------------------
+The order on each score (query i, key j, query head h)::
+
+    s = (q_i · k_j) · scale
+    s = softcap · tanh(s / softcap)                      if softcap (Gemma 2)
+    s = s − alibi_slopes[h] · |i + off − j|              if alibi_slopes (ALiBi)
+    s = s + M[i, j]                                      a float mask
+    s = −∞ where a boolean mask, causal or the window forbids
+
+with ``off = Lk − Lq`` for ``causal="lower_right"`` and 0 otherwise (query i sits at key
+position i + off). ``window=(left, right)`` allows ``i + off − left <= j <= i + off + right``
+(None: unlimited on that side), intersected with causal. ``sinks`` (Hq,) adds one logit per
+head to every row's denominator, with no value::
+
+    lse = log(Σ_j e^{s_j} + e^{sinks[h]}),   P_ij = e^{s_ij − lse},   P_sink = e^{sinks[h] − lse}
+
+so a row that sees no key has P = 0, lse = sinks[h] (−∞ is no sink). The backward adds
+``dS_raw = dS · (1 − tanh²)`` for the softcap and returns
+``dsinks[h] = −Σ_{batch, i} P_sink · rowsum(dP · P)`` (rowsum(dP · P) = dO · O).
+
 Log-sum-exp
 -----------
 ``return_lse=True`` also returns ``lse[..., i] = log Σ_j exp(S[..., i, j])`` over
@@ -513,6 +534,14 @@ def attention(
         whenever given).
     return_lse : bool, optional
         Also return the logsumexp of the scores over the keys.
+    window : (left, right), optional
+        Sliding window: ``i + off − left <= j <= i + off + right``; None sides unlimited.
+    softcap : float > 0, optional
+        Scores become ``softcap · tanh(scores / softcap)``.
+    sinks : array_like (Hq,), optional
+        A logit per query head in every row's softmax denominator, attending to nothing.
+    alibi_slopes : array_like (Hq,), optional
+        ``slope[h] · |i + off − j|`` subtracted from the scores.
 
     Returns
     -------
@@ -632,9 +661,13 @@ def attention_backward(
     grad_out : array_like, same shape as out
         ∂L/∂out. Converted to float64.
 
+    window, softcap, sinks, alibi_slopes
+        As for ``attention`` (the module's "Options for today's models").
+
     Returns
     -------
     dq, dk, dv : ndarrays of float64, with the shapes of q, k and v
+        (and dsinks, (Hq,), when ``sinks`` is given)
         For grouped-query attention dk and dv are summed over the query heads that
         share each kv head; over broadcast leading dimensions they are summed back
         to each input's own shape. Positions that may not be attended to get no

@@ -14,6 +14,10 @@
 // never L x L.  Key blocks wholly above the causal diagonal are skipped.  Each output row is
 // computed by one task in a fixed order: results do not depend on the number of threads.
 //
+// Options (issue 22): a sliding window limits the visited key blocks like causal does (Note
+// [attention band]); softcapping and ALiBi transform each block of raw scores before the masks
+// (transform_block); a sink joins l when a row is finished.
+//
 // Dropout (Note [dropout hash]) multiplies P^T by keep / (1 - p) before the second GEMM; the
 // returned lse is that of the undropped scores.
 //
