@@ -88,10 +88,21 @@ def self_attention(rng: np.random.Generator) -> tuple[Array, Array, Array]:
 def attention_with_sinks(rng: np.random.Generator) -> Array:
     """With sinks the backward's fourth result is dsinks (its own overload)."""
     q, k, v = (rng.standard_normal((4, 5, 8)) for _ in range(3))
-    opts = {"window": (2, None), "softcap": 5.0, "alibi_slopes": np.full(4, 0.1)}
-    out, lse = mn.attention(q, k, v, return_lse=True, sinks=np.zeros(4), **opts)
+    sinks, slopes = np.zeros(4), np.full(4, 0.1)
+    out, lse = mn.attention(
+        q, k, v, window=(2, None), softcap=5.0, sinks=sinks, alibi_slopes=slopes, return_lse=True
+    )
     dq, dk, dv, dsinks = mn.attention_backward(
-        q, k, v, out, lse, np.ones_like(out), sinks=np.zeros(4), **opts
+        q,
+        k,
+        v,
+        out,
+        lse,
+        np.ones_like(out),
+        window=(2, None),
+        softcap=5.0,
+        sinks=sinks,
+        alibi_slopes=slopes,
     )
     assert dq.shape == q.shape and dsinks.shape == (4,)
     return dsinks
