@@ -410,6 +410,196 @@ def test_threads_do_not_change_results(dtype, rng, threads):
             np.testing.assert_array_equal(a, b)
 
 
+# --- kv_len: a preallocated cache ---------------------------------------------------------------
+
+
+def _cache(rng, dtype, b, hq, hkv, lq, lk, d, dv, kv_len, shared=False):
+    """q, and k, v caches of lk rows whose rows past kv_len[b] hold NaN and inf (a cache's
+    leftovers), with their clean copies (zeros there) for the reference."""
+    q, k, v = _inputs(rng, dtype, (b,), (1 if shared else b,), hq, hkv, lq, lk, d, dv)
+    clean_k, clean_v = k.copy(), v.copy()
+    for i, n in enumerate(kv_len):
+        if not shared:
+            k[i, :, n:], v[i, :, n:] = np.nan, np.inf
+            clean_k[i, :, n:], clean_v[i, :, n:] = 0, 0
+    return q, k, v, clean_k, clean_v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},
+        {"causal": "lower_right"},
+        {"causal": True},
+        {"causal": "lower_right", "window": (100, None), "sinks": True, "softcap": 4.0},
+        {"alibi_slopes": True, "causal": "lower_right"},
+    ],
+    ids=str,
+)
+def test_kv_len(opts, dtype, rng):
+    kv_len = np.array([0, 333, 200, 421])
+    q, k, v, ck, cv = _cache(rng, dtype, 4, 4, 2, 9, 421, 16, 8, kv_len)
+    opts = dict(opts, kv_len=kv_len)
+    if opts.get("sinks"):
+        opts["sinks"] = rng.standard_normal(4)
+    if opts.get("alibi_slopes"):
+        opts["alibi_slopes"] = np.full(4, 0.05)
+    out, lse = mn.attention(q, k, v, return_lse=True, **opts)
+    want, want_lse = ref.attention(q, ck, cv, return_lse=True, **opts)
+    assert np.all(np.isfinite(out))  # the leftovers never reach a result
+    tol = 64 * tolerance(dtype, 421)
+    np.testing.assert_allclose(out, want, rtol=0, atol=tol)
+    live = want_lse > -np.inf
+    np.testing.assert_allclose(lse[live], want_lse[live], rtol=tol, atol=tol)
+    np.testing.assert_array_equal(lse[~live], -np.inf)
+    go = rng.standard_normal(out.shape).astype(dtype)
+    got = mn.attention_backward(q, k, v, out, lse, go, **opts)
+    grads = ref.attention_backward(q, ck, cv, out, lse, go, **opts)
+    assert len(got) == len(grads)
+    for name, g, w in zip(("dq", "dk", "dv", "dsinks"), got, grads, strict=False):
+        assert np.all(np.isfinite(g)), name
+        np.testing.assert_allclose(g, w, rtol=0, atol=tol * 64, err_msg=name)
+    for i, n in enumerate(kv_len):  # no gradient for keys that do not exist
+        np.testing.assert_array_equal(got[1][i, :, n:], 0.0)
+        np.testing.assert_array_equal(got[2][i, :, n:], 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_len_equals_the_sliced_cache_bit_for_bit(dtype, rng):
+    kv_len = np.array([1, 193, 385])
+    q, k, v, _, _ = _cache(rng, dtype, 3, 4, 1, 3, 500, 32, 16, kv_len)
+    out, lse = mn.attention(q, k, v, kv_len=kv_len, causal="lower_right", return_lse=True)
+    for i, n in enumerate(kv_len):
+        one, one_lse = mn.attention(
+            q[i], k[i, :, :n], v[i, :, :n], causal="lower_right", return_lse=True
+        )
+        np.testing.assert_array_equal(out[i], one)
+        np.testing.assert_array_equal(lse[i], one_lse)
+
+
+def test_kv_len_with_a_cache_shared_by_the_batch_and_2d_inputs(rng):
+    kv_len = np.array([5, 300])
+    q, k, v, _, _ = _cache(rng, np.float64, 2, 2, 2, 4, 300, 8, 8, kv_len, shared=True)
+    check(q, k, v, kv_len=kv_len, causal="lower_right")
+    check_backward(q, k, v, kv_len=kv_len, causal="lower_right")
+    q2, k2, v2 = _inputs(rng, np.float64, (), (), None, None, 3, 50, 8, 8)
+    check(q2, k2, v2, kv_len=20, causal="lower_right")
+    check(q2, k2, v2, kv_len=np.int32(0))
+
+
+# --- packed variable-length batches (cu_seqlens) ----------------------------------------------
+
+
+def _packed(rng, dtype, lens_q, lens_k, hq=4, hkv=2, d=16, dv=8):
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int64)
+    q = rng.standard_normal((cu_q[-1], hq, d)).astype(dtype)
+    k = rng.standard_normal((cu_k[-1], hkv, d)).astype(dtype)
+    v = rng.standard_normal((cu_k[-1], hkv, dv)).astype(dtype)
+    return q, k, v, cu_q, cu_k
+
+
+VARLEN_OPTIONS = [
+    {},
+    {"causal": True},
+    {"causal": "lower_right", "window": (40, None), "softcap": 3.0, "sinks": True},
+    {"alibi_slopes": True, "window": (20, 20)},
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", VARLEN_OPTIONS, ids=str)
+def test_varlen_equals_each_sequence_bit_for_bit(opts, dtype, rng):
+    lens_q, lens_k = [5, 0, 1, 97, 193, 300], [7, 3, 0, 97, 193, 250]
+    q, k, v, cu_q, cu_k = _packed(rng, dtype, lens_q, lens_k)
+    opts = dict(opts)
+    if opts.get("sinks"):
+        opts["sinks"] = rng.standard_normal(4)
+    if opts.get("alibi_slopes"):
+        opts["alibi_slopes"] = np.full(4, 0.05)
+    packed = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k}
+    out, lse = mn.attention(q, k, v, return_lse=True, **packed, **opts)
+    assert out.shape == (q.shape[0], 4, 8) and lse.shape == (4, q.shape[0])
+    go = rng.standard_normal(out.shape).astype(dtype)
+    grads = mn.attention_backward(q, k, v, out, lse, go, **packed, **opts)
+    dsinks = 0.0
+    for s in range(len(lens_q)):
+        sq, sk = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+        heads = [np.swapaxes(a, 0, 1) for a in (q[sq], k[sk], v[sk])]
+        one, one_lse = mn.attention(*heads, return_lse=True, **opts)
+        np.testing.assert_array_equal(out[sq], np.swapaxes(one, 0, 1))
+        np.testing.assert_array_equal(lse[:, sq], one_lse)
+        go_s = np.swapaxes(go[sq], 0, 1)
+        g = mn.attention_backward(*heads, one, one_lse, go_s, **opts)
+        for total, part, rows in zip(grads[:3], g[:3], (sq, sk, sk), strict=True):
+            np.testing.assert_array_equal(total[rows], np.swapaxes(part, 0, 1))
+        if len(g) == 4:
+            dsinks = dsinks + g[3].astype(np.float64)
+    if opts.get("sinks") is not None:
+        np.testing.assert_array_equal(grads[3], np.asarray(dsinks).astype(grads[3].dtype))
+    want, want_lse = ref.attention(q, k, v, return_lse=True, **packed, **opts)
+    np.testing.assert_allclose(out, want, rtol=0, atol=64 * tolerance(dtype, 300))
+    want_grads = ref.attention_backward(q, k, v, out, lse, go, **packed, **opts)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=512 * tolerance(dtype, 300 * 16))
+
+
+def test_varlen_dropout_is_the_padded_batch_s(rng):
+    """Sequence s draws its dropout as batch s of the padded batch: the same outputs as the
+    padded batch with its padding masked, and the reference agrees."""
+    lens = [30, 1, 64]
+    q, k, v, cu_q, cu_k = _packed(rng, np.float64, lens, lens)
+    opts = {"dropout_p": 0.3, "seed": 99, "causal": True}
+    out = mn.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, **opts)
+    want = ref.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, **opts)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-12)
+    lmax = max(lens)
+    pq, pk, pv = (np.zeros((3, a.shape[1], lmax, a.shape[2])) for a in (q, k, v))
+    keep = np.zeros((3, 1, lmax, lmax), dtype=bool)
+    for s, n in enumerate(lens):
+        for padded, packed in ((pq, q), (pk, k), (pv, v)):
+            padded[s, :, :n] = np.swapaxes(packed[cu_q[s] : cu_q[s + 1]], 0, 1)
+        keep[s, :, :, :n] = True
+    padded_out = mn.attention(pq, pk, pv, mask=keep, **opts)
+    for s, n in enumerate(lens):
+        np.testing.assert_allclose(
+            out[cu_q[s] : cu_q[s + 1]], np.swapaxes(padded_out[s, :, :n], 0, 1), atol=1e-12
+        )
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"cu_seqlens_q": None}, ValueError, "go together"),
+        ({"cu_seqlens_q": np.array([0, 5, 3, 10], np.int32)}, ValueError, "not decrease"),
+        ({"cu_seqlens_q": np.array([0, 5, 9], np.int32)}, ValueError, "end at the 10 tokens"),
+        ({"cu_seqlens_q": np.array([1, 5, 10], np.int32)}, ValueError, "start at 0"),
+        ({"cu_seqlens_q": np.array([0, 5, 10], np.int16)}, TypeError, "int32 or int64"),
+        ({"cu_seqlens_q": np.array([0.0, 5, 10])}, TypeError, "int32 or int64"),
+        ({"cu_seqlens_q": np.array([0, 10], np.int32)}, ValueError, "give 1 and 2 sequences"),
+        ({"cu_seqlens_q": np.array([[0, 5, 10]], np.int32)}, ValueError, "1-D array"),
+        ({"mask": np.ones((10, 12), bool)}, ValueError, "mask is not supported"),
+        ({"kv_len": np.array([3, 4])}, ValueError, "exclude each other"),
+    ],
+    ids=str,
+)
+def test_bad_varlen(change, error, match, rng):
+    q, k, v, cu_q, cu_k = _packed(rng, np.float32, [5, 5], [6, 6])
+    args = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, **change}
+    with pytest.raises(error, match=match):
+        mn.attention(q, k, v, **args)
+    out, lse = mn.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    with pytest.raises(error, match=match):
+        mn.attention_backward(q, k, v, out, lse, np.ones_like(out), **args)
+    with pytest.raises(ValueError, match=r"q must be \(total_tokens, heads, features\)"):
+        mn.attention(q[None], k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    with pytest.raises(ValueError, match=r"lse has shape \(10, 4\)"):
+        mn.attention_backward(
+            q, k, v, out, lse.T, np.ones_like(out), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k
+        )
+
+
 # --- 16-bit storage -------------------------------------------------------------------------------
 
 
@@ -475,6 +665,11 @@ def test_dsinks_dtype_and_2d_inputs(rng):
         ({"sinks": np.zeros((1, 4))}, ValueError, "sinks has shape"),
         ({"alibi_slopes": np.zeros(2)}, ValueError, "alibi_slopes has shape"),
         ({"alibi_slopes": np.zeros(4, complex)}, TypeError, "alibi_slopes"),
+        ({"kv_len": [7]}, ValueError, r"kv_len must be in \[0, Lk = 6\]"),
+        ({"kv_len": [-1]}, ValueError, r"kv_len must be in \[0, Lk = 6\]"),
+        ({"kv_len": [1, 2]}, ValueError, r"kv_len has shape \(2,\) \(expected the batch shape"),
+        ({"kv_len": 3}, ValueError, "kv_len has shape"),
+        ({"kv_len": [2.0]}, TypeError, "kv_len must hold integers"),
     ],
     ids=str,
 )
@@ -502,6 +697,11 @@ def test_the_binding_checks_what_it_relies_on(rng):
     ]
     for extras in bad:
         with pytest.raises((ValueError, TypeError), match="^attention: "):
+            _core.attention_into(q, k, v, *base, extras, out, None)
+        assert np.all(out == 7.0)
+    for kv_len in (np.array([7]), np.array([-1]), np.array([2], np.int32), np.array([1, 2])):
+        extras = _core.AttentionExtras(-1, -1, 0.0, None, None, kv_len)
+        with pytest.raises(ValueError, match="^attention: kv_len"):
             _core.attention_into(q, k, v, *base, extras, out, None)
         assert np.all(out == 7.0)
     good = _core.AttentionExtras(-1, -1, 0.0, None, None)

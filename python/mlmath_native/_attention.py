@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Literal, cast, overload
+from typing import Any, Literal, NamedTuple, cast, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -160,6 +160,35 @@ def check_per_head(fn: str, name: str, x: Any, hq: int, dtype: np.dtype[Any]) ->
     return np.ascontiguousarray(arr, dtype=stat_dtype(dtype))
 
 
+def check_kv_len(fn: str, kv_len: Any, batch: tuple[int, ...], lk: int) -> Any:
+    """``kv_len``: None, or integers of the batch shape ``batch`` (a scalar for inputs without
+    one) in [0, Lk], as a flat contiguous int64 array."""
+    if kv_len is None:
+        return None
+    arr = as_input(kv_len, fn, "kv_len")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{fn}: kv_len must hold integers (got dtype {arr.dtype})")
+    if arr.shape != batch:
+        raise ValueError(
+            f"{fn}: kv_len has shape {arr.shape} (expected the batch shape {batch}, one length "
+            "per batch)"
+        )
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > lk):
+        raise ValueError(
+            f"{fn}: kv_len must be in [0, Lk = {lk}] (got {int(arr.min())} to {int(arr.max())})"
+        )
+    return np.ascontiguousarray(arr, dtype=np.int64).reshape(-1)
+
+
+def _plan_sinks_dtype(fn: str, sinks: Any, dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """dsinks' dtype: the sinks' when they are floating (bfloat16 included), else q's (as dq)."""
+    if sinks is not None:
+        given = as_input(sinks, fn, "sinks").dtype
+        if given.kind == "f" or is_storage_dtype(given):
+            return np.dtype(given)
+    return np.dtype(dtype)
+
+
 class _Plan:
     """Checked arguments in the kernel's layout: q (B, Hq, Lq, D), k (B or 1, Hkv, Lk, D),
     v (B or 1, Hkv, Lk, Dv), mask None or a (B, Hq, Lq, Lk) view; ``batch`` the broadcast
@@ -254,6 +283,8 @@ def _plan(
     softcap: float | None = None,
     sinks: ArrayLike | None = None,
     alibi_slopes: ArrayLike | None = None,
+    kv_len: ArrayLike | None = None,
+    bh_offset: int = 0,
 ) -> _Plan:
     q = as_float_array(q, fn, "q")
     k = as_float_array(k, fn, "k")
@@ -272,13 +303,9 @@ def _plan(
     left, right = check_window(fn, window)
     cap = check_softcap(fn, softcap)
     sink_arr = check_per_head(fn, "sinks", sinks, hq, dtype)
-    # dsinks: of the sinks' dtype when they are floating (bfloat16 included), else q's (as dq)
-    sinks_dtype = dtype
-    if sinks is not None:
-        given = as_input(sinks, fn, "sinks").dtype
-        if given.kind == "f" or is_storage_dtype(given):
-            sinks_dtype = given
+    sinks_dtype = _plan_sinks_dtype(fn, sinks, dtype)
     slopes = check_per_head(fn, "alibi_slopes", alibi_slopes, hq, dtype)
+    lengths = check_kv_len(fn, kv_len, batch, lk)
     m4 = None
     if mask is not None:
         full = batch + (hq, lq, lk)
@@ -303,7 +330,7 @@ def _plan(
     plan.mask, plan.causal, plan.scale, plan.dropout_p, plan.seed = m4, code, scale, p, s
     plan.batch, plan.b, plan.hq, plan.lq, plan.dv = batch, b, hq, lq, v4.shape[-1]
     plan.two_d, plan.dtype = two_d, dtype
-    plan.extras = _core.AttentionExtras(left, right, cap, sink_arr, slopes)
+    plan.extras = _core.AttentionExtras(left, right, cap, sink_arr, slopes, lengths, bh_offset)
     plan.sinks, plan.sinks_dtype = sink_arr, np.dtype(sinks_dtype)
     return plan
 
@@ -323,6 +350,9 @@ def attention(
     softcap: float | None = ...,
     sinks: ArrayLike | None = ...,
     alibi_slopes: ArrayLike | None = ...,
+    kv_len: ArrayLike | None = ...,
+    cu_seqlens_q: ArrayLike | None = ...,
+    cu_seqlens_k: ArrayLike | None = ...,
     return_lse: Literal[False] = ...,
 ) -> NDArray[Any]: ...
 
@@ -342,6 +372,9 @@ def attention(
     softcap: float | None = ...,
     sinks: ArrayLike | None = ...,
     alibi_slopes: ArrayLike | None = ...,
+    kv_len: ArrayLike | None = ...,
+    cu_seqlens_q: ArrayLike | None = ...,
+    cu_seqlens_k: ArrayLike | None = ...,
     return_lse: Literal[True],
 ) -> tuple[NDArray[Any], NDArray[Any]]: ...
 
@@ -361,6 +394,9 @@ def attention(
     softcap: float | None = ...,
     sinks: ArrayLike | None = ...,
     alibi_slopes: ArrayLike | None = ...,
+    kv_len: ArrayLike | None = ...,
+    cu_seqlens_q: ArrayLike | None = ...,
+    cu_seqlens_k: ArrayLike | None = ...,
     return_lse: bool = ...,
 ) -> NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]: ...
 
@@ -379,6 +415,9 @@ def attention(
     softcap: float | None = None,
     sinks: ArrayLike | None = None,
     alibi_slopes: ArrayLike | None = None,
+    kv_len: ArrayLike | None = None,
+    cu_seqlens_q: ArrayLike | None = None,
+    cu_seqlens_k: ArrayLike | None = None,
     return_lse: bool = False,
 ) -> NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]:
     """Scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, blocked (no L x L
@@ -423,6 +462,17 @@ def attention(
     alibi_slopes : array_like, (Hq,), optional
         ALiBi: ``slope[h] * |i + off - j|`` is subtracted from the scores (after the softcap),
         with ``off`` as for ``window``; never materialised.
+    kv_len : array_like of int, the batch shape, optional
+        A preallocated KV cache: batch b has only its first ``kv_len[b]`` keys (0 <= kv_len[b]
+        <= Lk); the others are never read into a result, whatever they hold, and the
+        lower-right alignment is ``kv_len[b] - Lq``.  No copy of k or v is made.
+    cu_seqlens_q, cu_seqlens_k : int32 or int64 array_like, (S + 1,), optional
+        A packed variable-length batch (FlashAttention's varlen API): q (total_q, Hq, D), k
+        (total_k, Hkv, D) and v (total_k, Hkv, Dv) hold S sequences, sequence s in rows
+        ``cu_seqlens[s]:cu_seqlens[s + 1]``; each attends only within itself (causal, window,
+        softcap, sinks and ALiBi per sequence; no mask), no padding is computed, and the
+        result equals running each sequence by itself, bit for bit.  out is (total_q, Hq, Dv)
+        and lse (Hq, total_q).  Dropout draws sequence s as batch s of the padded batch.
     return_lse : bool
         Also return the logsumexp of each query's scores, (..., Hq, Lq) (of the undropped
         weights), which :func:`attention_backward` uses.
@@ -460,9 +510,36 @@ def attention(
      [1.5 0. ]]
     """
     fn = "attention"
-    p = _plan(
-        fn, q, k, v, mask, causal, scale, dropout_p, seed, window, softcap, sinks, alibi_slopes
-    )
+    opts = _Options(mask, causal, scale, dropout_p, seed, window, softcap, sinks, alibi_slopes)
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if kv_len is not None:
+            raise ValueError(
+                f"{fn}: kv_len and cu_seqlens exclude each other (a packed batch's "
+                "sequences have their lengths in cu_seqlens_k)"
+            )
+        return _varlen_forward(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, opts, return_lse)
+    return _forward(fn, q, k, v, opts, kv_len, return_lse, 0)
+
+
+class _Options(NamedTuple):
+    """The options every call shares, as the user gave them (checked by _plan)."""
+
+    mask: Any
+    causal: _Causal
+    scale: float | None
+    dropout_p: float
+    seed: int | None
+    window: tuple[int | None, int | None] | None
+    softcap: float | None
+    sinks: Any
+    alibi_slopes: Any
+
+
+def _forward(
+    fn: str, q: Any, k: Any, v: Any, o: _Options, kv_len: Any, return_lse: bool, bh_offset: int
+) -> Any:
+    """attention's body; ``bh_offset`` is added to b * Hq + h in the dropout hash."""
+    p = _plan(fn, q, k, v, *o, kv_len, bh_offset)
     out = _core.empty((p.b, p.hq, p.lq, p.dv), p.dtype)
     lse = _core.empty((p.b, p.hq, p.lq), stat_dtype(p.dtype)) if return_lse else None
     if out.size or (lse is not None and lse.size):  # (Dv = 0 without lse: nothing to compute)
@@ -476,6 +553,70 @@ def attention(
     lse = cast("NDArray[Any]", lse)  # not None: return_lse
     lse = lse.reshape(p.batch + lse.shape[1:])
     return out, (lse[..., 0, :] if p.two_d else lse)
+
+
+def check_cu_seqlens(
+    fn: str, q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, mask: Any
+) -> tuple[Any, Any, Any, Any, Any]:
+    """A packed batch (FlashAttention's varlen layout): q (total_q, Hq, D), k (total_k, Hkv,
+    D), v (total_k, Hkv, Dv), cu_seqlens_q and cu_seqlens_k int32 or int64 (S + 1,) offsets,
+    starting at 0, non-decreasing, ending at the totals.  Returns (q, k, v, cu_q, cu_k) as
+    arrays (the offsets as int64)."""
+    if cu_q is None or cu_k is None:
+        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k go together (both or neither)")
+    if mask is not None:
+        raise ValueError(
+            f"{fn}: mask is not supported with cu_seqlens (each sequence attends within itself; "
+            "causal, window, softcap, sinks and ALiBi apply per sequence)"
+        )
+    q, k, v = (as_float_array(a, fn, name) for a, name in ((q, "q"), (k, "k"), (v, "v")))
+    for name, arr in (("q", q), ("k", k), ("v", v)):
+        if arr.ndim != 3:
+            raise ValueError(
+                f"{fn}: with cu_seqlens, {name} must be (total_tokens, heads, features) (got "
+                f"shape {arr.shape})"
+            )
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"{fn}: v has {v.shape[0]} tokens (expected k's, {k.shape[0]})")
+    offsets = []
+    for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k, k.shape[0])):
+        arr = as_input(cu, fn, name)
+        if arr.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+            raise TypeError(f"{fn}: {name} must be int32 or int64 (got dtype {arr.dtype})")
+        if arr.ndim != 1 or arr.shape[0] < 1:
+            raise ValueError(f"{fn}: {name} must be a 1-D array of S + 1 offsets (got {arr.shape})")
+        arr = arr.astype(np.int64)
+        if arr[0] != 0 or np.any(np.diff(arr) < 0) or arr[-1] != total:
+            raise ValueError(
+                f"{fn}: {name} must start at 0, not decrease and end at the {total} tokens "
+                f"(got {arr[0]} ... {arr[-1]})"
+            )
+        offsets.append(arr)
+    if offsets[0].shape != offsets[1].shape:
+        raise ValueError(
+            f"{fn}: cu_seqlens_q and cu_seqlens_k give {offsets[0].size - 1} and "
+            f"{offsets[1].size - 1} sequences"
+        )
+    return q, k, v, offsets[0], offsets[1]
+
+
+def _varlen_forward(
+    fn: str, q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, o: _Options, return_lse: bool
+) -> Any:
+    """attention on a packed batch: each sequence s by itself, (L_s, H, F) slices taken as
+    (H, L_s, F) heads, drawn for dropout as batch s (b * Hq + h = s * Hq + h)."""
+    q, k, v, cu_q, cu_k = check_cu_seqlens(fn, q, k, v, cu_q, cu_k, o.mask)
+    hq, dv = q.shape[1], v.shape[2]
+    dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    out = np.zeros((q.shape[0], hq, dv), dtype)
+    lse = np.full((hq, q.shape[0]), -np.inf, stat_dtype(dtype))
+    for s in range(cu_q.size - 1):
+        (q0, q1), (k0, k1) = cu_q[s : s + 2], cu_k[s : s + 2]
+        heads = (np.swapaxes(a, 0, 1) for a in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        o_s, lse_s = _forward(fn, *heads, o, None, True, s * hq)
+        out[q0:q1] = np.swapaxes(o_s, 0, 1)
+        lse[:, q0:q1] = lse_s
+    return (out, lse) if return_lse else out
 
 
 def _sum_to(g: NDArray[Any], shape: tuple[int, ...]) -> NDArray[Any]:
@@ -509,6 +650,9 @@ def attention_backward(
     softcap: float | None = ...,
     sinks: None = ...,
     alibi_slopes: ArrayLike | None = ...,
+    kv_len: ArrayLike | None = ...,
+    cu_seqlens_q: ArrayLike | None = ...,
+    cu_seqlens_k: ArrayLike | None = ...,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]: ...
 
 
@@ -530,6 +674,9 @@ def attention_backward(
     softcap: float | None = ...,
     sinks: ArrayLike,
     alibi_slopes: ArrayLike | None = ...,
+    kv_len: ArrayLike | None = ...,
+    cu_seqlens_q: ArrayLike | None = ...,
+    cu_seqlens_k: ArrayLike | None = ...,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]: ...
 
 
@@ -550,6 +697,9 @@ def attention_backward(
     softcap: float | None = None,
     sinks: ArrayLike | None = None,
     alibi_slopes: ArrayLike | None = None,
+    kv_len: ArrayLike | None = None,
+    cu_seqlens_q: ArrayLike | None = None,
+    cu_seqlens_k: ArrayLike | None = None,
 ) -> (
     tuple[NDArray[Any], NDArray[Any], NDArray[Any]]
     | tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]
@@ -593,9 +743,28 @@ def attention_backward(
            [5., 5., 5., 5.]])
     """
     fn = "attention_backward"
-    p = _plan(
-        fn, q, k, v, mask, causal, scale, dropout_p, seed, window, softcap, sinks, alibi_slopes
-    )
+    opts = _Options(mask, causal, scale, dropout_p, seed, window, softcap, sinks, alibi_slopes)
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if kv_len is not None:
+            raise ValueError(f"{fn}: kv_len and cu_seqlens exclude each other")
+        return _varlen_backward(fn, q, k, v, out, lse, grad_out, cu_seqlens_q, cu_seqlens_k, opts)
+    return _backward(fn, q, k, v, out, lse, grad_out, opts, kv_len, 0)
+
+
+def _backward(
+    fn: str,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    grad_out: Any,
+    o: _Options,
+    kv_len: Any,
+    bh_offset: int,
+) -> Any:
+    """attention_backward's body (``bh_offset`` as for _forward)."""
+    p = _plan(fn, q, k, v, *o, kv_len, bh_offset)
     want_out = p.batch + (p.hq, p.lq, p.dv)
     if p.two_d:
         want_out = want_out[:-3] + want_out[-2:]
@@ -632,3 +801,52 @@ def attention_backward(
     if dsinks is None:
         return grads
     return (*grads, dsinks.astype(p.sinks_dtype))
+
+
+def _varlen_backward(
+    fn: str,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    grad_out: Any,
+    cu_q: Any,
+    cu_k: Any,
+    o: _Options,
+) -> Any:
+    """attention_backward on a packed batch, sequence by sequence as _varlen_forward."""
+    q, k, v, cu_q, cu_k = check_cu_seqlens(fn, q, k, v, cu_q, cu_k, o.mask)
+    hq, dv_size = q.shape[1], v.shape[2]
+    dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    arrays = []
+    for name, arr, shape in (
+        ("out", out, (q.shape[0], hq, dv_size)),
+        ("grad_out", grad_out, (q.shape[0], hq, dv_size)),
+        ("lse", lse, (hq, q.shape[0])),
+    ):
+        arr = as_float_array(arr, fn, name)
+        if arr.shape != shape:
+            raise ValueError(f"{fn}: {name} has shape {arr.shape} (expected {shape})")
+        arrays.append(arr)
+    out, grad_out, lse = arrays
+    dq = np.zeros(q.shape, dtype)
+    dk = np.zeros(k.shape, dtype)
+    dv = np.zeros(v.shape, dtype)
+    dsinks = None
+    for s in range(cu_q.size - 1):
+        (q0, q1), (k0, k1) = cu_q[s : s + 2], cu_k[s : s + 2]
+        heads = [np.swapaxes(a, 0, 1) for a in (q[q0:q1], k[k0:k1], v[k0:k1])]
+        rows = [np.swapaxes(out[q0:q1], 0, 1), lse[:, q0:q1], np.swapaxes(grad_out[q0:q1], 0, 1)]
+        grads = _backward(fn, *heads, *rows, o, None, s * hq)
+        dq[q0:q1] = np.swapaxes(grads[0], 0, 1)
+        dk[k0:k1] = np.swapaxes(grads[1], 0, 1)
+        dv[k0:k1] = np.swapaxes(grads[2], 0, 1)
+        if len(grads) == 4:  # dsinks of every sequence, added in order in float64
+            dsinks = grads[3].astype(np.float64) + (0.0 if dsinks is None else dsinks)
+    if o.sinks is None:
+        return dq, dk, dv
+    if dsinks is None:  # no sequence: a sink gets no gradient
+        dsinks = np.zeros(hq)
+    sinks_dtype = _plan_sinks_dtype(fn, o.sinks, dtype)
+    return dq, dk, dv, dsinks.astype(sinks_dtype)

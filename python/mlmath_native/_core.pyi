@@ -157,6 +157,8 @@ class AttentionExtras:
         softcap: float,
         sinks: NDArray[Any] | None,
         alibi_slopes: NDArray[Any] | None,
+        kv_len: NDArray[Any] | None = None,
+        dropout_bh_offset: int = 0,
     ) -> None: ...
 
 def attention_into(

@@ -317,6 +317,8 @@ def _setup(
     softcap=None,
     sinks=None,
     alibi_slopes=None,
+    kv_len=None,
+    bh_offset=0,
 ):
     """Validate the arguments and compute everything the forward and backward share.
 
@@ -380,8 +382,18 @@ def _setup(
     softcap = _check_softcap(softcap, name)
     sinks = _per_head(sinks, hq, "sinks", name)
     alibi_slopes = _per_head(alibi_slopes, hq, "alibi_slopes", name)
+    # keys per batch: all Lk, or kv_len[b] (shape batch + (1, 1, 1) to broadcast with work +
+    # (Lq, Lk)): keys j >= kv_len[b] do not exist
+    keys = lk
+    if kv_len is not None:
+        kv_len = np.asarray(kv_len)
+        if kv_len.dtype.kind not in "iu" or kv_len.shape != batch:
+            raise ValueError(f"{name}: kv_len must be integers of the batch shape {batch}")
+        if kv_len.size and (kv_len.min() < 0 or kv_len.max() > lk):
+            raise ValueError(f"{name}: kv_len must be in [0, Lk]")
+        keys = kv_len.astype(np.int64).reshape(batch + (1, 1, 1))
     # the diagonal of the causal alignment in force: query i sits at key position i + offset
-    offset = lk - lq if causal == "lower_right" else 0
+    offset = keys - lq if causal == "lower_right" else 0
     i_pos = np.arange(lq)[:, np.newaxis] + offset
     j_pos = np.arange(lk)[np.newaxis, :]
 
@@ -430,6 +442,8 @@ def _setup(
             allowed &= bias != -np.inf  # a −∞ bias forbids, by selection like a False
             with np.errstate(invalid="ignore"):  # inf + (−inf) at forbidden positions
                 scores = scores + bias
+    if kv_len is not None:
+        allowed &= j_pos < keys
     if causal is not None:
         allowed &= j_pos <= i_pos  # upper left: j <= i; lower right: j <= i + Lk − Lq
     if left is not None:  # sliding window: i + offset − left <= j <= i + offset + right
@@ -460,7 +474,7 @@ def _setup(
     # Dropout factor keep / (1 − p), with bh the flat index over (batch..., Hq).
     drop = None
     if dropout_p > 0.0:
-        bh = np.arange(math.prod(work)).reshape(work)
+        bh = bh_offset + np.arange(math.prod(work)).reshape(work)
         keep = dropout_keep(
             seed,
             bh[..., np.newaxis, np.newaxis],
@@ -506,6 +520,10 @@ def attention(
     softcap=None,
     sinks=None,
     alibi_slopes=None,
+    kv_len=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    _bh_offset=0,
 ):
     """Scaled dot-product attention: ``softmax(Q Kᵀ · scale + M) V``.
 
@@ -542,6 +560,9 @@ def attention(
         A logit per query head in every row's softmax denominator, attending to nothing.
     alibi_slopes : array_like (Hq,), optional
         ``slope[h] · |i + off − j|`` subtracted from the scores.
+    kv_len : array_like of int, the batch shape, optional
+        Batch b has only keys j < kv_len[b] (a preallocated cache); the lower-right alignment
+        is then kv_len[b] − Lq.
 
     Returns
     -------
@@ -600,6 +621,19 @@ def attention(
     >>> print(np.round(lse[0], 4))  # log(3 · e^(q_i · k_j / √2))
     [1.8057 3.2199]
     """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        options = dict(
+            mask=mask,
+            causal=causal,
+            scale=scale,
+            dropout_p=dropout_p,
+            seed=seed,
+            window=window,
+            softcap=softcap,
+            sinks=sinks,
+            alibi_slopes=alibi_slopes,
+        )
+        return _varlen(attention, q, k, v, None, cu_seqlens_q, cu_seqlens_k, options, return_lse)
     c = _setup(
         "attention",
         q,
@@ -614,6 +648,8 @@ def attention(
         softcap,
         sinks,
         alibi_slopes,
+        kv_len,
+        _bh_offset,
     )
     weights = c["weights"]
     if c["drop"] is not None:
@@ -643,6 +679,10 @@ def attention_backward(
     softcap=None,
     sinks=None,
     alibi_slopes=None,
+    kv_len=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    _bh_offset=0,
 ):
     """Gradients of ``attention`` with respect to q, k and v.
 
@@ -697,8 +737,38 @@ def attention_backward(
      [0.6667 0.6667]]
     """
     name = "attention_backward"
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        options = dict(
+            mask=mask,
+            causal=causal,
+            scale=scale,
+            dropout_p=dropout_p,
+            seed=seed,
+            window=window,
+            softcap=softcap,
+            sinks=sinks,
+            alibi_slopes=alibi_slopes,
+        )
+        rows = (out, lse, grad_out)
+        return _varlen(
+            attention_backward, q, k, v, rows, cu_seqlens_q, cu_seqlens_k, options, False
+        )
     c = _setup(
-        name, q, k, v, mask, causal, scale, dropout_p, seed, window, softcap, sinks, alibi_slopes
+        name,
+        q,
+        k,
+        v,
+        mask,
+        causal,
+        scale,
+        dropout_p,
+        seed,
+        window,
+        softcap,
+        sinks,
+        alibi_slopes,
+        kv_len,
+        _bh_offset,
     )
     out_shape = c["out_shape"]
     for arg, arr, shape in (
@@ -747,3 +817,50 @@ def attention_backward(
     if dsinks is not None:
         return dq, dk, dv, dsinks
     return dq, dk, dv
+
+
+def _varlen(fn, q, k, v, rows, cu_q, cu_k, options, return_lse):
+    """``fn`` (attention, or attention_backward with rows = (out, lse, grad_out)) on a packed
+    batch: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); sequence s is rows
+    cu_q[s]:cu_q[s + 1] of q and cu_k[s]:cu_k[s + 1] of k and v, computed by itself as heads
+    (H, L_s, F), its dropout drawn as batch s (bh = s · Hq + h).  out is (total_q, Hq, Dv) and
+    lse (Hq, total_q); the backward returns dq, dk, dv like q, k, v (and dsinks summed)."""
+    if cu_q is None or cu_k is None or options["mask"] is not None:
+        raise ValueError("varlen: cu_seqlens_q and cu_seqlens_k go together, without a mask")
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    cu_q, cu_k = (np.asarray(c) for c in (cu_q, cu_k))
+    for c, total in ((cu_q, q.shape[0]), (cu_k, k.shape[0])):
+        if c.dtype not in (np.int32, np.int64) or c.ndim != 1 or c.size < 1:
+            raise ValueError("varlen: cu_seqlens must be 1-D int32 or int64 offsets")
+        if c[0] != 0 or np.any(np.diff(c) < 0) or c[-1] != total:
+            raise ValueError("varlen: cu_seqlens must start at 0, not decrease, end at the total")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError("varlen: cu_seqlens_q and cu_seqlens_k differ in length")
+    hq = q.shape[1]
+    results = []
+    for s in range(cu_q.size - 1):
+        sq, sk = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s + 1])
+        heads = [np.swapaxes(a, 0, 1) for a in (q[sq], k[sk], v[sk])]
+        if rows is None:
+            results.append(fn(*heads, **options, return_lse=True, _bh_offset=s * hq))
+        else:
+            out, lse, grad_out = (np.asarray(a, dtype=np.float64) for a in rows)
+            seq_rows = (np.swapaxes(out[sq], 0, 1), lse[:, sq], np.swapaxes(grad_out[sq], 0, 1))
+            results.append(fn(*heads, *seq_rows, **options, _bh_offset=s * hq))
+    if rows is None:
+        out = np.zeros((q.shape[0], hq, v.shape[2]))
+        lse = np.full((hq, q.shape[0]), -np.inf)
+        for s, (o, lse_s) in enumerate(results):
+            out[cu_q[s] : cu_q[s + 1]] = np.swapaxes(o, 0, 1)
+            lse[:, cu_q[s] : cu_q[s + 1]] = lse_s
+        return (out, lse) if return_lse else out
+    grads = [np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)]
+    for s, g in enumerate(results):
+        for total, part, c in zip(grads, g[:3], (cu_q, cu_k, cu_k), strict=True):
+            total[c[s] : c[s + 1]] = np.swapaxes(part, 0, 1)
+    if options["sinks"] is None:
+        return tuple(grads)
+    dsinks = np.zeros(hq)
+    for g in results:
+        dsinks = dsinks + g[3]
+    return (*grads, dsinks)

@@ -75,6 +75,8 @@ struct AttentionCall {
   double softcap = 0;                                // 0: none
   const void* sinks = nullptr;                       // (Hq,) of the compute dtype
   const void* alibi = nullptr;                       // (Hq,) of the compute dtype
+  const std::int64_t* kv_len = nullptr;              // (B,) in [0, Lk]
+  std::int64_t dropout_bh_offset = 0;
 };
 
 // The options of issue 22, as the kernels take them: window sides >= -1 (-1 unlimited), softcap
@@ -83,8 +85,29 @@ struct AttentionCall {
 struct AttentionExtras {
   std::int64_t window_left, window_right;
   double softcap;
-  py::object sinks, alibi;
+  py::object sinks, alibi, kv_len;
+  std::int64_t dropout_bh_offset;
 };
+
+// kv_len: None or a contiguous int64 (B,) array of values in [0, Lk] (the kernel reads keys
+// below kv_len[b] only: a value past Lk would read outside k and v).
+const std::int64_t* check_kv_len(const py::object& x, std::int64_t B, std::int64_t lk,
+                                 const char* fn) {
+  if (x.is_none()) return nullptr;
+  py::array a = x.cast<py::array>();
+  if (!py::isinstance<py::array_t<std::int64_t>>(a) || a.ndim() != 1 || a.shape(0) != B ||
+      (B > 1 && a.strides(0) != static_cast<py::ssize_t>(sizeof(std::int64_t)))) {
+    throw std::invalid_argument(std::string(fn) + ": kv_len must be a contiguous int64 (B,) array");
+  }
+  require_aligned(a, fn, "kv_len");
+  const auto* p = static_cast<const std::int64_t*>(a.data());
+  for (std::int64_t b = 0; b < B; ++b) {
+    if (p[b] < 0 || p[b] > lk) {
+      throw std::invalid_argument(std::string(fn) + ": kv_len values must be in [0, Lk]");
+    }
+  }
+  return p;
+}
 
 const void* per_head(const py::object& x, DType dt, std::int64_t hq, const char* fn,
                      const char* name) {
@@ -108,6 +131,11 @@ void check_extras(AttentionCall& c, const AttentionExtras& e, const char* fn) {
   c.window_left = e.window_left, c.window_right = e.window_right, c.softcap = e.softcap;
   c.sinks = per_head(e.sinks, c.dtype, c.hq, fn, "sinks");
   c.alibi = per_head(e.alibi, c.dtype, c.hq, fn, "alibi_slopes");
+  c.kv_len = check_kv_len(e.kv_len, c.B, c.lk, fn);
+  if (e.dropout_bh_offset < 0) {
+    throw std::invalid_argument(std::string(fn) + ": dropout_bh_offset must be >= 0");
+  }
+  c.dropout_bh_offset = e.dropout_bh_offset;
 }
 
 AttentionCall check_call(const char* fn, const py::array& q, const py::array& k, const py::array& v,
@@ -168,6 +196,8 @@ AttentionArgs<T> kernel_args(const AttentionCall& c, const py::array& q, const p
   a.softcap = static_cast<C>(c.softcap);
   a.sinks = static_cast<const C*>(c.sinks);
   a.alibi = static_cast<const C*>(c.alibi);
+  a.kv_len = c.kv_len;
+  a.dropout_bh_offset = c.dropout_bh_offset;
   return a;
 }
 
@@ -269,10 +299,12 @@ void bind_attention(py::module_& m) {
   py::class_<AttentionExtras>(m, "AttentionExtras",
                               "window, softcap, sinks and ALiBi slopes of an attention call")
       .def(py::init([](std::int64_t wl, std::int64_t wr, double softcap, py::object sinks,
-                       py::object alibi) {
-             return AttentionExtras{wl, wr, softcap, std::move(sinks), std::move(alibi)};
+                       py::object alibi, py::object kv_len, std::int64_t bh_offset) {
+             return AttentionExtras{
+                 wl, wr, softcap, std::move(sinks), std::move(alibi), std::move(kv_len), bh_offset};
            }),
-           "window_left"_a, "window_right"_a, "softcap"_a, "sinks"_a, "alibi_slopes"_a);
+           "window_left"_a, "window_right"_a, "softcap"_a, "sinks"_a, "alibi_slopes"_a,
+           "kv_len"_a = py::none(), "dropout_bh_offset"_a = 0);
   m.def("attention_into", &attention_into, "q"_a, "k"_a, "v"_a, "mask"_a, "causal"_a, "scale"_a,
         "dropout_p"_a, "seed"_a, "extras"_a, "out"_a, "lse"_a,
         "out (and lse) = scaled dot-product attention of 4-D q, k, v (see _attention.py)");

@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "common/gemm_core.h"
 #include "common/parallel.h"
@@ -62,16 +63,21 @@ constexpr std::int64_t kBlockQ = 96;
 //   i + off - left <= j <= i + off + right,
 // where -1 leaves a side unlimited and causal makes right 0 (the window is intersected with it).
 // Blocks of keys wholly outside a block's band are never visited (the cost of a window is
-// O(L x window)), and blocks wholly inside it are not masked.
+// O(L x window)), and blocks wholly inside it are not masked.  With kv_len, batch b has lk =
+// kv_len[b] keys (the alignment follows: off = kv_len[b] - lq) and keys past it do not exist.
 struct Band {
   std::int64_t off, left, right, lq, lk;
   template <class S>
-  explicit Band(const AttentionArgs<S>& a)
-      : off(a.causal == 2 ? a.lk - a.lq : 0),
+  Band(const AttentionArgs<S>& a, std::int64_t b)
+      : off(a.causal == 2 ? keys(a, b) - a.lq : 0),
         left(a.window_left),
         right(a.causal != 0 ? 0 : a.window_right),
         lq(a.lq),
-        lk(a.lk) {}
+        lk(keys(a, b)) {}
+  template <class S>
+  static std::int64_t keys(const AttentionArgs<S>& a, std::int64_t b) {
+    return a.kv_len != nullptr ? a.kv_len[b] : a.lk;
+  }
   static std::int64_t clamp(std::int64_t x, std::int64_t hi) { return x < 0 ? 0 : x < hi ? x : hi; }
   bool limited() const { return left >= 0 || right >= 0; }
   // keys [key_begin(i0), key_end(i1)) are those queries [i0, i1) may see (none if begin >= end)
@@ -90,7 +96,8 @@ struct Band {
   }
   // whether every query of [i0, i1) sees every key of [j0, j1)
   bool covers(std::int64_t i0, std::int64_t i1, std::int64_t j0, std::int64_t j1) const {
-    return (left < 0 || j0 >= i1 - 1 + off - left) && (right < 0 || j1 - 1 <= i0 + off + right);
+    return (left < 0 || j0 >= i1 - 1 + off - left) && (right < 0 || j1 - 1 <= i0 + off + right) &&
+           j1 <= lk;
   }
 };
 
@@ -99,15 +106,15 @@ struct Band {
 //   s = c tanh(s / c)          (tanh kept in tanh_out, laid out like s, when it is not null)
 //   s -= slope_h |i + off - j|
 template <class S, class T>
-void transform_block(const AttentionArgs<S>& a, std::int64_t h, std::int64_t i0, std::int64_t nq,
-                     std::int64_t j0, std::int64_t nk, T* s, std::int64_t si, std::int64_t sj,
-                     T* tanh_out) {
+void transform_block(const AttentionArgs<S>& a, const Band& band, std::int64_t h, std::int64_t i0,
+                     std::int64_t nq, std::int64_t j0, std::int64_t nk, T* s, std::int64_t si,
+                     std::int64_t sj, T* tanh_out) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
   const bool queries_inner = si == 1;  // S^T (the forward) rather than S (the backward)
   const std::int64_t n_outer = queries_inner ? nk : nq, n_inner = queries_inner ? nq : nk;
   const std::int64_t stride = queries_inner ? sj : si;
-  const std::int64_t off = Band(a).off;
+  const std::int64_t off = band.off;
   const T cap = a.softcap, inv_cap = cap > T(0) ? T(1) / cap : T(0);
   const T slope = a.alibi != nullptr ? a.alibi[h] : T(0);
   T lane[W];
@@ -144,11 +151,10 @@ void transform_block(const AttentionArgs<S>& a, std::int64_t h, std::int64_t i0,
 // A float mask is added (a -inf entry selects -inf, whatever the score); a boolean mask and
 // the band of causal and the window (Note [attention band]) select -inf.
 template <class S, class T>
-void mask_block(const AttentionArgs<S>& a, std::int64_t b, std::int64_t h, std::int64_t i0,
-                std::int64_t nq, std::int64_t j0, std::int64_t nk, T* s, std::int64_t si,
-                std::int64_t sj) {
+void mask_block(const AttentionArgs<S>& a, const Band& band, std::int64_t b, std::int64_t h,
+                std::int64_t i0, std::int64_t nq, std::int64_t j0, std::int64_t nk, T* s,
+                std::int64_t si, std::int64_t sj) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const Band band(a);
   const std::int64_t* ms = a.mask_stride;
   for (std::int64_t i = 0; i < nq; ++i) {
     T* row = s + i * si;
@@ -166,10 +172,11 @@ void mask_block(const AttentionArgs<S>& a, std::int64_t b, std::int64_t h, std::
         }
       }
     }
-    if (band.limited()) {  // the block's keys j0 + j outside [lo, hi] of query i0 + i
+    if (band.limited() || j0 + nk > band.lk) {  // keys j0 + j outside [lo, hi] of query i0 + i
       const std::int64_t pos = i0 + i + band.off - j0;
       const std::int64_t lo = band.left < 0 ? 0 : pos - band.left;
-      const std::int64_t hi = band.right < 0 ? nk : pos + band.right + 1;
+      std::int64_t hi = band.right < 0 ? nk : pos + band.right + 1;
+      hi = hi < band.lk - j0 ? hi : band.lk - j0;
       for (std::int64_t j = 0; j < nk && j < lo; ++j) row[j * sj] = neg_inf;
       for (std::int64_t j = hi < 0 ? 0 : hi; j < nk; ++j) row[j * sj] = neg_inf;
     }
@@ -181,8 +188,8 @@ void mask_block(const AttentionArgs<S>& a, std::int64_t b, std::int64_t h, std::
 template <class S, class T>
 void dropout_block(const AttentionArgs<S>& a, std::int64_t bh, std::int64_t i0, std::int64_t nq,
                    std::int64_t j0, std::int64_t nk, T* s, std::int64_t si, std::int64_t sj) {
-  const std::uint64_t key =
-      mix64(a.seed ^ (static_cast<std::uint64_t>(bh) * 0x9E3779B97F4A7C15ULL));
+  const std::uint64_t key = mix64(
+      a.seed ^ (static_cast<std::uint64_t>(a.dropout_bh_offset + bh) * 0x9E3779B97F4A7C15ULL));
   const std::uint64_t threshold =
       static_cast<std::uint64_t>(std::ceil(a.dropout_p * static_cast<double>(1 << 24)));
   const T keep_scale = T(1.0 / (1.0 - a.dropout_p));
@@ -205,41 +212,49 @@ void attention(const AttentionArgs<St>& a) {
   constexpr std::int64_t W = V::width, BQ = kBlockQ, BK = S::KC;
   const std::int64_t D = a.d, Dv = a.dv, Lq = a.lq, Lk = a.lk;
   if (a.batch == 0 || a.hq == 0 || Lq == 0) return;
-  const std::int64_t kv_batches = a.k_batch_stride == 0 ? 1 : a.batch;
-  const std::int64_t v_batches = a.v_batch_stride == 0 ? 1 : a.batch;
   const std::int64_t group = a.hq / a.hkv;  // query heads per kv head
   // K of every (batch, kv head) packed once as the first GEMM's A (Lk x D), V^T as the
-  // second's (Dv x Lk) (Note [prepacked A] in gemm_core.h)
-  const std::int64_t ksize = (Lk + S::MR - 1) / S::MR * S::MR * D;
-  const std::int64_t vsize = (Dv + S::MR - 1) / S::MR * S::MR * Lk;
-  Scratch<T> kpack(kv_batches * a.hkv * ksize), vpack(v_batches * a.hkv * vsize);
-  parallel_for(kv_batches * a.hkv, ksize, [&](std::int64_t h0, std::int64_t h1) {
+  // second's (Dv x Lk) (Note [prepacked A] in gemm_core.h).  With kv_len, batch b's packs hold
+  // its kv_len[b] keys only (one pack per batch even for a shared cache): no key past them is
+  // ever multiplied, so whatever a preallocated cache holds there cannot reach the output.
+  const bool per_batch = a.kv_len != nullptr;
+  const std::int64_t kv_batches = per_batch || a.k_batch_stride != 0 ? a.batch : 1;
+  const std::int64_t v_batches = per_batch || a.v_batch_stride != 0 ? a.batch : 1;
+  auto packed_keys = [&](std::int64_t pb) { return per_batch ? a.kv_len[pb] : Lk; };
+  auto ksize = [&](std::int64_t pb) { return (packed_keys(pb) + S::MR - 1) / S::MR * S::MR * D; };
+  auto vsize = [&](std::int64_t pb) { return (Dv + S::MR - 1) / S::MR * S::MR * packed_keys(pb); };
+  std::vector<std::int64_t> koff(kv_batches + 1, 0), voff(v_batches + 1, 0);  // per batch
+  for (std::int64_t pb = 0; pb < kv_batches; ++pb) koff[pb + 1] = koff[pb] + a.hkv * ksize(pb);
+  for (std::int64_t pb = 0; pb < v_batches; ++pb) voff[pb + 1] = voff[pb] + a.hkv * vsize(pb);
+  Scratch<T> kpack(koff[kv_batches] + 1), vpack(voff[v_batches] + 1);
+  parallel_for(kv_batches * a.hkv, Lk * D, [&](std::int64_t h0, std::int64_t h1) {
     for (std::int64_t h = h0; h < h1; ++h) {
-      const St* kh = a.k + h * Lk * D;
+      const std::int64_t pb = h / a.hkv, hk = h % a.hkv, lp = packed_keys(pb);
+      const St* kh = a.k + pb * a.k_batch_stride + hk * Lk * D;
       prepack_a<T>(
-          Lk, D,
+          lp, D,
           [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
-            pack_a_strided(kh, D, std::int64_t{1}, Lk, i0, mc, k0, kc, dst);
+            pack_a_strided(kh, D, std::int64_t{1}, lp, i0, mc, k0, kc, dst);
           },
-          kpack.data + h * ksize);
+          kpack.data + koff[pb] + hk * ksize(pb));
     }
   });
-  parallel_for(v_batches * a.hkv, vsize, [&](std::int64_t h0, std::int64_t h1) {
+  parallel_for(v_batches * a.hkv, Lk * Dv, [&](std::int64_t h0, std::int64_t h1) {
     for (std::int64_t h = h0; h < h1; ++h) {
-      const St* vh = a.v + h * Lk * Dv;
+      const std::int64_t pb = h / a.hkv, hk = h % a.hkv;
+      const St* vh = a.v + pb * a.v_batch_stride + hk * Lk * Dv;
       prepack_a<T>(
-          Dv, Lk,
+          Dv, packed_keys(pb),
           [&](std::int64_t i0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
             pack_a_strided(vh, std::int64_t{1}, Dv, Dv, i0, mc, k0, kc, dst);
           },
-          vpack.data + h * vsize);
+          vpack.data + voff[pb] + hk * vsize(pb));
     }
   });
 
   const std::int64_t qblocks = (Lq + BQ - 1) / BQ;
   const std::int64_t tasks = a.batch * a.hq * qblocks;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const Band band(a);
   const bool transformed = a.softcap > T(0) || a.alibi != nullptr;
   parallel_for(tasks, BQ * Lk * (D + Dv) * 2, [&](std::int64_t t0, std::int64_t t1) {
     Scratch<T> qt(D * BQ + 1), st(BK * BQ), ot(Dv * BQ + 1), m(BQ), l(BQ), alpha(BQ);
@@ -250,8 +265,11 @@ void attention(const AttentionArgs<St>& a) {
       const std::int64_t nq = Lq - i0 < BQ ? Lq - i0 : BQ;
       const std::int64_t nc = (nq + W - 1) / W * W;  // the columns computed (a short last block)
       const St* qb = a.q + (bh * Lq + i0) * D;
-      const T* kp = kpack.data + ((a.k_batch_stride == 0 ? 0 : b) * a.hkv + hk) * ksize;
-      const T* vp = vpack.data + ((a.v_batch_stride == 0 ? 0 : b) * a.hkv + hk) * vsize;
+      const Band band(a, b);
+      const std::int64_t kb = kv_batches == 1 ? 0 : b, vb = v_batches == 1 ? 0 : b;
+      const T* kp = kpack.data + koff[kb] + hk * ksize(kb);
+      const T* vp = vpack.data + voff[vb] + hk * vsize(vb);
+      const std::int64_t Lp = packed_keys(kb);  // the keys packed (== packed_keys(vb))
       // (Q_blk * scale)^T, zero past the last query
       for (std::int64_t dd = 0; dd < D; ++dd) {
         T* row = qt.data + dd * BQ;
@@ -271,15 +289,15 @@ void attention(const AttentionArgs<St>& a) {
         gemm_rows<T>(
             nk, nc, D,
             [&](std::int64_t r0, std::int64_t, std::int64_t k0, std::int64_t, T*) -> const T* {
-              return kp + prepacked_a_index<T>(Lk, j0 + r0, D, k0);
+              return kp + prepacked_a_index<T>(Lp, j0 + r0, D, k0);
             },
             [&](std::int64_t dd) { return qt.data + dd * BQ; }, st.data, BQ);
         if (transformed)
-          transform_block(a, h, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ,
+          transform_block(a, band, h, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ,
                           static_cast<T*>(nullptr));
         // masks, by selection (S^T: queries along a row)
         if (a.mask != nullptr || !band.covers(i0, i0 + nq, j0, j0 + nk))
-          mask_block(a, b, h, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ);
+          mask_block(a, band, b, h, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ);
         // online softmax, a vector of queries at a time
         for (std::int64_t c = 0; c < nc; c += W) {
           V mb = V::set1(neg_inf);
@@ -313,14 +331,14 @@ void attention(const AttentionArgs<St>& a) {
             mul(V::load(row + c), V::load(alpha.data + c)).store(row + c);
         }
         if (a.dropout_p > 0) dropout_block(a, bh, i0, nq, j0, nk, st.data, std::int64_t{1}, BQ);
-        // V^T's block is packed for kc = min(BK, Lk - j0) keys: a causal block cut shorter
-        // runs over the whole block with zero weights for the keys it does not see
-        const std::int64_t kc = Lk - j0 < BK ? Lk - j0 : BK;
+        // V^T's block is packed for kc = min(BK, Lp - j0) keys: a block cut shorter (causal,
+        // window, kv_len) runs over the whole block with zero weights for the keys it lacks
+        const std::int64_t kc = Lp - j0 < BK ? Lp - j0 : BK;
         for (std::int64_t e = nk * BQ; e < kc * BQ; ++e) st.data[e] = T(0);
         gemm_rows<T>(
             Dv, nc, kc,
             [&](std::int64_t r0, std::int64_t, std::int64_t, std::int64_t, T*) -> const T* {
-              return vp + prepacked_a_index<T>(Dv, r0, Lk, j0);
+              return vp + prepacked_a_index<T>(Dv, r0, Lp, j0);
             },
             [&](std::int64_t j) { return st.data + j * BQ; }, ot.data, BQ, true);
       }
@@ -457,11 +475,7 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
       }
     }
   });
-  const Band band(a);
   const bool transformed = a.softcap > T(0) || a.alibi != nullptr;
-  auto block_needs_mask = [&](std::int64_t i0, std::int64_t nq, std::int64_t j0, std::int64_t nk) {
-    return a.mask != nullptr || !band.covers(i0, i0 + nq, j0, j0 + nk);
-  };
   // P = exp(S - lse) along a run of n scores of one query (lse -inf: a row with no key, P = 0)
   auto probabilities = [&](T* s, std::int64_t n, T lse) {
     const V l = V::set1(lse == neg_inf ? inf : lse);
@@ -502,9 +516,12 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
         const std::int64_t j0 = kb * BK, nk = Lk - j0 < BK ? Lk - j0 : BK;
         for (std::int64_t e = 0; e < D * BK; ++e) dkt.data[e] = T(0);
         for (std::int64_t e = 0; e < Dv * BK; ++e) dvt.data[e] = T(0);
-        // the query blocks that see a key of this block (Note [attention band])
-        const std::int64_t first = band.query_begin(j0) / BQ * BQ, qend = band.query_end(j0 + nk);
         for (std::int64_t b = b_first; b < b_end; ++b) {
+          // the query blocks that see a key of this block (Note [attention band])
+          const Band band(a, b);
+          if (j0 >= band.lk) continue;  // keys past kv_len[b]: no gradient
+          const std::int64_t first = band.query_begin(j0) / BQ * BQ;
+          const std::int64_t qend = band.query_end(j0 + nk);
           for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h) {
             const std::int64_t bh = b * a.hq + h;
             T* part = dq_part.data + (bh * groups + gi) * Lq * D;
@@ -521,10 +538,10 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
                   },
                   [&](std::int64_t d) { return kth + d * lk_ + j0; }, p.data, BK);
               if (transformed)
-                transform_block(a, h, i0, nq, j0, nk, p.data, BK, std::int64_t{1},
+                transform_block(a, band, h, i0, nq, j0, nk, p.data, BK, std::int64_t{1},
                                 a.softcap > T(0) ? th.data : nullptr);
-              if (block_needs_mask(i0, nq, j0, nk))
-                mask_block(a, b, h, i0, nq, j0, nk, p.data, BK, std::int64_t{1});
+              if (a.mask != nullptr || !band.covers(i0, i0 + nq, j0, j0 + nk))
+                mask_block(a, band, b, h, i0, nq, j0, nk, p.data, BK, std::int64_t{1});
               for (std::int64_t i = 0; i < nq; ++i)
                 probabilities(p.data + i * BK, nk, a.lse[bh * Lq + i0 + i]);
               const T* pw = p.data;  // the weights that multiplied V
@@ -557,8 +574,9 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
                 for (std::int64_t j = 0; j < nk; ++j)
                   row[j] = pr[j] == T(0) ? T(0) : pr[j] * (row[j] - di);
                 if (a.softcap > T(0)) {  // through s = c tanh(raw / c): dS_raw = dS (1 - tanh^2)
-                  const T* tr = th.data + i * BK;
-                  for (std::int64_t j = 0; j < nk; ++j) row[j] *= T(1) - tr[j] * tr[j];
+                  const T* tr = th.data + i * BK;  // (masked keys keep dS = 0, whatever tanh is)
+                  for (std::int64_t j = 0; j < nk; ++j)
+                    if (pr[j] != T(0)) row[j] *= T(1) - tr[j] * tr[j];
                 }
               }
               // dK^T (D x nk) += Q^T (D x nq) dS (nq x nk)    (scale at the end)
@@ -568,9 +586,11 @@ void attention_backward(const AttentionBackwardArgs<St>& g) {
                     return qta.data + bh * qta_size + prepacked_a_index<T>(D, r0, Lq, i0);
                   },
                   [&](std::int64_t i) { return dp.data + i * BK; }, dkt.data, BK, true);
-              // dQ partial (nq x D) += dS (nq x nk) K (nk x D)    (scale at the end)
+              // dQ partial (nq x D) += dS (nq x nk) K (nk x D)    (scale at the end), over the
+              // keys that exist (kv_len: whatever a cache holds past them is never multiplied)
+              const std::int64_t nkv = band.lk - j0 < nk ? band.lk - j0 : nk;
               gemm_rows<T>(
-                  nq, D, nk,
+                  nq, D, nkv,
                   [&](std::int64_t r0, std::int64_t mc, std::int64_t k0, std::int64_t kc, T* dst) {
                     pack_a_strided(dp.data, BK, std::int64_t{1}, nq, r0, mc, k0, kc, dst);
                   },

@@ -278,6 +278,12 @@ struct AttentionArgs {
   C softcap = 0;             // > 0: scores become softcap * tanh(scores / softcap) before masks
   const C* sinks = nullptr;  // [hq]: one logit per query head in every row's denominator
   const C* alibi = nullptr;  // [hq]: slopes; scores -= slope * |i + off - j|
+  // [batch], 0 <= kv_len[b] <= lk: batch b has only keys j < kv_len[b] (a preallocated cache;
+  // the lower-right alignment is then kv_len[b] - lq); nullptr: all lk
+  const std::int64_t* kv_len = nullptr;
+  // added to b * hq + h in the dropout hash: a sequence of a packed variable-length batch
+  // drawn as batch s of the padded batch (s * hq)
+  std::int64_t dropout_bh_offset = 0;
 };
 
 // Gradients of attention (kernels/attention.cpp): dq [b][hq][lq][d], and dk, dv with k's and
