@@ -517,8 +517,10 @@ def attention(
                 f"{fn}: kv_len and cu_seqlens exclude each other (a packed batch's "
                 "sequences have their lengths in cu_seqlens_k)"
             )
-        return _varlen_forward(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, opts, return_lse)
-    return _forward(fn, q, k, v, opts, kv_len, return_lse, 0)
+        result = _varlen_forward(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, opts, return_lse)
+    else:
+        result = _forward(fn, q, k, v, opts, kv_len, return_lse, 0)
+    return cast("NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]", result)
 
 
 class _Options(NamedTuple):
@@ -612,8 +614,8 @@ def _varlen_forward(
     lse = np.full((hq, q.shape[0]), -np.inf, stat_dtype(dtype))
     for s in range(cu_q.size - 1):
         (q0, q1), (k0, k1) = cu_q[s : s + 2], cu_k[s : s + 2]
-        heads = (np.swapaxes(a, 0, 1) for a in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        o_s, lse_s = _forward(fn, *heads, o, None, True, s * hq)
+        qs, ks, vs = (np.swapaxes(a, 0, 1) for a in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        o_s, lse_s = _forward(fn, qs, ks, vs, o, None, True, s * hq)
         out[q0:q1] = np.swapaxes(o_s, 0, 1)
         lse[:, q0:q1] = lse_s
     return (out, lse) if return_lse else out
@@ -747,8 +749,14 @@ def attention_backward(
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         if kv_len is not None:
             raise ValueError(f"{fn}: kv_len and cu_seqlens exclude each other")
-        return _varlen_backward(fn, q, k, v, out, lse, grad_out, cu_seqlens_q, cu_seqlens_k, opts)
-    return _backward(fn, q, k, v, out, lse, grad_out, opts, kv_len, 0)
+        grads = _varlen_backward(fn, q, k, v, out, lse, grad_out, cu_seqlens_q, cu_seqlens_k, opts)
+    else:
+        grads = _backward(fn, q, k, v, out, lse, grad_out, opts, kv_len, 0)
+    return cast(
+        "tuple[NDArray[Any], NDArray[Any], NDArray[Any]]"
+        " | tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]",
+        grads,
+    )
 
 
 def _backward(
@@ -836,9 +844,9 @@ def _varlen_backward(
     dsinks = None
     for s in range(cu_q.size - 1):
         (q0, q1), (k0, k1) = cu_q[s : s + 2], cu_k[s : s + 2]
-        heads = [np.swapaxes(a, 0, 1) for a in (q[q0:q1], k[k0:k1], v[k0:k1])]
-        rows = [np.swapaxes(out[q0:q1], 0, 1), lse[:, q0:q1], np.swapaxes(grad_out[q0:q1], 0, 1)]
-        grads = _backward(fn, *heads, *rows, o, None, s * hq)
+        qs, ks, vs = (np.swapaxes(a, 0, 1) for a in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        o_s, go_s = (np.swapaxes(a[q0:q1], 0, 1) for a in (out, grad_out))
+        grads = _backward(fn, qs, ks, vs, o_s, lse[:, q0:q1], go_s, o, None, s * hq)
         dq[q0:q1] = np.swapaxes(grads[0], 0, 1)
         dk[k0:k1] = np.swapaxes(grads[1], 0, 1)
         dv[k0:k1] = np.swapaxes(grads[2], 0, 1)
