@@ -63,6 +63,13 @@ TEST_FILES=(
   tests/test_conv_padding.py
   tests/test_conv_nonfinite.py
   tests/test_attention.py
+  # the options of issue 22 on the NEON path (the vector tanh, the band, sinks, a cache's
+  # kv_len, 16-bit storage); the rest of that file is the same arithmetic on more shapes
+  tests/test_attention_options.py::test_window_block_tails
+  tests/test_attention_options.py::test_softcap
+  tests/test_attention_options.py::test_sinks
+  tests/test_attention_options.py::test_16bit_storage_computes_in_float32
+  tests/test_attention_options.py::test_kv_len_equals_the_sliced_cache_bit_for_bit
   "${SIXTEEN_BIT_FILES[@]}"
   tests/test_bad_input.py
   tests/test_bad_input_matrix.py
