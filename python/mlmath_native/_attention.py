@@ -147,6 +147,19 @@ def check_softcap(fn: str, softcap: object) -> float:
     return value
 
 
+def check_num_splits(fn: str, num_splits: object) -> int:
+    """``num_splits``: an integer >= 0 (0: chosen from the shapes)."""
+    if isinstance(num_splits, (bool, np.bool_)):
+        raise TypeError(f"{fn}: num_splits must be an integer (got {num_splits!r})")
+    try:
+        value = operator.index(num_splits)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{fn}: num_splits must be an integer (got {num_splits!r})") from None
+    if value < 0:
+        raise ValueError(f"{fn}: num_splits must be >= 0 (got {value})")
+    return value
+
+
 def check_per_head(fn: str, name: str, x: Any, hq: int, dtype: np.dtype[Any]) -> Any:
     """``sinks`` or ``alibi_slopes``: None, or a real (Hq,) array as a contiguous one of the
     compute dtype of inputs of ``dtype`` (:func:`stat_dtype`)."""
@@ -285,6 +298,7 @@ def _plan(
     alibi_slopes: ArrayLike | None = None,
     kv_len: ArrayLike | None = None,
     bh_offset: int = 0,
+    num_splits: int = 0,
 ) -> _Plan:
     q = as_float_array(q, fn, "q")
     k = as_float_array(k, fn, "k")
@@ -306,6 +320,7 @@ def _plan(
     sinks_dtype = _plan_sinks_dtype(fn, sinks, dtype)
     slopes = check_per_head(fn, "alibi_slopes", alibi_slopes, hq, dtype)
     lengths = check_kv_len(fn, kv_len, batch, lk)
+    splits = check_num_splits(fn, num_splits)
     m4 = None
     if mask is not None:
         full = batch + (hq, lq, lk)
@@ -330,7 +345,9 @@ def _plan(
     plan.mask, plan.causal, plan.scale, plan.dropout_p, plan.seed = m4, code, scale, p, s
     plan.batch, plan.b, plan.hq, plan.lq, plan.dv = batch, b, hq, lq, v4.shape[-1]
     plan.two_d, plan.dtype = two_d, dtype
-    plan.extras = _core.AttentionExtras(left, right, cap, sink_arr, slopes, lengths, bh_offset)
+    plan.extras = _core.AttentionExtras(
+        left, right, cap, sink_arr, slopes, lengths, bh_offset, splits
+    )
     plan.sinks, plan.sinks_dtype = sink_arr, np.dtype(sinks_dtype)
     return plan
 
@@ -353,6 +370,7 @@ def attention(
     kv_len: ArrayLike | None = ...,
     cu_seqlens_q: ArrayLike | None = ...,
     cu_seqlens_k: ArrayLike | None = ...,
+    num_splits: int = ...,
     return_lse: Literal[False] = ...,
 ) -> NDArray[Any]: ...
 
@@ -375,6 +393,7 @@ def attention(
     kv_len: ArrayLike | None = ...,
     cu_seqlens_q: ArrayLike | None = ...,
     cu_seqlens_k: ArrayLike | None = ...,
+    num_splits: int = ...,
     return_lse: Literal[True],
 ) -> tuple[NDArray[Any], NDArray[Any]]: ...
 
@@ -397,6 +416,7 @@ def attention(
     kv_len: ArrayLike | None = ...,
     cu_seqlens_q: ArrayLike | None = ...,
     cu_seqlens_k: ArrayLike | None = ...,
+    num_splits: int = ...,
     return_lse: bool = ...,
 ) -> NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]: ...
 
@@ -418,6 +438,7 @@ def attention(
     kv_len: ArrayLike | None = None,
     cu_seqlens_q: ArrayLike | None = None,
     cu_seqlens_k: ArrayLike | None = None,
+    num_splits: int = 0,
     return_lse: bool = False,
 ) -> NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]:
     """Scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, blocked (no L x L
@@ -473,6 +494,13 @@ def attention(
         softcap, sinks and ALiBi per sequence; no mask), no padding is computed, and the
         result equals running each sequence by itself, bit for bit.  out is (total_q, Hq, Dv)
         and lse (Hq, total_q).  Dropout draws sequence s as batch s of the padded batch.
+    num_splits : int >= 0
+        Decoding (Lq <= 16 and at most 32 query rows, ``Hq // Hkv * Lq``, per kv head) runs
+        flash-decoding: each kv head's keys are cut into chunks processed in parallel and merged
+        by their log-sum-exp, in a fixed order.  ``num_splits`` sets the number of chunks (1:
+        none, as FlashAttention's ``flash_attn_with_kvcache``); 0 (default) uses chunks of 768
+        keys.  The result is bitwise the same for any thread count; another ``num_splits``
+        changes only the rounding.  Ignored by the other shapes.
     return_lse : bool
         Also return the logsumexp of each query's scores, (..., Hq, Lq) (of the undropped
         weights), which :func:`attention_backward` uses.
@@ -510,7 +538,9 @@ def attention(
      [1.5 0. ]]
     """
     fn = "attention"
-    opts = _Options(mask, causal, scale, dropout_p, seed, window, softcap, sinks, alibi_slopes)
+    opts = _Options(
+        mask, causal, scale, dropout_p, seed, window, softcap, sinks, alibi_slopes, num_splits
+    )
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         if kv_len is not None:
             raise ValueError(
@@ -535,13 +565,14 @@ class _Options(NamedTuple):
     softcap: float | None
     sinks: Any
     alibi_slopes: Any
+    num_splits: int = 0  # attention only (the backward has no decode path)
 
 
 def _forward(
     fn: str, q: Any, k: Any, v: Any, o: _Options, kv_len: Any, return_lse: bool, bh_offset: int
 ) -> Any:
     """attention's body; ``bh_offset`` is added to b * Hq + h in the dropout hash."""
-    p = _plan(fn, q, k, v, *o, kv_len, bh_offset)
+    p = _plan(fn, q, k, v, *o[:-1], kv_len, bh_offset, o.num_splits)
     out = _core.empty((p.b, p.hq, p.lq, p.dv), p.dtype)
     lse = _core.empty((p.b, p.hq, p.lq), stat_dtype(p.dtype)) if return_lse else None
     if out.size or (lse is not None and lse.size):  # (Dv = 0 without lse: nothing to compute)
@@ -772,7 +803,7 @@ def _backward(
     bh_offset: int,
 ) -> Any:
     """attention_backward's body (``bh_offset`` as for _forward)."""
-    p = _plan(fn, q, k, v, *o, kv_len, bh_offset)
+    p = _plan(fn, q, k, v, *o[:-1], kv_len, bh_offset, o.num_splits)
     want_out = p.batch + (p.hq, p.lq, p.dv)
     if p.two_d:
         want_out = want_out[:-3] + want_out[-2:]

@@ -159,6 +159,7 @@ class AttentionExtras:
         alibi_slopes: NDArray[Any] | None,
         kv_len: NDArray[Any] | None = None,
         dropout_bh_offset: int = 0,
+        num_splits: int = 0,
     ) -> None: ...
 
 def attention_into(

@@ -77,6 +77,7 @@ struct AttentionCall {
   const void* alibi = nullptr;                       // (Hq,) of the compute dtype
   const std::int64_t* kv_len = nullptr;              // (B,) in [0, Lk]
   std::int64_t dropout_bh_offset = 0;
+  std::int64_t num_splits = 0;  // >= 0; 0: chosen from the shapes
 };
 
 // The options of issue 22, as the kernels take them: window sides >= -1 (-1 unlimited), softcap
@@ -86,7 +87,7 @@ struct AttentionExtras {
   std::int64_t window_left, window_right;
   double softcap;
   py::object sinks, alibi, kv_len;
-  std::int64_t dropout_bh_offset;
+  std::int64_t dropout_bh_offset, num_splits;
 };
 
 // kv_len: None or a contiguous int64 (B,) array of values in [0, Lk] (the kernel reads keys
@@ -136,6 +137,8 @@ void check_extras(AttentionCall& c, const AttentionExtras& e, const char* fn) {
     throw std::invalid_argument(std::string(fn) + ": dropout_bh_offset must be >= 0");
   }
   c.dropout_bh_offset = e.dropout_bh_offset;
+  if (e.num_splits < 0) throw std::invalid_argument(std::string(fn) + ": num_splits must be >= 0");
+  c.num_splits = e.num_splits;
 }
 
 AttentionCall check_call(const char* fn, const py::array& q, const py::array& k, const py::array& v,
@@ -198,6 +201,7 @@ AttentionArgs<T> kernel_args(const AttentionCall& c, const py::array& q, const p
   a.alibi = static_cast<const C*>(c.alibi);
   a.kv_len = c.kv_len;
   a.dropout_bh_offset = c.dropout_bh_offset;
+  a.num_splits = c.num_splits;
   return a;
 }
 
@@ -299,12 +303,19 @@ void bind_attention(py::module_& m) {
   py::class_<AttentionExtras>(m, "AttentionExtras",
                               "window, softcap, sinks and ALiBi slopes of an attention call")
       .def(py::init([](std::int64_t wl, std::int64_t wr, double softcap, py::object sinks,
-                       py::object alibi, py::object kv_len, std::int64_t bh_offset) {
-             return AttentionExtras{
-                 wl, wr, softcap, std::move(sinks), std::move(alibi), std::move(kv_len), bh_offset};
+                       py::object alibi, py::object kv_len, std::int64_t bh_offset,
+                       std::int64_t num_splits) {
+             return AttentionExtras{wl,
+                                    wr,
+                                    softcap,
+                                    std::move(sinks),
+                                    std::move(alibi),
+                                    std::move(kv_len),
+                                    bh_offset,
+                                    num_splits};
            }),
            "window_left"_a, "window_right"_a, "softcap"_a, "sinks"_a, "alibi_slopes"_a,
-           "kv_len"_a = py::none(), "dropout_bh_offset"_a = 0);
+           "kv_len"_a = py::none(), "dropout_bh_offset"_a = 0, "num_splits"_a = 0);
   m.def("attention_into", &attention_into, "q"_a, "k"_a, "v"_a, "mask"_a, "causal"_a, "scale"_a,
         "dropout_p"_a, "seed"_a, "extras"_a, "out"_a, "lse"_a,
         "out (and lse) = scaled dot-product attention of 4-D q, k, v (see _attention.py)");

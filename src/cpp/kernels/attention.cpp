@@ -204,6 +204,202 @@ void dropout_block(const AttentionArgs<S>& a, std::int64_t bh, std::int64_t i0, 
   }
 }
 
+// A finished row of query head h, from its statistics m (max) and l (sum of exp(s - m)):
+// out = O * inv (0 for rows that saw no key), lse = m + log l.  A sink joins l with its logit:
+// m' = max(m, sink), l' = e^{m - m'} l + e^{sink - m'}, out = e^{m - m'} O / l'.
+template <class T>
+struct RowEnd {
+  T inv, lse;
+  template <class S>
+  RowEnd(const AttentionArgs<S>& a, std::int64_t h, T m, T l) {
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    T weight = T(1);
+    if (a.sinks != nullptr && a.sinks[h] != neg_inf) {  // a sink of -inf is none
+      const T sink = a.sinks[h], m_all = m > sink ? m : sink;
+      weight = l == T(0) ? T(0) : std::exp(m - m_all);
+      l = weight * l + std::exp(sink - m_all);
+      m = m_all;
+    }
+    inv = l == T(0) ? T(0) : weight / l;
+    lse = l == T(0) ? neg_inf : m + std::log(l);
+  }
+};
+
+// Note [decode]
+// Few queries against a long cache (Lq <= kDecodeMaxQueries, at most kDecodeMaxRows query rows
+// per kv head): the GEMM path would pack all of K and V (a copy of the cache) for a handful of
+// columns, and its tasks (batch x query heads) leave threads idle when there are few heads.
+// Here each task takes one (batch, kv head) and one chunk of keys (flash-decoding):
+//   - the rows of every query head of the kv head's group (R = group x Lq) are served by one
+//     pass over the chunk's keys and values, read in place (GQA reads each kv head once);
+//   - scores by dot products along D, s (R x chunk) = Q K^T; transform, masks, softmax within
+//     the chunk: m = max, p = exp(s - m), l = sum p; then O (R x Dv) = P V, a row of V at a
+//     time;
+//   - the partial (m, l, O) of every chunk is merged in chunk order:
+//       M = max_c m_c,  L = sum_c e^{m_c - M} l_c,  out = sum_c e^{m_c - M} O_c / L.
+// The chunk length depends on the shapes (and num_splits) only, never on the thread count, so
+// the result is bitwise the same for any number of threads.
+constexpr std::int64_t kDecodeMaxQueries = 16;
+// Beyond this many rows per kv head the GEMM path's register blocking does the score and value
+// products more cheaply than dot products (its cost per key grows with the rows the same way).
+constexpr std::int64_t kDecodeMaxRows = 32;
+// Keys per chunk when num_splits is 0: four GEMM key blocks (768) amortise a chunk's setup and
+// its partial output (R x Dv values written and merged per 768 x (D + Dv) read) and still make
+// 42 chunks of a 32768-key cache, enough for 16 threads with one (batch, kv head).
+constexpr std::int64_t kDecodeChunkKeys = 768;
+// Cap on the partial outputs held for the merge (values): longer chunks beyond it.
+constexpr std::int64_t kDecodePartialValues = std::int64_t{1} << 24;
+
+template <class St>
+bool use_decode(const AttentionArgs<St>& a) {
+  return a.lq <= kDecodeMaxQueries && a.hq / a.hkv * a.lq <= kDecodeMaxRows;
+}
+
+// s[r] = q_r . k (D values) for rows r < N of q (row stride ld, zero-padded to whole vectors).
+template <int N, class St, class T>
+void dot_rows(const T* q, std::int64_t ld, const St* k, std::int64_t D, T* s,
+              std::int64_t s_stride) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  V acc[N];
+  for (int r = 0; r < N; ++r) acc[r] = V::set1(T(0));
+  std::int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    const V kv = V::load(k + d);
+    for (int r = 0; r < N; ++r) acc[r] = fma(kv, V::load(q + r * ld + d), acc[r]);
+  }
+  if (d < D) {
+    const V kv = V::load_partial(k + d, D - d, T(0));
+    for (int r = 0; r < N; ++r) acc[r] = fma(kv, V::load(q + r * ld + d), acc[r]);
+  }
+  for (int r = 0; r < N; ++r) s[r * s_stride] = reduce_add(acc[r]);
+}
+
+template <class St>
+void attention_decode(const AttentionArgs<St>& a) {
+  using T = compute_t<St>;
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  const std::int64_t D = a.d, Dv = a.dv, Lq = a.lq, Lk = a.lk;
+  const std::int64_t group = a.hq / a.hkv, R = group * Lq;
+  const std::int64_t Dp = (D + W - 1) / W * W, Dvp = (Dv + W - 1) / W * W;
+  const std::int64_t groups = a.batch * a.hkv;
+  // chunk length: a multiple of the vector width, from the shapes only
+  std::int64_t chunk = a.num_splits > 0 ? (Lk + a.num_splits - 1) / a.num_splits : kDecodeChunkKeys;
+  chunk = chunk < 1 ? 1 : (chunk + W - 1) / W * W;
+  auto count = [&](std::int64_t c) { return Lk == 0 ? 1 : (Lk + c - 1) / c; };
+  while (groups * count(chunk) * R * (Dvp + 2) > kDecodePartialValues && count(chunk) > 1)
+    chunk *= 2;
+  const std::int64_t chunks = count(chunk), tasks = groups * chunks;
+  Scratch<T> part_o(tasks * R * Dvp), part_m(tasks * R), part_l(tasks * R);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const bool transformed = a.softcap > T(0) || a.alibi != nullptr;
+  const std::int64_t Cs = (chunk + W - 1) / W * W;  // row stride of the scores
+  parallel_for(tasks, chunk * (D + Dv) * (R + 1), [&](std::int64_t t0, std::int64_t t1) {
+    Scratch<T> qs(R * Dp + 1), s(R * Cs + 1);
+    for (std::int64_t t = t0; t < t1; ++t) {
+      if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
+      const std::int64_t g = t / chunks, c = t % chunks, b = g / a.hkv, hk = g % a.hkv;
+      const Band band(a, b);
+      const std::int64_t lo = band.key_begin(0), hi = band.key_end(Lq);
+      const std::int64_t j0 = c * chunk > lo ? c * chunk : lo;
+      const std::int64_t j1 = (c + 1) * chunk < hi ? (c + 1) * chunk : hi;
+      T* m = part_m.data + t * R;
+      T* l = part_l.data + t * R;
+      T* o = part_o.data + t * R * Dvp;
+      for (std::int64_t r = 0; r < R; ++r) m[r] = neg_inf, l[r] = T(0);
+      if (j0 >= j1) continue;  // no key of this chunk is seen: merged with weight 0
+      const std::int64_t nk = j1 - j0, nkp = (nk + W - 1) / W * W;
+      const std::int64_t bh0 = b * a.hq + hk * group;  // the group's first query head
+      const St* kh = a.k + b * a.k_batch_stride + (hk * Lk + j0) * D;  // stride 0: shared
+      const St* vh = a.v + b * a.v_batch_stride + (hk * Lk + j0) * Dv;
+      for (std::int64_t r = 0; r < R; ++r) {  // rows of the group's queries, scaled
+        const St* qr = a.q + (bh0 * Lq + r) * D;
+        for (std::int64_t d = 0; d < Dp; ++d)
+          qs.data[r * Dp + d] = d < D ? widen(qr[d]) * a.scale : T(0);
+      }
+      for (std::int64_t j = 0; j < nk; ++j) {  // scores, four rows at a time
+        const St* kj = kh + j * D;
+        std::int64_t r = 0;
+        for (; r + 4 <= R; r += 4)
+          dot_rows<4>(qs.data + r * Dp, Dp, kj, D, s.data + r * Cs + j, Cs);
+        for (; r < R; ++r) dot_rows<1>(qs.data + r * Dp, Dp, kj, D, s.data + r * Cs + j, Cs);
+      }
+      for (std::int64_t hh = 0; hh < group; ++hh) {
+        T* sh = s.data + hh * Lq * Cs;
+        if (transformed)
+          transform_block(a, band, hk * group + hh, 0, Lq, j0, nk, sh, Cs, std::int64_t{1},
+                          static_cast<T*>(nullptr));
+        if (a.mask != nullptr || !band.covers(0, Lq, j0, j1))
+          mask_block(a, band, b, hk * group + hh, 0, Lq, j0, nk, sh, Cs, std::int64_t{1});
+      }
+      for (std::int64_t r = 0; r < R; ++r) {  // softmax within the chunk
+        T* row = s.data + r * Cs;
+        for (std::int64_t j = nk; j < nkp; ++j) row[j] = neg_inf;
+        V mv = V::set1(neg_inf);
+        for (std::int64_t j = 0; j < nkp; j += W) mv = max(mv, V::load(row + j));
+        const T mr = reduce_max(mv);
+        m[r] = mr;
+        const V ms = V::set1(mr == neg_inf ? T(0) : mr);  // a row with no key: p = 0
+        V sum = V::set1(T(0));
+        for (std::int64_t j = 0; j < nkp; j += W) {
+          const V e = exp(sub(V::load(row + j), ms));
+          e.store(row + j);
+          sum = add(sum, e);
+        }
+        l[r] = reduce_add(sum);
+      }
+      if (a.dropout_p > 0)
+        for (std::int64_t hh = 0; hh < group; ++hh)
+          dropout_block(a, bh0 + hh, 0, Lq, j0, nk, s.data + hh * Lq * Cs, Cs, std::int64_t{1});
+      for (std::int64_t e = 0; e < R * Dvp; ++e) o[e] = T(0);
+      const std::int64_t dv_full = Dv / W * W;
+      for (std::int64_t j = 0; j < nk; ++j) {  // O += p_j v_j, a row of V at a time
+        const St* vj = vh + j * Dv;
+        for (std::int64_t r = 0; r < R; ++r) {
+          const V p = V::set1(s.data[r * Cs + j]);
+          T* orow = o + r * Dvp;
+          for (std::int64_t d = 0; d < dv_full; d += W)
+            fma(p, V::load(vj + d), V::load(orow + d)).store(orow + d);
+          if (dv_full < Dv)
+            fma(p, V::load_partial(vj + dv_full, Dv - dv_full, T(0)), V::load(orow + dv_full))
+                .store(orow + dv_full);
+        }
+      }
+    }
+  });
+  // the merge, in chunk order, and the sinks (as in attention's finalisation)
+  parallel_for(groups, chunks * R * Dvp, [&](std::int64_t g0, std::int64_t g1) {
+    Scratch<T> acc(Dvp);
+    for (std::int64_t g = g0; g < g1; ++g) {
+      const std::int64_t b = g / a.hkv, hk = g % a.hkv;
+      for (std::int64_t r = 0; r < R; ++r) {
+        const std::int64_t h = hk * group + r / Lq, row = (b * a.hq + h) * Lq + r % Lq;
+        T mc = neg_inf;
+        for (std::int64_t c = 0; c < chunks; ++c) {
+          const T mi = part_m.data[(g * chunks + c) * R + r];
+          mc = mi > mc ? mi : mc;
+        }
+        T lc = T(0);
+        for (std::int64_t d = 0; d < Dvp; ++d) acc.data[d] = T(0);
+        for (std::int64_t c = 0; c < chunks; ++c) {
+          const std::int64_t t = g * chunks + c;
+          if (part_m.data[t * R + r] == neg_inf) continue;  // saw no key
+          const T w = std::exp(part_m.data[t * R + r] - mc);
+          lc += w * part_l.data[t * R + r];
+          const T* oc = part_o.data + (t * R + r) * Dvp;
+          for (std::int64_t d = 0; d < Dvp; d += W)
+            fma(V::set1(w), V::load(oc + d), V::load(acc.data + d)).store(acc.data + d);
+        }
+        const RowEnd<T> end(a, h, mc, lc);
+        for (std::int64_t d = 0; d < Dv; ++d)
+          a.out[row * Dv + d] = narrow<St>(acc.data[d] * end.inv);
+        if (a.lse != nullptr) a.lse[row] = end.lse;
+      }
+    }
+  });
+}
+
 template <class St>
 void attention(const AttentionArgs<St>& a) {
   using T = compute_t<St>;
@@ -212,7 +408,8 @@ void attention(const AttentionArgs<St>& a) {
   constexpr std::int64_t W = V::width, BQ = kBlockQ, BK = S::KC;
   const std::int64_t D = a.d, Dv = a.dv, Lq = a.lq, Lk = a.lk;
   if (a.batch == 0 || a.hq == 0 || Lq == 0) return;
-  const std::int64_t group = a.hq / a.hkv;  // query heads per kv head
+  if (use_decode(a)) return attention_decode(a);  // Note [decode]
+  const std::int64_t group = a.hq / a.hkv;        // query heads per kv head
   // K of every (batch, kv head) packed once as the first GEMM's A (Lk x D), V^T as the
   // second's (Dv x Lk) (Note [prepacked A] in gemm_core.h).  With kv_len, batch b's packs hold
   // its kv_len[b] keys only (one pack per batch even for a shared cache): no key past them is
@@ -342,21 +539,12 @@ void attention(const AttentionArgs<St>& a) {
             },
             [&](std::int64_t j) { return st.data + j * BQ; }, ot.data, BQ, true);
       }
-      // out = O / l (0 for rows that saw no key), lse = m + log l.  A sink joins l with its
-      // logit: m' = max(m, sink), l' = e^{m - m'} l + e^{sink - m'}, out = e^{m - m'} O / l'.
       St* ob = a.out + (bh * Lq + i0) * Dv;
       for (std::int64_t c = 0; c < nq; ++c) {
-        T lc = l.data[c], mc = m.data[c], weight = T(1);
-        if (a.sinks != nullptr && a.sinks[h] != neg_inf) {  // a sink of -inf is none
-          const T sink = a.sinks[h], m_all = mc > sink ? mc : sink;
-          weight = lc == T(0) ? T(0) : std::exp(mc - m_all);
-          lc = weight * lc + std::exp(sink - m_all);
-          mc = m_all;
-        }
-        const T inv = lc == T(0) ? T(0) : weight / lc;
+        const RowEnd<T> end(a, h, m.data[c], l.data[c]);
         for (std::int64_t dd = 0; dd < Dv; ++dd)
-          ob[c * Dv + dd] = narrow<St>(ot.data[dd * BQ + c] * inv);
-        if (a.lse != nullptr) a.lse[bh * Lq + i0 + c] = lc == T(0) ? neg_inf : mc + std::log(lc);
+          ob[c * Dv + dd] = narrow<St>(ot.data[dd * BQ + c] * end.inv);
+        if (a.lse != nullptr) a.lse[bh * Lq + i0 + c] = end.lse;
       }
     }
   });
