@@ -50,11 +50,26 @@
 #elif defined(MLMATH_ISA_NEON)
 #include <arm_neon.h>
 #endif
+#if defined(_MSC_VER) && !defined(__clang__) && (defined(_M_X64) || defined(_M_IX86))
+#include <xmmintrin.h>  // _mm_prefetch
+#endif
 
 MLMATH_ISA_BEGIN
 
 template <class T>
 struct Vec;
+
+// A hint to bring the cache line holding p towards the core for reading soon: a software
+// prefetch, for access patterns the hardware prefetchers serve too late (a no-op elsewhere).
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 3);
+#elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#else
+  (void)p;
+#endif
+}
 
 // Magic constants for round_nearest / pow2i: adding 1.5 * 2^(mantissa bits) to a small number
 // puts its integer part into the low mantissa bits (round to nearest even on the way).

@@ -233,8 +233,8 @@ struct RowEnd {
 //   - the rows of every query head of the kv head's group (R = group x Lq) are served by one
 //     pass over the chunk's keys and values, read in place (GQA reads each kv head once);
 //   - scores by dot products along D, s (R x chunk) = Q K^T; transform, masks, softmax within
-//     the chunk: m = max, p = exp(s - m), l = sum p; then O (R x Dv) = P V, a row of V at a
-//     time;
+//     the chunk: m = max, p = exp(s - m), l = sum p; then O (R x Dv) = P V in register tiles
+//     over blocks of keys;
 //   - the partial (m, l, O) of every chunk is merged in chunk order:
 //       M = max_c m_c,  L = sum_c e^{m_c - M} l_c,  out = sum_c e^{m_c - M} O_c / L.
 // The chunk length depends on the shapes (and num_splits) only, never on the thread count, so
@@ -255,24 +255,124 @@ bool use_decode(const AttentionArgs<St>& a) {
   return a.lq <= kDecodeMaxQueries && a.hq / a.hkv * a.lq <= kDecodeMaxRows;
 }
 
-// s[r] = q_r . k (D values) for rows r < N of q (row stride ld, zero-padded to whole vectors).
-template <int N, class St, class T>
-void dot_rows(const T* q, std::int64_t ld, const St* k, std::int64_t D, T* s,
-              std::int64_t s_stride) {
+// s[r * ss + j] = q_r . k_j (D values) for rows r < NR of q (row stride qs, zero-padded to whole
+// vectors) and keys j < NK (row stride ks): NK keys share each load of q.
+template <int NR, int NK, class St, class T>
+void dot_tile(const T* q, std::int64_t qs, const St* k, std::int64_t ks, std::int64_t D, T* s,
+              std::int64_t ss) {
   using V = Vec<T>;
   constexpr std::int64_t W = V::width;
-  V acc[N];
-  for (int r = 0; r < N; ++r) acc[r] = V::set1(T(0));
+  V acc[NR][NK];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NK; ++j) acc[r][j] = V::set1(T(0));
+  auto step = [&](std::int64_t d, const V(&kv)[NK]) {
+    for (int r = 0; r < NR; ++r) {
+      const V qv = V::load(q + r * qs + d);
+      for (int j = 0; j < NK; ++j) acc[r][j] = fma(kv[j], qv, acc[r][j]);
+    }
+  };
   std::int64_t d = 0;
   for (; d + W <= D; d += W) {
-    const V kv = V::load(k + d);
-    for (int r = 0; r < N; ++r) acc[r] = fma(kv, V::load(q + r * ld + d), acc[r]);
+    V kv[NK];
+    for (int j = 0; j < NK; ++j) kv[j] = V::load(k + j * ks + d);
+    step(d, kv);
   }
   if (d < D) {
-    const V kv = V::load_partial(k + d, D - d, T(0));
-    for (int r = 0; r < N; ++r) acc[r] = fma(kv, V::load(q + r * ld + d), acc[r]);
+    V kv[NK];
+    for (int j = 0; j < NK; ++j) kv[j] = V::load_partial(k + j * ks + d, D - d, T(0));
+    step(d, kv);
   }
-  for (int r = 0; r < N; ++r) s[r * s_stride] = reduce_add(acc[r]);
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NK; ++j) s[r * ss + j] = reduce_add(acc[r][j]);
+}
+
+// Bytes of a cache line, the unit of prefetch.
+constexpr std::int64_t kCacheLine = 64;
+// How far ahead of the keys being multiplied their rows are prefetched: 16 keys of D = 128 are
+// 8 KB in float32, about the memory latency's worth of reading at the rate one core consumes.
+constexpr std::int64_t kDecodePrefetchKeys = 16;
+
+// Prefetch n bytes from p, a cache line at a time.
+inline void prefetch_bytes(const void* p, std::int64_t n) {
+  for (std::int64_t b = 0; b < n; b += kCacheLine) prefetch(static_cast<const char*>(p) + b);
+}
+
+// Scores of rows r < R against keys j < nk: s[r * ss + j] = q_r . k_j.
+template <class St, class T>
+void decode_scores(const T* q, std::int64_t qs, std::int64_t R, const St* k, std::int64_t nk,
+                   std::int64_t D, T* s, std::int64_t ss) {
+  const std::int64_t row_bytes = D * static_cast<std::int64_t>(sizeof(St));
+  std::int64_t j = 0;
+  for (; j + 2 <= nk; j += 2) {
+    if (j + kDecodePrefetchKeys + 2 <= nk)
+      prefetch_bytes(k + (j + kDecodePrefetchKeys) * D, 2 * row_bytes);
+    std::int64_t r = 0;
+    for (; r + 4 <= R; r += 4) dot_tile<4, 2>(q + r * qs, qs, k + j * D, D, D, s + r * ss + j, ss);
+    for (; r < R; ++r) dot_tile<1, 2>(q + r * qs, qs, k + j * D, D, D, s + r * ss + j, ss);
+  }
+  if (j < nk) {
+    std::int64_t r = 0;
+    for (; r + 4 <= R; r += 4) dot_tile<4, 1>(q + r * qs, qs, k + j * D, D, D, s + r * ss + j, ss);
+    for (; r < R; ++r) dot_tile<1, 1>(q + r * qs, qs, k + j * D, D, D, s + r * ss + j, ss);
+  }
+}
+
+// o[r * os + c] += sum_{j < nk} p[r * ps + j] v[j * vs + c] for rows r < NR and the columns of NV
+// vectors from c = 0; the accumulators stay in registers over the keys.
+template <int NR, int NV, class T>
+void pv_tile(const T* p, std::int64_t ps, const T* v, std::int64_t vs, std::int64_t nk, T* o,
+             std::int64_t os) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  V acc[NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int n = 0; n < NV; ++n) acc[r][n] = V::load(o + r * os + n * W);
+  for (std::int64_t j = 0; j < nk; ++j) {
+    V vv[NV];
+    for (int n = 0; n < NV; ++n) vv[n] = V::load(v + j * vs + n * W);
+    for (int r = 0; r < NR; ++r) {
+      const V pr = V::set1(p[r * ps + j]);
+      for (int n = 0; n < NV; ++n) acc[r][n] = fma(pr, vv[n], acc[r][n]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int n = 0; n < NV; ++n) acc[r][n].store(o + r * os + n * W);
+}
+
+// Keys per block of values: at Dv = 128 a block (16 KB in float32) stays in a 32 KB L1 while
+// the tiles of columns pass over it.
+constexpr std::int64_t kDecodeValueKeys = 32;
+
+// O (R x Dvp, row stride os) += P (R x nk, row stride ps) V (nk x Dv, row stride Dv), a block of
+// keys at a time: the block is first copied (widened) in row order into vb (kDecodeValueKeys x
+// Dvp, zero past Dv), a sequential read that the hardware prefetchers stream at full rate (the
+// tiles' column strips would meet the memory latency at every row), then multiplied in tiles
+// of 4 rows x 2 vectors of columns.
+template <class St, class T>
+void decode_values(const T* p, std::int64_t ps, std::int64_t R, const St* v, std::int64_t nk,
+                   std::int64_t Dv, std::int64_t Dvp, T* vb, T* o, std::int64_t os) {
+  using V = Vec<T>;
+  constexpr std::int64_t W = V::width;
+  auto rows = [&](auto nr, std::int64_t r, std::int64_t j0, std::int64_t nb) {
+    constexpr int NR = decltype(nr)::value;
+    std::int64_t c = 0;
+    for (; c + 2 * W <= Dvp; c += 2 * W)
+      pv_tile<NR, 2>(p + r * ps + j0, ps, vb + c, Dvp, nb, o + r * os + c, os);
+    if (c < Dvp) pv_tile<NR, 1>(p + r * ps + j0, ps, vb + c, Dvp, nb, o + r * os + c, os);
+  };
+  const std::int64_t full = Dv / W * W;
+  for (std::int64_t j0 = 0; j0 < nk; j0 += kDecodeValueKeys) {
+    const std::int64_t nb = nk - j0 < kDecodeValueKeys ? nk - j0 : kDecodeValueKeys;
+    for (std::int64_t j = 0; j < nb; ++j) {
+      const St* src = v + (j0 + j) * Dv;
+      T* dst = vb + j * Dvp;
+      for (std::int64_t c = 0; c < full; c += W) V::load(src + c).store(dst + c);
+      if (full < Dv) V::load_partial(src + full, Dv - full, T(0)).store(dst + full);
+    }
+    std::int64_t r = 0;
+    for (; r + 4 <= R; r += 4) rows(std::integral_constant<int, 4>{}, r, j0, nb);
+    for (; r < R; ++r) rows(std::integral_constant<int, 1>{}, r, j0, nb);
+  }
 }
 
 template <class St>
@@ -296,7 +396,7 @@ void attention_decode(const AttentionArgs<St>& a) {
   const bool transformed = a.softcap > T(0) || a.alibi != nullptr;
   const std::int64_t Cs = (chunk + W - 1) / W * W;  // row stride of the scores
   parallel_for(tasks, chunk * (D + Dv) * (R + 1), [&](std::int64_t t0, std::int64_t t1) {
-    Scratch<T> qs(R * Dp + 1), s(R * Cs + 1);
+    Scratch<T> qs(R * Dp + 1), s(R * Cs + 1), vb(kDecodeValueKeys * Dvp + 1);
     for (std::int64_t t = t0; t < t1; ++t) {
       if (interrupted()) return;  // Note [interrupts] (dispatch/threads.cpp)
       const std::int64_t g = t / chunks, c = t % chunks, b = g / a.hkv, hk = g % a.hkv;
@@ -318,13 +418,7 @@ void attention_decode(const AttentionArgs<St>& a) {
         for (std::int64_t d = 0; d < Dp; ++d)
           qs.data[r * Dp + d] = d < D ? widen(qr[d]) * a.scale : T(0);
       }
-      for (std::int64_t j = 0; j < nk; ++j) {  // scores, four rows at a time
-        const St* kj = kh + j * D;
-        std::int64_t r = 0;
-        for (; r + 4 <= R; r += 4)
-          dot_rows<4>(qs.data + r * Dp, Dp, kj, D, s.data + r * Cs + j, Cs);
-        for (; r < R; ++r) dot_rows<1>(qs.data + r * Dp, Dp, kj, D, s.data + r * Cs + j, Cs);
-      }
+      decode_scores(qs.data, Dp, R, kh, nk, D, s.data, Cs);
       for (std::int64_t hh = 0; hh < group; ++hh) {
         T* sh = s.data + hh * Lq * Cs;
         if (transformed)
@@ -353,19 +447,7 @@ void attention_decode(const AttentionArgs<St>& a) {
         for (std::int64_t hh = 0; hh < group; ++hh)
           dropout_block(a, bh0 + hh, 0, Lq, j0, nk, s.data + hh * Lq * Cs, Cs, std::int64_t{1});
       for (std::int64_t e = 0; e < R * Dvp; ++e) o[e] = T(0);
-      const std::int64_t dv_full = Dv / W * W;
-      for (std::int64_t j = 0; j < nk; ++j) {  // O += p_j v_j, a row of V at a time
-        const St* vj = vh + j * Dv;
-        for (std::int64_t r = 0; r < R; ++r) {
-          const V p = V::set1(s.data[r * Cs + j]);
-          T* orow = o + r * Dvp;
-          for (std::int64_t d = 0; d < dv_full; d += W)
-            fma(p, V::load(vj + d), V::load(orow + d)).store(orow + d);
-          if (dv_full < Dv)
-            fma(p, V::load_partial(vj + dv_full, Dv - dv_full, T(0)), V::load(orow + dv_full))
-                .store(orow + dv_full);
-        }
-      }
+      decode_values(s.data, Cs, R, vh, nk, Dv, Dvp, vb.data, o, Dvp);
     }
   });
   // the merge, in chunk order, and the sinks (as in attention's finalisation)
