@@ -287,6 +287,44 @@ def test_attention_matches_in_memory(rng, q_chunks, opts):
     close(sync(out), mn.attention(q, k, v, **mem_opts))
 
 
+@pytest.mark.parametrize("q_chunks", ATTN_CHUNKS)
+@pytest.mark.parametrize("dropout", [False, True])
+def test_attention_options_match_in_memory(rng, q_chunks, dropout):
+    """window, softcap, sinks, ALiBi, kv_len and num_splits: each block takes its heads' sinks
+    and slopes and its batches' lengths, alone and with dropout (one call per (batch, head))."""
+    q, k, v = attention_case(rng, np.float64)
+    opts = {
+        "causal": "lower_right",
+        "window": (6, None),
+        "softcap": 2.0,
+        "sinks": rng.standard_normal(6),
+        "alibi_slopes": np.linspace(0.0, 0.3, 6),
+        "kv_len": np.array([11, 4, 0]),
+        "num_splits": 2,
+    }
+    if dropout:
+        opts.update(dropout_p=0.3, seed=7)
+    dq = da.from_array(q, chunks=q_chunks)
+    out = mnd.attention(dq, da.from_array(k, chunks=(2, 1, 11, 4)), v, **opts)
+    close(sync(out), mn.attention(q, k, v, **opts))
+
+
+def test_attention_options_are_checked_at_graph_construction(rng):
+    q, k, v = attention_case(rng)
+    dq = da.from_array(q, chunks=(1, 2, 9, 8))
+    for opts, match in [
+        ({"window": (-1, 0)}, "window left must be >= 0"),
+        ({"softcap": 0.0}, "softcap must be finite and > 0"),
+        ({"sinks": np.zeros(5)}, "sinks has shape"),
+        ({"alibi_slopes": np.zeros(2)}, "alibi_slopes has shape"),
+        ({"kv_len": [1, 2]}, "kv_len has shape"),
+        ({"kv_len": [1, 2, 12]}, r"kv_len must be in \[0, Lk = 11\]"),
+        ({"num_splits": -1}, "num_splits must be >= 0"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=f"^dask.attention: {match}"):
+            mnd.attention(dq, k, v, **opts)
+
+
 def test_attention_dropout_is_the_in_memory_draw_for_any_chunking(rng):
     q, k, v = attention_case(rng, np.float64)
     mask = rng.random((9, 11)) > 0.2

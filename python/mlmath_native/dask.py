@@ -792,24 +792,37 @@ def _attention_block(
     group: int,
     kv_whole: bool,
     batch_shape: tuple[int, ...],
+    with_batch: bool,
+    with_heads: bool,
+    options: dict[str, Any],
 ) -> NDArray[Any]:
     """One block of (batch..., query heads) with whole sequences.
 
-    ``positions`` are the blocks of ``arange`` along each batch axis (with dropout) and along
-    the query heads (with dropout, or when k and v hold every kv head: ``kv_whole``).
+    ``positions`` are the blocks of ``arange`` along each batch axis (``with_batch``: with
+    dropout or kv_len) and then along the query heads (``with_heads``: with dropout, sinks or
+    ALiBi slopes, or when k and v hold every kv head: ``kv_whole``).  ``options``: window,
+    softcap and num_splits as given, and the whole arrays of sinks and alibi_slopes (Hq,) and
+    kv_len (the batch shape), of which the block takes its heads' and batches' entries.
 
     Without dropout: one kernel call.  With dropout, one call per (batch, head) pair with the
     seed moved to that pair's flat index in the whole array (Note [dropout hash]: key =
     mix(seed ^ (bh * C)), and a single-head call has bh = 0), so that every block draws exactly
     the weights that one in-memory call over the whole array draws.
     """
-    heads = positions[-1] if positions else None
+    nb = len(batch_shape)
+    batch_positions = positions[:nb] if with_batch else ()
+    heads = positions[len(batch_positions)] if with_heads else None
     if kv_whole:
         k, v = _kv_heads(k, v, heads, group)
+    opts = {key: options[key] for key in ("window", "softcap", "num_splits")}
+    for key in ("sinks", "alibi_slopes"):
+        opts[key] = None if options[key] is None else options[key][heads]
+    lengths = options["kv_len"]
+    if lengths is not None:
+        lengths = lengths[np.ix_(*batch_positions)] if nb else lengths
     if dropout_p == 0.0:
-        return _attention_np(q, k, v, mask=mask, causal=causal, scale=scale)
-    nb = len(batch_shape)
-    block_batch = tuple(len(p) for p in positions[:nb])
+        return _attention_np(q, k, v, mask=mask, causal=causal, scale=scale, kv_len=lengths, **opts)
+    block_batch = tuple(len(p) for p in batch_positions)
     hq, lq, dv = q.shape[-3], q.shape[-2], v.shape[-1]
     g = hq // k.shape[-3] if k.shape[-3] else 1
     qb = np.broadcast_to(q, block_batch + q.shape[-3:])
@@ -822,6 +835,12 @@ def _attention_block(
         b_global = int(np.ravel_multi_index(index, batch_shape)) if nb else 0
         for h in range(hq):
             bh = b_global * num_heads + int(heads[h])
+            one_head = {
+                key: (
+                    val if key not in ("sinks", "alibi_slopes") or val is None else val[h : h + 1]
+                )
+                for key, val in opts.items()
+            }
             out[b + (h,)] = _attention_np(
                 qb[b + (h,)],
                 kb[b + (h // g,)],
@@ -831,6 +850,8 @@ def _attention_block(
                 scale=scale,
                 dropout_p=dropout_p,
                 seed=seed ^ ((bh * _BH_MUL) & _U64),
+                kv_len=None if lengths is None else lengths[b],
+                **one_head,
             )
     return out
 
@@ -845,6 +866,12 @@ def attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: ArrayLike | None = None,
+    alibi_slopes: ArrayLike | None = None,
+    kv_len: ArrayLike | None = None,
+    num_splits: int = 0,
 ) -> da.Array:
     """Scaled dot-product attention on dask arrays chunked along batch and head axes:
     :func:`mlmath_native.attention` on each block.
@@ -860,6 +887,11 @@ def attention(
     the same result for any chunking).  With dropout each block makes one kernel call per
     (batch, head) pair instead of one call per block.  The logsumexp (``return_lse``) is not
     offered here.
+
+    ``window``, ``softcap``, ``sinks``, ``alibi_slopes``, ``kv_len`` and ``num_splits`` as the
+    in-memory function (NumPy arrays: sinks and alibi_slopes (Hq,), kv_len of the batch shape;
+    each block takes its heads' and batches' entries).  Packed variable-length batches
+    (``cu_seqlens_q``/``cu_seqlens_k``) are not offered: their rows do not chunk by sequence.
 
     Returns
     -------
@@ -891,6 +923,19 @@ def attention(
     _, scale, dropout_p, seed_value = _attention.check_options(
         fn, causal, scale, d, dropout_p, seed
     )
+    _attention.check_window(fn, window)
+    _attention.check_softcap(fn, softcap)
+    options = {
+        "window": window,
+        "softcap": softcap,
+        "num_splits": _attention.check_num_splits(fn, num_splits),
+        "sinks": _attention.check_per_head(fn, "sinks", sinks, hq, dtype),
+        "alibi_slopes": _attention.check_per_head(fn, "alibi_slopes", alibi_slopes, hq, dtype),
+        "kv_len": None,
+    }
+    lengths = _attention.check_kv_len(fn, kv_len, batch, lk)
+    if lengths is not None:
+        options["kv_len"] = lengths.reshape(batch)
 
     def full_rank(a: da.Array) -> da.Array:  # prepend broadcast (size-1) batch axes
         return a[(None,) * (nb + 3 - a.ndim)] if a.ndim < nb + 3 else a
@@ -933,10 +978,13 @@ def attention(
     b_ind = tuple(range(nb))
     H, LQ, LK, D, DV = (nb + i for i in range(5))  # noqa: N806
     positions: list[Any] = []
-    if dropout_p > 0.0:
+    with_batch = dropout_p > 0.0 or lengths is not None
+    per_head = options["sinks"] is not None or options["alibi_slopes"] is not None
+    with_heads = dropout_p > 0.0 or kv_whole or per_head
+    if with_batch:
         for i, n in enumerate(batch):
             positions += [da.arange(n, chunks=(out_chunks[i],)), (i,)]
-    if dropout_p > 0.0 or kv_whole:
+    if with_heads:
         positions += [da.arange(hq, chunks=(q_heads,)), (H,)]
     out = da.blockwise(
         _attention_block,
@@ -962,5 +1010,8 @@ def attention(
         group=g,
         kv_whole=kv_whole,
         batch_shape=batch,
+        with_batch=with_batch,
+        with_heads=with_heads,
+        options=options,
     )
     return out[..., 0, :, :] if two_d else out

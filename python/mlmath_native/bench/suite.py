@@ -677,6 +677,23 @@ def _attention_case(b, h, length, d, causal: bool, numpy_ok: bool = True) -> Cas
     )
 
 
+def _torch_sdpa_train(data: Inputs, options: Callable[[Any, int], dict[str, Any]]):
+    """SDPA forward + autograd backward on q, k, v (gradient g), with the keyword arguments
+    ``options(torch, L)``."""
+    import torch
+
+    q, k, v, g = (tensor(data[key]) for key in ("q", "k", "v", "g"))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    kwargs = options(torch, q.shape[-2])
+
+    def step():
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        sdpa(qg, kg, vg, **kwargs).backward(g)
+        return qg.grad, kg.grad, vg.grad
+
+    return step
+
+
 def _attention_train_case(b, h, length, d, causal: bool) -> Case:
     """Forward (with lse) + attention_backward, against SDPA + autograd backward."""
 
@@ -689,19 +706,6 @@ def _attention_train_case(b, h, length, d, causal: bool) -> Case:
 
         return step
 
-    def torch_(data):
-        import torch
-
-        q, k, v, g = (tensor(data[key]) for key in ("q", "k", "v", "g"))
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-
-        def step():
-            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-            sdpa(qg, kg, vg, is_causal=causal).backward(g)
-            return qg.grad, kg.grad, vg.grad
-
-        return step
-
     return Case(
         name="attention fwd+bwd causal" if causal else "attention fwd+bwd",
         shape=(b, h, length, d),
@@ -710,7 +714,7 @@ def _attention_train_case(b, h, length, d, causal: bool) -> Case:
         setup=_attention_inputs,
         ours=ours,
         numpy=None,
-        torch=torch_,
+        torch=lambda data: _torch_sdpa_train(data, lambda torch, length: {"is_causal": causal}),
         # forward 2 GEMMs, backward 5 (dV, dP, dK and dQ, with S recomputed): 3.5x the forward
         work=lambda data: _attention_flops(data, causal, 3.5),
         unit="flops",
@@ -728,6 +732,189 @@ CASES.extend(
     ]
 )
 
+
+# --- attention for today's models (issue 22): decoding, sliding windows, packed batches ----------
+
+
+def _decode_case(hq: int, hkv: int, lk: int, d: int, num_splits: int = 0) -> Case:
+    """One query per head against a KV cache of lk keys (B1, Lq 1), against SDPA with grouped
+    heads; work is the bytes of K and V, which a decode reads once (Note [decode])."""
+
+    def setup(shape):
+        _, hq_, hkv_, lk_, d_ = shape
+        return {
+            "q": randn((1, hq_, 1, d_), seed=0),
+            "k": randn((1, hkv_, lk_, d_), seed=1),
+            "v": randn((1, hkv_, lk_, d_), seed=2),
+        }
+
+    def torch_(data):
+        import torch
+
+        q, k, v = (tensor(data[key]) for key in ("q", "k", "v"))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return lambda: sdpa(q, k, v, enable_gqa=True)
+
+    return Case(
+        name="attention decode" + (" one chunk" if num_splits == 1 else ""),
+        shape=(1, hq, hkv, lk, d),
+        quick_shape=(1, hq, hkv, lk // 4, d),
+        label="B{0} Hq{1} Hkv{2} Lk{3} D{4}",
+        setup=setup,
+        ours=lambda data: (
+            lambda: mn.attention(data["q"], data["k"], data["v"], num_splits=num_splits)
+        ),
+        numpy=None,
+        torch=torch_,
+        work=lambda data: float(data["k"].nbytes + data["v"].nbytes),
+        unit="bytes",
+    )
+
+
+def _band_pairs(length: int, window: int) -> float:
+    """(query, key) pairs a causal window of ``window`` keys back attends over L queries."""
+    full = min(length, window + 1)
+    return full * (full + 1) / 2 + (length - full) * (window + 1)
+
+
+def _window_train_case(length: int, window: int, with_torch: bool) -> Case:
+    """Causal sliding-window attention forward + backward (B1 H8 D64); PyTorch: SDPA with the
+    equivalent boolean mask (its CPU kernels have no window: they compute every pair)."""
+
+    def setup(shape):
+        b, h, length_, d, _ = shape
+        return _attention_inputs((b, h, length_, d))
+
+    def ours(data):
+        q, k, v, g = (data[key] for key in ("q", "k", "v", "g"))
+        opts = {"causal": True, "window": (window, None)}
+
+        def step():
+            out, lse = mn.attention(q, k, v, return_lse=True, **opts)
+            return mn.attention_backward(q, k, v, out, lse, g, **opts)
+
+        return step
+
+    def band(torch, length_):
+        i = torch.arange(length_)
+        return {"attn_mask": (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - window)}
+
+    def flops(data):
+        b, h, length_, d = data["q"].shape
+        return 3.5 * 4.0 * b * h * d * _band_pairs(length_, window)
+
+    return Case(
+        name="attention fwd+bwd window",
+        shape=(1, 8, length, 64, window),
+        quick_shape=(1, 8, length // 4, 64, window // 4),
+        label="B{0} H{1} L{2} D{3} window {4}",
+        setup=setup,
+        ours=ours,
+        numpy=None,
+        torch=(lambda data: _torch_sdpa_train(data, band)) if with_torch else None,
+        work=flops,
+        unit="flops",
+    )
+
+
+# 16 sequences from 64 to 2048 tokens, 16384 in all (the benchmark's packed batch)
+VARLEN_LENGTHS = (
+    64,
+    128,
+    256,
+    384,
+    512,
+    640,
+    704,
+    768,
+    896,
+    1344,
+    1472,
+    1600,
+    1728,
+    1856,
+    1984,
+    2048,
+)
+
+
+def _varlen_case(how: str) -> Case:
+    """Causal attention over a packed batch of VARLEN_LENGTHS (H8 D64): ``how`` is "packed" (one
+    call with cu_seqlens), "one by one" (a call per sequence) or "padded" (the batch padded to
+    the longest, every padded position computed).  PyTorch: SDPA on the padded batch with a
+    causal and key-padding mask (its CPU kernels take no packed batch)."""
+
+    def setup(shape):
+        h, d = shape[1], shape[2]
+        lengths = [n // shape[0] for n in VARLEN_LENGTHS]
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        q, k, v = (randn((int(cu[-1]), h, d), seed=i) for i in range(3))
+        longest = max(lengths)
+        padded = {}
+        for name, a in (("q", q), ("k", k), ("v", v)):
+            p = np.zeros((len(lengths), h, longest, d), np.float32)
+            for s, n in enumerate(lengths):
+                p[s, :, :n] = np.swapaxes(a[cu[s] : cu[s + 1]], 0, 1)
+            padded[name] = p
+        return {"q": q, "k": k, "v": v, "cu": cu, "padded": padded, "lengths": lengths}
+
+    def ours(data):
+        q, k, v, cu = data["q"], data["k"], data["v"], data["cu"]
+        if how == "packed":
+            return lambda: mn.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        if how == "one by one":
+            seqs = [
+                tuple(np.swapaxes(a[cu[s] : cu[s + 1]], 0, 1) for a in (q, k, v))
+                for s in range(cu.size - 1)
+            ]
+            return lambda: [mn.attention(*qkv, causal=True) for qkv in seqs]
+        p = data["padded"]
+        return lambda: mn.attention(p["q"], p["k"], p["v"], causal=True)
+
+    def torch_(data):
+        import torch
+
+        p = data["padded"]
+        q, k, v = (tensor(p[key]) for key in ("q", "k", "v"))
+        longest = q.shape[-2]
+        i = torch.arange(longest)
+        lengths = torch.tensor(data["lengths"])
+        allowed = (i[None, :] <= i[:, None])[None] & (i[None, None, :] < lengths[:, None, None])
+        mask = allowed[:, None]  # (B, 1, L, L)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return lambda: sdpa(q, k, v, attn_mask=mask)
+
+    def flops(data):
+        heads, dim = data["q"].shape[1:]
+        return sum(4.0 * heads * dim * n * (n + 1) / 2 for n in data["lengths"])
+
+    return Case(
+        name=f"attention varlen {how}",
+        shape=(1, 8, 64),  # (length divisor, H, D)
+        quick_shape=(4, 8, 64),
+        label="16 seqs 64..2048 /{0} H{1} D{2}",
+        setup=setup,
+        ours=ours,
+        numpy=None,
+        torch=torch_ if how == "packed" else None,
+        work=flops,
+        unit="flops",
+    )
+
+
+CASES.extend(
+    [
+        _decode_case(32, 8, 32768, 128),
+        _decode_case(4, 1, 131072, 128),
+        _decode_case(4, 1, 131072, 128, num_splits=1),
+        _attention_train_case(1, 8, 4096, 64, True),
+        _window_train_case(32768, 4096, with_torch=False),
+        _window_train_case(8192, 4096, with_torch=True),
+        _varlen_case("packed"),
+        _varlen_case("one by one"),
+        _varlen_case("padded"),
+    ]
+)
 
 # --- 16-bit storage: bfloat16 data, float32 math (Note [16-bit storage]) --------------------
 #
