@@ -70,6 +70,10 @@ TEST_FILES=(
   tests/test_attention_options.py::test_sinks
   tests/test_attention_options.py::test_16bit_storage_computes_in_float32
   tests/test_attention_options.py::test_kv_len_equals_the_sliced_cache_bit_for_bit
+  # the decode path (Note [decode]): dot products, value tiles, the chunk merge, 16-bit loads
+  tests/test_attention_decode.py::test_decode_against_the_reference
+  tests/test_attention_decode.py::test_16bit_decode_computes_in_float32
+  tests/test_attention_decode.py::test_threads_do_not_change_decode_results
   "${SIXTEEN_BIT_FILES[@]}"
   tests/test_bad_input.py
   tests/test_bad_input_matrix.py

@@ -340,19 +340,20 @@ void test_conv2d() {
   }
 }
 
-// attention with grouped-query heads, both causal alignments and an additive mask
+// attention with grouped-query heads, both causal alignments and an additive mask; few queries
+// against a long cache take the decode path (Note [decode]), split into chunks of keys
 void test_attention() {
   const mlmath::KernelTable& k = mlmath::kernels();
   struct Case {
     std::int64_t b, hq, hkv, lq, lk, d, dv;
     int causal;
     bool mask;
+    std::int64_t num_splits = 0;
   };
-  const Case cases[] = {{1, 1, 1, 5, 5, 4, 4, 0, false},
-                        {2, 4, 2, 7, 13, 8, 5, 1, false},
-                        {1, 2, 1, 9, 200, 16, 16, 2, true},
-                        {1, 3, 3, 1, 1, 3, 2, 1, false},
-                        {2, 2, 2, 130, 97, 32, 8, 0, true}};
+  const Case cases[] = {{1, 1, 1, 5, 5, 4, 4, 0, false},      {2, 4, 2, 7, 13, 8, 5, 1, false},
+                        {1, 2, 1, 9, 200, 16, 16, 2, true},   {1, 3, 3, 1, 1, 3, 2, 1, false},
+                        {2, 2, 2, 130, 97, 32, 8, 0, true},   {1, 4, 1, 2, 2000, 16, 8, 2, false},
+                        {2, 4, 2, 1, 1000, 12, 8, 0, true, 7}};
   for (const Case& t : cases) {
     const std::vector<double> q = [&] {
       const auto f = random_floats(t.b * t.hq * t.lq * t.d, 6);
@@ -384,6 +385,7 @@ void test_attention() {
     }
     a.causal = t.causal;
     a.scale = 1.0 / std::sqrt(double(t.d));
+    a.num_splits = t.num_splits;
     a.out = out.data();
     a.lse = lse.data();
     k.attention_f64(a);

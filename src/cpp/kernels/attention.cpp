@@ -14,6 +14,9 @@
 // never L x L.  Key blocks wholly above the causal diagonal are skipped.  Each output row is
 // computed by one task in a fixed order: results do not depend on the number of threads.
 //
+// Few queries against a long cache (decoding) take their own path instead: chunks of keys read
+// in place for every query head of a kv head's group, merged by log-sum-exp (Note [decode]).
+//
 // Options (issue 22): a sliding window limits the visited key blocks like causal does (Note
 // [attention band]); softcapping and ALiBi transform each block of raw scores before the masks
 // (transform_block); a sink joins l when a row is finished.
