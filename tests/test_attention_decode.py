@@ -190,3 +190,17 @@ def test_the_binding_refuses_negative_num_splits(rng):
     with pytest.raises(ValueError, match="^attention: num_splits must be >= 0"):
         _core.attention_into(q, k, v, None, 0, 0.5, 0.0, 0, extras, out, None)
     np.testing.assert_array_equal(out, 7.0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_nan_reaches_a_decode_through_the_merge(num_splits, rng):
+    """A NaN query makes every score NaN (m = -inf with l = NaN in each chunk): the merge must
+    not take such a chunk for one that saw no key.  A NaN value reaches its column only."""
+    q, k, v = _inputs(rng, np.float32, (1,), (1,), 2, 1, 2, 900, 8, 8)
+    q[0, 0, 1, 3] = np.nan
+    v[0, 0, 500, 2] = np.nan
+    out = mn.attention(q, k, v, num_splits=num_splits)
+    assert np.all(np.isnan(out[0, 0, 1]))
+    assert np.all(np.isnan(out[0, :, :, 2]))
+    finite = np.delete(out[0, :, :, :], 2, axis=-1)
+    assert np.all(np.isfinite(finite[1])) and np.all(np.isfinite(finite[0, 0]))

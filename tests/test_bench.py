@@ -22,7 +22,7 @@ def test_list_and_only(capsys):
 
 def small_shape(case):
     """A quick shape of the case's kind: (params, tensors), (m, k, n), (N, C, HW, K, R),
-    (B, H, L, D), (N, D, V), 2-d."""
+    (B, H, L, D) and the attention rows' own, (N, D, V), 2-d."""
     if "params" in (case.label or ""):
         return (1000, case.shape[1])
     if case.name.startswith("matmul") and "dot-like" not in case.name:
@@ -32,6 +32,12 @@ def small_shape(case):
     if case.name.startswith("conv2d"):
         n, c, hw, k, r = case.shape
         return (1, c, 2 * r + 3, k, r)
+    if case.name.startswith("attention decode"):  # (B, Hq, Hkv, Lk, D)
+        return (1, 4, 2, 1000, 16)
+    if case.name.startswith("attention fwd+bwd window"):  # (B, H, L, D, window)
+        return (1, 2, 300, 16, 50)
+    if case.name.startswith("attention varlen"):  # (length divisor, H, D): 2 to 64 tokens
+        return (32, 2, 16)
     if case.name.startswith("attention"):
         return (1, 2, 37, 16)
     if case.name.startswith("linear_cross_entropy"):

@@ -469,7 +469,9 @@ void attention_decode(const AttentionArgs<St>& a) {
         for (std::int64_t d = 0; d < Dvp; ++d) acc.data[d] = T(0);
         for (std::int64_t c = 0; c < chunks; ++c) {
           const std::int64_t t = g * chunks + c;
-          if (part_m.data[t * R + r] == neg_inf) continue;  // saw no key
+          // a chunk that saw no key (its o is not even written); NaN scores leave m = -inf
+          // with l = NaN, which must reach the result
+          if (part_m.data[t * R + r] == neg_inf && part_l.data[t * R + r] == T(0)) continue;
           const T w = std::exp(part_m.data[t * R + r] - mc);
           lc += w * part_l.data[t * R + r];
           const T* oc = part_o.data + (t * R + r) * Dvp;
