@@ -453,6 +453,8 @@ void attention_decode(const AttentionArgs<St>& a) {
       decode_values(s.data, Cs, R, vh, nk, Dv, Dvp, vb.data, o, Dvp);
     }
   });
+  // an interrupted call raises: tasks skipped above left their partials unset, so no merge
+  if (interrupted()) return;
   // the merge, in chunk order, and the sinks (as in attention's finalisation)
   parallel_for(groups, chunks * R * Dvp, [&](std::int64_t g0, std::int64_t g1) {
     Scratch<T> acc(Dvp);
