@@ -495,7 +495,7 @@ def attention(
         result equals running each sequence by itself, bit for bit.  out is (total_q, Hq, Dv)
         and lse (Hq, total_q).  Dropout draws sequence s as batch s of the padded batch.
     num_splits : int >= 0
-        Decoding (Lq <= 16 and at most 32 query rows, ``Hq // Hkv * Lq``, per kv head) runs
+        Decoding (Lq <= 16 and at most 64 query rows, ``Hq // Hkv * Lq``, per kv head) runs
         flash-decoding: each kv head's keys are cut into chunks processed in parallel and merged
         by their log-sum-exp, in a fixed order.  ``num_splits`` sets the number of chunks (1:
         none, as FlashAttention's ``flash_attn_with_kvcache``); 0 (default) uses chunks of 768

@@ -284,7 +284,7 @@ struct AttentionArgs {
   // added to b * hq + h in the dropout hash: a sequence of a packed variable-length batch
   // drawn as batch s of the padded batch (s * hq)
   std::int64_t dropout_bh_offset = 0;
-  // Few queries (Lq <= 16, at most 32 query rows per kv head) against a long cache are split
+  // Few queries (Lq <= 16, at most 64 query rows per kv head) against a long cache are split
   // into this many chunks of keys (flash-decoding, Note [decode] in kernels/attention.cpp);
   // 0: chunks of 768 keys.  Ignored by the other shapes and by the backward.
   std::int64_t num_splits = 0;
