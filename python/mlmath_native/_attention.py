@@ -296,9 +296,9 @@ def _plan(
     softcap: float | None = None,
     sinks: ArrayLike | None = None,
     alibi_slopes: ArrayLike | None = None,
+    num_splits: int = 0,
     kv_len: ArrayLike | None = None,
     bh_offset: int = 0,
-    num_splits: int = 0,
 ) -> _Plan:
     q = as_float_array(q, fn, "q")
     k = as_float_array(k, fn, "k")
@@ -572,7 +572,7 @@ def _forward(
     fn: str, q: Any, k: Any, v: Any, o: _Options, kv_len: Any, return_lse: bool, bh_offset: int
 ) -> Any:
     """attention's body; ``bh_offset`` is added to b * Hq + h in the dropout hash."""
-    p = _plan(fn, q, k, v, *o[:-1], kv_len, bh_offset, o.num_splits)
+    p = _plan(fn, q, k, v, *o, kv_len, bh_offset)
     out = _core.empty((p.b, p.hq, p.lq, p.dv), p.dtype)
     lse = _core.empty((p.b, p.hq, p.lq), stat_dtype(p.dtype)) if return_lse else None
     if out.size or (lse is not None and lse.size):  # (Dv = 0 without lse: nothing to compute)
@@ -803,7 +803,7 @@ def _backward(
     bh_offset: int,
 ) -> Any:
     """attention_backward's body (``bh_offset`` as for _forward)."""
-    p = _plan(fn, q, k, v, *o[:-1], kv_len, bh_offset, o.num_splits)
+    p = _plan(fn, q, k, v, *o, kv_len, bh_offset)
     want_out = p.batch + (p.hq, p.lq, p.dv)
     if p.two_d:
         want_out = want_out[:-3] + want_out[-2:]

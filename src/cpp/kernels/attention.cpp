@@ -307,19 +307,20 @@ template <class St, class T>
 void decode_scores(const T* q, std::int64_t qs, std::int64_t R, const St* k, std::int64_t nk,
                    std::int64_t D, T* s, std::int64_t ss) {
   const std::int64_t row_bytes = D * static_cast<std::int64_t>(sizeof(St));
+  // the NK keys from j against every row, four rows at a time
+  auto keys = [&](auto nk_keys, std::int64_t j) {
+    constexpr int NK = decltype(nk_keys)::value;
+    std::int64_t r = 0;
+    for (; r + 4 <= R; r += 4) dot_tile<4, NK>(q + r * qs, qs, k + j * D, D, D, s + r * ss + j, ss);
+    for (; r < R; ++r) dot_tile<1, NK>(q + r * qs, qs, k + j * D, D, D, s + r * ss + j, ss);
+  };
   std::int64_t j = 0;
   for (; j + 2 <= nk; j += 2) {
     if (j + kDecodePrefetchKeys + 2 <= nk)
       prefetch_bytes(k + (j + kDecodePrefetchKeys) * D, 2 * row_bytes);
-    std::int64_t r = 0;
-    for (; r + 4 <= R; r += 4) dot_tile<4, 2>(q + r * qs, qs, k + j * D, D, D, s + r * ss + j, ss);
-    for (; r < R; ++r) dot_tile<1, 2>(q + r * qs, qs, k + j * D, D, D, s + r * ss + j, ss);
+    keys(std::integral_constant<int, 2>{}, j);
   }
-  if (j < nk) {
-    std::int64_t r = 0;
-    for (; r + 4 <= R; r += 4) dot_tile<4, 1>(q + r * qs, qs, k + j * D, D, D, s + r * ss + j, ss);
-    for (; r < R; ++r) dot_tile<1, 1>(q + r * qs, qs, k + j * D, D, D, s + r * ss + j, ss);
-  }
+  if (j < nk) keys(std::integral_constant<int, 1>{}, j);
 }
 
 // o[r * os + c] += sum_{j < nk} p[r * ps + j] v[j * vs + c] for rows r < NR and the columns of NV
