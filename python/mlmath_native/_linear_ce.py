@@ -163,10 +163,10 @@ def linear_cross_entropy(
 
     Returns
     -------
-    The loss alone (a scalar, or per token for "none"), or the tuple ``(loss, [grads],
-    [logprobs], [entropy])`` with the parts asked for.  float32 for float32, bfloat16 and
-    float16 inputs (16-bit inputs compute in float32 and round their gradients once); float64
-    for float64 (and integer) inputs.
+    The loss alone (a scalar, or per token for "none"), or the tuple
+    ``(loss, [grads], [logprobs], [entropy])`` with the parts asked for.  float32 for
+    float32, bfloat16 and float16 inputs (16-bit inputs compute in float32 and round their
+    gradients once); float64 for float64 (and integer) inputs.
 
     Examples
     --------

@@ -1179,7 +1179,7 @@ class Adam(_Optimizer):
 
 class AdamW(Adam):
     """AdamW, torch.optim.AdamW exactly: Adam with decoupled weight decay,
-    p *= 1 - lr * weight_decay before the Adam update (default weight_decay 1e-2).
+    ``p *= 1 - lr * weight_decay`` before the Adam update (default weight_decay 1e-2).
 
     Examples
     --------
