@@ -19,7 +19,10 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.doctest",
     "numpydoc",
+    "myst_parser",  # the guides are Markdown (MyST)
 ]
+myst_heading_anchors = 4  # [text](page.md#a-heading) links, checked by the build
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 autosummary_generate = True
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False

@@ -1,7 +1,8 @@
 """mlmath_native.torch: the drop-in torch.optim optimizers against torch.optim itself (several
 groups, every option, schedulers, clipping), their state dicts through torch.save/torch.load
 (exact round trips, conversion between formats and from/to torch.optim checkpoints), 16-bit
-params, the all-or-nothing contract, bad input, the offload copy path and the README example."""
+params, the all-or-nothing contract, bad input, the offload copy path and the PyTorch guide's
+example (docs/guide/torch.md, examples/torch_adamw.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ mt = pytest.importorskip("mlmath_native.torch")
 STEPS = 4
 SHAPES = [(7,), (33, 5), (300,), (4, 4, 3)]
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "torch_adamw.py"
+GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guide" / "torch.md"
 
 
 def make_params(dtype=torch.float32, seed=0, shapes=SHAPES):
@@ -509,14 +511,20 @@ def test_offload_of_cuda_params_matches_the_cpu_step():
     assert_same(states(cpu, cpu_p), states(gpu, gpu_p))
 
 
-# -- the README example ------------------------------------------------------------------------
+# -- the example of docs/guide/torch.md --------------------------------------------------------
 
 
-def test_readme_torch_example_runs_and_learns(capsys):
+def test_the_torch_guide_example_runs_and_learns(capsys):
     runpy.run_path(str(EXAMPLE), run_name="__main__")
     lines = capsys.readouterr().out.splitlines()
     losses = [float(line.rsplit(" ", 1)[1]) for line in lines]
     assert len(losses) == 2 and losses[1] < losses[0] < 0.5
+
+
+@pytest.mark.skipif(not GUIDE.exists(), reason="an installed package without the source tree")
+def test_the_torch_guide_shows_the_example_file():
+    code = EXAMPLE.read_text().split('"""', 2)[2].strip()  # less the module docstring
+    assert code in GUIDE.read_text()
 
 
 def test_a_deep_copy_keeps_the_settings_and_continues_identically():

@@ -624,7 +624,7 @@ def conv2d(
         float32 results within 4x direct convolution's tolerance), "winograd_f4" is F(4x4, 3x3)
         (36 instead of 144 per 4x4 tile; within 16x), both tested at magnitudes 1 and 100;
         "winograd" picks the tile by shape.  "auto" picks between the three where they are
-        measured faster (see the README), "direct" forces direct convolution.  NaN and inf
+        measured faster (docs/guide/conv.md), "direct" forces direct convolution.  NaN and inf
         reach exactly the outputs whose window holds them, whatever ``algorithm`` says:
         Winograd (whose transforms would spread them over whole tiles) checks its outputs and
         computes the layer again by direct convolution if one is not finite, and the strided
