@@ -40,7 +40,7 @@ ROOTFS_ID="$SUITE $PACKAGES format-1"
 # storage, bad input, dispatch and the thread-count bitwise checks.  Left out: files that skip
 # as a whole without torch, jax or dask (test_interop*, test_16bit_interop, test_optim_params,
 # test_dask, test_16bit_dask), files that time things or build/run x86 tools (test_bench,
-# test_cpp_package, test_typing, test_readme, test_demos, test_ecosystem), test_memory (RSS
+# test_cpp_package, test_typing, test_doc_examples, test_demos, test_ecosystem), test_memory (RSS
 # of 10,000 calls: qemu's own memory is counted) and test_reference (the float64 references
 # against SciPy: no kernel involved, the same on every CPU).
 # ARM64_TEST_FILES (space-separated) replaces the list.

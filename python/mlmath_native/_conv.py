@@ -12,7 +12,7 @@ convolution (Note [non-finite inputs] in conv.cpp).
 from __future__ import annotations
 
 import operator
-from collections.abc import Collection, Sequence, Set
+from collections.abc import Callable, Collection, Sequence, Set
 from types import SimpleNamespace
 from typing import Any, Literal, Protocol, cast, overload
 
@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import MAX_SIZE, as_float_array, check_size
+from ._checks import MAX_SIZE, as_float_array, as_input, check_size, compute_dtype
 
 #: an int, or one int per spatial dimension (stride, dilation)
 _Ints = int | tuple[int, ...] | list[int]
@@ -51,11 +51,15 @@ def _int(fn: str, name: str, value: Any) -> int:
 
 
 def _pair(fn: str, name: str, value: _Ints, dims: int) -> tuple[int, ...]:
-    """An int or a tuple of `dims` ints, each >= 1 (stride, dilation)."""
+    """An int, or a sequence of 1 or `dims` ints (one is used for every dim, as torch expands
+    it), each >= 1 (stride, dilation)."""
     if isinstance(value, tuple | list):
-        if len(value) != dims:
-            raise ValueError(f"{fn}: {name} has {len(value)} values (expected 1 or {dims})")
-        out = tuple(_int(fn, name, v) for v in value)
+        if len(value) not in (1, dims):
+            accepted = "a one-element sequence" if dims == 1 else f"a sequence of 1 or {dims}"
+            raise ValueError(
+                f"{fn}: {name} has {len(value)} values (expected an int, or {accepted} ints)"
+            )
+        out = tuple(_int(fn, name, v) for v in value) * (dims // len(value))
     else:
         out = (_int(fn, name, value),) * dims
     if any(v < 1 for v in out):
@@ -96,13 +100,17 @@ def _padding(
         )
     if isinstance(padding, tuple | list):
         values = [_int(fn, "padding", p) for p in padding]
+        if len(values) == 1:  # one value for every side, as torch expands it
+            values = values * dims
         if len(values) == dims:
             pads = [(p, p) for p in values]
         elif len(values) == 2 * dims:
             pads = [(values[2 * i], values[2 * i + 1]) for i in range(dims)]
         else:
+            counts = "1 or 2" if dims == 1 else f"1, {dims} or {2 * dims}"
             raise ValueError(
-                f"{fn}: padding has {len(values)} values (expected {dims} or {2 * dims})"
+                f"{fn}: padding has {len(values)} values (expected an int, 'valid', 'same', or a "
+                f"sequence of {counts} ints)"
             )
     else:
         p = _int(fn, "padding", padding)
@@ -610,8 +618,8 @@ def conv2d(
     bias : array_like, optional
         (K,).
     stride, dilation : int or (int, int)
-        >= 1.
-    padding : int, (ph, pw), (top, bottom, left, right), "valid" or "same"
+        >= 1.  A one-element sequence applies to both dims, as PyTorch expands it.
+    padding : int, (p,), (ph, pw), (top, bottom, left, right), "valid" or "same"
         "same" works with any stride and dilation (unlike PyTorch): the output is
         ceil(H / stride) x ceil(W / stride) and an odd total padding puts the extra pixel at the
         bottom/right, as TensorFlow and XLA do.
@@ -710,11 +718,12 @@ def _correlate(
     in2: ArrayLike,
     mode: str,
     boundary: str,
-    fillvalue: float,
+    fillvalue: Any,
     flip: bool,
 ) -> NDArray[Any]:
-    in1 = as_float_array(in1, fn, "in1")
-    in2 = as_float_array(in2, fn, "in2")
+    """SciPy's correlate2d (``flip=False``) / convolve2d (``flip=True``): checks, SciPy's result
+    dtype, its swap of the inputs in "valid" mode, then the real, complex or integer form."""
+    in1, in2 = _scipy_input(fn, in1, "in1"), _scipy_input(fn, in2, "in2")
     if in1.ndim != 2 or in2.ndim != 2:
         raise ValueError(f"{fn}: in1 and in2 must be 2-D (got {in1.ndim}-D and {in2.ndim}-D)")
     # Note [empty correlation]: SciPy answers an empty in1 or in2 with artefacts of its loops
@@ -733,11 +742,10 @@ def _correlate(
             f"{fn}: boundary is invalid (got {boundary!r}, expected 'fill', 'wrap' or 'symm')"
         )
     boundary = _BOUNDARIES[boundary]
-    try:
-        fillvalue = float(fillvalue)
-    except (TypeError, ValueError):
-        raise TypeError(f"{fn}: fillvalue must be a real number (got {fillvalue!r})") from None
     dtype = np.result_type(in1.dtype, in2.dtype)
+    if dtype == np.bool_:
+        dtype = np.dtype(np.float64)  # SciPy refuses bool; the dtype policy computes it in float64
+    fill = _scipy_fillvalue(fn, fillvalue, dtype)
     swapped = False
     if mode == "valid":  # SciPy swaps when in2 contains in1
         ge = [a >= b for a, b in zip(in1.shape, in2.shape, strict=True)]
@@ -750,23 +758,127 @@ def _correlate(
                     f"{fn}: for 'valid' mode one input must be at least as large as the other in "
                     f"every dimension (got {in1.shape} and {in2.shape})"
                 )
-    kernel = in2[::-1, ::-1] if flip else in2
     (m, n), (p, q) = in1.shape, in2.shape
-    if mode == "valid":
-        padded = in1
-    else:
-        check_size(fn, "the padded in1", (m + 2 * p - 2, n + 2 * q - 2), np.dtype(dtype).itemsize)
+    if mode != "valid":
+        check_size(fn, "the padded in1", (m + 2 * p - 2, n + 2 * q - 2), dtype.itemsize)
         check_size(fn, "the work (multiply-adds)", (m + p - 1, n + q - 1, p, q))
+    kernel = in2[::-1, ::-1] if flip else in2
+
+    def real(x: NDArray[Any], k: NDArray[Any], f: Any, dt: np.dtype[Any]) -> NDArray[Any]:
+        return _real_correlate(x, k, mode, boundary, f, dt, flip, swapped)
+
+    if dtype.kind == "c":
+        # Note [complex correlation]: through the real kernel, 4 products of the parts in the
+        # parts' dtype; correlate2d conjugates in2 (after the swap), as SciPy does.
+        part = np.dtype(np.float32 if dtype == np.complex64 else np.float64)
+        x, k = in1.astype(dtype), kernel.astype(dtype)
+        k = k if flip else np.conj(k)
+        xr, xi, kr, ki = x.real, x.imag, k.real, k.imag
+        re = real(xr, kr, fill.real, part) - real(xi, ki, fill.imag, part)
+        im = real(xr, ki, fill.real, part) + real(xi, kr, fill.imag, part)
+        result: NDArray[Any] = (re + 1j * im).astype(dtype)
+        return result
+    if dtype.kind in "iu":
+        return _integer_correlate(in1, kernel, fill, dtype, real)
+    return real(in1, kernel, fill, dtype)
+
+
+def _scipy_input(fn: str, x: ArrayLike, name: str) -> NDArray[Any]:
+    """An input of correlate2d / convolve2d: real, integer, bool, 16-bit or complex."""
+    arr = as_input(x, fn, name)
+    if arr.dtype.kind == "c" and arr.dtype.itemsize <= 16:
+        return arr  # complex64, complex128 (Note [complex correlation])
+    if arr.dtype.kind in "iu":
+        return arr  # integers keep their dtype, as in SciPy
+    return arr.astype(compute_dtype(fn, name, arr.dtype), copy=False)
+
+
+def _scipy_fillvalue(fn: str, fillvalue: Any, dtype: np.dtype[Any]) -> Any:
+    """``fillvalue`` as SciPy takes it: a scalar or a one-element array, read as a complex
+    number, then cast to the result dtype (ValueError for anything it cannot be)."""
+    value = np.asarray(fillvalue)
+    if value.size != 1:
+        raise ValueError(f"{fn}: `fillvalue` must be scalar or an array with one element")
+    try:
+        c = complex(value.reshape(()).item())
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{fn}: could not convert `fillvalue` to a number (got {fillvalue!r})"
+        ) from None
+    if dtype.kind == "c":
+        return np.asarray(c, dtype)[()]
+    if c.imag != 0:
+        raise ValueError(
+            f"{fn}: could not cast `fillvalue` to the real output dtype {dtype} (got {c})"
+        )
+    if dtype.kind in "iu":
+        if not np.isfinite(c.real):
+            raise ValueError(f"{fn}: `fillvalue` {c.real} has no value in the output dtype {dtype}")
+        whole = int(c.real)  # truncated toward 0, and it must fit, as in SciPy
+        info = np.iinfo(dtype)
+        if not info.min <= whole <= info.max:
+            raise ValueError(
+                f"{fn}: could not cast `fillvalue` {fillvalue!r} to the output dtype {dtype}"
+            )
+        return dtype.type(whole)
+    return c.real
+
+
+_RealCorrelate = Callable[[NDArray[Any], NDArray[Any], Any, np.dtype[Any]], NDArray[Any]]
+
+
+def _integer_correlate(
+    in1: NDArray[Any], kernel: NDArray[Any], fill: Any, dtype: np.dtype[Any], real: _RealCorrelate
+) -> NDArray[Any]:
+    """Integer inputs give SciPy's integer result: the exact sum, wrapped to ``dtype`` as its
+    integer arithmetic wraps.  Through the float64 kernel when every partial sum is an integer
+    below 2**53 (then exact); else tap by tap in ``dtype``'s own (wrapping) arithmetic."""
+    x, k = in1.astype(dtype), kernel.astype(dtype)
+    bound = max(int(np.abs(x.astype(np.float64)).max()), abs(int(fill))) * float(
+        np.abs(k.astype(np.float64)).sum()
+    )
+    if bound < 2.0**52:  # every partial sum is an integer of at most 52 bits: float64 is exact
+        exact = real(x.astype(np.float64), k.astype(np.float64), float(fill), np.dtype(np.float64))
+        wrapped: NDArray[Any] = np.rint(exact).astype(np.int64).astype(dtype)
+        return wrapped
+    return real(x, k, fill, dtype)  # dtype is an integer type: _real_correlate's taps
+
+
+def _real_correlate(
+    x: NDArray[Any],
+    kernel: NDArray[Any],
+    mode: str,
+    boundary: str,
+    fillvalue: Any,
+    dtype: np.dtype[Any],
+    flip: bool,
+    swapped: bool,
+) -> NDArray[Any]:
+    """The real correlation of x with kernel (already flipped for convolve2d and swapped for
+    "valid"): pad by ``boundary``, correlate on the conv2d kernel (or tap by tap for an integer
+    ``dtype``), crop for "same"."""
+    (m, n), (p, q) = x.shape, kernel.shape
+    if mode == "valid":
+        padded = x
+    else:
         pads = [(p - 1, p - 1), (q - 1, q - 1)]
         if boundary == "fill":
-            padded = np.pad(in1, pads, mode="constant", constant_values=fillvalue)
+            padded = np.pad(x, pads, mode="constant", constant_values=fillvalue)
         else:
-            padded = np.pad(in1, pads, mode="wrap" if boundary == "wrap" else "symmetric")
-    x = np.asarray(padded, dtype=dtype, order="C")[None, None]
-    w = np.asarray(kernel, dtype=dtype, order="C")[None, None]
-    full = _core.empty((1, 1, x.shape[2] - p + 1, x.shape[3] - q + 1), dtype)
-    _core.conv2d_into(x, w, None, full, 1, 1, 0, 0, 1, 1, 1)
-    out = full[0, 0]
+            padded = np.pad(x, pads, mode="wrap" if boundary == "wrap" else "symmetric")
+    padded = np.asarray(padded, dtype=dtype, order="C")
+    rows, cols = padded.shape[0] - p + 1, padded.shape[1] - q + 1
+    if dtype.kind in "iu":  # integers too large for float64's 53 bits: tap by tap, wrapping
+        out = np.zeros((rows, cols), dtype)
+        k = np.asarray(kernel, dtype=dtype)
+        for r in range(p):
+            for s in range(q):  # array * 1x1 array: NumPy's integer arithmetic wraps silently
+                out += padded[r : r + rows, s : s + cols] * k[r : r + 1, s : s + 1]
+    else:
+        w = np.asarray(kernel, dtype=dtype, order="C")[None, None]
+        full = _core.empty((1, 1, rows, cols), dtype)
+        _core.conv2d_into(padded[None, None], w, None, full, 1, 1, 0, 0, 1, 1, 1)
+        out = full[0, 0]
     if mode == "same":
         top, left = ((p - 1) // 2, (q - 1) // 2) if flip else (p // 2, q // 2)
         out = out[top : top + m, left : left + n]
@@ -792,20 +904,40 @@ def correlate2d(
     Parameters
     ----------
     in1, in2 : array_like
-        Real 2-D arrays.
+        2-D arrays: real floating, integer, bool or complex.
     mode : {"full", "valid", "same"}
         Output (M+P-1, N+Q-1), (M-P+1, N-Q+1) or in1's shape (centred as SciPy centres it).
         For "valid", if in2 is the larger in every dimension the inputs are swapped (and the
         result flipped), as SciPy does.
     boundary : {"fill", "wrap", "symm"}
-    fillvalue : float
+        Also SciPy's aliases "pad", "circular" and "symmetric".
+    fillvalue : scalar or one-element array
+        Read as a complex number and cast to the result dtype, as SciPy does: an integer result
+        truncates it toward 0 and needs it in range; a real result needs it real.
 
     Returns
     -------
     ndarray
-        The dtype policy of :func:`conv2d` (float32, float64, float16, bfloat16 kept; mixed
-        dtypes by ``np.result_type``; 16-bit data computes in float32, rounded once).  For
-        16-bit data the ``fillvalue`` padding is stored in that dtype.
+        SciPy's result dtype, ``np.result_type(in1, in2)``:
+
+        - float32 and float64 kept, computed in that dtype on the conv2d kernel; float16 and
+          bfloat16 kept, computed in float32 and rounded once (SciPy refuses float16);
+        - integers give integers: the exact sum wrapped to the result dtype, as SciPy's integer
+          arithmetic wraps (through the float64 kernel while every partial sum is below 2**52,
+          else tap by tap in the integer dtype); mixes that NumPy promotes to float64
+          (int64 with float32, uint64 with int64) give float64;
+        - complex64 and complex128 are computed through the real kernel in float32 / float64,
+          four real products (correlate2d conjugates in2, as SciPy does);
+        - bool computes in float64 (SciPy refuses bool).
+
+    Raises
+    ------
+    TypeError
+        An input of an unsupported dtype (object, string, datetime, ...).
+    ValueError
+        Not 2-D, empty, mismatched shapes for "valid", a bad ``mode`` or ``boundary``, a
+        ``fillvalue`` with more than one element or that the result dtype cannot hold (SciPy's
+        exception types).
 
     Examples
     --------
