@@ -12,7 +12,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import as_float_array, as_input, check_size, is_storage_dtype
+from ._checks import as_float_array, as_input, check_size, deliver, deliver_one, is_storage_dtype
 
 #: False (no mask), True or "upper_left" (j <= i), "lower_right" (j <= i + Lk - Lq).  None is
 #: refused, as by the reference and by PyTorch's ``is_causal``: it could mean either.
@@ -372,6 +372,7 @@ def attention(
     cu_seqlens_k: ArrayLike | None = ...,
     num_splits: int = ...,
     return_lse: Literal[False] = ...,
+    out: Any = ...,
 ) -> NDArray[Any]: ...
 
 
@@ -395,6 +396,7 @@ def attention(
     cu_seqlens_k: ArrayLike | None = ...,
     num_splits: int = ...,
     return_lse: Literal[True],
+    out: Any = ...,
 ) -> tuple[NDArray[Any], NDArray[Any]]: ...
 
 
@@ -418,6 +420,7 @@ def attention(
     cu_seqlens_k: ArrayLike | None = ...,
     num_splits: int = ...,
     return_lse: bool = ...,
+    out: Any = ...,
 ) -> NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]: ...
 
 
@@ -440,6 +443,7 @@ def attention(
     cu_seqlens_k: ArrayLike | None = None,
     num_splits: int = 0,
     return_lse: bool = False,
+    out: Any = None,
 ) -> NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]:
     """Scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, blocked (no L x L
     matrix) with an online softmax.
@@ -504,6 +508,10 @@ def attention(
     return_lse : bool
         Also return the logsumexp of each query's scores, (..., Hq, Lq) (of the undropped
         weights), which :func:`attention_backward` uses.
+    out : ndarray, or (ndarray or None, ndarray or None) with ``return_lse``, optional
+        Where to write the result (NumPy's tuple form for the two results of
+        ``return_lse``): each exactly its result's shape and dtype, writeable.  The result is
+        computed first and then copied in, so ``out`` may be ``q`` itself.
 
     Returns
     -------
@@ -550,7 +558,13 @@ def attention(
         result = _varlen_forward(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, opts, return_lse)
     else:
         result = _forward(fn, q, k, v, opts, kv_len, return_lse, 0)
-    return cast("NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]", result)
+    if out is None:
+        return cast("NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]", result)
+    if not return_lse:
+        return deliver_one(fn, result, out)
+    if not isinstance(out, tuple):
+        raise TypeError(f"{fn}: with return_lse, out must be a tuple (out, lse) of arrays or None")
+    return cast("tuple[NDArray[Any], NDArray[Any]]", deliver(fn, tuple(result), out))
 
 
 class _Options(NamedTuple):
@@ -686,6 +700,7 @@ def attention_backward(
     kv_len: ArrayLike | None = ...,
     cu_seqlens_q: ArrayLike | None = ...,
     cu_seqlens_k: ArrayLike | None = ...,
+    grads_out: tuple[Any, ...] | None = ...,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]: ...
 
 
@@ -710,6 +725,7 @@ def attention_backward(
     kv_len: ArrayLike | None = ...,
     cu_seqlens_q: ArrayLike | None = ...,
     cu_seqlens_k: ArrayLike | None = ...,
+    grads_out: tuple[Any, ...] | None = ...,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]: ...
 
 
@@ -733,6 +749,7 @@ def attention_backward(
     kv_len: ArrayLike | None = None,
     cu_seqlens_q: ArrayLike | None = None,
     cu_seqlens_k: ArrayLike | None = None,
+    grads_out: tuple[Any, ...] | None = None,
 ) -> (
     tuple[NDArray[Any], NDArray[Any], NDArray[Any]]
     | tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]
@@ -757,6 +774,10 @@ def attention_backward(
     query heads of each group (GQA) and over broadcast batch dimensions, in a fixed order:
     results do not depend on the number of threads.  Masked positions, and queries that see no
     key, get zero gradients.
+
+    ``grads_out=(dq, dk, dv[, dsinks])`` gives arrays to write the gradients into (NumPy's
+    tuple form of ``out``, under another name because ``out`` is the forward's result, as in
+    PyTorch's attention backward): each exactly its gradient's shape and dtype, or None.
 
     Raises
     ------
@@ -783,6 +804,10 @@ def attention_backward(
         grads = _varlen_backward(fn, q, k, v, out, lse, grad_out, cu_seqlens_q, cu_seqlens_k, opts)
     else:
         grads = _backward(fn, q, k, v, out, lse, grad_out, opts, kv_len, 0)
+    if grads_out is not None:
+        if not isinstance(grads_out, tuple):
+            raise TypeError(f"{fn}: grads_out must be a tuple of arrays or None, one per gradient")
+        grads = deliver(fn, tuple(grads), grads_out, "grads_out")
     return cast(
         "tuple[NDArray[Any], NDArray[Any], NDArray[Any]]"
         " | tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]",

@@ -163,24 +163,61 @@ def normalize_axis(axis: int, ndim: int, fn: str) -> int:
     return axis % span
 
 
-def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype[Any], fn: str) -> NDArray[Any]:
+def check_out(
+    out: object, shape: tuple[int, ...], dtype: np.dtype[Any], fn: str, name: str = "out"
+) -> NDArray[Any]:
     """``out`` as an ndarray (a DLPack exporter such as a PyTorch tensor becomes a view of its
     memory, Note [zero copy]) that must be writeable, of exactly ``shape`` and ``dtype`` (no
     casting)."""
     if not isinstance(out, np.ndarray):
         if not hasattr(out, "__dlpack__"):
             raise TypeError(
-                f"{fn}: out must be a numpy.ndarray or a DLPack exporter such as a PyTorch CPU "
+                f"{fn}: {name} must be a numpy.ndarray or a DLPack exporter such as a PyTorch CPU "
                 f"tensor (got {type(out).__name__})"
             )
-        out = as_array(out, fn, "out")
+        out = as_array(out, fn, name)
     if out.dtype != dtype:
-        raise TypeError(f"{fn}: out has dtype {out.dtype} (expected {dtype})")
+        raise TypeError(f"{fn}: {name} has dtype {out.dtype} (expected {dtype})")
     if out.shape != tuple(shape):
-        raise ValueError(f"{fn}: out has shape {out.shape} (expected {tuple(shape)})")
+        raise ValueError(f"{fn}: {name} has shape {out.shape} (expected {tuple(shape)})")
     if not out.flags.writeable:
-        raise ValueError(f"{fn}: out is not writeable")
+        raise ValueError(f"{fn}: {name} is not writeable")
     return out
+
+
+def deliver_one(fn: str, result: NDArray[Any], out: Any) -> NDArray[Any]:
+    """``result``, or ``out`` (checked: exact shape and dtype, writeable) with the result
+    copied in when it is given: so ``out`` may overlap the inputs."""
+    if out is None:
+        return result
+    checked = check_out(out, result.shape, result.dtype, fn)
+    checked[...] = result
+    return checked
+
+
+def deliver(
+    fn: str, results: tuple[NDArray[Any] | None, ...], out: tuple[Any, ...], name: str = "out"
+) -> tuple[NDArray[Any] | None, ...]:
+    """Several results, written into the arrays of ``out`` (NumPy's tuple form: one entry per
+    result, None to have that result returned as computed).  Every given array is checked
+    (exact shape and dtype, writeable) before any is written, so a bad ``out`` changes
+    nothing; results are copied in, so ``out`` may overlap the inputs."""
+    if len(out) != len(results):
+        raise ValueError(f"{fn}: {name} has {len(out)} entries (expected {len(results)})")
+    checked: list[NDArray[Any] | None] = []
+    for i, (o, r) in enumerate(zip(out, results, strict=True)):
+        if o is None:
+            checked.append(None)
+        elif r is None:
+            raise ValueError(f"{fn}: {name}[{i}] is given for a result that is not computed")
+        else:
+            checked.append(check_out(o, r.shape, r.dtype, fn, f"{name}[{i}]"))
+    delivered: list[NDArray[Any] | None] = []
+    for c, r in zip(checked, results, strict=True):
+        if c is not None and r is not None:
+            c[...] = r
+        delivered.append(r if c is None else c)
+    return tuple(delivered)
 
 
 def same_layout(a: NDArray[Any], b: NDArray[Any]) -> bool:

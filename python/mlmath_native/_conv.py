@@ -20,7 +20,16 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import MAX_SIZE, as_float_array, as_input, check_size, compute_dtype
+from ._checks import (
+    MAX_SIZE,
+    as_float_array,
+    as_input,
+    check_out,
+    check_size,
+    compute_dtype,
+    deliver,
+    deliver_one,
+)
 
 #: an int, or one int per spatial dimension (stride, dilation)
 _Ints = int | tuple[int, ...] | list[int]
@@ -312,12 +321,17 @@ def _conv_nd(
     padding_mode: str,
     dims: int,
     algorithm: str,
+    out: Any = None,
 ) -> NDArray[Any]:
-    """conv1d (dims=1) and conv2d (dims=2) on the 2-D kernel."""
+    """conv1d (dims=1) and conv2d (dims=2) on the 2-D kernel, into ``out`` when it is given
+    (directly where it is contiguous and shares no memory with the inputs)."""
     p = _plan(fn, x, w, bias, stride, padding, dilation, groups, padding_mode, dims, algorithm)
+    result_shape = (p.k, *p.out_size) if p.unbatched else (p.n, p.k, *p.out_size)
+    if out is not None:
+        out = check_out(out, result_shape, p.dtype, fn)
     if _pad_copy_too_large(p):
-        out = _conv_gathered(p)
-        return out[0] if p.unbatched else out
+        y = _conv_gathered(p)
+        return deliver_one(fn, y[0] if p.unbatched else y, out)
     x, w, bias, pads, stride, dilation = p.x, p.w, p.bias, p.pads, p.stride, p.dilation
     n, c, k, dtype, groups = p.n, p.c, p.k, p.dtype, p.groups
     kernel, winograd, out_size = p.kernel, p.winograd, list(p.out_size)
@@ -345,12 +359,18 @@ def _conv_nd(
         out_size = [1, *out_size]
     if space_to_depth:
         x, w, pads, stride = _space_to_depth(x, w, pads, stride, out_size)
-    out = _core.empty((n, k, *out_size), dtype)
+    direct = (
+        out is not None
+        and out.flags.c_contiguous
+        and out.flags.aligned
+        and not any(np.may_share_memory(out, a) for a in (x, w, bias) if a is not None)
+    )
+    y = out.reshape((n, k, *out_size)) if direct else _core.empty((n, k, *out_size), dtype)
     _core.conv2d_into(
         x,
         w,
         bias,
-        out,
+        y,
         stride[0],
         stride[1],
         pads[0][0],
@@ -360,9 +380,11 @@ def _conv_nd(
         groups,
         winograd,
     )
+    if direct:
+        return cast("NDArray[Any]", out)
     if dims == 1:
-        out = out[:, :, 0, :]
-    return out[0] if p.unbatched else out
+        y = y[:, :, 0, :]
+    return deliver_one(fn, y[0] if p.unbatched else y, out)
 
 
 def _sum_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -602,6 +624,7 @@ def conv2d(
     groups: int = 1,
     padding_mode: _PaddingMode = "zeros",
     algorithm: _Algorithm = "auto",
+    out: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
     """2-D convolution (cross-correlation), PyTorch's ``conv2d``:
 
@@ -641,6 +664,10 @@ def conv2d(
         16 MiB, e.g. a large dilation with "same"), the convolution runs tap by tap on
         gathered patches instead of padding a copy.
 
+    out : ndarray, optional
+        Where to write the result: exactly its shape and dtype, writeable.  Written directly
+        when it is C-contiguous and shares no memory with the inputs, else through a temporary
+        (so it may be ``x`` itself).
     Returns
     -------
     ndarray
@@ -669,7 +696,7 @@ def conv2d(
              [42., 50.]]]])
     """
     return _conv_nd(
-        "conv2d", x, w, bias, stride, padding, dilation, groups, padding_mode, 2, algorithm
+        "conv2d", x, w, bias, stride, padding, dilation, groups, padding_mode, 2, algorithm, out
     )
 
 
@@ -683,10 +710,11 @@ def conv1d(
     dilation: _Ints = 1,
     groups: int = 1,
     padding_mode: _PaddingMode = "zeros",
+    out: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
     """1-D convolution (cross-correlation), PyTorch's ``conv1d``, on (N, C, L) or (C, L) with
     w (K, C / groups, R); padding is an int, (left, right), "valid" or "same" (any stride).
-    Otherwise as :func:`conv2d`.
+    Otherwise (``out=`` included) as :func:`conv2d`.
 
     Examples
     --------
@@ -695,7 +723,7 @@ def conv1d(
     array([[-1., -1., -1.]])
     """
     return _conv_nd(
-        "conv1d", x, w, bias, stride, padding, dilation, groups, padding_mode, 1, "direct"
+        "conv1d", x, w, bias, stride, padding, dilation, groups, padding_mode, 1, "direct", out
     )
 
 
@@ -893,6 +921,8 @@ def correlate2d(
     mode: _ScipyMode = "full",
     boundary: _Boundary = "fill",
     fillvalue: float = 0,
+    *,
+    out: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
     """2-D cross-correlation with ``scipy.signal.correlate2d``'s semantics:
 
@@ -914,6 +944,9 @@ def correlate2d(
     fillvalue : scalar or one-element array
         Read as a complex number and cast to the result dtype, as SciPy does: an integer result
         truncates it toward 0 and needs it in range; a real result needs it real.
+    out : ndarray, optional
+        Where to write the result (exactly its shape and dtype; NumPy's rule, not SciPy's,
+        which has no ``out``).
 
     Returns
     -------
@@ -946,7 +979,8 @@ def correlate2d(
     array([[ 8., 12.],
            [20., 24.]])
     """
-    return _correlate("correlate2d", in1, in2, mode, boundary, fillvalue, flip=False)
+    result = _correlate("correlate2d", in1, in2, mode, boundary, fillvalue, flip=False)
+    return deliver_one("correlate2d", result, out)
 
 
 def convolve2d(
@@ -955,6 +989,8 @@ def convolve2d(
     mode: _ScipyMode = "full",
     boundary: _Boundary = "fill",
     fillvalue: float = 0,
+    *,
+    out: NDArray[Any] | None = None,
 ) -> NDArray[Any]:
     """2-D convolution with ``scipy.signal.convolve2d``'s semantics: correlation with in2 flipped
     in both axes (O(i, j) = sum_m sum_n I(i - m, j - n) K(m, n)); arguments as
@@ -967,7 +1003,8 @@ def convolve2d(
     array([[1., 2., 0.],
            [0., 1., 2.]])
     """
-    return _correlate("convolve2d", in1, in2, mode, boundary, fillvalue, flip=True)
+    result = _correlate("convolve2d", in1, in2, mode, boundary, fillvalue, flip=True)
+    return deliver_one("convolve2d", result, out)
 
 
 # -- backward ------------------------------------------------------------------------------------
@@ -1131,6 +1168,15 @@ def _conv_backward(
     return grad_input, grad_weight, grad_bias
 
 
+def _deliver_grads(fn: str, grads: _Grads, out: Any) -> tuple[Any, ...]:
+    """``out=`` of the backward functions: a tuple, one entry per gradient."""
+    if out is None:
+        return grads
+    if not isinstance(out, tuple):
+        raise TypeError(f"{fn}: out must be a tuple of arrays or None, one per gradient")
+    return deliver(fn, grads, out)
+
+
 @overload
 def conv2d_backward(
     x: ArrayLike,
@@ -1142,6 +1188,7 @@ def conv2d_backward(
     dilation: _Ints = ...,
     groups: int = ...,
     padding_mode: _PaddingMode = ...,
+    out: tuple[NDArray[Any] | None, NDArray[Any] | None, NDArray[Any] | None] | None = ...,
 ) -> _AllGrads: ...
 
 
@@ -1157,6 +1204,7 @@ def conv2d_backward(
     groups: int = ...,
     padding_mode: _PaddingMode = ...,
     needs: _Needs,
+    out: tuple[NDArray[Any] | None, NDArray[Any] | None, NDArray[Any] | None] | None = ...,
 ) -> _Grads: ...
 
 
@@ -1171,6 +1219,7 @@ def conv2d_backward(
     groups: int = 1,
     padding_mode: _PaddingMode = "zeros",
     needs: _Needs = ("input", "weight", "bias"),
+    out: tuple[NDArray[Any] | None, NDArray[Any] | None, NDArray[Any] | None] | None = None,
 ) -> _Grads:
     """Gradients of :func:`conv2d` given the upstream gradient ``grad_out``:
 
@@ -1189,6 +1238,10 @@ def conv2d_backward(
         dL/dy, the shape of conv2d's output.
     needs : subset of ("input", "weight", "bias")
         Which gradients to compute; the others are returned as None.
+    out : (grad_input, grad_weight, grad_bias), optional
+        Arrays to write the gradients into (NumPy's tuple form of ``out``): each exactly its
+        gradient's shape and dtype, or None to have that one allocated (and None for a
+        gradient that ``needs`` leaves out).
 
     Returns
     -------
@@ -1210,7 +1263,7 @@ def conv2d_backward(
     >>> gb
     array([4.])
     """
-    return _conv_backward(
+    grads = _conv_backward(
         "conv2d_backward",
         x,
         w,
@@ -1223,6 +1276,7 @@ def conv2d_backward(
         2,
         needs,
     )
+    return cast("_Grads", _deliver_grads("conv2d_backward", grads, out))
 
 
 @overload
@@ -1236,6 +1290,7 @@ def conv1d_backward(
     dilation: _Ints = ...,
     groups: int = ...,
     padding_mode: _PaddingMode = ...,
+    out: tuple[NDArray[Any] | None, NDArray[Any] | None, NDArray[Any] | None] | None = ...,
 ) -> _AllGrads: ...
 
 
@@ -1251,6 +1306,7 @@ def conv1d_backward(
     groups: int = ...,
     padding_mode: _PaddingMode = ...,
     needs: _Needs,
+    out: tuple[NDArray[Any] | None, NDArray[Any] | None, NDArray[Any] | None] | None = ...,
 ) -> _Grads: ...
 
 
@@ -1265,6 +1321,7 @@ def conv1d_backward(
     groups: int = 1,
     padding_mode: _PaddingMode = "zeros",
     needs: _Needs = ("input", "weight", "bias"),
+    out: tuple[NDArray[Any] | None, NDArray[Any] | None, NDArray[Any] | None] | None = None,
 ) -> _Grads:
     """Gradients of :func:`conv1d`; arguments and returns as :func:`conv2d_backward`.
 
@@ -1276,7 +1333,7 @@ def conv1d_backward(
     >>> gx, gw
     (array([[[1., 2., 2., 1.]]]), array([[[3., 6.]]]))
     """
-    return _conv_backward(
+    grads = _conv_backward(
         "conv1d_backward",
         x,
         w,
@@ -1289,3 +1346,4 @@ def conv1d_backward(
         1,
         needs,
     )
+    return cast("_Grads", _deliver_grads("conv1d_backward", grads, out))

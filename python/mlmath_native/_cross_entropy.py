@@ -9,7 +9,15 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import as_float_array, as_input, is_bfloat16, normalize_axis
+from ._checks import (
+    as_float_array,
+    as_input,
+    check_out,
+    is_bfloat16,
+    normalize_axis,
+    writable_target,
+)
+from ._softmax import log_softmax as _log_softmax
 
 _REDUCTIONS = ("none", "mean", "sum")
 _Reduction = Literal["none", "mean", "sum"]
@@ -131,6 +139,8 @@ def cross_entropy(
     label_smoothing: float = ...,
     return_grad: Literal[False] = ...,
     grad_output: ArrayLike | None = ...,
+    return_target_grad: Literal[False] = ...,
+    out: NDArray[Any] | None = ...,
 ) -> np.floating[Any]: ...
 
 
@@ -146,6 +156,8 @@ def cross_entropy(
     label_smoothing: float = ...,
     return_grad: Literal[False] = ...,
     grad_output: ArrayLike | None = ...,
+    return_target_grad: Literal[False] = ...,
+    out: NDArray[Any] | None = ...,
 ) -> NDArray[Any]: ...
 
 
@@ -161,6 +173,8 @@ def cross_entropy(
     label_smoothing: float = ...,
     return_grad: Literal[True],
     grad_output: ArrayLike | None = ...,
+    return_target_grad: Literal[False] = ...,
+    out: NDArray[Any] | None = ...,
 ) -> tuple[np.floating[Any], NDArray[Any]]: ...
 
 
@@ -176,6 +190,8 @@ def cross_entropy(
     label_smoothing: float = ...,
     return_grad: Literal[True],
     grad_output: ArrayLike | None = ...,
+    return_target_grad: Literal[False] = ...,
+    out: NDArray[Any] | None = ...,
 ) -> tuple[NDArray[Any], NDArray[Any]]: ...
 
 
@@ -191,7 +207,9 @@ def cross_entropy(
     label_smoothing: float = ...,
     return_grad: bool = ...,
     grad_output: ArrayLike | None = ...,
-) -> _Loss | tuple[_Loss, NDArray[Any]]: ...
+    return_target_grad: bool = ...,
+    out: NDArray[Any] | None = ...,
+) -> _Loss | tuple[_Loss, NDArray[Any]] | tuple[_Loss, NDArray[Any], NDArray[Any]]: ...
 
 
 def cross_entropy(
@@ -205,7 +223,9 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     return_grad: bool = False,
     grad_output: ArrayLike | None = None,
-) -> _Loss | tuple[_Loss, NDArray[Any]]:
+    return_target_grad: bool = False,
+    out: NDArray[Any] | None = None,
+) -> _Loss | tuple[_Loss, NDArray[Any]] | tuple[_Loss, NDArray[Any], NDArray[Any]]:
     """Cross-entropy between logits and class targets, PyTorch's ``F.cross_entropy`` exactly.
 
     Per element (one position of the non-class axes), with lsm = log_softmax(logits) along the
@@ -244,6 +264,14 @@ def cross_entropy(
     grad_output : array_like or float, optional
         The upstream gradient: per element for ``reduction="none"`` (the loss's shape, or a
         scalar), a scalar for "mean"/"sum". Default 1.
+    return_target_grad : bool, optional
+        Also return d(loss)/d(target) for probability targets (what autograd gives a target
+        that requires grad): ``-(1 - eps) w_c lsm_c`` times the upstream gradient (and / N for
+        "mean"), in the target's (the logits') dtype.  Computed after the fused pass, from one
+        more log-softmax of the logits.
+    out : ndarray, optional
+        Where to write dlogits (with ``return_grad=True``): the logits' shape and dtype,
+        writeable; it may be the logits themselves (computed through a temporary).
 
     Returns
     -------
@@ -253,6 +281,9 @@ def cross_entropy(
     dlogits : ndarray
         With ``return_grad=True``: ``(loss, dlogits)``, dlogits with the logits' shape and dtype
         (16-bit logits give a 16-bit gradient, rounded once).
+    dtarget : ndarray
+        With ``return_target_grad=True``, last: ``(loss, dtarget)`` or
+        ``(loss, dlogits, dtarget)``.
 
     Notes
     -----
@@ -311,8 +342,14 @@ def cross_entropy(
         else:
             denominator = float(weight.astype(np.float64)[target[valid]].sum())
 
+    if return_target_grad and valid is not None:
+        raise ValueError(
+            f"{_FN}: return_target_grad needs probability targets (class indices have no gradient)"
+        )
+    if out is not None and not return_grad:
+        raise ValueError(f"{_FN}: out is the gradient's buffer: it needs return_grad=True")
     scale_array, scale_all = None, 1.0
-    if return_grad:
+    if return_grad or return_target_grad:
         if reduction == "none":
             if grad_output is not None:
                 g = as_float_array(grad_output, _FN, "grad_output")
@@ -338,7 +375,17 @@ def cross_entropy(
 
     logits = np.asarray(logits, order="C")
     loss = np.empty(elem_shape, compute)
-    grad = _core.empty(logits.shape, dtype) if return_grad else None
+    grad, copy_back = None, False
+    if out is not None:
+        out = check_out(out, logits.shape, dtype, _FN)
+        inputs = (logits, target, weight) + (() if scale_array is None else (scale_array,))
+        shares = any(np.may_share_memory(out, a) for a in inputs)
+        grad, copy_back = (np.empty(out.shape, dtype), True) if shares else writable_target(out, ())
+    elif return_grad:
+        grad = _core.empty(logits.shape, dtype)
+    dtarget = None
+    if return_target_grad:  # before the kernel: out may be the logits
+        dtarget = _target_grad(logits, axis, weight, label_smoothing, scale_array, scale_all)
     if num_classes == 0:
         loss.fill(0)  # every target was ignored (validated above); an empty class sum is 0
     _core.cross_entropy_into(
@@ -361,4 +408,36 @@ def cross_entropy(
             with np.errstate(divide="ignore", invalid="ignore"):
                 total = total / denominator if denominator != 0 else np.float64(np.nan)
         result = compute.type(total)
-    return (result, cast("NDArray[Any]", grad)) if return_grad else result
+    if copy_back:
+        cast("NDArray[Any]", out)[...] = grad
+        grad = out
+    if return_grad and return_target_grad:
+        return result, cast("NDArray[Any]", grad), cast("NDArray[Any]", dtarget)
+    if return_grad:
+        return result, cast("NDArray[Any]", grad)
+    if return_target_grad:
+        return result, cast("NDArray[Any]", dtarget)
+    return result
+
+
+def _target_grad(
+    logits: NDArray[Any],
+    axis: int,
+    weight: NDArray[Any],
+    smoothing: float,
+    scale_array: NDArray[Any] | None,
+    scale_all: float,
+) -> NDArray[Any]:
+    """d(loss)/d(target) of probability targets: -(1 - eps) w_c lsm_c, times the upstream
+    gradient of each element (scale_array, along the non-class axes) and scale_all."""
+    compute = weight.dtype
+    lsm = _log_softmax(logits, axis, dtype=compute)
+    shape = [1] * logits.ndim
+    shape[axis] = -1
+    factor = weight.reshape(shape) * compute.type(-(1.0 - smoothing) * scale_all)
+    with np.errstate(invalid="ignore"):  # 0 * -inf = NaN, as autograd's product gives
+        grad = lsm * factor
+        if scale_array is not None:
+            grad *= np.expand_dims(scale_array, axis)
+    result: NDArray[Any] = grad.astype(logits.dtype, copy=False)
+    return result

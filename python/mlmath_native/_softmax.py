@@ -19,6 +19,7 @@ from . import _core
 from ._checks import (
     as_float_array,
     check_out,
+    deliver_one,
     is_storage_dtype,
     normalize_axis,
     writable_target,
@@ -365,7 +366,9 @@ def _backward(y: ArrayLike, dy: ArrayLike, axis: Axis, log: bool) -> NDArray[Any
     return _unmerged(dx, shape, axes).reshape(y.shape)
 
 
-def softmax_backward(y: ArrayLike, dy: ArrayLike, axis: Axis = -1) -> NDArray[Any]:
+def softmax_backward(
+    y: ArrayLike, dy: ArrayLike, axis: Axis = -1, *, out: NDArray[Any] | None = None
+) -> NDArray[Any]:
     """Gradient through softmax:  dx_i = y_i (dy_i - sum_j y_j dy_j),  where y = softmax(x).
 
     Parameters
@@ -376,6 +379,8 @@ def softmax_backward(y: ArrayLike, dy: ArrayLike, axis: Axis = -1) -> NDArray[An
         The upstream gradient dL/dy, the shape of ``y``.
     axis : int, tuple of ints or None, optional
         The axis (or axes, or None for all) the softmax was taken over.
+    out : ndarray, optional
+        Where to write dx: exactly its shape and dtype, writeable (it may be ``y`` or ``dy``).
 
     Returns
     -------
@@ -393,10 +398,12 @@ def softmax_backward(y: ArrayLike, dy: ArrayLike, axis: Axis = -1) -> NDArray[An
     >>> mn.softmax_backward(np.array([0.5, 0.5]), np.array([1.0, 0.0]))
     array([ 0.25, -0.25])
     """
-    return _backward(y, dy, axis, log=False)
+    return deliver_one("softmax_backward", _backward(y, dy, axis, log=False), out)
 
 
-def log_softmax_backward(y: ArrayLike, dy: ArrayLike, axis: Axis = -1) -> NDArray[Any]:
+def log_softmax_backward(
+    y: ArrayLike, dy: ArrayLike, axis: Axis = -1, *, out: NDArray[Any] | None = None
+) -> NDArray[Any]:
     """Gradient through log_softmax:  dx_i = dy_i - exp(y_i) sum_j dy_j,  y = log_softmax(x).
 
     Parameters, Returns and Raises as for :func:`softmax_backward`, with ``y`` the log_softmax
@@ -408,4 +415,4 @@ def log_softmax_backward(y: ArrayLike, dy: ArrayLike, axis: Axis = -1) -> NDArra
     >>> mn.log_softmax_backward(np.log(np.array([0.5, 0.5])), np.array([1.0, 0.0]))
     array([ 0.5, -0.5])
     """
-    return _backward(y, dy, axis, log=True)
+    return deliver_one("log_softmax_backward", _backward(y, dy, axis, log=True), out)
