@@ -694,7 +694,12 @@ def t_attention_backward(g: Gen) -> None:
     lk, d = k.shape[-2], q.shape[-1]
     sb = (1.0 + mq * mk * d * sc) * 4
     base = (1.0 + mg) * (1.0 + mv) * _attn_bound(v, kwargs) * sb * (1 + lk + lq) * (1 + dv)
-    bounds = (base * (1 + mk * sc), base * (1 + mq * sc) * 4, (1.0 + mg) * 4 * (1 + lq) * 4)
+    drop = _attn_bound(np.zeros(0), kwargs)  # 1 / (1 - dropout_p): dV sums kept weights scaled so
+    bounds = (
+        base * (1 + mk * sc),
+        base * (1 + mq * sc) * 4,
+        (1.0 + mg) * 4 * (1 + lq) * 4 * drop,
+    )
     for name, got, exp, b in zip(("dq", "dk", "dv"), res, want, bounds, strict=True):
         check_close(f"attention_backward {name}", got, exp, dt, b)
 

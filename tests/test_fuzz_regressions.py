@@ -140,3 +140,15 @@ def test_unaligned_out_goes_through_a_temporary():
     c = _unaligned(np.zeros((4, 4), np.float32))
     mn.matmul(x, x.T, out=c)
     np.testing.assert_array_equal(c, mn.matmul(x, x.T))
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "direct", "winograd", "winograd_f2", "winograd_f4"])
+@pytest.mark.parametrize("shape,k", [((0, 2, 3, 4), 2), ((0, 2, 8, 8), 2), ((3, 2, 8, 8), 0)])
+def test_conv2d_with_an_empty_output_runs_no_tile(algorithm, shape, k):
+    """Found by the fuzzer: Winograd with an empty batch divided by zero sizing its blocks of
+    tile rows (SIGFPE); an empty output now returns before any tile."""
+    x, w = np.zeros(shape), np.ones((k, 2, 3, 3))
+    y = mn.conv2d(x, w, np.zeros(k), padding=2, algorithm=algorithm)
+    assert y.shape == (shape[0], k, shape[2] + 2, shape[3] + 2)
+    gx, gw, gb = mn.conv2d_backward(x, w, np.ones_like(y), padding=2)
+    assert gx.shape == x.shape and not gw.any() and not gb.any()

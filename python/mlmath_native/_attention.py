@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Collection
 from typing import Any, Literal, NamedTuple, cast, overload
 
 import numpy as np
@@ -231,6 +232,13 @@ class _Plan:
     extras: Any  # _core.AttentionExtras
     sinks: NDArray[Any] | None
     sinks_dtype: np.dtype[Any]
+    # the options as plain values too (the mask gradient, Note [mask gradient], reads them)
+    window: tuple[int, int]  # (left, right), -1: unlimited
+    softcap: float  # 0: none
+    slopes: NDArray[Any] | None
+    lengths: NDArray[Any] | None
+    bh_offset: int
+    lk: int
 
 
 def _batch_view(a: NDArray[Any], batch: tuple[int, ...], b: int) -> NDArray[Any]:
@@ -349,6 +357,8 @@ def _plan(
         left, right, cap, sink_arr, slopes, lengths, bh_offset, splits
     )
     plan.sinks, plan.sinks_dtype = sink_arr, np.dtype(sinks_dtype)
+    plan.window, plan.softcap, plan.slopes, plan.lengths = (left, right), cap, slopes, lengths
+    plan.bh_offset, plan.lk = bh_offset, lk
     return plan
 
 
@@ -700,6 +710,7 @@ def attention_backward(
     kv_len: ArrayLike | None = ...,
     cu_seqlens_q: ArrayLike | None = ...,
     cu_seqlens_k: ArrayLike | None = ...,
+    needs: Collection[str] = ...,
     grads_out: tuple[Any, ...] | None = ...,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]: ...
 
@@ -725,6 +736,7 @@ def attention_backward(
     kv_len: ArrayLike | None = ...,
     cu_seqlens_q: ArrayLike | None = ...,
     cu_seqlens_k: ArrayLike | None = ...,
+    needs: Collection[str] = ...,
     grads_out: tuple[Any, ...] | None = ...,
 ) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]: ...
 
@@ -749,6 +761,7 @@ def attention_backward(
     kv_len: ArrayLike | None = None,
     cu_seqlens_q: ArrayLike | None = None,
     cu_seqlens_k: ArrayLike | None = None,
+    needs: Collection[str] = ("q", "k", "v"),
     grads_out: tuple[Any, ...] | None = None,
 ) -> (
     tuple[NDArray[Any], NDArray[Any], NDArray[Any]]
@@ -797,13 +810,14 @@ def attention_backward(
            [5., 5., 5., 5.]])
     """
     fn = "attention_backward"
+    wanted = _check_needs(fn, needs, mask)
     opts = _Options(mask, causal, scale, dropout_p, seed, window, softcap, sinks, alibi_slopes)
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         if kv_len is not None:
             raise ValueError(f"{fn}: kv_len and cu_seqlens exclude each other")
         grads = _varlen_backward(fn, q, k, v, out, lse, grad_out, cu_seqlens_q, cu_seqlens_k, opts)
     else:
-        grads = _backward(fn, q, k, v, out, lse, grad_out, opts, kv_len, 0)
+        grads = _backward(fn, q, k, v, out, lse, grad_out, opts, kv_len, 0, wanted)
     if grads_out is not None:
         if not isinstance(grads_out, tuple):
             raise TypeError(f"{fn}: grads_out must be a tuple of arrays or None, one per gradient")
@@ -826,8 +840,10 @@ def _backward(
     o: _Options,
     kv_len: Any,
     bh_offset: int,
+    wanted: frozenset[str] = frozenset({"q", "k", "v"}),
 ) -> Any:
-    """attention_backward's body (``bh_offset`` as for _forward)."""
+    """attention_backward's body (``bh_offset`` as for _forward); ``wanted``: the gradients
+    asked for (the others are None; the kernel runs when q, k, v or sinks need it)."""
     p = _plan(fn, q, k, v, *o, kv_len, bh_offset)
     want_out = p.batch + (p.hq, p.lq, p.dv)
     if p.two_d:
@@ -851,7 +867,8 @@ def _backward(
     dsinks = None if p.sinks is None else np.zeros(p.hq, p.sinks.dtype)
     # Without queries, keys or value features every gradient is 0 (Dv = 0: dP = dO V^T and
     # delta = rowsum(dO * O) are empty sums), so the kernel runs only when all are present.
-    if grad4.size and p.k.shape[2]:
+    kernel = bool(wanted & {"q", "k", "v"}) or dsinks is not None
+    if kernel and grad4.size and p.k.shape[2]:
         args = (p.mask, p.causal, p.scale, p.dropout_p, p.seed, p.extras)
         _core.attention_backward_into(p.q, p.k, p.v, out4, lse3, grad4, *args, dq, dk, dv, dsinks)
     else:
@@ -861,10 +878,108 @@ def _backward(
     dq = _sum_to(dq.reshape(p.batch + dq.shape[1:]), p.q4_shape)
     dk = _sum_to(dk.reshape(kv_batch + dk.shape[1:]), p.k4_shape)
     dv = _sum_to(dv.reshape(kv_batch + dv.shape[1:]), p.v4_shape)
-    grads = dq.reshape(p.q_shape), dk.reshape(p.k_shape), dv.reshape(p.v_shape)
-    if dsinks is None:
-        return grads
-    return (*grads, dsinks.astype(p.sinks_dtype))
+    grads: tuple[Any, ...] = tuple(
+        g.reshape(shape) if name in wanted else None
+        for name, g, shape in (("q", dq, p.q_shape), ("k", dk, p.k_shape), ("v", dv, p.v_shape))
+    )
+    if dsinks is not None:
+        grads += (dsinks.astype(p.sinks_dtype),)
+    if "mask" in wanted:
+        grads += (_mask_grad(fn, p, o.mask, out4, grad4, lse3),)
+    return grads
+
+
+def _check_needs(fn: str, needs: Any, mask: Any) -> frozenset[str]:
+    """The gradients asked for: a subset of q, k, v and mask (an additive float mask)."""
+    if isinstance(needs, str) or not isinstance(needs, Collection):
+        raise TypeError(f"{fn}: needs must be a collection of names (got {needs!r})")
+    wanted = frozenset(needs)
+    unknown = wanted - {"q", "k", "v", "mask"}
+    if unknown:
+        raise ValueError(
+            f"{fn}: needs names {sorted(unknown)} (expected a subset of 'q', 'k', 'v', 'mask')"
+        )
+    if "mask" in wanted:
+        if mask is None:
+            raise ValueError(f"{fn}: needs 'mask' but no mask is given")
+        dtype = as_input(mask, fn, "mask").dtype
+        if not (dtype.kind == "f" or is_storage_dtype(dtype)):
+            raise ValueError(
+                f"{fn}: needs 'mask' asks for the gradient of a floating (additive) mask (got "
+                f"dtype {dtype}: a boolean or integer mask has none)"
+            )
+    return wanted
+
+
+def _mask_grad(
+    fn: str, p: Any, mask: Any, out4: NDArray[Any], grad4: NDArray[Any], lse3: NDArray[Any]
+) -> NDArray[Any]:
+    """d(loss)/d(mask) of an additive float mask, as autograd gives it for SDPA (Note [mask
+    gradient]): the mask is added to the scores, so its gradient is the scores' gradient
+    dS = P (dP - delta) with P = exp(S - lse), dP = dO V^T (times the dropout factor) and
+    delta = rowsum(dO * O), summed over the axes along which the mask was broadcast.  Zero where
+    the position is forbidden (causal, window, kv_len, a -inf mask entry) and before the
+    softcap's derivative (the mask is added after the softcap).  The scores are recomputed
+    one (batch, head) at a time in the compute dtype, an Lq x Lk block each: this gradient is
+    as large as the mask, so it is not part of the blocked kernel.
+
+    Note [mask gradient]: NumPy on the plan's arrays, per (batch, head), with the options'
+    definitions (module docstring of reference.transformer_attention); the dropout keep mask
+    is the reference's dropout_keep, the function the kernel's hash implements (Note [dropout
+    hash]).  Tested against torch's autograd and central differences of the reference."""
+    from .reference.transformer_attention import (
+        dropout_keep,
+    )  # the kernel's hash (Note [dropout hash])
+
+    m = as_input(mask, fn, "mask")
+    compute = np.dtype(stat_dtype(p.dtype))
+    full = p.batch + (p.hq, p.lq, p.lk)
+    shape4 = (1,) * (len(full) - m.ndim) + m.shape  # the mask's shape on the scores' axes
+    acc = np.zeros(shape4, np.float64)
+    offset = p.lk - p.lq if p.causal == 2 else 0
+    i = np.arange(p.lq)[:, None] + offset  # query i's position among the keys
+    j = np.arange(p.lk)[None, :]
+    allowed = np.ones((p.lq, p.lk), bool)
+    if p.causal:
+        allowed &= j <= i
+    left, right = p.window
+    if left >= 0:
+        allowed &= j >= i - left
+    if right >= 0:
+        allowed &= j <= i + right
+    delta = np.sum(grad4.astype(compute) * out4.astype(compute), axis=-1)
+    group = p.hq // p.k.shape[1]
+    lead = len(p.batch)
+    for b in range(p.b):
+        bidx = np.unravel_index(b, p.batch) if p.batch else ()
+        kb = b if p.k.shape[0] == p.b else 0
+        rows = allowed if p.lengths is None else allowed & (j < p.lengths[b])
+        for h in range(p.hq):
+            kh = h // group
+            with np.errstate(all="ignore"):
+                s = (p.q[b, h].astype(compute) @ p.k[kb, kh].astype(compute).T) * compute.type(
+                    p.scale
+                )
+                if p.softcap > 0:
+                    s = p.softcap * np.tanh(s / p.softcap)
+                if p.slopes is not None:
+                    s = s - p.slopes[h] * np.abs(i - j)
+                s = s + p.mask[b, h]
+                live = rows & (s != -np.inf)  # NaN stays live: it reaches the gradient
+                prob = np.where(live, np.exp(s - lse3[b, h][:, None]), 0)
+                dp = grad4[b, h].astype(compute) @ p.v[kb, kh].astype(compute).T
+                if p.dropout_p > 0:
+                    bh = p.bh_offset + b * p.hq + h
+                    rows_i = np.arange(p.lq)[:, None]
+                    keep = dropout_keep(p.seed, bh, rows_i, j, p.dropout_p)  # type: ignore[no-untyped-call]
+                    dp = dp * keep / (1 - p.dropout_p)
+                ds = prob * (dp - delta[b, h][:, None])
+            for axis in (0, 1):  # the mask's broadcast query or key axis: summed
+                if shape4[-2 + axis] == 1:
+                    ds = ds.sum(axis=axis, keepdims=True)
+            index = tuple(0 if n == 1 else x for n, x in zip(shape4[:lead], bidx, strict=True))
+            acc[index + ((0 if shape4[lead] == 1 else h),)] += ds
+    return acc.reshape(m.shape).astype(m.dtype)
 
 
 def _varlen_backward(

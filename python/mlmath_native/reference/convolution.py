@@ -201,9 +201,12 @@ def _as_int(name, arg, value, rule):
 
 
 def _int_tuple(name, arg, value, nd, minimum):
-    """An int or ``nd`` ints (stride, dilation) as an ``nd``-tuple, each >= ``minimum``."""
-    rule = f"an int or {nd} ints, each >= {minimum}"
+    """An int, or 1 or ``nd`` ints (stride, dilation; one is repeated, as PyTorch does), as an
+    ``nd``-tuple, each >= ``minimum``."""
+    rule = f"an int, or 1 or {nd} ints, each >= {minimum}"
     if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            value = tuple(value) * nd
         if len(value) != nd:
             raise ValueError(
                 f"{name}: {arg} has {len(value)} entries (got {value!r}, expected {rule})"
@@ -229,7 +232,7 @@ def _same_padding(size, ksize, stride, dilation):
 def _padding(name, padding, nd, size, ksize, stride, dilation):
     """(before, after) per spatial axis from an int, a tuple, "valid" or "same"."""
     rule = (
-        f"an int, {nd} ints (one per axis), {2 * nd} ints (before and after each axis), "
+        f"an int, 1 or {nd} ints (one per axis), {2 * nd} ints (before and after each axis), "
         "'valid' or 'same'"
     )
     if isinstance(padding, str):
@@ -240,6 +243,8 @@ def _padding(name, padding, nd, size, ksize, stride, dilation):
         raise ValueError(f"{name}: padding is invalid (got {padding!r}, expected {rule})")
     if isinstance(padding, (tuple, list)):
         values = [_as_int(name, "padding", p, rule) for p in padding]
+        if len(values) == 1:  # one for every axis, as PyTorch repeats it
+            values = values * nd
         if len(values) == nd:  # symmetric: (ph, pw)
             pads = tuple((p, p) for p in values)
         elif len(values) == 2 * nd:  # (top, bottom, left, right)

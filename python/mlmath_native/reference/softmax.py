@@ -67,6 +67,43 @@ def _normalize_axis(axis, ndim, name):
     return axis % n
 
 
+def _several_axes(axis):
+    """Whether ``axis`` names several axes at once (SciPy's tuple or None)."""
+    return axis is None or isinstance(axis, tuple)
+
+
+def _normalize_axes(axis, ndim, name):
+    """The sorted distinct axes that a tuple (or None: all) names; 0-d counts as one axis."""
+    n = max(ndim, 1)
+    if axis is None:
+        return tuple(range(n))
+    axes = tuple(_normalize_axis(a, ndim, name) for a in axis)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{name}: axis {axis} names an axis twice")
+    return tuple(sorted(axes))
+
+
+def _on_merged_axes(f, x, axis, name, reduce=False, keepdims=False):
+    """``f`` (along axis -1) over several axes at once: they are moved last and merged into
+    one (the definition of a multi-axis softmax or logsumexp: one slice is every element
+    they index), then the result is put back in ``x``'s layout."""
+    x = np.asarray(x, dtype=np.float64)
+    axes = _normalize_axes(axis, x.ndim, name)
+    x1 = x.reshape(x.shape or (1,))
+    rest = [i for i in range(x1.ndim) if i not in axes]
+    moved = np.transpose(x1, rest + list(axes))
+    lead = moved.shape[: len(rest)]
+    n = int(np.prod([x1.shape[i] for i in axes], dtype=np.int64))
+    y = f(moved.reshape(lead + (n,)), axis=-1)
+    if reduce:
+        y = np.asarray(y).reshape(lead)
+        if keepdims:
+            y = y.reshape(tuple(1 if i in axes else d for i, d in enumerate(x.shape)))
+        return y[()]
+    y = y.reshape(moved.shape).transpose(np.argsort(rest + list(axes)))
+    return y.reshape(x.shape)
+
+
 def _rowwise_max(x, axis):
     """Max along ``axis`` (keepdims); NaN if the row holds NaN; -inf for an empty row."""
     return np.max(x, axis=axis, keepdims=True, initial=-np.inf)
@@ -81,8 +118,9 @@ def softmax(x, axis=-1):
     ----------
     x : array_like
         Logits. Converted to float64.
-    axis : int, optional
-        Axis along which the entries sum to 1. Default: the last axis.
+    axis : int, tuple of ints or None, optional
+        Axis along which the entries sum to 1. Default: the last axis. A tuple (or None, all
+        axes) normalises over those axes together, as SciPy's ``softmax``.
 
     Returns
     -------
@@ -103,6 +141,8 @@ def softmax(x, axis=-1):
     [[0.5 0.5]
      [1.  0. ]]
     """
+    if _several_axes(axis):
+        return _on_merged_axes(softmax, x, axis, "softmax")
     x = np.asarray(x, dtype=np.float64)
     axis = _normalize_axis(axis, x.ndim, "softmax")
     if x.ndim == 0:
@@ -157,6 +197,8 @@ def log_softmax(x, axis=-1):
     >>> print(log_softmax([0.0, -1e4]))
     [     0. -10000.]
     """
+    if _several_axes(axis):
+        return _on_merged_axes(log_softmax, x, axis, "log_softmax")
     x = np.asarray(x, dtype=np.float64)
     axis = _normalize_axis(axis, x.ndim, "log_softmax")
     if x.ndim == 0:
@@ -208,6 +250,8 @@ def logsumexp(x, axis=-1, keepdims=False):
     >>> print(logsumexp([[1e4, 1e4], [-np.inf, -np.inf]]) - np.array([1e4, 0.0]))
     [0.69314718       -inf]
     """
+    if _several_axes(axis):
+        return _on_merged_axes(logsumexp, x, axis, "logsumexp", reduce=True, keepdims=keepdims)
     x = np.asarray(x, dtype=np.float64)
     axis = _normalize_axis(axis, x.ndim, "logsumexp")
     if x.ndim == 0:

@@ -193,6 +193,9 @@ constexpr std::int64_t kFewOutputs = 256;
 // subtract per output vector.
 template <class Tile, class T>
 void winograd_tiles(const Conv2dArgs<T>& a, std::atomic<bool>& finite) {
+  // An empty output (no image, channel or position) has no tile: nothing to do.  (The block
+  // sizes below divide by the tile rows; an empty batch divided by zero.)
+  if (a.n == 0 || a.k == 0 || a.ho == 0 || a.wo == 0) return;
   constexpr int m = Tile::m, al = Tile::a, npos = al * al;
   const std::int64_t C = a.c, K = a.k, H = a.h, W = a.w;
   const std::int64_t th = (a.ho + m - 1) / m, tw = (a.wo + m - 1) / m;  // tiles per column / row
