@@ -670,7 +670,8 @@ def t_attention_backward(g: Gen) -> None:
     if g.chance(10):
         lse = np.zeros(lse.shape + (1,))
     go = g.array(out.shape if g.int(0, 9) else out.shape[:-1] + (out.shape[-1] + 1,))
-    out = out.astype(q.dtype) if q.dtype.kind == "f" else out
+    if all(a.dtype.kind == "f" for a in (q, k, v)):  # out in the call's dtype, as attention's
+        out = out.astype(np.result_type(q.dtype, k.dtype, v.dtype))
     g.log.append(
         f"attention_backward(q {q.dtype}{q.shape} {q.strides}, k {k.dtype}{k.shape}, "
         f"v {v.dtype}{v.shape}, grad_out {go.dtype}{go.shape} {go.strides}, {kwargs})"
@@ -687,7 +688,7 @@ def t_attention_backward(g: Gen) -> None:
     want = ref_or_none(ref_attn.attention_backward, *f, out, lse, go64, **kwargs)
     if want is None:
         native_accepted_reference_rejected("attention_backward", g.log[-1])
-    dt = compute_dtype(q, k, v, go)
+    dt = compute_dtype(q, k, v)  # grad_out is read in the inputs' dtype, as out is
     sc = kwargs.get("scale")
     sc = abs(sc) if isinstance(sc, float) else 1.0
     mq, mk, mv, mg = (finite_bound(a) for a in (q, k, v, go))

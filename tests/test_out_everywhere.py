@@ -155,3 +155,23 @@ def test_a_bad_entry_of_a_tuple_writes_no_entry():
         mn.conv2d_backward(X, W, np.ones_like(mn.conv2d(X, W)), out=(good, None))
     with pytest.raises(TypeError, match="out must be a tuple"):
         mn.conv2d_backward(X, W, np.ones_like(mn.conv2d(X, W)), out=good)
+
+
+def test_linear_cross_entropy_grads_out():
+    hidden = R.standard_normal((6, 8)).astype(np.float32)
+    weight = R.standard_normal((11, 8)).astype(np.float32)
+    bias = R.standard_normal(11).astype(np.float32)
+    target = R.integers(0, 11, 6)
+    loss, want = mn.linear_cross_entropy(hidden, weight, target, bias, return_grad=True)
+    bufs = tuple(np.empty_like(a) for a in want)
+    got_loss, got = mn.linear_cross_entropy(
+        hidden, weight, target, bias, return_grad=True, grads_out=bufs
+    )
+    assert got_loss == loss
+    for a, b, c in zip(got, bufs, want, strict=True):
+        assert a is b
+        np.testing.assert_array_equal(b, c)
+    with pytest.raises(ValueError, match="needs return_grad=True"):
+        mn.linear_cross_entropy(hidden, weight, target, grads_out=bufs)
+    with pytest.raises(ValueError, match=r"grads_out\[2\] is given for a result"):
+        mn.linear_cross_entropy(hidden, weight, target, return_grad=True, grads_out=bufs)

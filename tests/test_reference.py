@@ -1088,7 +1088,7 @@ _CONV_BAD_CALLS = [
         "padding is negative",
     ),
     ("conv2d", (_X4, _W4), dict(groups=2, padding=(1, 2, 3)), ValueError, "padding has 3 entries"),
-    ("conv2d", (_X4, _W4), dict(groups=2, padding=(1,)), ValueError, "padding has 1 entries"),
+    ("conv2d", (_X4, _W4), dict(groups=2, padding=()), ValueError, "padding has 0 entries"),
     ("conv2d", (_X4, _W4), dict(groups=2, padding="full"), ValueError, "padding is invalid"),
     ("conv2d", (_X4, _W4), dict(groups=2, padding="SAME"), ValueError, "padding is invalid"),
     ("conv2d", (_X4, _W4), dict(groups=2, padding=1.5), TypeError, "padding is not an integer"),
@@ -2548,3 +2548,11 @@ def test_attention_gqa_and_backward_match_torch(lq):
     s = s.masked_fill(~torch.from_numpy(mask), -math.inf)
     _, lse = ref_attn.attention(q, k, v, mask=bias + np.where(mask, 0.0, -np.inf), return_lse=True)
     assert_close(lse, torch.logsumexp(s, dim=-1).numpy())
+
+
+def test_conv_one_element_sequences_repeat_as_in_torch():
+    """reference.convolution takes (2,) for 2, as PyTorch and the package do (issue 23)."""
+    x = np.random.default_rng(3).standard_normal((1, 2, 7, 6))
+    w = np.random.default_rng(4).standard_normal((3, 2, 3, 3))
+    got = ref_conv.conv2d(x, w, stride=(2,), padding=[1], dilation=(1,))
+    np.testing.assert_array_equal(got, ref_conv.conv2d(x, w, stride=2, padding=1, dilation=1))

@@ -10,7 +10,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from . import _core
-from ._checks import as_float_array, as_input, check_size
+from ._checks import as_float_array, as_input, check_size, deliver
 from ._cross_entropy import _scalar, check_options
 
 _FN = "linear_cross_entropy"
@@ -119,6 +119,7 @@ def linear_cross_entropy(
     return_entropy: bool = False,
     grad_output: ArrayLike | None = None,
     chunk_size: int | None = None,
+    grads_out: tuple[Any, Any, Any] | None = None,
 ) -> Any:
     """Cross-entropy of the logits ``softcap(hidden @ weight.T + bias) / temperature``, fused:
     the logits are computed a chunk of tokens at a time and never held whole.
@@ -160,6 +161,10 @@ def linear_cross_entropy(
     chunk_size : int, optional
         Tokens per chunk (default: as many as fit 64 MiB of float32 logits; at least 256 while
         their logits fit 256 MiB, so for vocabularies up to 262144; at least 16).
+    grads_out : (d_hidden, d_weight, d_bias), optional
+        With ``return_grad=True``: arrays to write the gradients into (NumPy's tuple form of
+        ``out``; each exactly its gradient's shape and dtype, or None), checked before any is
+        written.
 
     Returns
     -------
@@ -176,6 +181,8 @@ def linear_cross_entropy(
     >>> print(np.round(mn.linear_cross_entropy(hidden, weight, [0, 2], reduction="none"), 4))
     [0.2395 1.0986]
     """
+    if grads_out is not None and not return_grad:
+        raise ValueError(f"{_FN}: grads_out receives the gradients: it needs return_grad=True")
     smoothing, ignore_index, z_coef, tau, cap, chunk = check_scalar_options(
         _FN, reduction, label_smoothing, ignore_index, z_loss, temperature, softcap, chunk_size
     )
@@ -285,7 +292,15 @@ def linear_cross_entropy(
     out: list[Any] = [result]
     if return_grad:
         assert d_hidden is not None
-        out.append((d_hidden.reshape(h.shape), d_weight, d_bias))
+        grads: tuple[Any, ...] = (d_hidden.reshape(h.shape), d_weight, d_bias)
+        if grads_out is not None:
+            if not isinstance(grads_out, tuple):
+                raise TypeError(
+                    f"{_FN}: grads_out must be a tuple (d_hidden, d_weight, d_bias) of arrays "
+                    "or None"
+                )
+            grads = deliver(_FN, grads, grads_out, "grads_out")
+        out.append(grads)
     if logprobs is not None:
         out.append(logprobs.reshape(lead_shape))
     if entropy is not None:
