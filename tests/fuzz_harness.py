@@ -528,7 +528,14 @@ def t_conv2d(g: Gen) -> None:
         str(kwargs.get("algorithm", "auto")).startswith("winograd")
         or kwargs.get("algorithm", "auto") == "auto"
     ):
-        bound = bound * 8  # winograd transforms amplify rounding (F(4,3) most)
+        # winograd transforms amplify rounding (F(4,3) most), and mix a whole tile: an output's
+        # error scales with the largest value of its tile, not of its own window (an outlier
+        # of 1e30 leaves ~1e30 * eps in its tile's other outputs), so the bound is the
+        # input's largest magnitude times the largest filter norm
+        tile = float(np.max(np.abs(f64[0]), initial=0.0)) * float(
+            np.max(np.abs(f64[1]).sum(axis=tuple(range(1, f64[1].ndim))), initial=0.0)
+        )
+        bound = np.maximum(bound, tile) * 8
     check_close("conv2d", res, want, dt, bound)
 
 
@@ -694,6 +701,11 @@ def t_attention_backward(g: Gen) -> None:
     mq, mk, mv, mg = (finite_bound(a) for a in (q, k, v, go))
     lk, d = k.shape[-2], q.shape[-1]
     sb = (1.0 + mq * mk * d * sc) * 4
+    if sb * _eps(dt) > 1e-3:
+        # scores so large that one rounding of s (or of the given lse, here the reference's)
+        # moves exp(s - lse) by a factor e^(|s| eps): the weights are ill-conditioned, so
+        # only no-crash is checked (1e30 in k, say)
+        return
     base = (1.0 + mg) * (1.0 + mv) * _attn_bound(v, kwargs) * sb * (1 + lk + lq) * (1 + dv)
     drop = _attn_bound(np.zeros(0), kwargs)  # 1 / (1 - dropout_p): dV sums kept weights scaled so
     bounds = (
