@@ -822,3 +822,35 @@ def test_find_overlaps_edges():
     assert _core.find_overlaps(written, reads) == (None, [1, 3, 5])
     assert _core.find_overlaps([buf[12:16], *written], []) == ((0, 1), [])
     assert _core.find_overlaps([buf[:0], buf[:0]], [buf]) == (None, [])
+
+
+def test_float32_constants_are_rounded_once_from_double_as_in_torch():
+    """1 - beta2 formed from the float 0.999f is 0.00099998713, 1.3e-5 off the 0.001f that
+    torch's Python-float scalar gives (found by the fuzzer as an exp_avg_sq mismatch): the
+    kernels now form 1 - beta1, 1 - beta2, 1 - lr * wd and 1 - dampening in double."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(4096).astype(np.float32)
+    g = (rng.standard_normal(4096) * 200).astype(np.float32)
+    for decoupled in (False, True):
+        tp = torch.tensor(p.copy(), requires_grad=True)
+        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+        opt = cls([tp], lr=0.1, weight_decay=0.3, foreach=False)
+        tp.grad = torch.tensor(g)
+        opt.step()
+        mine, m, v = p.copy(), np.zeros_like(p), np.zeros_like(p)
+        mn.adam_step(
+            mine, g, m, v, step=1, lr=0.1, weight_decay=0.3, decoupled_weight_decay=decoupled
+        )
+        want_v = opt.state[tp]["exp_avg_sq"].numpy()
+        np.testing.assert_allclose(v, want_v, rtol=3e-7)
+        np.testing.assert_allclose(m, opt.state[tp]["exp_avg"].numpy(), rtol=3e-7)
+        np.testing.assert_allclose(mine, tp.detach().numpy(), rtol=3e-7, atol=1e-7)
+    tp = torch.tensor(p.copy(), requires_grad=True)
+    opt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, dampening=0.3, foreach=False)
+    mine, buf = p.copy(), np.zeros_like(p)
+    for step in range(2):
+        tp.grad = torch.tensor(g)
+        opt.step()
+        mn.sgd_step(mine, g, buf, lr=0.1, momentum=0.9, dampening=0.3, first_step=step == 0)
+    np.testing.assert_allclose(buf, opt.state[tp]["momentum_buffer"].numpy(), rtol=3e-7)

@@ -365,8 +365,9 @@ void sgd_chunk(const SgdArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::in
   const OptimTensor<S, St> t = t_ref;
   using T = compute_t<S>;
   using V = Vec<T>;
-  const V scale = V::set1(a.grad_scale), wd = V::set1(a.weight_decay), mu = V::set1(a.momentum),
-          damp = V::set1(T(1) - a.dampening), neg_lr = V::set1(-a.lr);
+  const V scale = V::set1(a.grad_scale), wd = V::set1(T(a.weight_decay)),
+          mu = V::set1(T(a.momentum)), damp = V::set1(T(1.0 - a.dampening)),
+          neg_lr = V::set1(T(-a.lr));
   // One vector's update: the momentum buffer b in and out (where Momentum); returns the new param.
   const auto update = [&](V p, V g, V& b) {
     V d = mul(scale, g);
@@ -422,10 +423,11 @@ void adam_chunk(const AdamArgs<S, St>& a, const OptimTensor<S, St>& t_ref, std::
   const OptimTensor<S, St> t = t_ref;
   using T = compute_t<S>;
   using V = Vec<T>;
-  const V scale = V::set1(a.grad_scale), wd = V::set1(a.weight_decay),
-          decay = V::set1(T(1) - a.lr * a.weight_decay), b1 = V::set1(a.beta1),
-          one_minus_b1 = V::set1(T(1) - a.beta1), b2 = V::set1(a.beta2),
-          one_minus_b2 = V::set1(T(1) - a.beta2), eps = V::set1(a.eps),
+  // constants formed in double and rounded once, as torch's scalars (Note in mlmath.h)
+  const V scale = V::set1(a.grad_scale), wd = V::set1(T(a.weight_decay)),
+          decay = V::set1(T(1.0 - a.lr * a.weight_decay)), b1 = V::set1(T(a.beta1)),
+          one_minus_b1 = V::set1(T(1.0 - a.beta1)), b2 = V::set1(T(a.beta2)),
+          one_minus_b2 = V::set1(T(1.0 - a.beta2)), eps = V::set1(T(a.eps)),
           inv_c2 = V::set1(a.inv_bias_correction2_sqrt), neg_step = V::set1(-a.step_size);
   // One vector's update: the moments m, v (and vmax) in and out; returns the new param; root is
   // the square root of the second moment that the denominator used.
@@ -524,12 +526,11 @@ void with_sr(bool sr, const F& f) {
 
 template <class S, class St>
 void sgd_step(const SgdArgs<S, St>& a) {
-  using T = compute_t<S>;
-  const bool momentum = a.momentum != T(0);
+  const bool momentum = a.momentum != 0.0;
   with_flag(momentum, [&](auto mom) {
     with_flag(momentum && a.nesterov, [&](auto nest) {
       with_flag(momentum && a.first_step, [&](auto first) {
-        with_flag(a.weight_decay != T(0), [&](auto decay) {
+        with_flag(a.weight_decay != 0.0, [&](auto decay) {
           with_flag(has_master(a), [&](auto master) {
             with_sr<S, St>(a.rounding.stochastic_rounding, [&](auto sr) {
               if constexpr (!master.value || is_16bit<S>) {
@@ -549,10 +550,9 @@ void sgd_step(const SgdArgs<S, St>& a) {
 
 template <class S, class St>
 void adam_step(const AdamArgs<S, St>& a) {
-  using T = compute_t<S>;
   with_flag(a.amsgrad, [&](auto ams) {
     with_flag(a.decoupled, [&](auto decoupled) {
-      with_flag(a.weight_decay != T(0), [&](auto decay) {
+      with_flag(a.weight_decay != 0.0, [&](auto decay) {
         with_flag(has_master(a), [&](auto master) {
           with_sr<S, St>(a.rounding.stochastic_rounding, [&](auto sr) {
             if constexpr (!master.value || is_16bit<S>) {

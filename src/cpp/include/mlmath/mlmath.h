@@ -166,7 +166,9 @@ struct SgdArgs {
   using T = optim_math_t<S>;
   const OptimTensor<S, St>* tensors;
   std::int64_t count;
-  T lr, momentum, dampening, weight_decay;
+  // The hyper-parameters as given (double): the kernel forms 1 - dampening in double and rounds
+  // each constant once to T, as PyTorch's Python-float scalars are.
+  double lr, momentum, dampening, weight_decay;
   bool nesterov;
   bool first_step;  // momentum buffer := d_p (torch creates it on the first step)
   T grad_scale;     // applied to every gradient first: -1 for maximize, times a clip coefficient
@@ -179,7 +181,10 @@ struct AdamArgs {
   using T = optim_math_t<S>;
   const OptimTensor<S, St>* tensors;
   std::int64_t count;
-  T lr, beta1, beta2, eps, weight_decay;
+  // The hyper-parameters as given (double): 1 - beta1, 1 - beta2 and 1 - lr * weight_decay are
+  // formed in double and rounded once to T, as PyTorch's Python-float scalars are (forming
+  // 1 - beta2 from a float 0.999f gave 0.00099998713, 1.3e-5 off).
+  double lr, beta1, beta2, eps, weight_decay;
   bool decoupled, amsgrad;
   T step_size;                  // lr / (1 - beta1^step)
   T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step)
