@@ -862,11 +862,10 @@ def _integer_correlate(
     integer arithmetic wraps.  Through the float64 kernel when every partial sum is an integer
     below 2**53 (then exact); else tap by tap in ``dtype``'s own (wrapping) arithmetic."""
     x, k = in1.astype(dtype), kernel.astype(dtype)
-    bound = max(int(np.abs(x.astype(np.float64)).max()), abs(int(fill))) * float(
-        np.abs(k.astype(np.float64)).sum()
-    )
+    x64, k64 = x.astype(np.float64), k.astype(np.float64)
+    bound = max(int(np.abs(x64).max()), abs(int(fill))) * float(np.abs(k64).sum())
     if bound < 2.0**52:  # every partial sum is an integer of at most 52 bits: float64 is exact
-        exact = real(x.astype(np.float64), k.astype(np.float64), float(fill), np.dtype(np.float64))
+        exact = real(x64, k64, float(fill), np.dtype(np.float64))
         wrapped: NDArray[Any] = np.rint(exact).astype(np.int64).astype(dtype)
         return wrapped
     return real(x, k, fill, dtype)  # dtype is an integer type: _real_correlate's taps

@@ -75,6 +75,16 @@ def _unmerged(y: NDArray[Any], shape: tuple[int, ...], axes: tuple[int, ...]) ->
     return np.ascontiguousarray(moved.transpose(np.argsort(perm)))
 
 
+def _reduced(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` without ``axes`` (a reduction's result)."""
+    return tuple(n for i, n in enumerate(shape) if i not in axes)
+
+
+def _kept(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with length 1 at ``axes`` (a reduction's result with keepdims)."""
+    return tuple(1 if i in axes else n for i, n in enumerate(shape))
+
+
 def _prepare(
     x: ArrayLike, fn: str, axis: Axis, name: str = "x"
 ) -> tuple[NDArray[Any], tuple[int, ...]]:
@@ -287,7 +297,7 @@ def logsumexp(
             sgn = sign
         else:
             res[sign < 0] = np.nan
-    shape = tuple(1 if i in axes else n for i, n in enumerate(x.shape)) if keepdims else res.shape
+    shape = _kept(x.shape, axes) if keepdims else res.shape
     res = res.reshape(shape)
     if out is not None:
         out = check_out(out, shape, res.dtype, fn)
@@ -310,7 +320,7 @@ def _logsumexp_kernel(x: NDArray[Any], axes: tuple[int, ...]) -> NDArray[Any]:
             res.fill(-np.inf)
         else:
             _core.logsumexp_into(merged, res, axis)
-    return res.reshape(tuple(n for i, n in enumerate(x.shape) if i not in axes))
+    return res.reshape(_reduced(x.shape, axes))
 
 
 def _weighted_logsumexp(
@@ -332,14 +342,11 @@ def _weighted_logsumexp(
     b1 = b.reshape(x1.shape).astype(work)
     with np.errstate(all="ignore"):
         a = np.where(b1 == 0, -np.inf, x1)  # a zero factor drops its term, inf and NaN too
-        if a.size:
-            m = np.max(a, axis=axes, keepdims=True)
-        else:
-            m = np.full(tuple(1 if i in axes else n for i, n in enumerate(a.shape)), -np.inf, work)
+        m = np.max(a, axis=axes, keepdims=True, initial=-np.inf)  # -inf: an empty sum
         shift = np.where(np.isfinite(m), m, 0)  # only a finite max is subtracted (as in the kernel)
         s = np.sum(b1 * np.exp(a - shift), axis=axes, keepdims=True)
         res = np.log(np.abs(s)) + shift
-    reduced = tuple(n for i, n in enumerate(x.shape) if i not in axes)
+    reduced = _reduced(x.shape, axes)
     return x, axes, res.astype(dtype).reshape(reduced), np.sign(s).astype(dtype).reshape(reduced)
 
 
