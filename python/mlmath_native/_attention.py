@@ -572,8 +572,6 @@ def attention(
         return cast("NDArray[Any] | tuple[NDArray[Any], NDArray[Any]]", result)
     if not return_lse:
         return deliver_one(fn, result, out)
-    if not isinstance(out, tuple):
-        raise TypeError(f"{fn}: with return_lse, out must be a tuple (out, lse) of arrays or None")
     return cast("tuple[NDArray[Any], NDArray[Any]]", deliver(fn, tuple(result), out))
 
 
@@ -819,8 +817,6 @@ def attention_backward(
     else:
         grads = _backward(fn, q, k, v, out, lse, grad_out, opts, kv_len, 0, wanted)
     if grads_out is not None:
-        if not isinstance(grads_out, tuple):
-            raise TypeError(f"{fn}: grads_out must be a tuple of arrays or None, one per gradient")
         grads = deliver(fn, tuple(grads), grads_out, "grads_out")
     return cast(
         "tuple[NDArray[Any], NDArray[Any], NDArray[Any]]"

@@ -196,12 +196,16 @@ def deliver_one(fn: str, result: NDArray[Any], out: Any) -> NDArray[Any]:
 
 
 def deliver(
-    fn: str, results: tuple[NDArray[Any] | None, ...], out: tuple[Any, ...], name: str = "out"
+    fn: str, results: tuple[NDArray[Any] | None, ...], out: Any, name: str = "out"
 ) -> tuple[NDArray[Any] | None, ...]:
     """Several results, written into the arrays of ``out`` (NumPy's tuple form: one entry per
     result, None to have that result returned as computed).  Every given array is checked
     (exact shape and dtype, writeable) before any is written, so a bad ``out`` changes
     nothing; results are copied in, so ``out`` may overlap the inputs."""
+    if not isinstance(out, tuple):
+        raise TypeError(
+            f"{fn}: {name} must be a tuple of {len(results)} arrays or None, one per result"
+        )
     if len(out) != len(results):
         raise ValueError(f"{fn}: {name} has {len(out)} entries (expected {len(results)})")
     checked: list[NDArray[Any] | None] = []

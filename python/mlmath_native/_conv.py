@@ -1169,11 +1169,7 @@ def _conv_backward(
 
 def _deliver_grads(fn: str, grads: _Grads, out: Any) -> tuple[Any, ...]:
     """``out=`` of the backward functions: a tuple, one entry per gradient."""
-    if out is None:
-        return grads
-    if not isinstance(out, tuple):
-        raise TypeError(f"{fn}: out must be a tuple of arrays or None, one per gradient")
-    return deliver(fn, grads, out)
+    return grads if out is None else deliver(fn, grads, out)
 
 
 @overload

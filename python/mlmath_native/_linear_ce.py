@@ -294,11 +294,6 @@ def linear_cross_entropy(
         assert d_hidden is not None
         grads: tuple[Any, ...] = (d_hidden.reshape(h.shape), d_weight, d_bias)
         if grads_out is not None:
-            if not isinstance(grads_out, tuple):
-                raise TypeError(
-                    f"{_FN}: grads_out must be a tuple (d_hidden, d_weight, d_bias) of arrays "
-                    "or None"
-                )
             grads = deliver(_FN, grads, grads_out, "grads_out")
         out.append(grads)
     if logprobs is not None:
